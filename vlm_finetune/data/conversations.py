@@ -1,0 +1,185 @@
+"""Conversation data from JSON / JSONL files, in the LLaVA/MGM form or the messages form.
+
+LLaVA/MGM: `{"image": "a.jpg" | ["a.jpg", ...], "conversations": [{"from": "human"|"gpt"|"system", "value": "<image>\\n..."}]}`
+messages:  `{"images": ["a.jpg", ...], "messages": [{"role": "user"|"assistant"|"system", "content": "<image>..."}]}`
+(`content` may also be a list of `{"type": "text", "text": ...}` / `{"type": "image"}` parts).
+
+Every record is checked when the file is read, before any weight loads: a bad record raises a
+DataError naming the file and the record index, or with `on_bad_record="skip"` is counted and left out.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from vlm_finetune.data.sample import IMAGE_PLACEHOLDER, Message, Sample
+from vlm_finetune.errors import DataError
+
+log = logging.getLogger(__name__)
+
+ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+@dataclass
+class ConversationRecord:
+    messages: list[Message]
+    image_paths: list[Path]
+    index: int  # position in the source file, for error messages
+
+
+class BadRecord(Exception):
+    pass
+
+
+def read_records(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist; set data.path (and data.val_path) to a JSON or JSONL file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        records = []
+        for line_number, line in enumerate(text.splitlines()):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}: line {line_number + 1} is not valid JSON ({err})") from None
+        return records
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} is not valid JSON ({err}); JSON files hold a list of records, "
+                        "JSONL files (.jsonl) one record per line") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path} must hold a JSON list of records, found {type(data).__name__}")
+    return data
+
+
+def _content_text(content) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                parts.append(str(part.get("text", "")))
+            elif kind == "image":
+                parts.append(IMAGE_PLACEHOLDER)
+            else:
+                raise BadRecord(f"content part {part!r} is neither {{'type': 'text'}} nor {{'type': 'image'}}")
+        return "".join(parts)
+    raise BadRecord(f"message content must be a string or a list of parts, found {type(content).__name__}")
+
+
+def parse_record(raw: dict, index: int, image_root: Path) -> ConversationRecord:
+    if not isinstance(raw, dict):
+        raise BadRecord(f"is a {type(raw).__name__}, not an object")
+    if "conversations" in raw:
+        turns = raw["conversations"]
+        images = raw.get("image", raw.get("images", []))
+        key_role, key_text = "from", "value"
+    elif "messages" in raw:
+        turns = raw["messages"]
+        images = raw.get("images", raw.get("image", []))
+        key_role, key_text = "role", "content"
+    else:
+        raise BadRecord("has neither 'conversations' (LLaVA/MGM form) nor 'messages'")
+    if not isinstance(turns, list) or not turns:
+        raise BadRecord("has an empty or non-list conversation")
+    messages = []
+    for turn_index, turn in enumerate(turns):
+        if not isinstance(turn, dict) or key_role not in turn or key_text not in turn:
+            raise BadRecord(f"turn {turn_index} lacks '{key_role}' or '{key_text}'")
+        role = ROLE_ALIASES.get(str(turn[key_role]).lower())
+        if role is None:
+            raise BadRecord(f"turn {turn_index} has unknown role {turn[key_role]!r} "
+                            f"(known: {sorted(ROLE_ALIASES)})")
+        messages.append(Message(role, _content_text(turn[key_text])))
+    if not any(m.role == "assistant" for m in messages):
+        raise BadRecord("has no assistant reply to learn from")
+    if isinstance(images, str):
+        images = [images]
+    if not isinstance(images, list):
+        raise BadRecord("'image'/'images' must be a path or a list of paths")
+    placeholders = sum(m.content.count(IMAGE_PLACEHOLDER) for m in messages)
+    if placeholders != len(images):
+        raise BadRecord(f"has {placeholders} '{IMAGE_PLACEHOLDER}' placeholder(s) but {len(images)} image(s)")
+    paths = [image_root / str(p) for p in images]
+    for p in paths:
+        if not p.is_file():
+            raise BadRecord(f"image {p} does not exist (paths are relative to data.image_root={image_root})")
+        try:
+            with Image.open(p) as img:
+                img.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+            raise BadRecord(f"image {p} is corrupt or not an image ({err})") from None
+    return ConversationRecord(messages, paths, index)
+
+
+def load_conversations(path: str | Path, image_root: str | Path | None, on_bad_record: str = "error"
+                       ) -> tuple[list[ConversationRecord], int]:
+    """Parse and check every record; returns (records, number skipped)."""
+    if on_bad_record not in ("error", "skip"):
+        raise DataError(f"data.on_bad_record={on_bad_record!r}: use 'error' or 'skip'")
+    path = Path(path)
+    root = Path(image_root) if image_root else path.parent
+    records, skipped = [], 0
+    for index, raw in enumerate(read_records(path)):
+        try:
+            records.append(parse_record(raw, index, root))
+        except BadRecord as err:
+            if on_bad_record == "error":
+                raise DataError(f"{path}: record {index} {err}. Fix or remove the record, "
+                                "or set data.on_bad_record=skip to skip and count bad records") from None
+            skipped += 1
+            log.warning("skipping %s record %d: %s", path, index, err)
+    if not records:
+        raise DataError(f"{path}: no usable record ({skipped} skipped)")
+    return records, skipped
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    def __init__(self, records: list[ConversationRecord], source: str):
+        self.records = records
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> Sample:
+        record = self.records[i]
+        images = []
+        for p in record.image_paths:
+            try:
+                with Image.open(p) as img:
+                    images.append(img.convert("RGB"))
+            except (OSError, SyntaxError) as err:
+                raise DataError(f"{self.source}: record {record.index}: image {p} cannot be read ({err})") from None
+        return Sample(messages=record.messages, images=images, meta={"record": record.index})
+
+
+def build_conversation_datasets(path, val_path, image_root, on_bad_record: str, val_fraction: float, seed: int
+                                ) -> tuple[ConversationDataset, ConversationDataset, dict]:
+    train_records, skipped = load_conversations(path, image_root, on_bad_record)
+    stats = {"skipped_bad_records": skipped}
+    if val_path:
+        val_records, val_skipped = load_conversations(val_path, image_root, on_bad_record)
+        stats["skipped_bad_records"] += val_skipped
+        return ConversationDataset(train_records, str(path)), ConversationDataset(val_records, str(val_path)), stats
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"data.val_fraction={val_fraction} must lie in (0, 1) when data.val_path is not set")
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(train_records), generator=generator).tolist()
+    n_val = max(1, round(len(train_records) * val_fraction))
+    if n_val >= len(train_records):
+        raise DataError(f"{path} has {len(train_records)} usable record(s): too few to hold out a validation set; "
+                        "add records or set data.val_path")
+    val = [train_records[i] for i in sorted(order[:n_val])]
+    train = [train_records[i] for i in sorted(order[n_val:])]
+    return ConversationDataset(train, str(path)), ConversationDataset(val, str(path)), stats

@@ -1,0 +1,165 @@
+"""GLM-4V family adapter: GLM-4.1V (`Glm4vForConditionalGeneration`), GLM-4.5V (`Glm4vMoeForConditionalGeneration`)
+and, through `trust_remote_code`, the original GLM-4V-9B checkpoint folder."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlm_finetune.errors import ConfigError
+from vlm_finetune.models.base import Part, register_family
+from vlm_finetune.models.glm4v import assets
+from vlm_finetune.models.glm4v.processor import Glm4vProcessor
+
+# LLM linear layers of a GLM-4.1V decoder layer (see shared/reference/glm4v.md)
+LLM_LORA_PATTERN = (r".*language_model\.layers\.\d+\."
+                    r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_up_proj|down_proj))")
+VISION_LORA_PATTERN = r".*visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(gate_proj|up_proj|down_proj))"
+# the connector that maps ViT features into the LLM's embedding space
+PROJECTOR_MODULES = ("model.visual.downsample", "model.visual.merger")
+PRESETS = ("tiny", "glm4v_9b", "glm45v")
+
+
+def _real_size_config(preset: str, tokenizer, overrides: dict | None):
+    from transformers import Glm4vConfig, Glm4vMoeConfig
+
+    config = Glm4vConfig() if preset == "glm4v_9b" else Glm4vMoeConfig()
+    # released GLM-4.1V / 4.5V values that the default config lacks; without them the rotary split fails
+    config.text_config.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0,
+                                          "mrope_section": [8, 12, 12], "partial_rotary_factor": 0.5}
+    if overrides:
+        config.text_config.update(dict(overrides.get("text", {}) or {}))
+        config.vision_config.update(dict(overrides.get("vision", {}) or {}))
+    # the locally made tokenizer's special ids stand in for the real ones (all below the vocab size)
+    for key, value in assets.special_token_ids(tokenizer).items():
+        setattr(config, key, value)
+    return config
+
+
+class Glm4vFamily:
+    name = "glm4v"
+
+    @property
+    def decoder_layer_classes(self) -> tuple[type[nn.Module], ...]:
+        from transformers.models.glm4v.modeling_glm4v import Glm4vTextDecoderLayer
+        from transformers.models.glm4v_moe.modeling_glm4v_moe import Glm4vMoeTextDecoderLayer
+
+        return (Glm4vTextDecoderLayer, Glm4vMoeTextDecoderLayer)
+
+    @property
+    def vision_block_classes(self) -> tuple[type[nn.Module], ...]:
+        from transformers.models.glm4v.modeling_glm4v import Glm4vVisionBlock
+        from transformers.models.glm4v_moe.modeling_glm4v_moe import Glm4vMoeVisionBlock
+
+        return (Glm4vVisionBlock, Glm4vMoeVisionBlock)
+
+    @property
+    def zero3_leaf_classes(self) -> tuple[type[nn.Module], ...]:
+        from transformers.models.glm4v_moe.modeling_glm4v_moe import Glm4vMoeTextMoE
+
+        return (Glm4vMoeTextMoE,)
+
+    # -- folders ----------------------------------------------------------------------------------
+    def checkpoint_folder(self, model_cfg: Any) -> Path | None:
+        """The folder the model loads from: `model.path`, or the tiny checkpoint made on first use."""
+        if model_cfg.get("path"):
+            folder = Path(str(model_cfg.path)).expanduser()
+            if not (folder / "config.json").is_file():
+                raise ConfigError(f"model.path={folder} has no config.json; point it at a checkpoint folder "
+                                  "(config.json, *.safetensors, tokenizer and preprocessor files)")
+            return folder
+        if model_cfg.preset == "tiny":
+            return assets.ensure_tiny_checkpoint(model_cfg.cache_dir, model_cfg.text, model_cfg.vision,
+                                                 model_cfg.image_size, model_cfg.max_image_size,
+                                                 model_cfg.vocab_size, model_cfg.init_seed)
+        if model_cfg.preset not in PRESETS:
+            raise ConfigError(f"model.preset={model_cfg.preset!r} is unknown for glm4v; use one of {PRESETS}")
+        return None  # real size from config, random weights
+
+    def processor_folder(self, model_cfg: Any) -> Path:
+        folder = self.checkpoint_folder(model_cfg)
+        if folder is not None:
+            return folder
+        return assets.ensure_processor_folder(model_cfg.cache_dir, model_cfg.vocab_size, model_cfg.image_size,
+                                              model_cfg.max_image_size)
+
+    # -- builders ---------------------------------------------------------------------------------
+    def load_processor(self, model_cfg: Any, truncation: str = "truncate") -> Glm4vProcessor:
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        folder = self.processor_folder(model_cfg)
+        trust = bool(model_cfg.get("trust_remote_code", False))
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)
+        try:
+            image_processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=trust)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"no image processor could be loaded from {folder} ({err}); the folder needs a "
+                              "preprocessor_config.json") from err
+        merge_size = int(getattr(image_processor, "merge_size", 2))
+        return Glm4vProcessor(tokenizer, image_processor, merge_size=merge_size, truncation=truncation)
+
+    def build_config(self, model_cfg: Any):
+        """The HF config of the model, without building it (cheap: used by planners and checks)."""
+        from transformers import AutoConfig, AutoTokenizer
+
+        folder = self.checkpoint_folder(model_cfg)
+        if folder is not None:
+            return AutoConfig.from_pretrained(folder, trust_remote_code=bool(model_cfg.get("trust_remote_code")))
+        tokenizer = AutoTokenizer.from_pretrained(self.processor_folder(model_cfg))
+        return _real_size_config(model_cfg.preset, tokenizer, model_cfg.get("config_overrides"))
+
+    def build_model(self, model_cfg: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
+        from transformers import AutoModelForImageTextToText
+
+        attn = model_cfg.get("attn_implementation", "sdpa")
+        folder = self.checkpoint_folder(model_cfg)
+        if folder is not None:
+            trust = bool(model_cfg.get("trust_remote_code", False))
+            if trust:
+                from transformers import AutoModelForCausalLM
+
+                # the original GLM-4V-9B ships ChatGLM modelling code in its folder
+                model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=True)
+            else:
+                model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, attn_implementation=attn)
+        else:
+            config = self.build_config(model_cfg)
+            config._attn_implementation = attn
+            model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+        if model_cfg.get("activation_checkpointing"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+    # -- structure --------------------------------------------------------------------------------
+    def part_module_names(self, model: nn.Module) -> dict[Part, list[str]]:
+        names = dict(model.named_modules())
+        projector = [n for n in PROJECTOR_MODULES if n in names]
+        vision_children = [f"model.visual.{c}" for c, _ in names["model.visual"].named_children()]
+        return {
+            Part.VISION: [n for n in vision_children if n not in projector],
+            Part.PROJECTOR: projector,
+            Part.LLM: ["model.language_model", "lm_head"],
+        }
+
+    def lora_target_pattern(self, part: Part, model_cfg: Any, lora_cfg: Any) -> str:
+        custom = (lora_cfg.get("targets") or {}).get(part.value)
+        if custom:
+            return str(custom)
+        if part is Part.LLM:
+            return LLM_LORA_PATTERN
+        if part is Part.VISION:
+            return VISION_LORA_PATTERN
+        raise ConfigError(f"train.{part.value}=lora is not supported for GLM-4V; use frozen or full")
+
+    def hidden_states(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k in
+                  ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")}
+        return model.model(**inputs, use_cache=False).last_hidden_state
+
+    def output_embedding(self, model: nn.Module) -> nn.Module:
+        return model.lm_head
+
+
+GLM4V = register_family(Glm4vFamily())

@@ -1,0 +1,193 @@
+"""The family-agnostic LightningModule: exact per-token loss, frozen parts kept frozen, generation-based eval."""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from typing import Any, Callable
+
+import lightning as L
+import torch
+import torchmetrics
+from torch import nn
+
+from vlm_finetune.loss import cross_entropy_sum
+from vlm_finetune.models.base import Part
+from vlm_finetune.trainability import TrainablePlan, count_parameters, set_frozen_eval, unwrap
+
+log = logging.getLogger(__name__)
+
+
+def normalize_answer(text: str) -> str:
+    """Case, surrounding punctuation and spacing do not make an answer wrong."""
+    return re.sub(r"\s+", " ", text.strip().lower()).strip(" .!?,;:\"'")
+
+
+class AnswerExactMatch(torchmetrics.Metric):
+    """Fraction of generated answers equal to the reference after `normalize_answer` (synced across ranks)."""
+
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("correct", default=torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, predictions: list[str], references: list[str]) -> None:
+        if len(predictions) != len(references):
+            raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+        self.correct += sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references))
+        self.total += len(references)
+
+    def compute(self) -> torch.Tensor:
+        return self.correct / self.total.clamp(min=1)
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
+
+class VLMModule(L.LightningModule):
+    def __init__(self, model: nn.Module, family, processor, plan: TrainablePlan, optimizer_factory: Callable,
+                 optim_cfg: Any, scheduler_cfg: Any, loss_cfg: Any, eval_cfg: Any, question_types: list[str] = ()):
+        super().__init__()
+        self.model = model
+        self.family = family
+        self.processor = processor
+        self.plan = plan
+        self.optimizer_factory = optimizer_factory
+        self.optim_cfg = optim_cfg
+        self.scheduler_cfg = scheduler_cfg
+        self.loss_chunk_size = loss_cfg.get("chunk_size") if loss_cfg is not None else 1024
+        self.max_new_tokens = int(eval_cfg.get("max_new_tokens", 8))
+        self.generate_in_validation = bool(eval_cfg.get("generate", True))
+        self.val_accuracy = AnswerExactMatch()
+        self.val_accuracy_by_type = nn.ModuleDict({t: AnswerExactMatch() for t in question_types})
+        self.val_loss_sum = torchmetrics.SumMetric()
+        self.val_token_count = torchmetrics.SumMetric()
+        self._step_loss = 0.0
+        self.data_counts = {"num_truncated": 0, "num_dropped_too_long": 0}
+
+    # -- modes ------------------------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:
+            set_frozen_eval(self.model, self.plan)  # Lightning calls train() at every fit/val switch
+        return self
+
+    def on_fit_start(self) -> None:
+        trainable, total = count_parameters(self.model)
+        log.info("parameters: %s trainable of %s total (%.3f%%)", f"{trainable:,}", f"{total:,}",
+                 100 * trainable / max(total, 1))
+        if self.logger is not None:
+            self.logger.log_hyperparams({"trainable_parameters": trainable, "total_parameters": total})
+
+    # -- loss -------------------------------------------------------------------------------------
+    def _loss_sum(self, batch: dict) -> tuple[torch.Tensor, int]:
+        base = unwrap(self.model)
+        hidden = self.family.hidden_states(base, batch)
+        head = self.family.output_embedding(base)
+        return cross_entropy_sum(hidden, head.weight, batch["labels"], getattr(head, "bias", None),
+                                 chunk_size=self.loss_chunk_size)
+
+    def _count_data_events(self, batch: dict) -> None:
+        for key in self.data_counts:
+            self.data_counts[key] += int(batch.get(key, 0))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self._count_data_events(batch)
+        world = self.trainer.world_size
+        accumulate = self.trainer.accumulate_grad_batches
+        local_step_tokens = torch.tensor(float(batch["num_step_supervised_tokens"]), device=self.device)
+        step_tokens = float(self.trainer.strategy.reduce(local_step_tokens, reduce_op="sum"))
+        if batch.get("empty"):
+            loss_sum = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+        else:
+            loss_sum, _ = self._loss_sum(batch)
+        # Lightning divides by `accumulate` and DDP averages over ranks: undo both so the step's gradient
+        # is d(sum of every supervised token's loss)/d(theta) / (supervised tokens of the global step).
+        scale = accumulate * world / max(step_tokens, 1.0)
+        self._step_loss += float(loss_sum.detach()) / max(step_tokens, 1.0)
+        if batch["last_in_step"]:
+            step_loss = torch.tensor(self._step_loss, device=self.device)
+            self.log("train_loss", step_loss, on_step=True, on_epoch=False, prog_bar=True, sync_dist=world > 1,
+                     reduce_fx="sum", batch_size=1)
+            self.log("train_step_tokens", step_tokens, on_step=True, on_epoch=False, batch_size=1)
+            self._step_loss = 0.0
+        return loss_sum * scale
+
+    # -- validation -------------------------------------------------------------------------------
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._count_data_events(batch)
+        if batch.get("empty"):
+            return
+        loss_sum, count = self._loss_sum(batch)
+        self.val_loss_sum.update(loss_sum.detach())
+        self.val_token_count.update(torch.tensor(float(count), device=self.device))
+        if self.generate_in_validation:
+            predictions = self.generate(batch["generation"])
+            self.val_accuracy.update(predictions, batch["answers"])
+            for qtype in self.val_accuracy_by_type:
+                pairs = [(p, a) for p, a, t in zip(predictions, batch["answers"], batch["question_types"]) if t == qtype]
+                if pairs:
+                    self.val_accuracy_by_type[qtype].update([p for p, _ in pairs], [a for _, a in pairs])
+
+    def on_validation_epoch_end(self) -> None:
+        tokens = self.val_token_count.compute()
+        self.log("val_loss", self.val_loss_sum.compute() / tokens.clamp(min=1), prog_bar=True, sync_dist=False)
+        self.val_loss_sum.reset()
+        self.val_token_count.reset()
+        if self.generate_in_validation:
+            self.log("val_accuracy", self.val_accuracy.compute(), prog_bar=True)
+            self.val_accuracy.reset()
+            for qtype, metric in self.val_accuracy_by_type.items():
+                if metric.total > 0 or self.trainer.world_size > 1:
+                    self.log(f"val_accuracy_{qtype}", metric.compute())
+                metric.reset()
+
+    @torch.no_grad()
+    def generate(self, prompt_batch: dict) -> list[str]:
+        """Greedy answers for a left-padded prompt batch."""
+        base = unwrap(self.model)
+        inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in prompt_batch.items()
+                  if k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(next(base.parameters()).dtype)
+        output = base.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+                               eos_token_id=self.processor.eos_token_id, pad_token_id=self.processor.pad_token_id)
+        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        return [self.processor.decode(row) for row in new_tokens]
+
+    # -- optimisation -----------------------------------------------------------------------------
+    def configure_optimizers(self):
+        projector_names = tuple(self.plan.part_modules[Part.PROJECTOR])
+        base_lr = float(self.optim_cfg.lr)
+        projector_lr = self.optim_cfg.get("projector_lr")
+        groups: dict[str, list] = {"default": [], "projector": []}
+        for name, param in unwrap(self.model).named_parameters():
+            if not param.requires_grad:
+                continue
+            in_projector = any(f"{p}." in name for p in projector_names)
+            groups["projector" if in_projector and projector_lr else "default"].append(param)
+        param_groups = [{"params": groups["default"], "lr": base_lr}]
+        if groups["projector"]:
+            param_groups.append({"params": groups["projector"], "lr": float(projector_lr)})
+        param_groups = [g for g in param_groups if g["params"]]
+        optimizer = self.optimizer_factory(param_groups)
+        name = self.scheduler_cfg.get("name", "constant")
+        if name == "constant":
+            return optimizer
+        total = int(self.trainer.max_steps) if self.trainer.max_steps and self.trainer.max_steps > 0 \
+            else int(self.trainer.estimated_stepping_batches)
+        warmup = int(self.scheduler_cfg.get("warmup_steps", 0))
+        if name != "cosine":
+            raise ValueError(f"scheduler.name={name!r}: use 'cosine' or 'constant'")
+        factor = warmup_cosine(warmup, total, float(self.scheduler_cfg.get("min_lr_ratio", 0.0)))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,219 @@
+"""`train(cfg) -> (metrics, objects)`: the whole run, testable without Hydra's command line."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from vlm_finetune.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {
+    # name -> (Lightning precision, dtype the weights are loaded in)
+    "32-true": ("32-true", torch.float32),
+    "bf16-mixed": ("bf16-mixed", torch.float32),
+    "bf16-true": ("bf16-true", torch.bfloat16),
+    "fp16-mixed": ("16-mixed", torch.float32),
+}
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file so that a crash leaves either the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def check_config(cfg: DictConfig) -> dict:
+    """Every check that needs no weights: fails in seconds with the option and the fix."""
+    from vlm_finetune.models.base import parse_trainability
+
+    modes = parse_trainability(cfg.train)
+    if cfg.precision.name not in PRECISIONS:
+        raise ConfigError(f"precision={cfg.precision.name!r} is unknown; use one of {sorted(PRECISIONS)}")
+    hardware = cfg.hardware
+    if hardware.accelerator == "gpu":
+        found = torch.cuda.device_count()
+        if found < int(hardware.devices):
+            raise ConfigError(
+                f"hardware={hardware.name} expects {hardware.devices} GPU(s) per node, found {found} on this machine. "
+                "Run on that hardware, or pick a profile for what is here (hardware=cpu, or hardware.devices=N)."
+            )
+    if cfg.precision.name in ("bf16-mixed", "bf16-true") and hardware.accelerator == "gpu" \
+            and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"precision={cfg.precision.name} needs bf16 support, which this GPU lacks; use precision=fp16-mixed")
+    if cfg.precision.name == "fp16-mixed" and hardware.accelerator == "cpu":
+        raise ConfigError("precision=fp16-mixed needs a GPU (loss scaling is CUDA-only); on the CPU use 32-true or bf16-mixed")
+    mbs = cfg.data.micro_batch_size
+    if not isinstance(mbs, int) or mbs < 1:
+        raise ConfigError(f"data.micro_batch_size={mbs!r} must be a positive integer")
+    acc = cfg.trainer.accumulate_grad_batches
+    if not isinstance(acc, int) or acc < 1:
+        raise ConfigError(f"trainer.accumulate_grad_batches={acc!r} must be a positive integer")
+    if cfg.trainer.strategy not in ("auto", "single", "ddp"):
+        raise ConfigError(f"trainer.strategy={cfg.trainer.strategy!r} is not available yet; use trainer=single or trainer=ddp")
+    return modes
+
+
+def _build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list):
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    t = cfg.trainer
+    steps_per_val = t.get("val_every_n_steps")
+    acc = int(t.accumulate_grad_batches)
+    max_steps = int(t.max_steps)
+    # validation during fit only when asked; the final validation always runs after fit
+    val_interval = int(steps_per_val) * acc if steps_per_val else max_steps * acc + 1
+    devices = int(cfg.hardware.devices)
+    strategy = "auto" if t.strategy in ("auto", "single") else t.strategy
+    if t.strategy == "ddp" and cfg.hardware.accelerator == "cpu":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = DDPStrategy(process_group_backend="gloo")
+    return L.Trainer(
+        accelerator=cfg.hardware.accelerator,
+        devices=devices,
+        num_nodes=int(cfg.hardware.num_nodes),
+        strategy=strategy,
+        precision=PRECISIONS[cfg.precision.name][0],
+        max_steps=max_steps,
+        max_epochs=int(t.get("max_epochs", -1)),
+        accumulate_grad_batches=acc,
+        gradient_clip_val=t.get("gradient_clip_val"),
+        val_check_interval=val_interval,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        limit_val_batches=t.get("limit_val_batches", 1.0),
+        log_every_n_steps=int(t.get("log_every_n_steps", 10)),
+        enable_progress_bar=bool(t.get("enable_progress_bar", True)),
+        enable_checkpointing=False,
+        use_distributed_sampler=False,  # the data module shards with its own samplers (step windows)
+        default_root_dir=str(run_dir),
+        logger=[CSVLogger(str(run_dir), name="csv", version=""),
+                TensorBoardLogger(str(run_dir), name="tensorboard", version="")],
+        callbacks=callbacks,
+        deterministic=bool(t.get("deterministic", False)),
+    )
+
+
+def save_adapter(model, plan, processor, folder: Path) -> None:
+    """PEFT adapter folder (with fully trained parts as modules_to_save) + `non_lora_trainables.safetensors`
+    (the LLaVA/MGM convention) + the processor, written to a temporary folder and then renamed."""
+    from safetensors.torch import save_file
+
+    from vlm_finetune.trainability import unwrap
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+    try:
+        if plan.uses_lora:
+            model.save_pretrained(tmp)
+        base = unwrap(model)
+        trainables = {}
+        for name, param in base.named_parameters():
+            if any(name.startswith(m + ".") for m in plan.full_modules):
+                clean = name.replace(".modules_to_save.default", "")
+                if "original_module" not in name:
+                    trainables[clean] = param.detach().to("cpu").contiguous()
+        if trainables:
+            save_file(trainables, str(tmp / "non_lora_trainables.safetensors"))
+        processor.save_pretrained(str(tmp))
+        if folder.exists():
+            old = folder.with_name(folder.name + ".old")
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            import shutil
+
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def train(cfg: DictConfig) -> tuple[dict, dict]:
+    """Run one training as configured. Returns (final metrics, objects: module, trainer, datamodule, run_dir)."""
+    import hydra
+    import lightning as L
+
+    from vlm_finetune.data.datamodule import VLMDataModule, build_datasets
+    from vlm_finetune.models import get_family
+    from vlm_finetune.module import VLMModule
+    from vlm_finetune.trainability import apply_trainability, count_parameters, plan_trainability
+
+    started = time.time()
+    modes = check_config(cfg)
+    run_dir = Path(cfg.output_dir)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    torch.set_num_threads(max(1, int(cfg.hardware.get("cpu_threads") or torch.get_num_threads())))
+
+    family = get_family(cfg.model.family)
+    # data first: a bad file fails here, before any weight loads
+    train_samples, val_samples, data_stats = build_datasets(cfg.data, int(cfg.seed))
+    processor = family.load_processor(cfg.model, truncation=cfg.data.get("truncation", "truncate"))
+
+    dtype = PRECISIONS[cfg.precision.name][1]
+    model = family.build_model(cfg.model, dtype=dtype)
+    plan = plan_trainability(family, model, modes, cfg.model, cfg.lora)
+    model = apply_trainability(model, plan, cfg.lora)
+    trainable, total = count_parameters(model)
+
+    is_rank_zero = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+    if is_rank_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        print(f"vlm_finetune: {cfg.model.name}: {trainable:,} trainable / {total:,} parameters "
+              "(" + ", ".join(f"{p.value}={m.value}" for p, m in modes.items()) + f"); run folder {run_dir}", flush=True)
+
+    datamodule = VLMDataModule(cfg.data, processor, cfg.data.micro_batch_size, cfg.trainer.accumulate_grad_batches,
+                               int(cfg.seed), train=train_samples, val=val_samples, stats=data_stats)
+    optimizer_factory = hydra.utils.instantiate(cfg.optimizer.optimizer)
+    question_types = list(data_stats.get("question_types", []))
+    module = VLMModule(model, family, processor, plan, optimizer_factory, cfg.optimizer, cfg.scheduler, cfg.loss,
+                       cfg.eval, question_types=question_types)
+
+    trainer = _build_trainer(cfg, run_dir, callbacks=[])
+    trainer.fit(module, datamodule=datamodule)
+    train_loss = trainer.callback_metrics.get("train_loss")
+    results = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+
+    metrics = {k: float(v) for k, v in results.items()}
+    metrics.update(
+        train_loss=float(train_loss) if train_loss is not None else float("nan"),
+        global_step=int(trainer.global_step),
+        trainable_parameters=trainable,
+        total_parameters=total,
+        skipped_bad_records=int(data_stats.get("skipped_bad_records", 0)),
+        truncated_samples=int(module.data_counts["num_truncated"]),
+        dropped_too_long=int(module.data_counts["num_dropped_too_long"]),
+        wall_seconds=round(time.time() - started, 1),
+    )
+    if trainer.is_global_zero:
+        save_adapter(module.model, plan, processor, run_dir / "adapter")
+        write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        summary = "  ".join(f"{k}={metrics[k]:.4f}" for k in ("val_accuracy", "val_loss", "train_loss") if k in metrics)
+        print(f"\nvlm_finetune: final {summary}  steps={metrics['global_step']}  "
+              f"time={metrics['wall_seconds']:.0f}s\nvlm_finetune: run folder {run_dir}", flush=True)
+    return metrics, {"module": module, "trainer": trainer, "datamodule": datamodule, "run_dir": run_dir,
+                     "processor": processor, "plan": plan, "family": family}

@@ -1,0 +1,79 @@
+"""Apply `train: {vision, projector, llm}` to a model: freeze, wrap with LoRA, or train fully. One function."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from vlm_finetune.models.base import Mode, ModelFamily, Part
+
+
+@dataclass
+class TrainablePlan:
+    modes: dict[Part, Mode]
+    part_modules: dict[Part, list[str]]
+    lora_pattern: str | None
+    full_modules: list[str] = field(default_factory=list)  # trained fully next to LoRA (PEFT modules_to_save)
+    frozen_modules: list[str] = field(default_factory=list)  # kept in eval mode, no grad
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.lora_pattern is not None
+
+
+def plan_trainability(family: ModelFamily, model: nn.Module, modes: dict[Part, Mode], model_cfg: Any,
+                      lora_cfg: Any) -> TrainablePlan:
+    part_modules = family.part_module_names(model)
+    lora_parts = [p for p, m in modes.items() if m is Mode.LORA]
+    patterns = [family.lora_target_pattern(p, model_cfg, lora_cfg) for p in lora_parts]
+    lora_pattern = "|".join(f"(?:{p})" for p in patterns) if patterns else None
+    full = [name for p, m in modes.items() if m is Mode.FULL for name in part_modules[p]]
+    frozen = [name for p, m in modes.items() if m is not Mode.FULL for name in part_modules[p]]
+    return TrainablePlan(modes, part_modules, lora_pattern, full, frozen)
+
+
+def apply_trainability(model: nn.Module, plan: TrainablePlan, lora_cfg: Any) -> nn.Module:
+    """Freeze everything, add LoRA where asked, unfreeze full parts. Returns the (possibly PEFT) model.
+
+    With LoRA, fully trained parts become PEFT `modules_to_save`, so the adapter folder alone restores
+    them through `PeftModel.from_pretrained`.
+    """
+    model.requires_grad_(False)
+    if plan.uses_lora:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=int(lora_cfg.r), lora_alpha=float(lora_cfg.alpha), lora_dropout=float(lora_cfg.dropout),
+            target_modules=plan.lora_pattern, modules_to_save=list(plan.full_modules) or None,
+            bias="none", init_lora_weights=True,
+        )
+        model = get_peft_model(model, config)
+    else:
+        modules = dict(model.named_modules())
+        for name in plan.full_modules:
+            modules[name].requires_grad_(True)
+    set_frozen_eval(model, plan)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (LoRA layers stay injected in it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def set_frozen_eval(model: nn.Module, plan: TrainablePlan) -> None:
+    """Frozen parts run in eval mode (dropout and drop-path off) whatever the trainer asks."""
+    base = unwrap(model)
+    modules = dict(base.named_modules())
+    for part, mode in plan.modes.items():
+        if mode is Mode.FROZEN:
+            for name in plan.part_modules[part]:
+                modules[name].eval()
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total); PEFT's frozen originals of modules_to_save count once."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for n, p in model.named_parameters() if "original_module" not in n)
+    return trainable, total
