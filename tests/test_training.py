@@ -1,0 +1,114 @@
+"""A finished tiny run: its folder, pinned first losses, frozen weights, LoRA init, adapter round trip."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText
+
+from conftest import FAST, compose_cfg
+from vlm_finetune.data.datamodule import Collator, EncodedDataset
+from vlm_finetune.data.shapes import ShapesDataset
+from vlm_finetune.models import get_family
+from vlm_finetune.trainability import apply_trainability, plan_trainability, unwrap
+
+# First train_loss values of the seeded run in conftest.shared_run (torch 2.13 CPU, fp32). A change in
+# data, encoding, init, loss or optimisation moves them.
+PINNED_FIRST_LOSSES = None
+
+
+def _logged_losses(run_dir):
+    with open(run_dir / "csv" / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    return [float(r["train_loss"]) for r in rows if r.get("train_loss")]
+
+
+def _batch(processor, n=4):
+    data = EncodedDataset(ShapesDataset("val", n, seed=5), processor, None)
+    return Collator(processor)([data[i] for i in range(n)])
+
+
+def _logits(model, batch):
+    keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+    with torch.no_grad():
+        return model(**{k: batch[k] for k in keys}).logits
+
+
+def test_run_folder_contents(shared_run):
+    cfg, metrics, objects = shared_run
+    run_dir = objects["run_dir"]
+    assert (run_dir / "config.yaml").is_file() and "tiny_glm4v" in (run_dir / "config.yaml").read_text()
+    assert (run_dir / "csv" / "metrics.csv").is_file()
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    assert saved["global_step"] == 4
+    assert 0.0 <= saved["val_accuracy"] <= 1.0 and saved["train_loss"] > 0
+    assert all(isinstance(v, (int, float)) for v in saved.values())  # flat
+    adapter = run_dir / "adapter"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    projector = load_file(str(adapter / "non_lora_trainables.safetensors"))
+    assert any(k.startswith("model.visual.merger.") for k in projector)
+    assert any(k.startswith("model.visual.downsample.") for k in projector)
+
+
+def test_first_losses_are_pinned(shared_run):
+    losses = _logged_losses(shared_run[2]["run_dir"])
+    assert len(losses) == 4
+    assert PINNED_FIRST_LOSSES is not None, f"pin these: {losses}"
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(PINNED_FIRST_LOSSES), rtol=1e-4, atol=1e-4)
+
+
+def test_frozen_weights_bit_identical_after_steps(shared_run):
+    cfg, _, objects = shared_run
+    folder = get_family("glm4v").checkpoint_folder(cfg.model)
+    original = AutoModelForImageTextToText.from_pretrained(folder).state_dict()
+    trained = unwrap(objects["module"].model)
+    changed_trainable = 0
+    for name, param in trained.named_parameters():
+        clean = name.replace(".base_layer", "").replace(".original_module", "")
+        if "lora_" in name or ".modules_to_save." in name:
+            continue
+        assert not param.requires_grad, name
+        assert torch.equal(param.detach(), original[clean]), f"frozen {name} changed"
+    for name, param in trained.named_parameters():
+        if ".modules_to_save." in name:
+            clean = name.replace(".modules_to_save.default", "")
+            changed_trainable += int(not torch.equal(param.detach(), original[clean]))
+    assert changed_trainable > 0  # the projector did train
+    # frozen vision parts stayed in eval mode through training
+    assert not unwrap(objects["module"].model).model.visual.blocks.training
+
+
+def test_lora_at_init_gives_the_base_output(tmp_path):
+    cfg = compose_cfg([], tmp_path)
+    family = get_family("glm4v")
+    processor = family.load_processor(cfg.model)
+    base = family.build_model(cfg.model)
+    batch = _batch(processor)
+    expected = _logits(base, batch)
+    from vlm_finetune.models.base import parse_trainability
+
+    plan = plan_trainability(family, base, parse_trainability(cfg.train), cfg.model, cfg.lora)
+    wrapped = apply_trainability(base, plan, cfg.lora)
+    n_lora = sum(1 for n, _ in wrapped.named_parameters() if "lora_B" in n)
+    assert n_lora == 2 * 6  # 2 layers x (q, k, v, o, gate_up, down)
+    torch.testing.assert_close(_logits(wrapped, batch), expected, rtol=0, atol=0)
+
+
+def test_adapter_round_trip_reproduces_outputs(shared_run):
+    cfg, _, objects = shared_run
+    module = objects["module"]
+    family = get_family("glm4v")
+    batch = _batch(objects["processor"])
+    module.model.eval()
+    trained = _logits(module.model, batch)
+    base = AutoModelForImageTextToText.from_pretrained(family.checkpoint_folder(cfg.model))
+    base_logits = _logits(base, batch)
+    reloaded = PeftModel.from_pretrained(base, objects["run_dir"] / "adapter")
+    reloaded.eval()
+    torch.testing.assert_close(_logits(reloaded, batch), trained, rtol=1e-5, atol=1e-5)
+    assert (trained - base_logits).abs().max() > 1e-3  # the adapter changes the model
