@@ -152,7 +152,7 @@ def save_adapter(model, plan, processor, folder: Path) -> None:
         raise
 
 
-def train(cfg: DictConfig) -> tuple[dict, dict]:
+def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
     """Run one training as configured. Returns (final metrics, objects: module, trainer, datamodule, run_dir)."""
     import hydra
     import lightning as L
@@ -193,7 +193,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     module = VLMModule(model, family, processor, plan, optimizer_factory, cfg.optimizer, cfg.scheduler, cfg.loss,
                        cfg.eval, question_types=question_types)
 
-    trainer = _build_trainer(cfg, run_dir, callbacks=[])
+    configured = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    trainer = _build_trainer(cfg, run_dir, callbacks=configured + list(callbacks or []))
     trainer.fit(module, datamodule=datamodule)
     train_loss = trainer.callback_metrics.get("train_loss")
     results = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
