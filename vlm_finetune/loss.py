@@ -51,6 +51,31 @@ def cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     return total, count
 
 
+def liger_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                            bias: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Liger's fused linear cross-entropy (Triton, GPU) on the supervised positions, as (sum, count)."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    rows, targets = supervised_positions(hidden, labels)
+    count = int(targets.numel())
+    if count == 0:
+        return hidden.sum() * 0.0, 0
+    loss = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+    return loss(weight, rows, targets, bias).float(), count
+
+
+def token_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
+                   impl: str = "chunked", chunk_size: int | None = 1024) -> tuple[torch.Tensor, int]:
+    """Dispatch on `loss.impl`: chunked (default) | plain (full logits) | liger (fused, GPU)."""
+    if impl == "chunked":
+        return cross_entropy_sum(hidden, weight, labels, bias, chunk_size=chunk_size or 1024)
+    if impl == "plain":
+        return cross_entropy_sum(hidden, weight, labels, bias, chunk_size=None)
+    if impl == "liger":
+        return liger_cross_entropy_sum(hidden, weight, labels, bias)
+    raise ValueError(f"loss.impl={impl!r}: use chunked, plain or liger")
+
+
 def full_logits_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The plain reference: CE summed over supervised tokens from full (batch, seq, vocab) logits."""
     shifted = labels[:, 1:].reshape(-1)

@@ -11,7 +11,7 @@ import torch
 import torchmetrics
 from torch import nn
 
-from vlm_finetune.loss import cross_entropy_sum
+from vlm_finetune.loss import token_loss_sum
 from vlm_finetune.models.base import Part
 from vlm_finetune.trainability import TrainablePlan, count_parameters, set_frozen_eval, unwrap
 
@@ -53,6 +53,17 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Call
     return factor
 
 
+def batch_loss_sum(family, model: nn.Module, batch: dict, impl: str = "chunked", chunk_size: int | None = 1024
+                   ) -> tuple[torch.Tensor, int]:
+    """(sum of next-token CE over supervised tokens, their count) of one micro-batch: the family gives
+    the final hidden states and the output projection, the loss never builds full logits."""
+    base = unwrap(model)
+    hidden = family.hidden_states(base, batch)
+    head = family.output_embedding(base)
+    return token_loss_sum(hidden, head.weight, batch["labels"], getattr(head, "bias", None), impl=impl,
+                          chunk_size=chunk_size)
+
+
 class VLMModule(L.LightningModule):
     def __init__(self, model: nn.Module, family, processor, plan: TrainablePlan, optimizer_factory: Callable,
                  optim_cfg: Any, scheduler_cfg: Any, loss_cfg: Any, eval_cfg: Any, question_types: list[str] = ()):
@@ -64,6 +75,7 @@ class VLMModule(L.LightningModule):
         self.optimizer_factory = optimizer_factory
         self.optim_cfg = optim_cfg
         self.scheduler_cfg = scheduler_cfg
+        self.loss_impl = str(loss_cfg.get("impl", "chunked")) if loss_cfg is not None else "chunked"
         self.loss_chunk_size = loss_cfg.get("chunk_size") if loss_cfg is not None else 1024
         self.max_new_tokens = int(eval_cfg.get("max_new_tokens", 8))
         self.generate_in_validation = bool(eval_cfg.get("generate", True))
@@ -90,11 +102,7 @@ class VLMModule(L.LightningModule):
 
     # -- loss -------------------------------------------------------------------------------------
     def _loss_sum(self, batch: dict) -> tuple[torch.Tensor, int]:
-        base = unwrap(self.model)
-        hidden = self.family.hidden_states(base, batch)
-        head = self.family.output_embedding(base)
-        return cross_entropy_sum(hidden, head.weight, batch["labels"], getattr(head, "bias", None),
-                                 chunk_size=self.loss_chunk_size)
+        return batch_loss_sum(self.family, self.model, batch, self.loss_impl, self.loss_chunk_size)
 
     def _count_data_events(self, batch: dict) -> None:
         for key in self.data_counts:

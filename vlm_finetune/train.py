@@ -67,6 +67,16 @@ def check_config(cfg: DictConfig) -> dict:
     acc = cfg.trainer.accumulate_grad_batches
     if not isinstance(acc, int) or acc < 1:
         raise ConfigError(f"trainer.accumulate_grad_batches={acc!r} must be a positive integer")
+    impl = cfg.loss.get("impl", "chunked")
+    if impl not in ("chunked", "plain", "liger"):
+        raise ConfigError(f"loss.impl={impl!r} is unknown; use chunked, plain or liger")
+    if impl == "liger":
+        if hardware.accelerator != "gpu" or not torch.cuda.is_available():
+            raise ConfigError("loss.impl=liger needs a CUDA GPU (Triton kernels); use loss.impl=chunked")
+        try:
+            import liger_kernel  # noqa: F401
+        except ImportError:
+            raise ConfigError("loss.impl=liger needs liger-kernel: pip install 'vlm_finetune[gpu]'") from None
     if cfg.trainer.strategy not in ("auto", "single", "ddp"):
         raise ConfigError(f"trainer.strategy={cfg.trainer.strategy!r} is not available yet; use trainer=single or trainer=ddp")
     return modes

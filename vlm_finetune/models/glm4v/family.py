@@ -38,6 +38,18 @@ def _real_size_config(preset: str, tokenizer, overrides: dict | None):
     return config
 
 
+def apply_liger_kernels(model: nn.Module) -> None:
+    """Liger's fused RMSNorm and SwiGLU in place (GPU only); the loss stays ours (see loss.impl)."""
+    if not torch.cuda.is_available():
+        raise ConfigError("model.liger_kernels=true needs a CUDA GPU (Triton kernels); set it to false on the CPU")
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_glm4v, apply_liger_kernel_to_glm4v_moe
+    except ImportError as err:
+        raise ConfigError("model.liger_kernels=true needs liger-kernel: pip install 'vlm_finetune[gpu]'") from err
+    patch = apply_liger_kernel_to_glm4v_moe if "Moe" in type(model).__name__ else apply_liger_kernel_to_glm4v
+    patch(rms_norm=True, swiglu=True, fused_linear_cross_entropy=False, model=model)
+
+
 class Glm4vFamily:
     name = "glm4v"
 
@@ -110,7 +122,9 @@ class Glm4vFamily:
         tokenizer = AutoTokenizer.from_pretrained(self.processor_folder(model_cfg))
         return _real_size_config(model_cfg.preset, tokenizer, model_cfg.get("config_overrides"))
 
-    def build_model(self, model_cfg: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
+    def build_model(self, model_cfg: Any, dtype: torch.dtype = torch.float32, device: str | None = None) -> nn.Module:
+        """Load `model.path` (or the tiny folder), or build a real-size model from its config with random
+        weights; `device` places a from-config build directly there (no CPU copy of 10 B parameters)."""
         from transformers import AutoModelForImageTextToText
 
         attn = model_cfg.get("attn_implementation", "sdpa")
@@ -127,7 +141,10 @@ class Glm4vFamily:
         else:
             config = self.build_config(model_cfg)
             config._attn_implementation = attn
-            model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+            with torch.device(device or "cpu"):
+                model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+        if model_cfg.get("liger_kernels"):
+            apply_liger_kernels(model)
         if model_cfg.get("activation_checkpointing"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model

@@ -1,0 +1,39 @@
+"""The benchmark's CPU path: both recipes run real steps, the report is appended with its command."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlm_finetune import bench
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path")
+def test_cpu_bench_runs_both_and_appends_report(tmp_path):
+    report = tmp_path / "benchmarks.md"
+    report.write_text("# Benchmarks\n\nearlier entry\n")
+    ours, base = bench.main(["--seq", "96", "--image", "56", "--steps", "3", "--report", str(report)])
+    assert ours["err"] is None and ours["tokens_per_s"] > 0 and ours["params_train_m"] > 0
+    assert ours["model"] == "tiny_glm4v" and ours["loss_impl"] == "chunked"
+    assert base.get("err") is None, base
+    assert base["tokens_per_s"] > 0 and base["seq"] == 96
+    text = report.read_text()
+    assert text.startswith("# Benchmarks\n\nearlier entry")  # appended, not overwritten
+    assert "python -m vlm_finetune.bench --seq 96 --image 56 --steps 3" in text
+    assert "CPU" in text and "GPU memory and real-size throughput need a GPU" in text
+    assert "| tokens/s |" in text
+
+
+def test_make_batch_has_exact_length_and_supervision(tmp_path):
+    from conftest import compose_cfg
+    from vlm_finetune.models import get_family
+
+    cfg = compose_cfg([], tmp_path)
+    processor = get_family("glm4v").load_processor(cfg.model)
+    batch = bench.make_batch(processor, 300, 112, 390)
+    assert batch["input_ids"].shape == (1, 300)
+    n_image = int((batch["input_ids"] == processor.image_token_id).sum())
+    assert n_image == 16  # 112 px -> 8 x 8 patches -> 16 merged tokens
+    supervised = int((batch["labels"] != -100).sum())
+    assert 300 - supervised < n_image + 20  # all but the prompt and the image are supervised
