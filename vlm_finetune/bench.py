@@ -61,21 +61,24 @@ def make_batch(processor, seq: int, image_px: int, vocab_limit: int, seed: int =
 def bench_ours(overrides: list[str], seq: int, image_px: int, steps: int, device: str) -> dict:
     from vlm_finetune.models import get_family, parse_trainability
     from vlm_finetune.module import batch_loss_sum
-    from vlm_finetune.train import PRECISIONS
-    from vlm_finetune.trainability import apply_trainability, count_parameters, plan_trainability
+    from vlm_finetune.train import MIXED, PRECISIONS
+    from vlm_finetune.trainability import (apply_trainability, count_parameters, keep_trainables_fp32,
+                                           plan_trainability, set_frozen_eval)
 
     cfg = _compose(overrides)
     family = get_family(cfg.model.family)
     processor = family.load_processor(cfg.model)
-    dtype = torch.bfloat16 if device == "cuda" else PRECISIONS[cfg.precision.name][1]
+    dtype = PRECISIONS[cfg.precision.name][1]
+    mixed = cfg.precision.name in MIXED
     started = time.time()
     model = family.build_model(cfg.model, dtype=dtype, device=device)
     plan = plan_trainability(family, model, parse_trainability(cfg.train), cfg.model, cfg.lora)
     model = apply_trainability(model, plan, cfg.lora).to(device)
+    if mixed:
+        keep_trainables_fp32(model)
     model.train()
-    from vlm_finetune.trainability import set_frozen_eval
-
     set_frozen_eval(model, plan)
+    autocast = torch.autocast(device, dtype=dtype, enabled=mixed)
     build_s = time.time() - started
     trainable, total = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -93,7 +96,8 @@ def bench_ours(overrides: list[str], seq: int, image_px: int, steps: int, device
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            loss_sum, count = batch_loss_sum(family, model, batch, cfg.loss.impl, cfg.loss.chunk_size)
+            with autocast:
+                loss_sum, count = batch_loss_sum(family, model, batch, cfg.loss.impl, cfg.loss.chunk_size)
             (loss_sum / max(count, 1)).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -105,7 +109,7 @@ def bench_ours(overrides: list[str], seq: int, image_px: int, steps: int, device
         error = "OOM"
     result = {"case": "vlm_finetune", "model": cfg.model.name, "seq": seq, "image": image_px,
               "params_total_b": round(total / 1e9, 3), "params_train_m": round(trainable / 1e6, 2),
-              "loss_impl": cfg.loss.impl, "liger_kernels": bool(cfg.model.get("liger_kernels")),
+              "loss_impl": cfg.loss.impl, "chunk_size": cfg.loss.chunk_size, "precision": cfg.precision.name, "liger_kernels": bool(cfg.model.get("liger_kernels")),
               "checkpointing": bool(cfg.model.get("activation_checkpointing")), "build_s": round(build_s, 1),
               "err": error}
     if device == "cuda":
@@ -145,7 +149,8 @@ def render(ours: dict, base: dict, command: str, device_name: str, date: str) ->
             ("tokens/s", "tokens_per_s", 0), ("step s", "step_s", 3), ("trainable M params", "params_train_m", 2)]
     lines = [f"### {ours.get('model')} seq {ours.get('seq')} image {ours.get('image')}px ({date})", "",
              f"- command: `{command}`", f"- device: {device_name}",
-             f"- ours: loss.impl={ours.get('loss_impl')}, liger_kernels={ours.get('liger_kernels')}, "
+             f"- ours: precision={ours.get('precision')}, loss.impl={ours.get('loss_impl')} "
+             f"(chunk {ours.get('chunk_size')}), liger_kernels={ours.get('liger_kernels')}, "
              f"checkpointing={ours.get('checkpointing')}" + (f", error {ours['err']}" if ours.get("err") else ""),
              f"- baseline: {base.get('case')}" + (f", error {base['err']}" if base.get("err") else ""), "",
              "| figure | vlm_finetune | baseline | ratio (ours / baseline) |", "|---|---|---|---|"]
@@ -187,7 +192,8 @@ def main(argv: list[str] | None = None) -> tuple[dict, dict]:
         overrides = [o for o in overrides if not o.startswith("model=")] + ["model=tiny_glm4v"]
         args.baseline_liger = 0  # Liger's kernels are Triton: GPU only
     else:
-        overrides = ["precision=bf16-true", "train.projector=frozen", *overrides]  # the baseline trains LoRA only
+        # our GPU recipe: bf16 frozen base, float32 LoRA master weights, bf16 autocast; LoRA only, as the baseline
+        overrides = ["precision=bf16-mixed", "train.projector=frozen", *overrides]
     base = {"case": "baseline", "err": "skipped"} if args.no_baseline else run_baseline(
         args.baseline_script, args.seq, args.image, args.steps, device, args.baseline_liger,
         shlex.split(args.baseline_args))

@@ -17,12 +17,15 @@ from vlm_finetune.errors import ConfigError
 log = logging.getLogger(__name__)
 
 PRECISIONS = {
-    # name -> (Lightning precision, dtype the weights are loaded in)
+    # name -> (Lightning precision, dtype the weights are loaded in). In the mixed profiles the frozen
+    # base is loaded in half precision and trainable parameters are kept in float32 (master weights);
+    # compute runs under autocast.
     "32-true": ("32-true", torch.float32),
-    "bf16-mixed": ("bf16-mixed", torch.float32),
+    "bf16-mixed": ("bf16-mixed", torch.bfloat16),
     "bf16-true": ("bf16-true", torch.bfloat16),
-    "fp16-mixed": ("16-mixed", torch.float32),
+    "fp16-mixed": ("16-mixed", torch.float16),
 }
+MIXED = ("bf16-mixed", "fp16-mixed")
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -170,7 +173,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
     from vlm_finetune.data.datamodule import VLMDataModule, build_datasets
     from vlm_finetune.models import get_family
     from vlm_finetune.module import VLMModule
-    from vlm_finetune.trainability import apply_trainability, count_parameters, plan_trainability
+    from vlm_finetune.trainability import apply_trainability, count_parameters, keep_trainables_fp32, plan_trainability
 
     started = time.time()
     modes = check_config(cfg)
@@ -187,6 +190,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
     model = family.build_model(cfg.model, dtype=dtype)
     plan = plan_trainability(family, model, modes, cfg.model, cfg.lora)
     model = apply_trainability(model, plan, cfg.lora)
+    if cfg.precision.name in MIXED:
+        keep_trainables_fp32(model)
     trainable, total = count_parameters(model)
 
     is_rank_zero = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
