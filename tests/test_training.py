@@ -48,6 +48,8 @@ def test_run_folder_contents(shared_run):
     assert saved["global_step"] == 4
     assert 0.0 <= saved["val_accuracy"] <= 1.0 and saved["train_loss"] > 0
     assert all(isinstance(v, (int, float)) for v in saved.values())  # flat
+    png = run_dir / "training_curves.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     adapter = run_dir / "adapter"
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
     projector = load_file(str(adapter / "non_lora_trainables.safetensors"))
@@ -112,3 +114,17 @@ def test_adapter_round_trip_reproduces_outputs(shared_run):
     reloaded.eval()
     torch.testing.assert_close(_logits(reloaded, batch), trained, rtol=1e-5, atol=1e-5)
     assert (trained - base_logits).abs().max() > 1e-3  # the adapter changes the model
+
+
+def test_bf16_mixed_keeps_a_bf16_base_and_float32_adapters(tmp_path):
+    from vlm_finetune.train import train
+
+    cfg = compose_cfg(FAST + ["precision=bf16-mixed", "eval.generate=false", "trainer.max_steps=2"], tmp_path)
+    metrics, objects = train(cfg)
+    model = unwrap(objects["module"].model)
+    dtypes = {(p.requires_grad, p.dtype) for p in model.parameters()}
+    assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}
+    assert torch.isfinite(torch.tensor(metrics["train_loss"])) and metrics["train_loss"] > 0
+    # adapters compute in bf16 under autocast instead of casting every input up to float32
+    lora_layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    assert lora_layers and not any(m.cast_input_dtype_enabled for m in lora_layers)

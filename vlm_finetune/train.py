@@ -44,6 +44,21 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def _quiet_known_noise() -> None:
+    """Silence warnings that are expected here, so that what is printed is worth reading."""
+    import warnings
+
+    # frozen parts are in eval mode on purpose
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+    # validation metrics are torchmetrics objects, already reduced across ranks
+    warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*")
+    warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric.utilities.rank_zero").setLevel(logging.WARNING)
+
+
 def check_config(cfg: DictConfig) -> dict:
     """Every check that needs no weights: fails in seconds with the option and the fix."""
     from vlm_finetune.models.base import parse_trainability
@@ -176,6 +191,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
     from vlm_finetune.trainability import apply_trainability, count_parameters, keep_trainables_fp32, plan_trainability
 
     started = time.time()
+    _quiet_known_noise()
     modes = check_config(cfg)
     run_dir = Path(cfg.output_dir)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -228,6 +244,9 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
     if trainer.is_global_zero:
         save_adapter(module.model, plan, processor, run_dir / "adapter")
         write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        from vlm_finetune.plots import plot_training_curves
+
+        plot_training_curves(run_dir)
         summary = "  ".join(f"{k}={metrics[k]:.4f}" for k in ("val_accuracy", "val_loss", "train_loss") if k in metrics)
         print(f"\nvlm_finetune: final {summary}  steps={metrics['global_step']}  "
               f"time={metrics['wall_seconds']:.0f}s\nvlm_finetune: run folder {run_dir}", flush=True)
