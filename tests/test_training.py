@@ -128,3 +128,16 @@ def test_bf16_mixed_keeps_a_bf16_base_and_float32_adapters(tmp_path):
     # adapters compute in bf16 under autocast instead of casting every input up to float32
     lora_layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
     assert lora_layers and not any(m.cast_input_dtype_enabled for m in lora_layers)
+
+
+def test_logging_interval_does_not_change_logged_losses(shared_run, tmp_path):
+    """Logged train_loss at a step is that step's per-token mean, whatever log_every_n_steps is."""
+    from vlm_finetune.train import train
+
+    cfg = compose_cfg(FAST + ["trainer.log_every_n_steps=3"], tmp_path)
+    train(cfg)
+    every_step = _logged_losses(shared_run[2]["run_dir"])
+    with open(tmp_path / "csv" / "metrics.csv") as handle:
+        rows = [(int(r["step"]), float(r["train_loss"])) for r in csv.DictReader(handle) if r.get("train_loss")]
+    assert [step for step, _ in rows] == [2]
+    assert abs(rows[0][1] - every_step[2]) < 1e-6

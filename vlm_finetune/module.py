@@ -124,8 +124,9 @@ class VLMModule(L.LightningModule):
         self._step_loss += float(loss_sum.detach()) / max(step_tokens, 1.0)
         if batch["last_in_step"]:
             step_loss = torch.tensor(self._step_loss, device=self.device)
-            self.log("train_loss", step_loss, on_step=True, on_epoch=False, prog_bar=True, sync_dist=world > 1,
-                     reduce_fx="sum", batch_size=1)
+            if world > 1:  # each rank holds its share of the step's per-token mean
+                step_loss = self.trainer.strategy.reduce(step_loss, reduce_op="sum")
+            self.log("train_loss", step_loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
             self.log("train_step_tokens", step_tokens, on_step=True, on_epoch=False, batch_size=1)
             self._step_loss = 0.0
         return loss_sum * scale

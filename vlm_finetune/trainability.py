@@ -29,9 +29,20 @@ def plan_trainability(family: ModelFamily, model: nn.Module, modes: dict[Part, M
     lora_parts = [p for p, m in modes.items() if m is Mode.LORA]
     patterns = [family.lora_target_pattern(p, model_cfg, lora_cfg) for p in lora_parts]
     lora_pattern = "|".join(f"(?:{p})" for p in patterns) if patterns else None
-    full = [name for p, m in modes.items() if m is Mode.FULL for name in part_modules[p]]
+    modules = dict(model.named_modules())
+    full = [leaf for p, m in modes.items() if m is Mode.FULL for name in part_modules[p]
+            for leaf in _saveable_modules(modules[name], name)]
     frozen = [name for p, m in modes.items() if m is not Mode.FULL for name in part_modules[p]]
     return TrainablePlan(modes, part_modules, lora_pattern, full, frozen)
+
+
+def _saveable_modules(module: nn.Module, name: str) -> list[str]:
+    """PEFT's modules_to_save takes modules, not containers: expand ModuleList/ModuleDict into their
+    children, and leave out modules without parameters."""
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+        return [leaf for child_name, child in module.named_children()
+                for leaf in _saveable_modules(child, f"{name}.{child_name}")]
+    return [name] if any(True for _ in module.parameters()) else []
 
 
 def apply_trainability(model: nn.Module, plan: TrainablePlan, lora_cfg: Any) -> nn.Module:

@@ -34,9 +34,9 @@ QUESTIONS: dict[str, str] = {
 QUESTION_TYPES: tuple[str, ...] = tuple(QUESTIONS)
 
 BACKGROUND = (255, 255, 255)
-# Shape sizes as fractions of the image side; small enough that four always fit.
-MIN_SIZE_FRAC, MAX_SIZE_FRAC = 0.16, 0.30
-GAP_PX = 3  # keep shapes apart so counting never has to resolve touching outlines
+GRID = 4  # shapes sit in distinct cells of a GRID x GRID layout, so they never overlap
+# Shape sizes as fractions of the cell side; the slack leaves a gap so shapes never touch.
+MIN_SIZE_FRAC, MAX_SIZE_FRAC = 0.5, 0.9
 
 
 def answer_vocabulary() -> list[str]:
@@ -65,23 +65,24 @@ def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, 
 
 
 def _place_boxes(rng: random.Random, count: int, image_size: int) -> list[tuple[int, int, int, int]]:
-    """Random non-overlapping square boxes; restarts from scratch if a layout gets stuck."""
-    lo = max(4, math.floor(MIN_SIZE_FRAC * image_size))
-    hi = max(lo, math.floor(MAX_SIZE_FRAC * image_size))
-    while True:
-        boxes: list[tuple[int, int, int, int]] = []
-        for _ in range(200):
-            size = rng.randint(lo, hi)
-            x0 = rng.randint(1, image_size - size - 2)
-            y0 = rng.randint(1, image_size - size - 2)
-            box = (x0, y0, x0 + size, y0 + size)
-            if all(
-                box[0] > b[2] + GAP_PX or b[0] > box[2] + GAP_PX or box[1] > b[3] + GAP_PX or b[1] > box[3] + GAP_PX
-                for b in boxes
-            ):
-                boxes.append(box)
-                if len(boxes) == count:
-                    return boxes
+    """Random non-overlapping square boxes, each inside its own randomly chosen cell of a
+    GRID x GRID layout (random size and offset within the cell).
+
+    Keeping every shape whole inside one cell means no shape is cut by a cell border: with
+    the default 4x4 grid at 112 px a cell is one 28-px merged image token of a ViT with
+    14-px patches and 2x2 merging, which is what lets a tiny model learn shape and count.
+    """
+    cell = image_size // GRID
+    lo = max(3, math.floor(MIN_SIZE_FRAC * cell))
+    hi = max(lo, min(math.floor(MAX_SIZE_FRAC * cell), cell - 3))  # >= 1 px margin each side
+    lo = min(lo, hi)
+    boxes: list[tuple[int, int, int, int]] = []
+    for c in rng.sample(range(GRID * GRID), count):
+        size = rng.randint(lo, hi)
+        x0 = (c % GRID) * cell + rng.randint(1, cell - size - 1)
+        y0 = (c // GRID) * cell + rng.randint(1, cell - size - 1)
+        boxes.append((x0, y0, x0 + size - 1, y0 + size - 1))
+    return boxes
 
 
 class ShapesDataset(torch.utils.data.Dataset):
