@@ -88,12 +88,10 @@ def ensure_processor_folder(cache_dir: str | os.PathLike, vocab_size: int, image
 
 
 def ensure_tiny_checkpoint(cache_dir: str | os.PathLike, text: dict, vision: dict, image_size: int,
-                           max_image_size: int, vocab_size: int, init_seed: int, lm_head_init_std: float | None = None
-                           ) -> Path:
+                           max_image_size: int, vocab_size: int, init_seed: int) -> Path:
     """A complete tiny GLM-4V checkpoint folder (config, seeded random weights, tokenizer, processor)."""
     spec = {"kind": "tiny-glm4v", "text": dict(text), "vision": dict(vision), "image_size": image_size,
-            "max_image_size": max_image_size, "vocab_size": vocab_size, "init_seed": init_seed,
-            "lm_head_init_std": lm_head_init_std, "version": 2}
+            "max_image_size": max_image_size, "vocab_size": vocab_size, "init_seed": init_seed, "version": 2}
     target = Path(cache_dir) / f"tiny_glm4v-{_fingerprint(spec)}"
 
     def write(folder: Path) -> None:
@@ -106,11 +104,6 @@ def ensure_tiny_checkpoint(cache_dir: str | os.PathLike, text: dict, vision: dic
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
             model = Glm4vForConditionalGeneration(config)
-            if lm_head_init_std:
-                # A frozen random head of the default std (0.02) caps every logit near +-2.5 after the
-                # final RMSNorm, so even a perfect answer costs ~3.6 nats over 400 tokens; a wider head
-                # lets a LoRA-tuned tiny model become confident, as a trained real head already is.
-                torch.nn.init.normal_(model.lm_head.weight, std=lm_head_init_std)
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         AutoImageProcessor.from_pretrained(processor_folder).save_pretrained(folder)

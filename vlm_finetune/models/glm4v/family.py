@@ -85,8 +85,7 @@ class Glm4vFamily:
         if model_cfg.preset == "tiny":
             return assets.ensure_tiny_checkpoint(model_cfg.cache_dir, model_cfg.text, model_cfg.vision,
                                                  model_cfg.image_size, model_cfg.max_image_size,
-                                                 model_cfg.vocab_size, model_cfg.init_seed,
-                                                 model_cfg.get("lm_head_init_std"))
+                                                 model_cfg.vocab_size, model_cfg.init_seed)
         if model_cfg.preset not in PRESETS:
             raise ConfigError(f"model.preset={model_cfg.preset!r} is unknown for glm4v; use one of {PRESETS}")
         return None  # real size from config, random weights
