@@ -241,6 +241,12 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
         dropped_too_long=int(module.data_counts["num_dropped_too_long"]),
         wall_seconds=round(time.time() - started, 1),
     )
+    data_counts = {k: metrics[k] for k in ("skipped_bad_records", "truncated_samples", "dropped_too_long")}
+    for logger in trainer.loggers:
+        logger.log_metrics({f"data/{k}": v for k, v in data_counts.items()}, step=trainer.global_step)
+        logger.save()
+    if trainer.is_global_zero and any(data_counts.values()):
+        print("vlm_finetune: data: " + ", ".join(f"{k}={v}" for k, v in data_counts.items()), flush=True)
     if trainer.is_global_zero:
         save_adapter(module.model, plan, processor, run_dir / "adapter")
         write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
