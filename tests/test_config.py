@@ -41,7 +41,7 @@ def test_option_composes_and_resolves(group, option, tmp_path):
         # the chosen option is really what landed in the config
         name_key = {"model": "model.name", "precision": "precision.name", "optimizer": "optimizer.name",
                     "hardware": "hardware.name", "scheduler": "scheduler.name", "data": "data.source",
-                    "trainer": "trainer.strategy"}.get(group)
+                    "trainer": "trainer.name"}.get(group)
         if name_key:
             assert OmegaConf.select(cfg, name_key) == option
 

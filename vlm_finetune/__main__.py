@@ -12,6 +12,17 @@ from vlm_finetune.errors import ConfigError, DataError
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
+def _remove_empty_run_dir(run_dir: Path) -> None:
+    """A run refused before it started leaves nothing behind: drop the folder Hydra made for it if it
+    holds only Hydra's own files."""
+    import shutil
+
+    if not run_dir.is_dir():
+        return
+    if all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from vlm_finetune.train import train
@@ -20,6 +31,7 @@ def main(cfg: DictConfig) -> float | None:
         metrics, _ = train(cfg)
     except (ConfigError, DataError) as err:
         print(f"vlm_finetune: error: {err}", file=sys.stderr, flush=True)
+        _remove_empty_run_dir(Path(cfg.output_dir))
         sys.exit(2)
     return metrics.get("val_accuracy")  # the value Hydra sweepers optimise
 

@@ -24,8 +24,9 @@ PRECISIONS = {
     "bf16-mixed": ("bf16-mixed", torch.bfloat16),
     "bf16-true": ("bf16-true", torch.bfloat16),
     "fp16-mixed": ("16-mixed", torch.float16),
+    "nf4": ("bf16-mixed", torch.bfloat16),  # 4-bit frozen base (bitsandbytes), bf16 compute
 }
-MIXED = ("bf16-mixed", "fp16-mixed")
+MIXED = ("bf16-mixed", "fp16-mixed", "nf4")
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -63,22 +64,15 @@ def check_config(cfg: DictConfig) -> dict:
     """Every check that needs no weights: fails in seconds with the option and the fix."""
     from vlm_finetune.models.base import parse_trainability
 
+    from vlm_finetune.hardware import preflight, resolve
+    from vlm_finetune.strategies import check_combination
+
     modes = parse_trainability(cfg.train)
     if cfg.precision.name not in PRECISIONS:
         raise ConfigError(f"precision={cfg.precision.name!r} is unknown; use one of {sorted(PRECISIONS)}")
-    hardware = cfg.hardware
-    if hardware.accelerator == "gpu":
-        found = torch.cuda.device_count()
-        if found < int(hardware.devices):
-            raise ConfigError(
-                f"hardware={hardware.name} expects {hardware.devices} GPU(s) per node, found {found} on this machine. "
-                "Run on that hardware, or pick a profile for what is here (hardware=cpu, or hardware.devices=N)."
-            )
-    if cfg.precision.name in ("bf16-mixed", "bf16-true") and hardware.accelerator == "gpu" \
-            and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"precision={cfg.precision.name} needs bf16 support, which this GPU lacks; use precision=fp16-mixed")
-    if cfg.precision.name == "fp16-mixed" and hardware.accelerator == "cpu":
-        raise ConfigError("precision=fp16-mixed needs a GPU (loss scaling is CUDA-only); on the CPU use 32-true or bf16-mixed")
+    hardware = resolve(cfg.hardware)
+    check_combination(cfg.trainer, hardware, cfg.precision.name)
+    preflight(hardware, cfg.precision.name)
     mbs = cfg.data.micro_batch_size
     if not isinstance(mbs, int) or mbs < 1:
         raise ConfigError(f"data.micro_batch_size={mbs!r} must be a positive integer")
@@ -89,18 +83,16 @@ def check_config(cfg: DictConfig) -> dict:
     if impl not in ("chunked", "plain", "liger"):
         raise ConfigError(f"loss.impl={impl!r} is unknown; use chunked, plain or liger")
     if impl == "liger":
-        if hardware.accelerator != "gpu" or not torch.cuda.is_available():
+        if hardware.accelerator != "gpu":
             raise ConfigError("loss.impl=liger needs a CUDA GPU (Triton kernels); use loss.impl=chunked")
         try:
             import liger_kernel  # noqa: F401
         except ImportError:
             raise ConfigError("loss.impl=liger needs liger-kernel: pip install 'vlm_finetune[gpu]'") from None
-    if cfg.trainer.strategy not in ("auto", "single", "ddp"):
-        raise ConfigError(f"trainer.strategy={cfg.trainer.strategy!r} is not available yet; use trainer=single or trainer=ddp")
     return modes
 
 
-def _build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list):
+def _build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, strategy):
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -110,16 +102,13 @@ def _build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list):
     max_steps = int(t.max_steps)
     # validation during fit only when asked; the final validation always runs after fit
     val_interval = int(steps_per_val) * acc if steps_per_val else max_steps * acc + 1
-    devices = int(cfg.hardware.devices)
-    strategy = "auto" if t.strategy in ("auto", "single") else t.strategy
-    if t.strategy == "ddp" and cfg.hardware.accelerator == "cpu":
-        from lightning.pytorch.strategies import DDPStrategy
+    from vlm_finetune.hardware import resolve
 
-        strategy = DDPStrategy(process_group_backend="gloo")
+    hardware = resolve(cfg.hardware)
     return L.Trainer(
-        accelerator=cfg.hardware.accelerator,
-        devices=devices,
-        num_nodes=int(cfg.hardware.num_nodes),
+        accelerator=hardware.accelerator,
+        devices=hardware.devices,
+        num_nodes=hardware.num_nodes,
         strategy=strategy,
         precision=PRECISIONS[cfg.precision.name][0],
         max_steps=max_steps,
@@ -203,7 +192,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
     processor = family.load_processor(cfg.model, truncation=cfg.data.get("truncation", "truncate"))
 
     dtype = PRECISIONS[cfg.precision.name][1]
-    model = family.build_model(cfg.model, dtype=dtype)
+    model = family.build_model(cfg.model, dtype=dtype, quantization="nf4" if cfg.precision.name == "nf4" else None)
     plan = plan_trainability(family, model, modes, cfg.model, cfg.lora)
     model = apply_trainability(model, plan, cfg.lora)
     if cfg.precision.name in MIXED:
@@ -225,7 +214,17 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
                        cfg.eval, question_types=question_types)
 
     configured = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    trainer = _build_trainer(cfg, run_dir, callbacks=configured + list(callbacks or []))
+    from vlm_finetune.hardware import resolve
+    from vlm_finetune.strategies import build_strategy, zero3_leaf_classes
+
+    strategy = build_strategy(cfg, family, resolve(cfg.hardware))
+    if cfg.trainer.strategy == "deepspeed" and int(cfg.trainer.zero_stage) == 3:
+        leaves = [c for c in zero3_leaf_classes(family) if any(isinstance(m, c) for m in model.modules())]
+        if leaves:  # MoE blocks are gathered whole: their experts fire data-dependently
+            from deepspeed.utils import set_z3_leaf_modules
+
+            set_z3_leaf_modules(model, leaves)
+    trainer = _build_trainer(cfg, run_dir, configured + list(callbacks or []), strategy)
     trainer.fit(module, datamodule=datamodule)
     train_loss = trainer.callback_metrics.get("train_loss")
     results = trainer.validate(module, datamodule=datamodule, verbose=False)[0]

@@ -122,7 +122,8 @@ class Glm4vFamily:
         tokenizer = AutoTokenizer.from_pretrained(self.processor_folder(model_cfg))
         return _real_size_config(model_cfg.preset, tokenizer, model_cfg.get("config_overrides"))
 
-    def build_model(self, model_cfg: Any, dtype: torch.dtype = torch.float32, device: str | None = None) -> nn.Module:
+    def build_model(self, model_cfg: Any, dtype: torch.dtype = torch.float32, device: str | None = None,
+                    quantization: str | None = None) -> nn.Module:
         """Load `model.path` (or the tiny folder), or build a real-size model from its config with random
         weights; `device` places a from-config build directly there (no CPU copy of 10 B parameters)."""
         from transformers import AutoModelForImageTextToText
@@ -137,8 +138,21 @@ class Glm4vFamily:
                 # the original GLM-4V-9B ships ChatGLM modelling code in its folder
                 model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=True)
             else:
-                model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, attn_implementation=attn)
+                extra = {}
+                if quantization == "nf4":
+                    from transformers import BitsAndBytesConfig
+
+                    # vision tower, projector and head stay unquantised (as QLoRA recipes for VLMs do)
+                    extra["quantization_config"] = BitsAndBytesConfig(
+                        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                        bnb_4bit_use_double_quant=True, llm_int8_skip_modules=["visual", "lm_head"])
+                    extra["device_map"] = {"": torch.cuda.current_device()}
+                model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, attn_implementation=attn,
+                                                                    **extra)
         else:
+            if quantization:
+                raise ConfigError(f"precision={quantization} loads a checkpoint folder in 4-bit; set model.path "
+                                  "(a real-size model built from its config has no weights to quantise)")
             config = self.build_config(model_cfg)
             config._attn_implementation = attn
             with torch.device(device or "cpu"):

@@ -1,0 +1,122 @@
+"""Every trainer x hardware x precision combination composes and builds its strategy, or is rejected clearly;
+profiles that ask for absent GPUs stop in seconds and leave nothing behind."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
+
+from conftest import CONF_DIR, compose_cfg
+from vlm_finetune.errors import ConfigError
+from vlm_finetune.hardware import Found, Hardware, preflight, resolve
+from vlm_finetune.models import get_family
+from vlm_finetune.strategies import build_strategy, check_combination, deepspeed_config
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAINERS = sorted(p.stem for p in (Path(CONF_DIR) / "trainer").glob("*.yaml"))
+HARDWARE = sorted(p.stem for p in (Path(CONF_DIR) / "hardware").glob("*.yaml"))
+PRECISIONS = sorted(p.stem for p in (Path(CONF_DIR) / "precision").glob("*.yaml"))
+
+
+def _expected_rejection(trainer: str, hw: Hardware, precision: str) -> str | None:
+    """The rule each combination must follow, written independently of strategies.check_combination."""
+    sharded = trainer.startswith(("zero", "fsdp"))
+    if trainer == "single" and hw.world_size > 1:
+        return "trainer=single runs one process"
+    if sharded and hw.accelerator != "gpu":
+        return "shards the model across GPUs"
+    if precision == "nf4" and hw.accelerator != "gpu":
+        return "precision=nf4 \\(QLoRA\\) needs a CUDA GPU"
+    if precision == "nf4" and (trainer == "fsdp" or trainer.startswith("zero3")):
+        return "4-bit base weights cannot be sharded"
+    if precision == "fp16-mixed" and hw.accelerator != "gpu":
+        return "fp16-mixed needs a GPU"
+    return None
+
+
+def test_profiles_exist():
+    assert {"single", "ddp", "fsdp", "zero2", "zero2_offload", "zero3", "zero3_offload"} <= set(TRAINERS)
+    assert {"cpu", "1xa6000", "4x4090", "6x4090", "8xa100_40g", "8xa100_80g", "1xh100", "8xh100", "2x8xa100_80g",
+            "auto"} <= set(HARDWARE)
+    assert {"32-true", "bf16-mixed", "bf16-true", "fp16-mixed", "nf4"} <= set(PRECISIONS)
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+@pytest.mark.parametrize("hardware", HARDWARE)
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_combination_builds_or_is_rejected(trainer, hardware, precision, tmp_path):
+    cfg = compose_cfg([f"trainer={trainer}", f"hardware={hardware}", f"precision={precision}"], tmp_path)
+    hw = resolve(cfg.hardware)
+    assert hw.devices >= 1 and hw.num_nodes >= 1
+    expected = _expected_rejection(trainer, hw, precision)
+    if expected:
+        with pytest.raises(ConfigError, match=expected):
+            build_strategy(cfg, get_family("glm4v"), hw)
+        return
+    strategy = build_strategy(cfg, get_family("glm4v"), hw)
+    kind = {"single": str, "ddp": DDPStrategy, "fsdp": FSDPStrategy}.get(trainer, DeepSpeedStrategy)
+    assert isinstance(strategy, kind)
+    if trainer == "single":
+        assert strategy == "auto"
+    if kind is DeepSpeedStrategy:
+        zero = strategy.config["zero_optimization"]
+        assert zero["stage"] == (3 if trainer.startswith("zero3") else 2)
+        assert ("offload_optimizer" in zero) == trainer.endswith("offload")
+        assert ("offload_param" in zero) == (trainer == "zero3_offload")
+        assert ("bf16" in strategy.config) == (precision in ("bf16-mixed", "bf16-true", "nf4"))
+    if kind is FSDPStrategy:
+        from transformers.models.glm4v.modeling_glm4v import Glm4vTextDecoderLayer, Glm4vVisionBlock
+
+        wrapped = strategy.kwargs["auto_wrap_policy"]._module_classes
+        assert Glm4vTextDecoderLayer in wrapped and Glm4vVisionBlock in wrapped
+        assert strategy.kwargs["use_orig_params"]  # frozen and trainable parameters share FSDP units
+
+
+def test_deepspeed_config_values(tmp_path):
+    cfg = compose_cfg(["trainer=zero3_offload", "trainer.accumulate_grad_batches=4", "data.micro_batch_size=2"], tmp_path)
+    config = deepspeed_config(cfg.trainer, "bf16-mixed", 4, 2)
+    assert config["gradient_accumulation_steps"] == 4 and config["train_micro_batch_size_per_gpu"] == 2
+    assert config["zero_optimization"]["reduce_bucket_size"] == 500_000_000
+    assert config["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
+
+
+def test_preflight_names_expected_found_and_fix():
+    hw = Hardware("4x4090", "gpu", 4, 1, 24.0, True)
+    with pytest.raises(ConfigError) as err:
+        preflight(hw, "bf16-mixed", found=Found(0, (), 0.0, False))
+    text = str(err.value)
+    assert "hardware=4x4090 expects 4 GPU(s) per node x 1 node(s), 24 GiB each" in text
+    assert "found 0 GPU(s)" in text and "hardware=auto" in text
+    with pytest.raises(ConfigError, match="less memory per GPU"):
+        preflight(hw, "bf16-mixed", found=Found(4, ("NVIDIA GeForce RTX 3090",) * 4, 11.8, True))
+    with pytest.raises(ConfigError, match="needs bf16"):
+        preflight(Hardware("x", "gpu", 1, 1, 16.0, True), "bf16-mixed", found=Found(1, ("Tesla V100",), 16.0, False))
+    preflight(hw, "bf16-mixed", found=Found(4, ("NVIDIA GeForce RTX 4090",) * 4, 23.6, True))  # fits
+
+
+def test_auto_profile_resolves_to_what_is_found(tmp_path):
+    cfg = compose_cfg(["hardware=auto"], tmp_path)
+    assert resolve(cfg.hardware, Found(0, (), 0.0, False)).accelerator == "cpu"
+    hw = resolve(cfg.hardware, Found(2, ("NVIDIA H100",) * 2, 79.1, True))
+    assert (hw.accelerator, hw.devices, hw.gpu_memory_gib) == ("gpu", 2, 79.1)
+
+
+def test_headline_command_stops_fast_without_gpus(tmp_path):
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has GPUs")
+    run_dir = tmp_path / "run"
+    started = time.time()
+    result = subprocess.run([sys.executable, "-m", "vlm_finetune", "trainer=zero3", "hardware=4x4090",
+                             f"hydra.run.dir={run_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, VLM_FINETUNE_CACHE=str(tmp_path / "cache")))
+    elapsed = time.time() - started
+    assert result.returncode == 2
+    assert "hardware=4x4090 expects 4 GPU(s)" in result.stderr and "found 0 GPU(s)" in result.stderr
+    assert elapsed < 30, elapsed
+    assert not run_dir.exists()  # no folder, config or checkpoint left behind
+    assert not (tmp_path / "cache").exists()  # nothing was built or loaded

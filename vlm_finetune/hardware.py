@@ -1,0 +1,76 @@
+"""Hardware profiles: what a profile promises, what this machine has, and a preflight that compares them
+before any weight loads."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vlm_finetune.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    accelerator: str  # "gpu" | "cpu"
+    devices: int  # per node
+    num_nodes: int
+    gpu_memory_gib: float  # per device; 0 on the CPU
+    supports_bf16: bool
+
+    @property
+    def world_size(self) -> int:
+        return self.devices * self.num_nodes
+
+
+@dataclass(frozen=True)
+class Found:
+    gpus: int
+    gpu_names: tuple[str, ...]
+    min_gpu_memory_gib: float
+    bf16: bool
+
+
+def detect() -> Found:
+    if not torch.cuda.is_available():
+        return Found(0, (), 0.0, False)
+    count = torch.cuda.device_count()
+    names = tuple(torch.cuda.get_device_name(i) for i in range(count))
+    memory = min(torch.cuda.get_device_properties(i).total_memory for i in range(count)) / 2**30
+    return Found(count, names, round(memory, 1), bool(torch.cuda.is_bf16_supported()))
+
+
+def resolve(hw_cfg: Any, found: Found | None = None) -> Hardware:
+    """The profile with `auto` fields filled in from this machine."""
+    if hw_cfg.accelerator != "auto":
+        return Hardware(str(hw_cfg.name), str(hw_cfg.accelerator), int(hw_cfg.devices), int(hw_cfg.num_nodes),
+                        float(hw_cfg.gpu_memory_gib), bool(hw_cfg.supports_bf16))
+    found = found or detect()
+    if found.gpus == 0:
+        return Hardware("auto(cpu)", "cpu", 1, 1, 0.0, True)
+    devices = found.gpus if str(hw_cfg.devices) == "auto" else int(hw_cfg.devices)
+    return Hardware(f"auto({devices}x {found.gpu_names[0]})", "gpu", devices, int(hw_cfg.num_nodes),
+                    found.min_gpu_memory_gib, found.bf16)
+
+
+def preflight(hardware: Hardware, precision: str, found: Found | None = None) -> None:
+    """Stop in seconds when the profile asks for what is not here: names what the profile expects, what was
+    found, and what to do instead."""
+    if hardware.accelerator != "gpu":
+        return
+    found = found or detect()
+    expected = (f"hardware={hardware.name} expects {hardware.devices} GPU(s) per node x {hardware.num_nodes} node(s), "
+                f"{hardware.gpu_memory_gib:g} GiB each")
+    seen = (f"found {found.gpus} GPU(s)" + (f" ({', '.join(sorted(set(found.gpu_names)))}, "
+                                            f"{found.min_gpu_memory_gib:g} GiB)" if found.gpus else ""))
+    advice = ("Run it on that hardware (e.g. under SLURM with the slurm/ scripts), or choose the profile of this "
+              "machine: hardware=auto detects it, hardware=cpu runs on the CPU (tiny models only).")
+    if found.gpus < hardware.devices:
+        raise ConfigError(f"{expected}, but this machine {seen}. {advice}")
+    if found.min_gpu_memory_gib + 0.5 < hardware.gpu_memory_gib:
+        raise ConfigError(f"{expected}, but this machine {seen}: less memory per GPU than the profile plans for. "
+                          f"{advice}")
+    if precision in ("bf16-mixed", "bf16-true") and not found.bf16:
+        raise ConfigError(f"precision={precision} needs bf16, which the GPUs here ({', '.join(found.gpu_names)}) lack; "
+                          "use precision=fp16-mixed (loss scaling) or 32-true")

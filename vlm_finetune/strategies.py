@@ -1,0 +1,117 @@
+"""`trainer=` names -> Lightning strategy objects, built from the config and what the model family declares
+(its decoder-layer and vision-block classes for wrapping and checkpointing, its ZeRO-3 leaf modules)."""
+from __future__ import annotations
+
+from typing import Any
+
+from vlm_finetune.errors import ConfigError
+from vlm_finetune.hardware import Hardware
+
+STRATEGIES = ("single", "ddp", "fsdp", "deepspeed")
+SHARDED = ("fsdp", "deepspeed")
+
+
+def check_combination(trainer_cfg: Any, hardware: Hardware, precision: str) -> None:
+    """Reject combinations that cannot work, naming the option and the fix."""
+    strategy = str(trainer_cfg.strategy)
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"trainer.strategy={strategy!r} is unknown; use trainer=single|ddp|fsdp|zero2|zero2_offload|"
+                          "zero3|zero3_offload")
+    if strategy == "single" and hardware.world_size > 1:
+        raise ConfigError(f"trainer=single runs one process, but hardware={hardware.name} has {hardware.world_size} "
+                          "devices; use trainer=ddp (model fits on one GPU) or trainer=zero3 / trainer=fsdp (it does not)")
+    if strategy in SHARDED and hardware.accelerator != "gpu":
+        raise ConfigError(f"trainer={trainer_cfg.get('name', strategy)} shards the model across GPUs and needs "
+                          f"hardware with GPUs (hardware={hardware.name} has none); on the CPU use trainer=single or "
+                          "trainer=ddp")
+    if precision == "nf4":
+        if hardware.accelerator != "gpu":
+            raise ConfigError("precision=nf4 (QLoRA) needs a CUDA GPU for bitsandbytes' 4-bit kernels")
+        if strategy == "fsdp" or (strategy == "deepspeed" and int(trainer_cfg.zero_stage) == 3):
+            raise ConfigError(f"precision=nf4 cannot be combined with trainer={trainer_cfg.get('name', strategy)}: "
+                              "4-bit base weights cannot be sharded by FSDP or ZeRO-3. Use trainer=ddp or "
+                              "trainer=zero2 with precision=nf4 (each GPU holds the 4-bit base), or keep ZeRO-3 with "
+                              "precision=bf16-mixed")
+    if precision == "fp16-mixed" and hardware.accelerator != "gpu":
+        raise ConfigError("precision=fp16-mixed needs a GPU (loss scaling is CUDA-only); on the CPU use 32-true or bf16-mixed")
+    offload = bool(trainer_cfg.get("offload_optimizer")) or bool(trainer_cfg.get("offload_parameters"))
+    if offload and strategy != "deepspeed":
+        raise ConfigError("optimizer/parameter offload is a DeepSpeed feature; use trainer=zero2_offload or "
+                          "trainer=zero3_offload")
+    if bool(trainer_cfg.get("offload_parameters")) and int(trainer_cfg.get("zero_stage", 0)) != 3:
+        raise ConfigError("trainer.offload_parameters=true needs ZeRO stage 3 (trainer=zero3_offload)")
+
+
+def deepspeed_config(trainer_cfg: Any, precision: str, accumulate: int, micro_batch_size: int) -> dict:
+    """The ZeRO config generated from the trainer profile."""
+    stage = int(trainer_cfg.zero_stage)
+    zero: dict[str, Any] = {
+        "stage": stage,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": int(float(trainer_cfg.reduce_bucket_size)),
+        "allgather_bucket_size": int(float(trainer_cfg.allgather_bucket_size)),
+    }
+    if trainer_cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if stage == 3:
+        zero.update({
+            "stage3_prefetch_bucket_size": int(float(trainer_cfg.stage3_prefetch_bucket_size)),
+            "stage3_param_persistence_threshold": int(float(trainer_cfg.stage3_param_persistence_threshold)),
+            "stage3_max_live_parameters": int(float(trainer_cfg.stage3_max_live_parameters)),
+            # the adapter is gathered by us on save; never write a 16-bit copy of the whole model
+            "stage3_gather_16bit_weights_on_model_save": False,
+        })
+        if trainer_cfg.offload_parameters:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    config = {
+        "zero_optimization": zero,
+        "train_micro_batch_size_per_gpu": int(micro_batch_size),
+        "gradient_accumulation_steps": int(accumulate),
+        "gradient_clipping": float(trainer_cfg.gradient_clip_val or 0.0),
+        "zero_allow_untested_optimizer": True,
+    }
+    if precision in ("bf16-mixed", "bf16-true", "nf4"):  # nf4 computes in bf16
+        config["bf16"] = {"enabled": True}
+    elif precision == "fp16-mixed":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    return config
+
+
+def build_strategy(cfg: Any, family: Any, hardware: Hardware):
+    """The Lightning strategy for `cfg.trainer`, or "auto" for one process."""
+    t = cfg.trainer
+    precision = str(cfg.precision.name)
+    check_combination(t, hardware, precision)
+    if t.strategy == "single":
+        return "auto"
+    if t.strategy == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        backend = "nccl" if hardware.accelerator == "gpu" else "gloo"
+        # LoRA leaves most parameters frozen: no unused-parameter search, gradients as bucket views
+        return DDPStrategy(process_group_backend=backend, find_unused_parameters=False, gradient_as_bucket_view=True)
+    if t.strategy == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        blocks = set(family.decoder_layer_classes) | set(family.vision_block_classes)
+        checkpointed = set(family.decoder_layer_classes) if cfg.model.get("activation_checkpointing") else None
+        return FSDPStrategy(
+            auto_wrap_policy=blocks,
+            activation_checkpointing_policy=checkpointed,
+            sharding_strategy=str(t.sharding_strategy),
+            cpu_offload=False,
+            # frozen base and trainable LoRA weights share FSDP units: keep original parameters
+            use_orig_params=True,
+            limit_all_gathers=True,
+            state_dict_type="full",
+        )
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    config = deepspeed_config(t, precision, int(t.accumulate_grad_batches), int(cfg.data.micro_batch_size))
+    return DeepSpeedStrategy(config=config)
+
+
+def zero3_leaf_classes(family: Any) -> tuple[type, ...]:
+    """Modules DeepSpeed ZeRO-3 must gather whole (MoE blocks: their experts fire data-dependently)."""
+    return tuple(getattr(family, "zero3_leaf_classes", ()) or ())
