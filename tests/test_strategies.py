@@ -80,7 +80,8 @@ def test_combination_builds_or_is_rejected(trainer, hardware, precision, tmp_pat
 def test_deepspeed_config_values(tmp_path):
     cfg = compose_cfg(["trainer=zero3_offload", "trainer.accumulate_grad_batches=4", "data.micro_batch_size=2"], tmp_path)
     config = deepspeed_config(cfg.trainer, "bf16-mixed", 4, 2)
-    assert config["gradient_accumulation_steps"] == 4 and config["train_micro_batch_size_per_gpu"] == 2
+    assert config["train_micro_batch_size_per_gpu"] == 2
+    assert "gradient_accumulation_steps" not in config  # Lightning sets it from trainer.accumulate_grad_batches
     assert config["zero_optimization"]["reduce_bucket_size"] == 500_000_000
     assert config["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
 

@@ -127,7 +127,10 @@ def run_baseline(script: Path, seq: int, image_px: int, steps: int, device: str,
     if not script.is_file():
         return {"case": "baseline", "err": f"baseline script not found at {script} (pass --baseline-script)"}
     size = "real" if device == "cuda" else "tiny"
-    cmd = [sys.executable, str(script), "--size", size, "--seq", str(seq), "--image", str(image_px),
+    # the baseline draws its random token ids unseeded; seed them so a run can be repeated (at tiny size an
+    # unlucky draw can also hit the image-token id and make the baseline fail)
+    runner = "import runpy, sys, torch; torch.manual_seed(0); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    cmd = [sys.executable, "-c", runner, str(script), "--size", size, "--seq", str(seq), "--image", str(image_px),
            "--steps", str(steps), "--device", device, "--liger", str(liger), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]

@@ -121,6 +121,9 @@ class VLMModule(L.LightningModule):
         # Lightning divides by `accumulate` and DDP averages over ranks: undo both so the step's gradient
         # is d(sum of every supervised token's loss)/d(theta) / (supervised tokens of the global step).
         scale = accumulate * world / max(step_tokens, 1.0)
+        if type(self.trainer.strategy).__name__ == "DeepSpeedStrategy" and accumulate > 1:
+            # DeepSpeed's engine.backward divides by gradient_accumulation_steps once more
+            scale *= accumulate
         self._step_loss += float(loss_sum.detach()) / max(step_tokens, 1.0)
         if batch["last_in_step"]:
             step_loss = torch.tensor(self._step_loss, device=self.device)

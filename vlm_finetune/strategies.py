@@ -64,11 +64,10 @@ def deepspeed_config(trainer_cfg: Any, precision: str, accumulate: int, micro_ba
         })
         if trainer_cfg.offload_parameters:
             zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    # gradient_accumulation_steps and gradient_clipping are filled in by Lightning from the Trainer
     config = {
         "zero_optimization": zero,
         "train_micro_batch_size_per_gpu": int(micro_batch_size),
-        "gradient_accumulation_steps": int(accumulate),
-        "gradient_clipping": float(trainer_cfg.gradient_clip_val or 0.0),
         "zero_allow_untested_optimizer": True,
     }
     if precision in ("bf16-mixed", "bf16-true", "nf4"):  # nf4 computes in bf16

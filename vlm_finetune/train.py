@@ -1,6 +1,7 @@
 """`train(cfg) -> (metrics, objects)`: the whole run, testable without Hydra's command line."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -131,6 +132,28 @@ def _build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, strategy):
     )
 
 
+@contextlib.contextmanager
+def full_trainable_parameters(trainer, module):
+    """Inside this context the trainable weights are whole on every rank, whatever the sharding:
+    ZeRO-3 gathers them, FSDP summons full parameters; other strategies hold them whole already.
+    Every rank must enter it (the gathers are collective)."""
+    strategy = trainer.strategy
+    kind = type(strategy).__name__
+    if kind == "DeepSpeedStrategy" and strategy.config["zero_optimization"]["stage"] == 3:
+        import deepspeed
+
+        params = [p for p in module.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+    elif kind == "FSDPStrategy":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(strategy.model, writeback=False, offload_to_cpu=True):
+            yield
+    else:
+        yield
+
+
 def save_adapter(model, plan, processor, folder: Path) -> None:
     """PEFT adapter folder (with fully trained parts as modules_to_save) + `non_lora_trainables.safetensors`
     (the LLaVA/MGM convention) + the processor, written to a temporary folder and then renamed."""
@@ -192,10 +215,15 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
     processor = family.load_processor(cfg.model, truncation=cfg.data.get("truncation", "truncate"))
 
     dtype = PRECISIONS[cfg.precision.name][1]
+    fsdp_mixed = cfg.trainer.strategy == "fsdp" and cfg.precision.name in MIXED
+    if fsdp_mixed:
+        # FSDP flattens each unit into one tensor of one dtype: keep every weight float32 and let
+        # FSDP's mixed precision compute in bf16/fp16 (the sharding pays for the wider base)
+        dtype = torch.float32
     model = family.build_model(cfg.model, dtype=dtype, quantization="nf4" if cfg.precision.name == "nf4" else None)
     plan = plan_trainability(family, model, modes, cfg.model, cfg.lora)
     model = apply_trainability(model, plan, cfg.lora)
-    if cfg.precision.name in MIXED:
+    if cfg.precision.name in MIXED and not fsdp_mixed:
         keep_trainables_fp32(model)
     trainable, total = count_parameters(model)
 
@@ -246,8 +274,10 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
         logger.save()
     if trainer.is_global_zero and any(data_counts.values()):
         print("vlm_finetune: data: " + ", ".join(f"{k}={v}" for k, v in data_counts.items()), flush=True)
+    with full_trainable_parameters(trainer, module):
+        if trainer.is_global_zero:
+            save_adapter(module.model, plan, processor, run_dir / "adapter")
     if trainer.is_global_zero:
-        save_adapter(module.model, plan, processor, run_dir / "adapter")
         write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         from vlm_finetune.plots import plot_training_curves
 
