@@ -85,6 +85,7 @@ class VLMModule(L.LightningModule):
         self.val_token_count = torchmetrics.SumMetric()
         self._step_loss = 0.0
         self.data_counts = {"num_truncated": 0, "num_dropped_too_long": 0}
+        self.last_validation_step = -1
 
     # -- modes ------------------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -151,6 +152,7 @@ class VLMModule(L.LightningModule):
                     self.val_accuracy_by_type[qtype].update([p for p, _ in pairs], [a for _, a in pairs])
 
     def on_validation_epoch_end(self) -> None:
+        self.last_validation_step = self.trainer.global_step
         tokens = self.val_token_count.compute()
         self.log("val_loss", self.val_loss_sum.compute() / tokens.clamp(min=1), prog_bar=True, sync_dist=False)
         self.val_loss_sum.reset()
@@ -175,6 +177,14 @@ class VLMModule(L.LightningModule):
                                eos_token_id=self.processor.eos_token_id, pad_token_id=self.processor.pad_token_id)
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
         return [self.processor.decode(row) for row in new_tokens]
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if gradient_clip_val and type(self.trainer.strategy).__name__ == "FSDPStrategy":
+            # clipping by norm must see every shard: FSDP's root module computes the global norm
+            self.trainer.strategy.model.clip_grad_norm_(float(gradient_clip_val))
+            return
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
+                            gradient_clip_algorithm=gradient_clip_algorithm)
 
     # -- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -70,6 +70,10 @@ def deepspeed_config(trainer_cfg: Any, precision: str, accumulate: int, micro_ba
         "train_micro_batch_size_per_gpu": int(micro_batch_size),
         "zero_allow_untested_optimizer": True,
     }
+    if trainer_cfg.offload_optimizer:
+        # the optimizer is built by the module (torch AdamW, param groups); DeepSpeedCPUAdam would be
+        # faster on offloaded states but needs its C++ op compiled on the machine
+        config["zero_force_ds_cpu_optimizer"] = False
     if precision in ("bf16-mixed", "bf16-true", "nf4"):  # nf4 computes in bf16
         config["bf16"] = {"enabled": True}
     elif precision == "fp16-mixed":

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -154,6 +155,24 @@ def full_trainable_parameters(trainer, module):
         yield
 
 
+class AdapterSaver(L.Callback):
+    """Writes the adapter folder when training ends, while a sharded engine still holds the weights
+    (after `fit` returns, ZeRO-3 and FSDP have been torn down)."""
+
+    def __init__(self, folder: Path, plan, processor):
+        self.folder, self.plan, self.processor = folder, plan, processor
+        self.saved = False
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.save(trainer, pl_module)
+
+    def save(self, trainer, pl_module) -> None:
+        with full_trainable_parameters(trainer, pl_module):
+            if trainer.is_global_zero:
+                save_adapter(pl_module.model, self.plan, self.processor, self.folder)
+        self.saved = True
+
+
 def save_adapter(model, plan, processor, folder: Path) -> None:
     """PEFT adapter folder (with fully trained parts as modules_to_save) + `non_lora_trainables.safetensors`
     (the LLaVA/MGM convention) + the processor, written to a temporary folder and then renamed."""
@@ -252,11 +271,17 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
             from deepspeed.utils import set_z3_leaf_modules
 
             set_z3_leaf_modules(model, leaves)
-    trainer = _build_trainer(cfg, run_dir, configured + list(callbacks or []), strategy)
+    saver = AdapterSaver(run_dir / "adapter", plan, processor)
+    trainer = _build_trainer(cfg, run_dir, configured + list(callbacks or []) + [saver], strategy)
     trainer.fit(module, datamodule=datamodule)
+    if not saver.saved:  # fit ran no step (max_steps=0): nothing is sharded any more, save as is
+        saver.save(trainer, module)
     train_loss = trainer.callback_metrics.get("train_loss")
-    results = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
-
+    if module.last_validation_step == trainer.global_step:
+        # the last validation ran inside fit, at the final step (the engine is still whole there)
+        results = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
+    else:
+        results = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     metrics = {k: float(v) for k, v in results.items()}
     metrics.update(
         train_loss=float(train_loss) if train_loss is not None else float("nan"),
@@ -274,9 +299,6 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
         logger.save()
     if trainer.is_global_zero and any(data_counts.values()):
         print("vlm_finetune: data: " + ", ".join(f"{k}={v}" for k, v in data_counts.items()), flush=True)
-    with full_trainable_parameters(trainer, module):
-        if trainer.is_global_zero:
-            save_adapter(module.model, plan, processor, run_dir / "adapter")
     if trainer.is_global_zero:
         write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         from vlm_finetune.plots import plot_training_curves
