@@ -149,7 +149,9 @@ def full_trainable_parameters(trainer, module):
     elif kind == "FSDPStrategy":
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        with FullyShardedDataParallel.summon_full_params(strategy.model, writeback=False, offload_to_cpu=True):
+        # gathered copies go to CPU memory when sharded (FSDP refuses that for NO_SHARD, i.e. one device)
+        offload = trainer.world_size > 1
+        with FullyShardedDataParallel.summon_full_params(strategy.model, writeback=False, offload_to_cpu=offload):
             yield
     else:
         yield
