@@ -103,7 +103,8 @@ def _build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, strategy):
     acc = int(t.accumulate_grad_batches)
     max_steps = int(t.max_steps)
     # validation during fit only when asked; the final validation always runs after fit
-    val_interval = int(steps_per_val) * acc if steps_per_val else max_steps * acc + 1
+    # the final validation runs inside fit, at the last step, while a sharded engine is still set up
+    val_interval = int(steps_per_val) * acc if steps_per_val else max_steps * acc
     from vlm_finetune.hardware import resolve
 
     hardware = resolve(cfg.hardware)
@@ -175,25 +176,34 @@ class AdapterSaver(L.Callback):
         self.saved = True
 
 
+WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _plain_name(name: str) -> str:
+    for part in WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
 def save_adapter(model, plan, processor, folder: Path) -> None:
     """PEFT adapter folder (with fully trained parts as modules_to_save) + `non_lora_trainables.safetensors`
     (the LLaVA/MGM convention) + the processor, written to a temporary folder and then renamed."""
     from safetensors.torch import save_file
 
-    from vlm_finetune.trainability import unwrap
-
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
     try:
+        # trainable weights by their plain names: strategies wrap modules (FSDP, checkpointing) and
+        # add prefixes that PEFT's export would not recognise
+        state = {_plain_name(n): p.detach().to("cpu").clone() for n, p in model.named_parameters() if p.requires_grad}
         if plan.uses_lora:
-            model.save_pretrained(tmp)
-        base = unwrap(model)
+            model.save_pretrained(tmp, state_dict=state)
         trainables = {}
-        for name, param in base.named_parameters():
-            if any(name.startswith(m + ".") for m in plan.full_modules):
-                clean = name.replace(".modules_to_save.default", "")
-                if "original_module" not in name:
-                    trainables[clean] = param.detach().to("cpu").contiguous()
+        for name, tensor in state.items():
+            if "lora_" in name:
+                continue
+            clean = name.removeprefix("base_model.model.").replace(".modules_to_save.default", "")
+            trainables[clean] = tensor.contiguous()
         if trainables:
             save_file(trainables, str(tmp / "non_lora_trainables.safetensors"))
         processor.save_pretrained(str(tmp))
