@@ -64,7 +64,7 @@ def preflight(hardware: Hardware, precision: str, found: Found | None = None) ->
                 f"{hardware.gpu_memory_gib:g} GiB each")
     seen = (f"found {found.gpus} GPU(s)" + (f" ({', '.join(sorted(set(found.gpu_names)))}, "
                                             f"{found.min_gpu_memory_gib:g} GiB)" if found.gpus else ""))
-    advice = ("Run it on that hardware (e.g. under SLURM with the slurm/ scripts), or choose the profile of this "
+    advice = ("Run it on that hardware, or choose the profile of this "
               "machine: hardware=auto detects it, hardware=cpu runs on the CPU (tiny models only).")
     if found.gpus < hardware.devices:
         raise ConfigError(f"{expected}, but this machine {seen}. {advice}")
