@@ -100,6 +100,18 @@ def test_lora_at_init_gives_the_base_output(tmp_path):
     torch.testing.assert_close(_logits(wrapped, batch), expected, rtol=0, atol=0)
 
 
+def test_adapter_file_has_peft_layout(shared_run):
+    """The adapter we write has exactly the keys PEFT itself would write for the same model."""
+    from peft import get_peft_model_state_dict
+
+    module = shared_run[2]["module"]
+    ours = load_file(str(shared_run[2]["run_dir"] / "adapter" / "adapter_model.safetensors"))
+    theirs = get_peft_model_state_dict(module.model)
+    assert set(ours) == set(theirs) and len(ours) == 12 * 2 + 8
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key].cpu()), key
+
+
 def test_adapter_round_trip_reproduces_outputs(shared_run):
     cfg, _, objects = shared_run
     module = objects["module"]

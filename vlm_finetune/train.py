@@ -185,6 +185,32 @@ def _plain_name(name: str) -> str:
     return name
 
 
+def peft_adapter_tensors(state: dict, adapter_name: str = "default") -> dict:
+    """PEFT's on-disk layout from trainable parameters with plain names: the adapter name is dropped
+    (`q_proj.lora_A.default.weight` -> `q_proj.lora_A.weight`, `merger.modules_to_save.default.x` -> `merger.x`).
+    Written here rather than by PeftModel.save_pretrained, whose key discovery walks the module tree and
+    misses LoRA layers inside FSDP-wrapped blocks."""
+    tensors = {}
+    for name, tensor in state.items():
+        if "lora_" in name:
+            tensors[name.replace(f".{adapter_name}.", ".")] = tensor.contiguous()
+        elif f".modules_to_save.{adapter_name}." in name:
+            tensors[name.replace(f".modules_to_save.{adapter_name}.", ".")] = tensor.contiguous()
+    return tensors
+
+
+def _write_peft_adapter(model, state: dict, folder: Path, adapter_name: str = "default") -> None:
+    import copy
+
+    from safetensors.torch import save_file
+
+    config = copy.deepcopy(model.peft_config[adapter_name])
+    config.inference_mode = True
+    config.save_pretrained(str(folder))
+    save_file(peft_adapter_tensors(state, adapter_name), str(folder / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+
+
 def save_adapter(model, plan, processor, folder: Path) -> None:
     """PEFT adapter folder (with fully trained parts as modules_to_save) + `non_lora_trainables.safetensors`
     (the LLaVA/MGM convention) + the processor, written to a temporary folder and then renamed."""
@@ -197,7 +223,7 @@ def save_adapter(model, plan, processor, folder: Path) -> None:
         # add prefixes that PEFT's export would not recognise
         state = {_plain_name(n): p.detach().to("cpu").clone() for n, p in model.named_parameters() if p.requires_grad}
         if plan.uses_lora:
-            model.save_pretrained(tmp, state_dict=state)
+            _write_peft_adapter(model, state, tmp)
         trainables = {}
         for name, tensor in state.items():
             if "lora_" in name:
