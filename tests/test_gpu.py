@@ -1,5 +1,6 @@
 """GPU-only: each sharding strategy trains the tiny GLM-4V for a few steps at world size 1, saves a normal
-PEFT adapter and reloads it to the trained model's outputs. Skipped with a reason elsewhere."""
+PEFT adapter (whole tensors, no partitioned shards, LoRA B trained away from zero) and reloads it with
+PeftModel.from_pretrained. Skipped with a reason elsewhere."""
 from __future__ import annotations
 
 import json
