@@ -63,7 +63,7 @@ def bench_ours(overrides: list[str], seq: int, image_px: int, steps: int, device
     from vlm_finetune.module import batch_loss_sum
     from vlm_finetune.train import MIXED, PRECISIONS
     from vlm_finetune.trainability import (apply_trainability, count_parameters, keep_trainables_fp32,
-                                           plan_trainability, set_frozen_eval)
+                                           plan_trainability, set_frozen_eval, unwrap)
 
     cfg = _compose(overrides)
     family = get_family(cfg.model.family)
@@ -83,7 +83,7 @@ def bench_ours(overrides: list[str], seq: int, image_px: int, steps: int, device
     trainable, total = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    vocab = int(family.output_embedding(model.get_base_model() if hasattr(model, "get_base_model") else model).weight.shape[0])
+    vocab = int(family.output_embedding(unwrap(model)).weight.shape[0])
     batch = make_batch(processor, seq, image_px, min(vocab, 150000))
     batch = {k: v.to(device) for k, v in batch.items()}
     batch["pixel_values"] = batch["pixel_values"].to(dtype)

@@ -8,13 +8,16 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vlm_finetune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from vlm_finetune.hardware import Hardware
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +65,11 @@ def _quiet_known_noise() -> None:
     logging.getLogger("lightning.fabric.utilities.rank_zero").setLevel(logging.WARNING)
 
 
-def check_config(cfg: DictConfig) -> dict:
-    """Every check that needs no weights: fails in seconds with the option and the fix."""
-    from vlm_finetune.models.base import parse_trainability
-
+def check_config(cfg: DictConfig) -> tuple[dict, Hardware]:
+    """Every check that needs no weights: fails in seconds with the option and the fix.
+    Returns the trainability modes and the resolved hardware profile."""
     from vlm_finetune.hardware import preflight, resolve
+    from vlm_finetune.models.base import parse_trainability
     from vlm_finetune.strategies import check_combination
 
     modes = parse_trainability(cfg.train)
@@ -91,10 +94,10 @@ def check_config(cfg: DictConfig) -> dict:
             import liger_kernel  # noqa: F401
         except ImportError:
             raise ConfigError("loss.impl=liger needs liger-kernel: pip install 'vlm_finetune[gpu]'") from None
-    return modes
+    return modes, hardware
 
 
-def _build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, strategy):
+def _build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, strategy, hardware):
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -102,12 +105,8 @@ def _build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, strategy):
     steps_per_val = t.get("val_every_n_steps")
     acc = int(t.accumulate_grad_batches)
     max_steps = int(t.max_steps)
-    # validation during fit only when asked; the final validation always runs after fit
     # the final validation runs inside fit, at the last step, while a sharded engine is still set up
     val_interval = int(steps_per_val) * acc if steps_per_val else max_steps * acc
-    from vlm_finetune.hardware import resolve
-
-    hardware = resolve(cfg.hardware)
     return L.Trainer(
         accelerator=hardware.accelerator,
         devices=hardware.devices,
@@ -261,7 +260,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
 
     started = time.time()
     _quiet_known_noise()
-    modes = check_config(cfg)
+    modes, hardware = check_config(cfg)
     run_dir = Path(cfg.output_dir)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     torch.set_num_threads(max(1, int(cfg.hardware.get("cpu_threads") or torch.get_num_threads())))
@@ -299,10 +298,9 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
                        cfg.eval, question_types=question_types)
 
     configured = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    from vlm_finetune.hardware import resolve
     from vlm_finetune.strategies import build_strategy, zero3_leaf_classes
 
-    strategy = build_strategy(cfg, family, resolve(cfg.hardware))
+    strategy = build_strategy(cfg, family, hardware)
     if cfg.trainer.strategy == "deepspeed" and int(cfg.trainer.zero_stage) == 3:
         leaves = [c for c in zero3_leaf_classes(family) if any(isinstance(m, c) for m in model.modules())]
         if leaves:  # MoE blocks are gathered whole: their experts fire data-dependently
@@ -310,7 +308,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
 
             set_z3_leaf_modules(model, leaves)
     saver = AdapterSaver(run_dir / "adapter", plan, processor)
-    trainer = _build_trainer(cfg, run_dir, configured + list(callbacks or []) + [saver], strategy)
+    trainer = _build_trainer(cfg, run_dir, configured + list(callbacks or []) + [saver], strategy, hardware)
     trainer.fit(module, datamodule=datamodule)
     if not saver.saved:  # fit ran no step (max_steps=0): nothing is sharded any more, save as is
         saver.save(trainer, module)

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 
 from vlm_finetune.data.sample import Sample
 from vlm_finetune.errors import ConfigError
-from vlm_finetune.models.glm4v.processor import SampleTooLong
+from vlm_finetune.models.base import SampleTooLong
 
 log = logging.getLogger(__name__)
 

@@ -55,6 +55,11 @@ def parse_trainability(train_cfg: Any) -> dict[Part, Mode]:
     return result
 
 
+class SampleTooLong(Exception):
+    """Raised by a processor's `encode` when a sample exceeds max_length and cannot be truncated
+    (policy `drop`, or the cut would go through an image span). The data module drops and counts it."""
+
+
 @dataclass
 class EncodedSample:
     """One tokenised sample: 1-D tensors plus the image tensors the family's forward needs."""

@@ -5,14 +5,10 @@ import torch
 
 from vlm_finetune.data.sample import IMAGE_PLACEHOLDER, Sample
 from vlm_finetune.errors import DataError
-from vlm_finetune.models.base import EncodedSample
+from vlm_finetune.models.base import EncodedSample, SampleTooLong
 
 IGNORE_INDEX = -100
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
-
-
-class SampleTooLong(Exception):
-    """Raised by `encode` when a sample exceeds max_length and the policy is to drop it."""
 
 
 class Glm4vProcessor:
