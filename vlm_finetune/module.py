@@ -86,6 +86,8 @@ class VLMModule(L.LightningModule):
         self._step_loss = 0.0
         self.data_counts = {"num_truncated": 0, "num_dropped_too_long": 0}
         self.last_validation_step = -1
+        # checkpoints hold the trainable weights only (the frozen base comes from the model folder)
+        self.strict_loading = False
 
     # -- modes ------------------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -100,6 +102,19 @@ class VLMModule(L.LightningModule):
                  100 * trainable / max(total, 1))
         if self.logger is not None:
             self.logger.log_hyperparams({"trainable_parameters": trainable, "total_parameters": total})
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["data_counts"] = dict(self.data_counts)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        missing = trainable - set(checkpoint["state_dict"])
+        if missing:
+            raise ValueError(f"the checkpoint lacks {len(missing)} trainable tensor(s), e.g. {sorted(missing)[0]}")
+        self.data_counts.update(checkpoint.get("data_counts", {}))
 
     # -- loss -------------------------------------------------------------------------------------
     def _loss_sum(self, batch: dict) -> tuple[torch.Tensor, int]:

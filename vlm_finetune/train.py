@@ -61,6 +61,10 @@ def _quiet_known_noise() -> None:
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*")
     warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
+    # Lightning sees SLURM's tools installed; runs outside a job are not meant for SLURM
+    warnings.filterwarnings("ignore", message=r".*The `srun` command is available on your system.*")
+    # a resumed run puts the earlier rows back into metrics.csv (checkpointing.restore_csv_rows)
+    warnings.filterwarnings("ignore", message=r".*Previous log files in this directory will be deleted.*")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric.utilities.rank_zero").setLevel(logging.WARNING)
 
@@ -97,7 +101,7 @@ def check_config(cfg: DictConfig) -> tuple[dict, Hardware]:
     return modes, hardware
 
 
-def _build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, strategy, hardware):
+def _build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, strategy, hardware, plugins: list | None = None):
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -130,6 +134,7 @@ def _build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, strategy, ha
                 TensorBoardLogger(str(run_dir), name="tensorboard", version="")],
         callbacks=callbacks,
         deterministic=bool(t.get("deterministic", False)),
+        plugins=plugins or None,
     )
 
 
@@ -248,6 +253,62 @@ def save_adapter(model, plan, processor, folder: Path) -> None:
         raise
 
 
+def env_global_rank() -> int:
+    """This process's rank as the launcher states it (torchrun: RANK, srun: SLURM_PROCID), before Lightning starts."""
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(key) not in (None, ""):
+            return int(os.environ[key])
+    return 0
+
+
+RESUMABLE_STRATEGIES = ("single", "ddp")
+
+
+def _resume_setup(cfg: DictConfig, run_dir: Path, module, hardware) -> tuple[Any, Path | None, list, list]:
+    """(checkpoint callback or None, checkpoint to resume from or None, trainer plugins, CSV rows to keep)."""
+    import signal
+
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    from vlm_finetune.checkpointing import (CHECKPOINT_DIR, AtomicCheckpointIO, CheckpointError, ResumeCallback,
+                                            check_compatible, find_resume_checkpoint, load_checkpoint_file,
+                                            run_fingerprint, trainable_shapes)
+
+    plugins: list = []
+    if SLURMEnvironment.detect():
+        # the preemption signal is handled by ResumeCallback (atomic save at a step boundary, then requeue),
+        # not by Lightning's handler, which saves from inside the signal handler in the middle of a step
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    ckpt_cfg = cfg.get("checkpoint") or {}
+    resume = cfg.get("resume", "auto")
+    if cfg.trainer.strategy not in RESUMABLE_STRATEGIES:
+        if resume not in (None, "never", "auto"):
+            raise ConfigError(f"resume={resume} works with trainer=single|ddp; trainer={cfg.trainer.name} writes "
+                              "no resumable checkpoints yet (use resume=never)")
+        return None, None, plugins, []
+    plugins.append(AtomicCheckpointIO())
+    fingerprint = run_fingerprint(cfg, hardware.world_size)
+    signals = tuple(getattr(signal, "SIG" + str(name).upper().removeprefix("SIG"))
+                    for name in (ckpt_cfg.get("signals") or []))
+    callback = ResumeCallback(run_dir / CHECKPOINT_DIR, ckpt_cfg.get("every_n_steps"), fingerprint, signals,
+                              requeue=bool(ckpt_cfg.get("requeue", True)))
+    path = find_resume_checkpoint(resume, run_dir)
+    rows: list = []
+    if path is not None:
+        checkpoint = load_checkpoint_file(path)
+        check_compatible(checkpoint, path, fingerprint, trainable_shapes(module))
+        step = int(checkpoint.get("global_step", 0))
+        if step > int(cfg.trainer.max_steps):
+            raise CheckpointError(f"checkpoint {path} is at step {step}, past trainer.max_steps={cfg.trainer.max_steps}; "
+                                  "raise trainer.max_steps or start a new run folder")
+        if env_global_rank() == 0:
+            from vlm_finetune.checkpointing import logged_rows_before
+
+            rows = logged_rows_before(run_dir / "csv" / "metrics.csv", step)
+            print(f"vlm_finetune: resuming from {path} at step {step}", flush=True)
+    return callback, path, plugins, rows
+
+
 def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
     """Run one training as configured. Returns (final metrics, objects: module, trainer, datamodule, run_dir)."""
     import hydra
@@ -283,7 +344,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
         keep_trainables_fp32(model)
     trainable, total = count_parameters(model)
 
-    is_rank_zero = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+    is_rank_zero = env_global_rank() == 0
     if is_rank_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -308,8 +369,25 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
 
             set_z3_leaf_modules(model, leaves)
     saver = AdapterSaver(run_dir / "adapter", plan, processor)
-    trainer = _build_trainer(cfg, run_dir, configured + list(callbacks or []) + [saver], strategy, hardware)
-    trainer.fit(module, datamodule=datamodule)
+    resumer, ckpt_path, plugins, earlier_rows = _resume_setup(cfg, run_dir, module, hardware)
+    own = [saver] + ([resumer] if resumer is not None else [])
+    trainer = _build_trainer(cfg, run_dir, configured + list(callbacks or []) + own, strategy, hardware, plugins)
+    if earlier_rows:
+        from vlm_finetune.checkpointing import restore_csv_rows
+
+        restore_csv_rows(trainer, earlier_rows)
+    # the run's own checkpoint (already opened and checked by _resume_setup) holds numpy's RNG state,
+    # which torch's weights-only unpickler refuses
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None,
+                weights_only=False if ckpt_path else None)
+    objects = {"module": module, "trainer": trainer, "datamodule": datamodule, "run_dir": run_dir,
+               "processor": processor, "plan": plan, "family": family}
+    if resumer is not None and resumer.preempted:
+        # stopped on the preemption signal: the checkpoint is saved, the job requeued; the rerun finishes
+        if trainer.is_global_zero:
+            print(f"vlm_finetune: stopped at step {trainer.global_step} for preemption; rerun with the same "
+                  f"run folder (or resume=auto) to continue", flush=True)
+        return {"preempted": 1, "global_step": int(trainer.global_step)}, objects
     if not saver.saved:  # fit ran no step (max_steps=0): nothing is sharded any more, save as is
         saver.save(trainer, module)
     train_loss = trainer.callback_metrics.get("train_loss")
@@ -343,5 +421,4 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
         summary = "  ".join(f"{k}={metrics[k]:.4f}" for k in ("val_accuracy", "val_loss", "train_loss") if k in metrics)
         print(f"\nvlm_finetune: final {summary}  steps={metrics['global_step']}  "
               f"time={metrics['wall_seconds']:.0f}s\nvlm_finetune: run folder {run_dir}", flush=True)
-    return metrics, {"module": module, "trainer": trainer, "datamodule": datamodule, "run_dir": run_dir,
-                     "processor": processor, "plan": plan, "family": family}
+    return metrics, objects

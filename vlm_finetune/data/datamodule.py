@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
 from vlm_finetune.data.sample import Sample
 from vlm_finetune.errors import ConfigError
@@ -91,36 +91,108 @@ class Collator:
         return batch
 
 
+class EpochRandomSampler(Sampler[int]):
+    """A random order drawn afresh for each epoch from (seed + epoch), like DistributedSampler's, so any
+    epoch's order can be rebuilt from its number alone (a resumed run needs no generator state, and
+    nothing depends on how far a data loader happened to read ahead). Epoch 0 is torch.randperm under
+    `seed`, the order of a RandomSampler seeded with `seed`."""
+
+    def __init__(self, num_samples: int, seed: int):
+        self.num_samples = int(num_samples)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        yield from torch.randperm(self.num_samples, generator=generator).tolist()
+
+
+class ResumableBatchSampler(BatchSampler):
+    """A BatchSampler that can leave out the first `skip` batches of its next pass, without loading them."""
+
+    def __init__(self, sampler, batch_size: int, drop_last: bool):
+        super().__init__(sampler, batch_size, drop_last)
+        self.skip = 0
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0
+        for position, batch in enumerate(super().__iter__()):
+            if position >= skip:
+                yield batch
+
+
 class StepWindowLoader:
     """Yields micro-batches in windows of `accumulate` and stamps each with its window's token count.
 
     Windows never straddle epochs: a trailing partial window is dropped, so every optimizer step
     sees exactly `accumulate` micro-batches and the trainer's loss scaling holds.
+
+    Resumable (Lightning saves `state_dict()` in checkpoints and calls `load_state_dict()` on resume):
+    the state is the epoch in progress and how many of its micro-batches the trainer has trained on
+    (`mark_consumed`, called after each training batch: the fetcher reads ahead, so what was yielded is
+    not what was consumed). Each epoch's order depends only on the seed and the epoch number, so a
+    resumed loader rebuilds it and starts after the consumed micro-batches, without loading them.
     """
 
     def __init__(self, loader: DataLoader, accumulate: int):
         self.loader = loader
         self.accumulate = accumulate
-        self.epoch = 0
+        self.epoch = 0  # epochs started
+        self.consumed = 0  # micro-batches of the epoch in progress that the trainer has trained on
+        self._pending: dict | None = None
 
     def __len__(self) -> int:
         return (len(self.loader) // self.accumulate) * self.accumulate
 
     def __iter__(self) -> Iterator[dict]:
-        sampler = getattr(self.loader, "sampler", None)
-        if isinstance(sampler, DistributedSampler):
+        skip = 0
+        if self._pending is not None:
+            state, self._pending = self._pending, None
+            self.epoch, skip = int(state["epoch"]), int(state["consumed"])
+            if skip >= len(self):  # saved at the end of an epoch: the next one starts afresh
+                self.epoch, skip = self.epoch + 1, 0
+        sampler = getattr(self.loader.batch_sampler, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(self.epoch)
+        if skip:
+            self.loader.batch_sampler.skip = skip
+        epoch = self.epoch
         self.epoch += 1
+        self.consumed = skip
         window: list[dict] = []
+        position = skip
         for batch in self.loader:
             window.append(batch)
             if len(window) == self.accumulate:
                 total = sum(b.get("num_supervised_tokens", 0) for b in window)
-                for position, b in enumerate(window):
+                for offset, b in enumerate(window):
                     b["num_step_supervised_tokens"] = total
-                    b["last_in_step"] = position == self.accumulate - 1
+                    b["last_in_step"] = offset == self.accumulate - 1
+                    b["data_position"] = (epoch, position)
+                    position += 1
                     yield b
                 window = []
+
+    def mark_consumed(self, batch: dict) -> None:
+        """The trainer has finished this micro-batch."""
+        epoch, position = batch["data_position"]
+        if epoch == self.epoch - 1:
+            self.consumed = position + 1
+
+    def state_dict(self) -> dict:
+        return {"epoch": max(self.epoch - 1, 0), "consumed": self.consumed, "micro_batches_per_epoch": len(self)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state.get("micro_batches_per_epoch", len(self))) != len(self):
+            raise ValueError(f"the checkpoint's data gave {state['micro_batches_per_epoch']} micro-batches per epoch, "
+                             f"this run's gives {len(self)}: the data or data.micro_batch_size changed")
+        self._pending = dict(state)
 
 
 class VLMDataModule(L.LightningDataModule):
@@ -147,14 +219,17 @@ class VLMDataModule(L.LightningDataModule):
             return DistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
                                       shuffle=shuffle, seed=self.seed, drop_last=shuffle)
         if shuffle:
-            return RandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed))
+            return EpochRandomSampler(len(dataset), self.seed)
         return SequentialSampler(dataset)
 
     def train_dataloader(self):
         dataset = EncodedDataset(self.train_samples, self.processor, self._max_length())
-        loader = DataLoader(dataset, batch_size=self.micro_batch_size, sampler=self._sampler(dataset, True),
-                            collate_fn=Collator(self.processor), num_workers=int(self.data_cfg.get("num_workers", 0)),
-                            drop_last=True, persistent_workers=False)
+        batches = ResumableBatchSampler(self._sampler(dataset, True), self.micro_batch_size, drop_last=True)
+        # the loader's own generator draws its per-epoch worker seed: without it each new epoch's iterator
+        # takes a number from torch's global generator and moves the dropout that follows (exact resume)
+        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=Collator(self.processor),
+                            num_workers=int(self.data_cfg.get("num_workers", 0)), persistent_workers=False,
+                            generator=torch.Generator().manual_seed(self.seed))
         if len(loader) < self.accumulate:
             raise ConfigError(f"the training set gives {len(loader)} micro-batch(es) per epoch, fewer than "
                               f"trainer.accumulate_grad_batches={self.accumulate}; lower it or data.micro_batch_size")

@@ -1,0 +1,195 @@
+"""Checkpoints and exact resume: a run stopped by its preemption signal and resumed ends where an
+uninterrupted run ends; a kill while a checkpoint is written leaves the previous one usable; a corrupt
+or foreign checkpoint stops the run with a clear error instead of a silent fresh start."""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import FAST, compose_cfg
+from vlm_finetune.checkpointing import CheckpointError, load_checkpoint_file, save_atomic
+from vlm_finetune.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+# dropout makes the result depend on the restored RNG; no mid-run validation (a resumed run does not
+# repeat the validation of the step it resumed at)
+RESUME = FAST + ["trainer.max_steps=20", "trainer.log_every_n_steps=1", "eval.generate=false",
+                 "trainer.val_every_n_steps=null", "lora.dropout=0.1", "checkpoint.every_n_steps=5"]
+
+
+class SignalAt(L.Callback):
+    """Sends this process the preemption signal (SIGUSR1) during the given optimizer step, at its
+    `micro_batch`-th micro-batch: like SLURM's warning arriving in the middle of a step."""
+
+    def __init__(self, step: int, micro_batch: int = 0):
+        self.step, self.micro_batch, self.sent = step, micro_batch, False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        position = batch_idx % trainer.accumulate_grad_batches
+        if not self.sent and trainer.global_step == self.step - 1 and position == self.micro_batch:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def _logged_losses(run_dir: Path) -> list[tuple[int, float]]:
+    with open(run_dir / "csv" / "metrics.csv") as handle:
+        return [(int(r["step"]), float(r["train_loss"])) for r in csv.DictReader(handle) if r.get("train_loss")]
+
+
+def _trainable(module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("accumulate, stop_step, micro_batch", [
+    (1, 10, 0),   # mid-epoch (16 micro-batches per epoch)
+    (2, 8, 1),    # at the end of the first epoch, signal on the second micro-batch of the step
+    (2, 5, 0),    # signal on the first micro-batch: the save waits for the end of the step
+])
+def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path, accumulate, stop_step, micro_batch):
+    overrides = RESUME + [f"trainer.accumulate_grad_batches={accumulate}"]
+    full_metrics, full = train(compose_cfg(overrides, tmp_path / "full"))
+    assert full_metrics["global_step"] == 20
+
+    part_dir = tmp_path / "part"
+    stopped, _ = train(compose_cfg(overrides, part_dir), callbacks=[SignalAt(stop_step, micro_batch)])
+    assert stopped == {"preempted": 1, "global_step": stop_step}
+    assert not (part_dir / "metrics.json").exists()  # not finished
+    assert load_checkpoint_file(part_dir / "checkpoints" / "last.ckpt")["global_step"] == stop_step
+
+    resumed_metrics, resumed = train(compose_cfg(overrides, part_dir))  # resume=auto: same folder
+    assert resumed_metrics["global_step"] == 20
+    expected, got = _trainable(full["module"]), _trainable(resumed["module"])
+    assert expected.keys() == got.keys() and len(expected) > 10
+    worst = max(float((expected[k] - got[k]).abs().max()) for k in expected)
+    assert worst <= 1e-6, f"weights differ by {worst}"
+    full_losses, resumed_losses = _logged_losses(tmp_path / "full"), _logged_losses(part_dir)
+    assert [s for s, _ in resumed_losses] == list(range(20))  # every step once, none repeated
+    torch.testing.assert_close(torch.tensor([v for _, v in resumed_losses]),
+                               torch.tensor([v for _, v in full_losses]), rtol=0, atol=1e-6)
+    # the optimizer and LR schedule came back too: the last logged learning rate is the same
+    assert resumed["trainer"].lr_scheduler_configs[0].scheduler.last_epoch == 20
+
+
+def test_kill_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path):
+    """A real tiny run, checkpointing every 2 steps, is SIGKILLed half-way through writing its second
+    checkpoint. The first checkpoint is still whole, and the run resumes from it to the end."""
+    run_dir = tmp_path / "run"
+    child = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(ROOT / 'tests')!r})
+        import torch
+        import vlm_finetune.checkpointing as ckpt
+        from conftest import FAST, compose_cfg
+        from vlm_finetune.train import train
+
+        real_save, calls = torch.save, []
+        def dying_save(obj, handle, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:  # half a checkpoint on disk, then killed
+                handle.write(b"PK\\x03\\x04" + b"\\0" * 50000)
+                handle.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_save(obj, handle, *args, **kwargs)
+        ckpt.torch.save = dying_save
+        train(compose_cfg(FAST + ["trainer.max_steps=6", "checkpoint.every_n_steps=2", "eval.generate=false"],
+                          {str(run_dir)!r}))
+    """)
+    result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    folder = run_dir / "checkpoints"
+    assert [p.name for p in folder.glob("last.ckpt.*.tmp")]  # the half-written file is beside it
+    assert load_checkpoint_file(folder / "last.ckpt")["global_step"] == 2
+    metrics, _ = train(compose_cfg(FAST + ["trainer.max_steps=6", "checkpoint.every_n_steps=2", "eval.generate=false"],
+                                   run_dir))
+    assert metrics["global_step"] == 6
+
+
+def test_kill_at_any_moment_of_a_save_loop(tmp_path):
+    """A process saving ever larger checkpoints is killed at several arbitrary moments; every time the
+    file on disk loads and is self-consistent."""
+    path = tmp_path / "last.ckpt"
+    child = textwrap.dedent(f"""
+        import torch
+        from vlm_finetune.checkpointing import save_atomic
+        i = 0
+        while True:
+            i += 1
+            save_atomic({{"i": i, "w": torch.full((200_000 + i,), float(i))}}, __import__("pathlib").Path({str(path)!r}))
+            if i == 1:
+                print("saving", flush=True)
+    """)
+    import time
+
+    seen = []
+    for delay in (0.0, 0.013, 0.05, 0.21):
+        proc = subprocess.Popen([sys.executable, "-c", child], env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "saving"
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        state = torch.load(path, weights_only=True)
+        assert state["w"].numel() == 200_000 + state["i"] and bool((state["w"] == state["i"]).all())
+        seen.append(state["i"])
+    assert len(seen) == 4 and seen[-1] > 1  # later kills found later checkpoints
+
+
+def _checkpointed_run(run_dir: Path) -> None:
+    train(compose_cfg(FAST + ["trainer.max_steps=2", "checkpoint.every_n_steps=2", "eval.generate=false"], run_dir))
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    run_dir = tmp_path / "run"
+    _checkpointed_run(run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])  # truncated (e.g. a copy cut short)
+    cfg = compose_cfg(FAST + ["trainer.max_steps=4", "checkpoint.every_n_steps=2", "eval.generate=false"], run_dir)
+    with pytest.raises(CheckpointError, match=r"last\.ckpt is corrupt or unreadable.*resume=never"):
+        train(cfg)
+    last.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt or unreadable"):
+        train(cfg)
+    save_atomic({"state_dict": {}}, last)  # a torch file, but not one of ours
+    with pytest.raises(CheckpointError, match="not written by vlm_finetune"):
+        train(cfg)
+
+
+def test_incompatible_checkpoint_names_the_differences(tmp_path):
+    run_dir = tmp_path / "run"
+    _checkpointed_run(run_dir)
+    cfg = compose_cfg(FAST + ["trainer.max_steps=4", "eval.generate=false", "lora.r=8", "data.micro_batch_size=8"],
+                      run_dir)
+    with pytest.raises(CheckpointError) as err:
+        train(cfg)
+    message = str(err.value)
+    assert "lora.r: checkpoint 16, now 8" in message and "data.micro_batch_size: checkpoint 4, now 8" in message
+    assert "of another shape" in message and "new run folder" in message
+
+
+def test_resume_from_a_missing_path_is_an_error(tmp_path):
+    cfg = compose_cfg(FAST + [f"resume={tmp_path / 'nope.ckpt'}"], tmp_path / "run")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        train(cfg)
+
+
+def test_cli_exits_2_on_a_corrupt_checkpoint(tmp_path, _asset_cache):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"\0" * 100)
+    result = subprocess.run([sys.executable, "-m", "vlm_finetune", *FAST, f"hydra.run.dir={run_dir}"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, VLM_FINETUNE_CACHE=str(_asset_cache)))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "last.ckpt is corrupt or unreadable" in result.stderr

@@ -1,0 +1,306 @@
+"""Checkpoints that survive being killed, exact resume, and preemption (SLURM's warning signal).
+
+- `AtomicCheckpointIO` writes a checkpoint to a temporary file in the same folder, fsyncs it and renames
+  it over the old one: killed at any moment, the folder holds either the previous checkpoint or the new
+  one, never half of one.
+- `ResumeCallback` saves `<run>/checkpoints/last.ckpt` at optimizer-step boundaries (every
+  `checkpoint.every_n_steps`, and when a preemption signal arrives), with what Lightning keeps
+  (trainable weights, optimizer, LR schedule, loop counters, the data loader's position) plus the RNG
+  states and a fingerprint of the run's settings. On the signal it saves, requeues the SLURM job (or
+  hands over to submitit's own handler) and stops.
+- `find_resume_checkpoint` picks the checkpoint a run continues from (`resume=auto|never|<path>`) and
+  checks it first: a corrupt or incompatible file stops the run with what is wrong and what to do.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from vlm_finetune.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+LAST = "last.ckpt"
+FORMAT_VERSION = 1
+# settings that decide the data order and the meaning of the saved state: resuming under different ones
+# cannot continue the same run
+FINGERPRINT_KEYS = ("model.name", "seed", "data.source", "data.micro_batch_size", "trainer.accumulate_grad_batches",
+                    "lora.r", "lora.alpha", "train.vision", "train.projector", "train.llm", "world_size")
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be resumed from; the message names the file and what to do."""
+
+
+def save_atomic(checkpoint: dict, path: Path) -> None:
+    """torch.save to a temporary file beside `path`, fsync, then rename over `path` (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(checkpoint, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself reaches the disk
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO with the save made atomic (temporary file in the same folder, then rename)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        save_atomic(checkpoint, Path(path))
+
+
+def load_checkpoint_file(path: Path) -> dict:
+    """Load a checkpoint written by this project or raise CheckpointError saying why it cannot be used."""
+    path = Path(path)
+    fix = (f"delete it to start afresh, point resume= at an older checkpoint, or run with resume=never "
+           f"in a new folder")
+    if not path.is_file():
+        raise CheckpointError(f"resume: checkpoint {path} does not exist; use resume=auto (continue from "
+                              f"<run>/{CHECKPOINT_DIR}/{LAST} when there is one) or resume=never")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises several kinds for truncated or foreign files
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(err).__name__}: {err}); {fix}") \
+            from None
+    if not isinstance(checkpoint, dict) or "vlm_finetune" not in checkpoint or "state_dict" not in checkpoint:
+        raise CheckpointError(f"checkpoint {path} was not written by vlm_finetune's training (no run fingerprint); {fix}")
+    version = checkpoint["vlm_finetune"].get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {version}, this vlm_finetune reads "
+                              f"{FORMAT_VERSION}; {fix}")
+    return checkpoint
+
+
+def run_fingerprint(cfg, world_size: int) -> dict:
+    from omegaconf import OmegaConf
+
+    values = {}
+    for key in FINGERPRINT_KEYS:
+        values[key] = world_size if key == "world_size" else OmegaConf.select(cfg, key, default=None)
+    return values
+
+
+def trainable_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
+    return {name: list(p.shape) for name, p in module.named_parameters() if p.requires_grad}
+
+
+def check_compatible(checkpoint: dict, path: Path, fingerprint: dict, shapes: dict[str, list[int]]) -> None:
+    """Raise CheckpointError naming every difference between the checkpoint's run and this one."""
+    saved = checkpoint["vlm_finetune"]
+    problems = [f"{k}: checkpoint {saved['fingerprint'].get(k)!r}, now {v!r}"
+                for k, v in fingerprint.items() if saved["fingerprint"].get(k) != v]
+    saved_shapes = saved["trainable_shapes"]
+    missing = sorted(set(shapes) - set(saved_shapes))
+    extra = sorted(set(saved_shapes) - set(shapes))
+    if missing:
+        problems.append(f"{len(missing)} trainable tensor(s) not in the checkpoint, e.g. {missing[0]}")
+    if extra:
+        problems.append(f"{len(extra)} tensor(s) in the checkpoint that this model does not train, e.g. {extra[0]}")
+    wrong = [n for n in set(shapes) & set(saved_shapes) if list(shapes[n]) != list(saved_shapes[n])]
+    if wrong:
+        problems.append(f"{len(wrong)} tensor(s) of another shape, e.g. {wrong[0]}: checkpoint "
+                        f"{saved_shapes[wrong[0]]}, now {shapes[wrong[0]]}")
+    if problems:
+        raise CheckpointError(f"checkpoint {path} belongs to a different run and cannot be resumed exactly: "
+                              + "; ".join(problems) + ". Resume with the same settings, or start a new run folder "
+                              "(or resume=never)")
+
+
+def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
+    """The checkpoint to continue from: `auto` -> <run>/checkpoints/last.ckpt if present, `never`/null -> none,
+    anything else -> that path (which must exist)."""
+    value = "never" if resume in (None, False, "never", "none", "null") else str(resume)
+    if value == "never":
+        return None
+    if value == "auto":
+        last = run_dir / CHECKPOINT_DIR / LAST
+        return last if last.exists() else None
+    return Path(value)
+
+
+def slurm_job_id() -> str | None:
+    """The id to requeue: `<array job>_<task>` for array tasks, else the job id."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array_job and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def requeue_slurm_job() -> bool:
+    job_id = slurm_job_id()
+    if not job_id:
+        return False
+    result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+    if result.returncode != 0:
+        log.warning("scontrol requeue %s failed: %s", job_id, result.stderr.strip())
+        print(f"vlm_finetune: requeue of SLURM job {job_id} failed: {result.stderr.strip()}", flush=True)
+        return False
+    print(f"vlm_finetune: requeued SLURM job {job_id}", flush=True)
+    return True
+
+
+def logged_rows_before(csv_path: Path, step: int) -> list[dict]:
+    """The CSV log's rows up to the resumed step. Rows logged after the last checkpoint are left out:
+    the resumed run logs those steps again, so its CSV reads as one uninterrupted run."""
+    if not csv_path.is_file():
+        return []
+    rows = []
+    with open(csv_path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row.get("step") and int(float(row["step"])) >= step:
+                continue
+            rows.append({k: (int(float(v)) if k == "step" else float(v)) for k, v in row.items() if v not in ("", None)})
+    return rows
+
+
+def restore_csv_rows(trainer, rows: list[dict]) -> None:
+    """Put the earlier rows back into the CSV logger (Lightning's CSV writer deletes an existing
+    metrics.csv when it starts) and write them at once."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    if not rows or not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger):
+            logger.experiment.metrics[:0] = [dict(r) for r in rows]
+            logger.save()
+
+
+class ResumeCallback(L.Callback):
+    """Periodic and on-signal checkpoints at optimizer-step boundaries; RNG and fingerprint in each."""
+
+    def __init__(self, folder: Path, every_n_steps: int | None, fingerprint: dict,
+                 signals: tuple[int, ...] = (), requeue: bool = True):
+        self.folder = Path(folder)
+        self.every_n_steps = int(every_n_steps) if every_n_steps else 0
+        self.fingerprint = fingerprint
+        self.signals = tuple(signals)
+        self.requeue = requeue
+        self.preempt_requested = False
+        self.preempted = False
+        self.preempted_at_step: int | None = None
+        self._previous_handlers: dict[int, Any] = {}
+        self._rng_to_restore: dict | None = None
+        self._last_saved_step = -1
+
+    @property
+    def last_path(self) -> Path:
+        return self.folder / LAST
+
+    # -- signals ----------------------------------------------------------------------------------
+    def _on_signal(self, signum, frame) -> None:
+        # only a flag here: the save happens at the next optimizer-step boundary, never mid-step
+        self.preempt_requested = True
+        self._signal_received = signum
+
+    def install_signal_handlers(self) -> None:
+        for signum in self.signals:
+            self._previous_handlers[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._on_signal)
+
+    def restore_signal_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous_handlers = {}
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.install_signal_handlers()
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.restore_signal_handlers()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.restore_signal_handlers()
+
+    # -- saving -----------------------------------------------------------------------------------
+    def _agreed(self, trainer, flag: bool) -> bool:
+        """Every rank stops at the same step: a signal seen by any rank counts for all."""
+        if trainer.world_size <= 1:
+            return flag
+        value = torch.tensor(float(flag), device=trainer.strategy.root_device)
+        return bool(trainer.strategy.reduce(value, reduce_op="sum") > 0)
+
+    def save(self, trainer) -> None:
+        for logger in trainer.loggers:  # the CSV holds every step up to the checkpoint
+            logger.save()
+        trainer.save_checkpoint(str(self.last_path))
+        self._last_saved_step = trainer.global_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._rng_to_restore is not None:
+            # restored here, right before the first resumed step, so that nothing between the restore
+            # and the step (data loader set-up draws a seed) moves the generators
+            _set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loader = trainer.train_dataloader
+        if hasattr(loader, "mark_consumed") and isinstance(batch, dict) and "data_position" in batch:
+            loader.mark_consumed(batch)
+        if isinstance(batch, dict) and not batch.get("last_in_step", True):
+            return  # mid-window: the accumulated gradients are not in any checkpoint
+        step = trainer.global_step
+        preempt = self._agreed(trainer, self.preempt_requested)
+        periodic = self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_saved_step
+        if preempt or periodic:
+            self.save(trainer)
+        if preempt:
+            self.preempted, self.preempted_at_step = True, step
+            trainer.should_stop = True
+            if trainer.is_global_zero:
+                print(f"vlm_finetune: preemption signal: checkpoint saved at step {step} to {self.last_path}",
+                      flush=True)
+            self._hand_over(trainer)
+
+    def _hand_over(self, trainer) -> None:
+        """After the save: let submitit requeue (its handler was there first), else requeue the SLURM job."""
+        signum = getattr(self, "_signal_received", None)
+        previous = self._previous_handlers.get(signum)
+        if callable(previous) and getattr(previous, "__module__", "").startswith("submitit"):
+            self.restore_signal_handlers()
+            previous(signum, None)  # checkpoints the submission, requeues and exits
+            return
+        if self.requeue and trainer.is_global_zero and os.environ.get("SLURM_JOB_ID"):
+            requeue_slurm_job()
+
+    # -- checkpoint contents ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"last_saved_step": self._last_saved_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._last_saved_step = int(state_dict.get("last_saved_step", -1))
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["vlm_finetune"] = {
+            "format_version": FORMAT_VERSION,
+            "fingerprint": self.fingerprint,
+            "trainable_shapes": trainable_shapes(pl_module),
+            "rng_states": _collect_rng_states(include_cuda=torch.cuda.is_available()),
+        }
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self._rng_to_restore = checkpoint["vlm_finetune"]["rng_states"]
