@@ -122,6 +122,21 @@ class ModelFamily(Protocol):
         """The output projection (lm_head) module of the unwrapped model."""
         ...
 
+    def memory_dims(self, model_cfg: Any, image_size: int) -> dict[str, int]:
+        """Architecture sizes for the memory planner (`python -m vlm_finetune.plan`), read from the config
+        without building the model. `build_model(..., device="meta")` must also build without reading
+        weights (the planner counts parameters on it). Keys (ints):
+        - LLM: `hidden`, `layers` (decoder layers), `intermediate` (dense MLP width), `heads`, `kv_heads`,
+          `head_dim`, `q_dim` (heads * head_dim), `kv_dim` (kv_heads * head_dim), `vocab`; optional
+          `rotary_dim` (rotated dims per head, default head_dim)
+        - MoE (only for MoE LLMs): `experts`, `experts_per_token`, `moe_intermediate`, `shared_experts`,
+          `moe_layers` (how many of `layers` are MoE; the planner takes them to follow the dense ones)
+        - vision tower: `vision_layers`, `vision_hidden`, `vision_intermediate` (MLP width), `vision_heads`
+        - one square image of `image_size` pixels as the processor resizes it: `vision_patches_per_image`
+          (patches the ViT runs on, all towers), `image_tokens_per_image` (tokens it becomes in the LLM)
+        Families without it make the planner stop with a ConfigError naming this method."""
+        ...
+
 
 _REGISTRY: dict[str, ModelFamily] = {}
 

@@ -130,6 +130,15 @@ class Glm4vFamily:
 
         attn = model_cfg.get("attn_implementation", "sdpa")
         folder = self.checkpoint_folder(model_cfg)
+        if device == "meta":  # shapes only (planner): the folder's config, no weight file is read
+            config = self.build_config(model_cfg)
+            config._attn_implementation = attn
+            with torch.device("meta"):
+                if model_cfg.get("trust_remote_code"):
+                    from transformers import AutoModelForCausalLM
+
+                    return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=True)
+                return AutoModelForImageTextToText.from_config(config, dtype=dtype)
         if folder is not None:
             trust = bool(model_cfg.get("trust_remote_code", False))
             if trust:
@@ -162,6 +171,41 @@ class Glm4vFamily:
         if model_cfg.get("activation_checkpointing"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
+
+    def memory_dims(self, model_cfg: Any, image_size: int) -> dict:
+        """Architecture sizes the memory planner needs (keys documented in models/base.py), read from the
+        HF config without building the model; image geometry for one square image of `image_size` pixels
+        as the GLM-4V processor resizes it (sides rounded to multiples of patch x merge)."""
+        config = self.build_config(model_cfg)
+        if getattr(config, "model_type", "") not in ("glm4v", "glm4v_moe"):
+            raise ConfigError(f"the memory planner models GLM-4.1V / GLM-4.5V configs; model_type="
+                              f"{getattr(config, 'model_type', '?')!r} (e.g. the ChatGLM-based GLM-4V-9B) is not modelled")
+        text, vision = config.text_config, config.vision_config
+        heads = int(text.num_attention_heads)
+        head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+        patch, merge = int(vision.patch_size), int(vision.spatial_merge_size)
+        side = max(patch * merge, round(int(image_size) / (patch * merge)) * patch * merge)
+        patches = (side // patch) ** 2
+        dims = {
+            "hidden": int(text.hidden_size), "layers": int(text.num_hidden_layers),
+            "intermediate": int(text.intermediate_size), "heads": heads,
+            "kv_heads": int(text.num_key_value_heads), "head_dim": head_dim,
+            "q_dim": heads * head_dim, "kv_dim": int(text.num_key_value_heads) * head_dim,
+            "vocab": int(text.vocab_size),
+            "vision_layers": int(vision.depth), "vision_hidden": int(vision.hidden_size),
+            # the ViT MLP is out_hidden_size wide in transformers' Glm4VisionMlp
+            "vision_intermediate": int(vision.out_hidden_size), "vision_heads": int(vision.num_heads),
+            "vision_patches_per_image": patches, "image_tokens_per_image": patches // (merge * merge),
+            "image_side": side,
+            "rotary_dim": int(head_dim * float((text.rope_parameters or {}).get("partial_rotary_factor", 1.0))),
+        }
+        if getattr(text, "n_routed_experts", None):
+            dense = int(getattr(text, "first_k_dense_replace", 0))
+            dims.update(experts=int(text.n_routed_experts), experts_per_token=int(text.num_experts_per_tok),
+                        moe_intermediate=int(text.moe_intermediate_size),
+                        shared_experts=int(getattr(text, "n_shared_experts", 0) or 0),
+                        moe_layers=dims["layers"] - dense)
+        return dims
 
     # -- structure --------------------------------------------------------------------------------
     def part_module_names(self, model: nn.Module) -> dict[Part, list[str]]:
