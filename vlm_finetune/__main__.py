@@ -27,12 +27,17 @@ def _remove_empty_run_dir(run_dir: Path) -> None:
 def main(cfg: DictConfig) -> float | None:
     from vlm_finetune.train import train
 
+    from vlm_finetune.memory import TrainingOutOfMemory
+
     try:
         metrics, _ = train(cfg)
     except (ConfigError, DataError) as err:
         print(f"vlm_finetune: error: {err}", file=sys.stderr, flush=True)
         _remove_empty_run_dir(Path(cfg.output_dir))
         sys.exit(2)
+    except TrainingOutOfMemory as err:  # the report is in the run folder
+        print(f"vlm_finetune: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(TrainingOutOfMemory.exit_code)
     return metrics.get("val_accuracy")  # the value Hydra sweepers optimise
 
 

@@ -147,11 +147,18 @@ def compose(overrides: list[str]):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    backup = get_gh_backup()  # inside a running Hydra app (the OOM report plans from within training)
+    GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return hydra_compose(config_name="train", overrides=[*overrides, "output_dir=/tmp/vlm_finetune_plan"])
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(f"the overrides {overrides} do not compose: {err}") from err
+    finally:
+        restore_gh_from_backup(backup)
 
 
 def _checkpointed_layers(model_cfg: Any, num_layers: int) -> int | str:

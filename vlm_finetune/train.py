@@ -83,8 +83,11 @@ def check_config(cfg: DictConfig) -> tuple[dict, Hardware]:
     check_combination(cfg.trainer, hardware, cfg.precision.name)
     preflight(hardware, cfg.precision.name)
     mbs = cfg.data.micro_batch_size
-    if not isinstance(mbs, int) or mbs < 1:
-        raise ConfigError(f"data.micro_batch_size={mbs!r} must be a positive integer")
+    from vlm_finetune.autotune import check_auto_options, is_auto
+
+    if not is_auto(mbs) and (not isinstance(mbs, int) or mbs < 1):
+        raise ConfigError(f"data.micro_batch_size={mbs!r} must be a positive integer or auto (GPU)")
+    check_auto_options(cfg, hardware)
     acc = cfg.trainer.accumulate_grad_batches
     if not isinstance(acc, int) or acc < 1:
         raise ConfigError(f"trainer.accumulate_grad_batches={acc!r} must be a positive integer")
@@ -337,11 +340,17 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
         # FSDP flattens each unit into one tensor of one dtype: keep every weight float32 and let
         # FSDP's mixed precision compute in bf16/fp16 (the sharding pays for the wider base)
         dtype = torch.float32
+    from vlm_finetune.autotune import is_auto, resolve_activation_checkpointing, search_micro_batch
+    from vlm_finetune.memory import hydra_overrides
+
+    resolve_activation_checkpointing(cfg, hydra_overrides())  # auto -> the fewest layers the budget allows
     model = family.build_model(cfg.model, dtype=dtype, quantization="nf4" if cfg.precision.name == "nf4" else None)
     plan = plan_trainability(family, model, modes, cfg.model, cfg.lora)
     model = apply_trainability(model, plan, cfg.lora)
     if cfg.precision.name in MIXED and not fsdp_mixed:
         keep_trainables_fp32(model)
+    if is_auto(cfg.data.micro_batch_size):  # real steps on this GPU; the global batch stays the same
+        search_micro_batch(cfg, family, model, processor, hardware)
     trainable, total = count_parameters(model)
 
     is_rank_zero = env_global_rank() == 0
@@ -371,6 +380,12 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
     saver = AdapterSaver(run_dir / "adapter", plan, processor)
     resumer, ckpt_path, plugins, earlier_rows = _resume_setup(cfg, run_dir, module, hardware)
     own = [saver] + ([resumer] if resumer is not None else [])
+    from vlm_finetune.memory import MemoryMonitor, handle_oom
+
+    monitor_cfg = (cfg.get("memory") or {}).get("monitor", "auto")
+    if (monitor_cfg is True or (monitor_cfg == "auto" and hardware.accelerator == "gpu")) and \
+            not any(isinstance(c, MemoryMonitor) for c in list(callbacks or []) + configured):
+        own.append(MemoryMonitor(run_dir))  # memory.csv / memory.png per phase; history for OOM snapshots
     trainer = _build_trainer(cfg, run_dir, configured + list(callbacks or []) + own, strategy, hardware, plugins)
     if earlier_rows:
         from vlm_finetune.checkpointing import restore_csv_rows
@@ -378,8 +393,11 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
         restore_csv_rows(trainer, earlier_rows)
     # the run's own checkpoint (already opened and checked by _resume_setup) holds numpy's RNG state,
     # which torch's weights-only unpickler refuses
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None,
-                weights_only=False if ckpt_path else None)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None,
+                    weights_only=False if ckpt_path else None)
+    except torch.OutOfMemoryError as err:  # report (phase, sizes, snapshot, planner's advice), no partial files
+        raise handle_oom(err, run_dir, trainer, hydra_overrides()) from err
     objects = {"module": module, "trainer": trainer, "datamodule": datamodule, "run_dir": run_dir,
                "processor": processor, "plan": plan, "family": family}
     if resumer is not None and resumer.preempted:

@@ -168,8 +168,17 @@ class Glm4vFamily:
                 model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
         if model_cfg.get("liger_kernels"):
             apply_liger_kernels(model)
-        if model_cfg.get("activation_checkpointing"):
+        checkpointing = model_cfg.get("activation_checkpointing")
+        if isinstance(checkpointing, str):
+            raise ConfigError(f"model.activation_checkpointing={checkpointing!r} reached the model builder unresolved; "
+                              "train() resolves auto from the memory plan (vlm_finetune.autotune); use true, false "
+                              "or a number of decoder layers here")
+        if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if not isinstance(checkpointing, bool):  # a number: only the first N decoder layers
+                from vlm_finetune.autotune import limit_checkpointed_layers
+
+                limit_checkpointed_layers(model, self.decoder_layer_classes, int(checkpointing))
         return model
 
     def memory_dims(self, model_cfg: Any, image_size: int) -> dict:
