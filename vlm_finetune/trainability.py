@@ -15,25 +15,28 @@ class TrainablePlan:
     modes: dict[Part, Mode]
     part_modules: dict[Part, list[str]]
     lora_pattern: str | None
+    lora_parameters: list[str] = field(default_factory=list)  # parameters taking LoRA directly (MoE experts)
     full_modules: list[str] = field(default_factory=list)  # trained fully next to LoRA (PEFT modules_to_save)
     frozen_modules: list[str] = field(default_factory=list)  # kept in eval mode, no grad
 
     @property
     def uses_lora(self) -> bool:
-        return self.lora_pattern is not None
+        return self.lora_pattern is not None or bool(self.lora_parameters)
 
 
 def plan_trainability(family: ModelFamily, model: nn.Module, modes: dict[Part, Mode], model_cfg: Any,
                       lora_cfg: Any) -> TrainablePlan:
     part_modules = family.part_module_names(model)
     lora_parts = [p for p, m in modes.items() if m is Mode.LORA]
-    patterns = [family.lora_target_pattern(p, model_cfg, lora_cfg) for p in lora_parts]
+    patterns = [p for p in (family.lora_target_pattern(p, model_cfg, lora_cfg) for p in lora_parts) if p]
     lora_pattern = "|".join(f"(?:{p})" for p in patterns) if patterns else None
+    parameters = [name for p in lora_parts for name in
+                  (family.lora_target_parameters(p, model_cfg, lora_cfg) if hasattr(family, "lora_target_parameters") else [])]
     modules = dict(model.named_modules())
     full = [leaf for p, m in modes.items() if m is Mode.FULL for name in part_modules[p]
             for leaf in _saveable_modules(modules[name], name)]
     frozen = [name for p, m in modes.items() if m is not Mode.FULL for name in part_modules[p]]
-    return TrainablePlan(modes, part_modules, lora_pattern, full, frozen)
+    return TrainablePlan(modes, part_modules, lora_pattern, parameters, full, frozen)
 
 
 def _saveable_modules(module: nn.Module, name: str) -> list[str]:
@@ -55,10 +58,17 @@ def apply_trainability(model: nn.Module, plan: TrainablePlan, lora_cfg: Any) -> 
     if plan.uses_lora:
         from peft import LoraConfig, get_peft_model
 
+        if plan.lora_parameters and float(lora_cfg.dropout):
+            from vlm_finetune.errors import ConfigError
+
+            raise ConfigError(f"lora.dropout={lora_cfg.dropout}: LoRA on MoE expert tensors "
+                              f"({', '.join(plan.lora_parameters)}) cannot apply dropout; set lora.dropout=0 "
+                              "or lora.llm_modules=attention")
         config = LoraConfig(
             r=int(lora_cfg.r), lora_alpha=float(lora_cfg.alpha), lora_dropout=float(lora_cfg.dropout),
-            target_modules=plan.lora_pattern, modules_to_save=list(plan.full_modules) or None,
-            bias="none", init_lora_weights=True,
+            target_modules=plan.lora_pattern if plan.lora_pattern is not None else [],
+            target_parameters=list(plan.lora_parameters) or None,
+            modules_to_save=list(plan.full_modules) or None, bias="none", init_lora_weights=True,
         )
         model = get_peft_model(model, config)
     else:

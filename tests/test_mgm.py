@@ -1,0 +1,337 @@
+"""The MGM family: patch info mining against its equations, the released checkpoint layout, templates,
+image preprocessing, frozen towers, MoE LoRA scopes and strategy declarations."""
+from __future__ import annotations
+
+import json
+import math
+import resource
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from conftest import FAST, compose_cfg
+from vlm_finetune.data.sample import Message, Sample
+from vlm_finetune.errors import ConfigError
+from vlm_finetune.models import get_family
+from vlm_finetune.models.mgm import checkpoint
+from vlm_finetune.models.mgm.modeling import IMAGE_TOKEN_INDEX, MgmForCausalLM
+from vlm_finetune.models.mgm.processor import MgmImages
+from vlm_finetune.models.mgm.templates import get_template
+
+MGM = get_family("mgm")
+
+
+def _config(model: str = "tiny_mgm", overrides: list[str] = ()):
+    cfg = compose_cfg([f"model={model}", *overrides])
+    return cfg, MGM.config_from_options(cfg.model)
+
+
+def _model(model: str = "tiny_mgm", overrides: list[str] = (), seed: int = 0) -> MgmForCausalLM:
+    _, config = _config(model, overrides)
+    torch.manual_seed(seed)
+    built = MgmForCausalLM(config).eval()
+    # non-trivial mining projectors (LayerNorm affine included) so the equations are really exercised
+    with torch.no_grad():
+        for name, p in built.named_parameters():
+            if "vlm_uni" in name:
+                p.normal_(1.0 if p.ndim == 1 and ".0." in name else 0.0, 0.2)
+    return built
+
+
+def _loop_mining(model: MgmForCausalLM, low: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+    """Patch info mining written out token by token: each CLIP token i,j attends over the s x s block of the
+    high-res map below it (rows i*s..i*s+s-1, columns j*s..j*s+s-1)."""
+    m = model.model
+    n, tokens, c = low.shape
+    p = math.isqrt(tokens)
+    s = aux.shape[-1] // p
+    out = torch.empty_like(low)
+    for b in range(n):
+        for i in range(p):
+            for j in range(p):
+                x_l = low[b, i * p + j]
+                q = m.vlm_uni_query_projector(x_l)
+                block = aux[b, :, i * s:(i + 1) * s, j * s:(j + 1) * s]  # [Ca, s, s]
+                cells = block.permute(1, 2, 0).reshape(s * s, -1)  # row-major cells
+                k = m.vlm_uni_aux_projector(cells)
+                v = m.vlm_uni_val_projector(cells)
+                weights = torch.softmax(k @ q / math.sqrt(c), dim=0)
+                out[b, i * p + j] = x_l + (weights[:, None] * v).sum(0)
+    return out
+
+
+def _images(model: MgmForCausalLM, n: int = 2, seed: int = 1):
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    clip = cfg.vision_config.image_size
+    images = torch.randn(n, cfg.views_per_image, 3, clip, clip, generator=g)
+    aux = torch.randn(n, 3, cfg.image_size_aux, cfg.image_size_aux, generator=g)
+    return images, aux
+
+
+def test_patch_info_mining_matches_its_equations():
+    model = _model()
+    images, aux_images = _images(model)
+    with torch.no_grad():
+        low = model.model.vision_tower(images.flatten(0, 1))
+        aux = model.model.vision_tower_aux(images_aux := aux_images)
+        assert aux.shape[1] == sum(model.config.aux["dims"])
+        assert aux.shape[-1] == model.config.image_size_aux // 4
+        got = model.vision_features(images, images_aux)
+        want = _loop_mining(model, low, aux)
+    assert got.shape == (2, model.config.image_tokens, model.config.mm_hidden_size)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
+    assert (got - low).abs().max() > 1e-2  # the mined part is not negligible
+
+
+def test_patch_info_mining_hd_mode_global_first_then_crops():
+    model = _model(overrides=["model.image_grid=2", "model.image_global=true", "model.image_size_aux=128"])
+    cfg = model.config
+    assert cfg.views_per_image == 5 and cfg.image_tokens == 5 * 16
+    images, aux_images = _images(model)
+    with torch.no_grad():
+        got = model.vision_features(images, aux_images)
+        aux = model.model.vision_tower_aux(aux_images)  # [n, Ca, 32, 32]
+        half = aux.shape[-1] // 2
+        crops = [aux[:, :, r * half:(r + 1) * half, c * half:(c + 1) * half] for r in range(2) for c in range(2)]
+        small = torch.nn.functional.interpolate(aux, scale_factor=0.5, mode="bilinear", align_corners=False)
+        low = [model.model.vision_tower(images[:, v]) for v in range(5)]
+        want = torch.cat([_loop_mining(model, low[4], small)] + [_loop_mining(model, low[k], crops[k]) for k in range(4)],
+                         dim=1)
+    assert got.shape == want.shape == (2, 80, cfg.mm_hidden_size)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("hd", [False, True])
+def test_zeroed_mining_gives_the_clip_features(hd):
+    overrides = ["model.image_grid=2", "model.image_global=true", "model.image_size_aux=128"] if hd else []
+    model = _model(overrides=overrides)
+    with torch.no_grad():
+        model.model.vlm_uni_val_projector[1].weight.zero_()
+        model.model.vlm_uni_val_projector[1].bias.zero_()
+        images, aux = _images(model)
+        got = model.vision_features(images, aux)
+        # CLIP features straight from transformers: hidden_states[-2] without the CLS token
+        clip = model.model.vision_tower.vision_tower.vision_model
+        ref = [clip(images[:, v], output_hidden_states=True).hidden_states[-2][:, 1:] for v in range(images.shape[1])]
+    if hd:  # global view first, then the crops
+        ref = [ref[4]] + ref[:4]
+    assert torch.allclose(got, torch.cat(ref, dim=1), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["tiny_mgm", "tiny_mgm_moe"])
+def test_released_layout_round_trip_is_exact(name, tmp_path):
+    model = _model(name, seed=3)
+    folder = tmp_path / "MGM-tiny"
+    checkpoint.save_folder(model, folder, max_shard_bytes=1_000_000)  # several shards + index, as released
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) > 1
+    for key in ("model.mm_projector.0.weight", "model.mm_projector.2.weight", "model.vlm_uni_query_projector.1.weight",
+                "model.vlm_uni_aux_projector.0.weight", "model.vlm_uni_val_projector.1.bias",
+                "model.vision_tower.vision_tower.vision_model.embeddings.patch_embedding.weight",
+                "model.vision_tower.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight",
+                "model.vision_tower_aux.vision_stem.0.weight", "model.vision_tower_aux.vision_stages.1.downsample.1.weight",
+                "model.vision_tower_aux.vision_stages.0.blocks.0.conv_dw.weight",
+                "model.vision_tower_aux.vision_stages.0.blocks.0.gamma", "model.embed_tokens.weight"):
+        assert key in index, key
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == ("mgm_mixtral" if name.endswith("moe") else "mgm_gemma")
+    assert config["mm_hidden_size_aux"] == sum(model.config.aux["dims"])
+    assert config["mm_projector_type"] == "mlp2x_gelu" and config["mm_vision_select_layer"] == -2
+    if name.endswith("moe"):
+        assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in index
+        assert "model.layers.0.block_sparse_moe.gate.weight" in index
+        assert not any("gate_up_proj" in k for k in index)
+    else:
+        assert "lm_head.weight" not in index  # Gemma ties the head to the embeddings
+    loaded = checkpoint.load_folder(folder).eval()
+    ids = torch.randint(0, 300, (2, 40))
+    ids[:, 3:3 + model.config.image_tokens] = IMAGE_TOKEN_INDEX
+    images, aux = _images(model)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        assert torch.equal(model(ids, mask, images, aux), loaded(ids, mask, images, aux))
+
+
+def test_missing_or_unexpected_key_is_a_clear_error(tmp_path):
+    model = _model(seed=4)
+    folder = tmp_path / "broken"
+    checkpoint.save_folder(model, folder)
+    state = load_file(str(folder / "model.safetensors"))
+    del state["model.vlm_uni_val_projector.1.weight"]
+    state["model.vision_resampler.weight"] = torch.zeros(2)
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(ConfigError) as err:
+        checkpoint.load_folder(folder)
+    text = str(err.value)
+    assert "1 missing key(s): model.vlm_uni_val_projector.1.weight" in text
+    assert "1 unexpected key(s): model.vision_resampler.weight" in text
+
+
+def test_a_config_that_is_not_mgm_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ConfigError, match="not an MGM model"):
+        checkpoint.read_config(tmp_path)
+
+
+def test_mgm_8x7b_on_the_meta_device_counts_47b_without_memory():
+    _, config = _config("mgm_8x7b")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.device("meta"):
+        model = MgmForCausalLM(config)
+    count = sum(p.numel() for p in model.parameters())
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert all(p.is_meta for p in model.parameters())
+    assert 46.5e9 < count < 47.5e9, count  # Mixtral-8x7B 46.7 B + CLIP-L 0.30 B + ConvNeXt-L 0.2 B + connectors
+    assert grown_mib < 500, grown_mib  # 94 GB in bf16 were never allocated
+    assert config.image_tokens == 576 and config.template == "mistral_instruct"
+    hd = _config("mgm_8x7b_hd")[1]
+    assert hd.image_tokens == 2880 and hd.image_size_aux == 1536
+
+
+def test_real_size_connector_sizes_match_the_released_models():
+    _, config = _config("mgm_2b")
+    with torch.device("meta"):
+        model = MgmForCausalLM(config)
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    mining = sum(n(getattr(model.model, f"vlm_uni_{k}_projector")) for k in ("query", "aux", "val"))
+    assert mining == 6_963_456
+    assert n(model.model.mm_projector) == 6_295_552  # mlp2x_gelu, 1024 -> 2048 -> 2048
+    assert config.mm_hidden_size_aux == 2880
+
+
+# -- templates and data --------------------------------------------------------------------------
+QA = [Message("user", "<image>What color are the shapes?"), Message("assistant", "red")]
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("gemma", "<start_of_turn>user\n<image>\nWhat color are the shapes?<end_of_turn>\n<start_of_turn>model\n"
+              "|red<end_of_turn>\n<eos>"),
+    ("vicuna_v1", "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+                  "detailed, and polite answers to the user's questions. USER: <image>\nWhat color are the shapes? "
+                  "ASSISTANT:| red</s>"),
+    ("mistral_instruct", "[INST] <image>\nWhat color are the shapes? [/INST]| red </s>"),
+    ("chatml_direct", "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\nWhat color are "
+                      "the shapes?<|im_end|><|im_start|>assistant\n|red<|im_end|>"),
+    ("llama_3", "<|start_header_id|>system<|end_header_id|>\n\nYou are a helpful language and vision assistant. You "
+                "are able to understand the visual content that the user provides, and assist the user with a variety "
+                "of tasks using natural language.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat "
+                "color are the shapes?<|eot_id|><|start_header_id|>system<|end_header_id|>\n\n|red<|eot_id|>"),
+    ("plain", "<image>|red\n"),
+])
+def test_templates_render_mgm_prompts(name, expected):
+    segments = get_template(name).render(QA)
+    prompt = "".join(t for t, sup in segments if not sup)
+    answer = "".join(t for t, sup in segments if sup)
+    assert f"{prompt}|{answer}" == expected
+    assert get_template(name).render(QA[:1], for_generation=True) == [s for s in segments if not s[1]]
+
+
+def test_processor_supervises_only_the_answer_and_expands_images(tmp_path):
+    cfg = compose_cfg(["model=tiny_mgm"], tmp_path)
+    processor = MGM.load_processor(cfg.model)
+    image = Image.new("RGB", (112, 80), (255, 0, 0))
+    enc = processor.encode(Sample(QA, [image]))
+    ids, labels = enc.input_ids.tolist(), enc.labels.tolist()
+    assert ids[0] == processor.tokenizer.bos_token_id
+    assert ids.count(IMAGE_TOKEN_INDEX) == processor.tokens_per_image == 16
+    supervised = [i for i, lab in zip(ids, labels) if lab != -100]
+    assert processor.tokenizer.decode(supervised) == "red<end_of_turn>\n<eos>"
+    assert enc.num_supervised_tokens == len(supervised)
+    prompt = processor.encode(Sample(QA, [image]), for_generation=True).input_ids.tolist()
+    assert ids[:len(prompt)] == prompt  # the generation prompt is token for token the training prompt
+    assert enc.image_inputs["images"].shape == (1, 1, 3, 56, 56)
+    assert enc.image_inputs["images_aux"].shape == (1, 3, 64, 64)
+
+
+def test_images_pad_with_the_mean_colour_and_downsample():
+    prep = MgmImages(image_size_aux=64, clip_size=16, image_grid=2, image_global=True)
+    wide = Image.new("RGB", (64, 32), (10, 200, 30))
+    crops, aux = prep(wide)
+    # top and bottom bands are padding in the mean colour: normalised to ~0
+    assert aux[:, :10].abs().max() < 0.02 and aux[:, -10:].abs().max() < 0.02
+    assert (aux[:, 28:36] - aux[:, 32:33]).abs().max() < 1e-5  # the image itself, one colour
+    low = torch.nn.functional.interpolate(aux[None], size=(32, 32), mode="bilinear", align_corners=False)[0]
+    assert crops.shape == (5, 3, 16, 16)
+    assert torch.equal(crops[1], low[:, :16, 16:])  # row-major: crop 1 is top right
+    assert torch.equal(crops[2], low[:, 16:, :16])
+    glob = torch.nn.functional.interpolate(low[None], size=(16, 16), mode="bilinear", align_corners=False)[0]
+    assert torch.equal(crops[4], glob)
+
+
+# -- training behaviour ------------------------------------------------------------------------------
+def _plan(name: str, overrides: list[str] = ()):
+    from vlm_finetune.models.base import parse_trainability
+    from vlm_finetune.trainability import apply_trainability, plan_trainability
+
+    cfg = compose_cfg([f"model={name}", *overrides])
+    model = MGM.build_model(cfg.model)
+    plan = plan_trainability(MGM, model, parse_trainability(cfg.train), cfg.model, cfg.lora)
+    return cfg, apply_trainability(model, plan, cfg.lora), plan
+
+
+def test_frozen_towers_stay_in_eval_mode_without_grad():
+    from vlm_finetune.module import VLMModule
+
+    cfg, model, plan = _plan("tiny_mgm", ["model.vision_aux.depths=[2,2,2,2]"])
+    base = model.get_base_model()
+    module = VLMModule(model, MGM, None, plan, lambda groups: torch.optim.AdamW(groups), cfg.optimizer, cfg.scheduler,
+                       cfg.loss, cfg.eval)
+    module.train()
+    aux = base.model.vision_tower_aux
+    assert not aux.training and not base.model.vision_tower.training
+    assert aux.vision_stages[0].blocks[1].drop_path > 0  # drop-path is configured, and off because of eval mode
+    assert not any(p.requires_grad for p in aux.parameters())
+    mining = dict(base.model.vlm_uni_aux_projector.named_parameters())
+    assert mining and all(p.requires_grad for n, p in mining.items() if "modules_to_save" in n)  # PEFT's trained copy
+    images, aux_images = _images(base)
+    first, second = base.vision_features(images, aux_images), base.vision_features(images, aux_images)
+    assert torch.equal(first, second)  # no stochastic depth in a frozen tower
+    first.sum().backward()
+    grads = [p.grad for n, p in base.model.vlm_uni_query_projector.named_parameters() if "modules_to_save" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("scope,attention,experts", [("attention", True, False), ("experts", False, True),
+                                                     ("all", True, True)])
+def test_moe_lora_scopes(scope, attention, experts):
+    _, model, plan = _plan("tiny_mgm_moe", [f"lora.llm_modules={scope}"])
+    names = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    assert any("self_attn" in n for n in names) == attention
+    assert any("experts" in n for n in names) == experts
+    assert not any("vision_tower" in n for n in names)
+
+
+def test_strategies_see_the_moe_block_as_a_leaf_and_the_decoder_layer_as_a_unit():
+    from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer, MixtralSparseMoeBlock
+
+    from vlm_finetune.strategies import zero3_leaf_classes
+
+    assert MixtralSparseMoeBlock in zero3_leaf_classes(MGM)
+    assert MixtralDecoderLayer in MGM.decoder_layer_classes
+    model = MGM.build_model(compose_cfg(["model=tiny_mgm_moe"]).model)
+    assert any(isinstance(m, MixtralSparseMoeBlock) for m in model.modules())
+
+
+@pytest.mark.parametrize("name", ["tiny_mgm", "tiny_mgm_moe"])
+def test_tiny_mgm_trains_and_the_adapter_reloads(name, tmp_path):
+    from peft import PeftModel
+
+    from vlm_finetune.train import train
+
+    metrics, objects = train(compose_cfg([f"model={name}", *FAST, "trainer.max_steps=6", "trainer.log_every_n_steps=1"],
+                                         tmp_path))
+    assert metrics["global_step"] == 6 and math.isfinite(metrics["val_loss"])
+    adapter = objects["run_dir"] / "adapter"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    cfg = compose_cfg([f"model={name}"], tmp_path)
+    reloaded = PeftModel.from_pretrained(MGM.build_model(cfg.model), str(adapter)).eval()
+    trained = objects["module"].model.eval()
+    batch = next(iter(objects["datamodule"].val_dataloader()))
+    keys = ("input_ids", "attention_mask", "images", "images_aux")
+    with torch.no_grad():
+        a = trained.get_base_model()(**{k: batch[k] for k in keys})
+        b = reloaded.get_base_model()(**{k: batch[k] for k in keys})
+    assert torch.allclose(a, b, atol=1e-5)

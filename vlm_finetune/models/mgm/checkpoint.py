@@ -1,0 +1,370 @@
+"""MGM's released checkpoint layout: config.json with MGM's fields, (sharded) safetensors with MGM's key
+names. Loading places every weight or fails listing what is missing or unexpected; saving writes the
+same layout back, so a fine-tuned model is a drop-in replacement for a released one.
+
+Mixtral is the one backbone whose layout transformers 5 changed: released checkpoints hold one
+`block_sparse_moe.experts.E.{w1,w2,w3}` Linear per expert, transformers 5 one fused tensor per layer
+(`mlp.experts.gate_up_proj` = [w1; w3] stacked over experts, `mlp.experts.down_proj` = w2 stacked).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlm_finetune.errors import ConfigError
+from vlm_finetune.models.mgm.modeling import (ARCHITECTURES, BACKBONES, CLIP_L_336, CONVNEXT, MODEL_TYPES, MgmConfig,
+                                              MgmForCausalLM)
+
+# config.json fields that are MGM's (everything else belongs to the LLM's config)
+MM_FIELDS = ("mm_vision_tower", "mm_vision_tower_aux", "mm_hidden_size", "mm_hidden_size_aux", "use_mm_proj",
+             "mm_projector_type", "mm_vision_select_layer", "mm_vision_select_feature", "image_size_aux",
+             "optimize_vision_tower", "optimize_vision_tower_aux", "image_grid", "image_global", "image_aspect_ratio",
+             "image_grid_pinpoints", "tokenizer_padding_side", "tokenizer_model_max_length", "tune_mm_mlp_adapter",
+             "mm_use_im_start_end", "mm_use_im_patch_token", "mm_projector_lr", "freeze_mm_mlp_adapter",
+             "mm_vision_tower_lr")
+# fields this project adds to config.json (released folders lack them; the defaults are the released towers)
+OWN_FIELDS = ("vision_config", "vision_aux_config", "template")
+
+
+def default_template(backbone: str, vocab_size: int) -> str:
+    """The conversation template MGM's scripts use for each released LLM."""
+    if backbone == "gemma":
+        return "gemma"
+    if backbone in ("mixtral", "mistral"):
+        return "mistral_instruct"
+    if vocab_size >= 128000:  # LLaMA-3
+        return "llama_3"
+    if vocab_size == 64000:  # Nous-Hermes-2-Yi-34B
+        return "chatml_direct"
+    return "vicuna_v1"
+
+
+def text_config_for(backbone: str, fields: dict):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.for_model(backbone, **fields)
+    except ValueError as err:
+        raise ConfigError(f"MGM: LLM backbone {backbone!r} is not known to transformers ({err})") from err
+
+
+def _aux_for(name: str, given: dict | None) -> dict:
+    if given:
+        return dict(given)
+    for key, spec in CONVNEXT.items():
+        if key in name.replace("-", "_"):
+            return dict(spec)
+    raise ConfigError(f"MGM: mm_vision_tower_aux={name!r} is not a ConvNeXt this project knows "
+                      f"({', '.join(CONVNEXT)}); add `vision_aux_config: {{dims: [...], depths: [...]}}` to config.json")
+
+
+def _clip_for(name: str, given: dict | None):
+    from transformers import CLIPVisionConfig
+
+    if given:
+        return CLIPVisionConfig(**given)
+    folder = Path(name)
+    if (folder / "config.json").is_file():  # a local CLIP folder, as MGM's own loader expects
+        return CLIPVisionConfig.from_pretrained(folder)
+    if "clip-vit-large-patch14-336" in name:
+        return CLIPVisionConfig(**CLIP_L_336)
+    raise ConfigError(f"MGM: mm_vision_tower={name!r} is neither a local CLIP folder nor CLIP ViT-L/14-336; "
+                      "add `vision_config` (a CLIPVisionConfig dict) to config.json")
+
+
+def config_from_dict(raw: dict) -> MgmConfig:
+    """A released (or exported) config.json -> MgmConfig."""
+    model_type = raw.get("model_type")
+    if model_type not in BACKBONES:
+        raise ConfigError(f"config.json has model_type={model_type!r}, not an MGM model ({', '.join(BACKBONES)})")
+    backbone = BACKBONES[model_type]
+    text_fields = {k: v for k, v in raw.items()
+                   if k not in MM_FIELDS and k not in OWN_FIELDS and k not in ("model_type", "architectures")}
+    text = text_config_for(backbone, text_fields)
+    mm = {k: raw[k] for k in MM_FIELDS if k in raw}
+    cfg = MgmConfig(
+        text_config=text,
+        vision_config=_clip_for(str(raw.get("mm_vision_tower", "openai/clip-vit-large-patch14-336")), raw.get("vision_config")),
+        aux=_aux_for(str(raw.get("mm_vision_tower_aux", "convnext_large_d_320")), raw.get("vision_aux_config")),
+        mm_hidden_size=int(raw.get("mm_hidden_size", 1024)),
+        mm_projector_type=str(raw.get("mm_projector_type", "mlp2x_gelu")),
+        mm_vision_select_layer=int(raw.get("mm_vision_select_layer", -2)),
+        mm_vision_select_feature=str(raw.get("mm_vision_select_feature", "patch")),
+        image_size_aux=int(raw.get("image_size_aux", 320)),
+        image_grid=int(raw.get("image_grid", 1) or 1),
+        image_global=bool(raw.get("image_global", False)),
+        template=str(raw.get("template") or default_template(backbone, int(text.vocab_size))),
+        mm_vision_tower=str(raw.get("mm_vision_tower", "openai/clip-vit-large-patch14-336")),
+        mm_vision_tower_aux=str(raw.get("mm_vision_tower_aux", "convnext_large_d_320")),
+        extra={k: v for k, v in mm.items() if k not in (
+            "mm_hidden_size", "mm_projector_type", "mm_vision_select_layer", "mm_vision_select_feature", "image_size_aux",
+            "image_grid", "image_global", "mm_vision_tower", "mm_vision_tower_aux", "mm_hidden_size_aux")},
+    )
+    if raw.get("mm_hidden_size_aux") not in (None, cfg.mm_hidden_size_aux):
+        raise ConfigError(f"config.json: mm_hidden_size_aux={raw['mm_hidden_size_aux']} but the ConvNeXt stages "
+                          f"{cfg.aux['dims']} sum to {cfg.mm_hidden_size_aux}")
+    if cfg.vision_config.hidden_size != cfg.mm_hidden_size:
+        raise ConfigError(f"config.json: mm_hidden_size={cfg.mm_hidden_size} but the CLIP tower's hidden size is "
+                          f"{cfg.vision_config.hidden_size}")
+    cfg.check()
+    return cfg
+
+
+def config_to_dict(cfg: MgmConfig) -> dict:
+    """MgmConfig -> config.json in MGM's layout (LLM fields flat, MGM's mm_* fields, our tower configs)."""
+    text = cfg.text_config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version", "dtype", "torch_dtype"):
+        text.pop(key, None)
+    out = {"architectures": [ARCHITECTURES[cfg.backbone]], "model_type": MODEL_TYPES[cfg.backbone], **text}
+    out.update({
+        "mm_vision_tower": cfg.mm_vision_tower, "mm_vision_tower_aux": cfg.mm_vision_tower_aux,
+        "mm_hidden_size": cfg.mm_hidden_size, "mm_hidden_size_aux": cfg.mm_hidden_size_aux, "use_mm_proj": True,
+        "mm_projector_type": cfg.mm_projector_type, "mm_vision_select_layer": cfg.mm_vision_select_layer,
+        "mm_vision_select_feature": cfg.mm_vision_select_feature, "image_size_aux": cfg.image_size_aux,
+        "image_grid": cfg.image_grid, "image_global": cfg.image_global, "image_aspect_ratio": "pad",
+        "mm_use_im_start_end": False,
+    })
+    out.update(cfg.extra)
+    out["vision_config"] = {k: v for k, v in cfg.vision_config.to_dict().items()
+                            if k not in ("transformers_version", "architectures")}
+    out["vision_aux_config"] = dict(cfg.aux)
+    out["template"] = cfg.template
+    return out
+
+
+def read_config(folder: Path) -> MgmConfig:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"model.path={folder} has no config.json; point it at an MGM checkpoint folder "
+                          "(config.json, *.safetensors[.index.json], tokenizer files)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON ({err})") from err
+    return config_from_dict(raw)
+
+
+# -- key names --------------------------------------------------------------------------------------
+_LLM_MLP = re.compile(r"^model\.layers\.\d+\.mlp\.")
+_EXPERT = re.compile(r"^(model\.layers\.\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
+
+
+def to_released(state: dict[str, torch.Tensor], cfg: MgmConfig) -> dict[str, torch.Tensor]:
+    """Module state dict -> released key names and tensors (drops the tied head)."""
+    out = {}
+    for name, tensor in state.items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if cfg.backbone == "mixtral" and _LLM_MLP.match(name):
+            layer = name.split(".mlp.")[0]
+            if name.endswith("mlp.gate.weight"):
+                out[f"{layer}.block_sparse_moe.gate.weight"] = tensor
+            elif name.endswith("mlp.experts.gate_up_proj"):
+                inter = tensor.shape[1] // 2
+                for e in range(tensor.shape[0]):
+                    out[f"{layer}.block_sparse_moe.experts.{e}.w1.weight"] = tensor[e, :inter].contiguous()
+                    out[f"{layer}.block_sparse_moe.experts.{e}.w3.weight"] = tensor[e, inter:].contiguous()
+            elif name.endswith("mlp.experts.down_proj"):
+                for e in range(tensor.shape[0]):
+                    out[f"{layer}.block_sparse_moe.experts.{e}.w2.weight"] = tensor[e].contiguous()
+            else:
+                raise ValueError(f"unexpected Mixtral MoE tensor {name}")
+            continue
+        out[name] = tensor.contiguous()
+    return out
+
+
+def from_released(state: dict[str, torch.Tensor], cfg: MgmConfig) -> dict[str, torch.Tensor]:
+    """Released key names -> this model's state dict (fuses Mixtral's per-expert Linears)."""
+    if cfg.backbone != "mixtral":
+        return dict(state)
+    out, experts = {}, {}
+    for name, tensor in state.items():
+        match = _EXPERT.match(name)
+        if match:
+            layer, e, w = match.groups()
+            experts.setdefault(layer, {}).setdefault(int(e), {})[w] = tensor
+        elif ".block_sparse_moe.gate.weight" in name:
+            out[name.replace(".block_sparse_moe.", ".mlp.")] = tensor
+        else:
+            out[name] = tensor
+    n_experts = int(cfg.text_config.num_local_experts)
+    for layer, by_expert in experts.items():
+        complete = [e for e in range(n_experts) if set(by_expert.get(e, {})) == {"w1", "w2", "w3"}]
+        if len(complete) != n_experts:
+            missing = [f"{layer}.block_sparse_moe.experts.{e}.{w}.weight" for e in range(n_experts)
+                       for w in ("w1", "w2", "w3") if w not in by_expert.get(e, {})]
+            raise MissingKeys(missing, [])
+        out[f"{layer}.mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([by_expert[e]["w1"], by_expert[e]["w3"]], dim=0) for e in range(n_experts)])
+        out[f"{layer}.mlp.experts.down_proj"] = torch.stack([by_expert[e]["w2"] for e in range(n_experts)])
+    return out
+
+
+class MissingKeys(ConfigError):
+    def __init__(self, missing: list[str], unexpected: list[str], folder: Path | None = None):
+        self.missing, self.unexpected = missing, unexpected
+
+        def show(keys):
+            return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {show(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {show(unexpected)}")
+        where = f" in {folder}" if folder else ""
+        super().__init__(f"MGM checkpoint{where} does not match the model its config.json describes: " + "; ".join(parts)
+                         + ". Check that config.json belongs to these weights (model_type, layer counts, tower names).")
+
+
+# -- reading and writing folders ---------------------------------------------------------------------
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [folder / f for f in sorted(set(weight_map.values()))]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if (folder / "pytorch_model.bin.index.json").is_file() or (folder / "pytorch_model.bin").is_file():
+        raise ConfigError(f"{folder} holds pytorch_model.bin weights; convert them to safetensors first "
+                          "(python -c \"from safetensors.torch import save_file; ...\") - pickled weights are not loaded")
+    raise ConfigError(f"{folder} has no model.safetensors or model.safetensors.index.json")
+
+
+def read_state(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state = {}
+    for path in _weight_files(folder):
+        if not path.is_file():
+            raise ConfigError(f"{path} is named in model.safetensors.index.json but does not exist")
+        state.update(load_file(str(path)))
+    return state
+
+
+def _restore_buffers(model: nn.Module, device) -> None:
+    """Non-persistent buffers are not in checkpoints; after `to_empty` they hold garbage: recompute them."""
+    for module in model.modules():
+        names = [n for n in getattr(module, "_non_persistent_buffers_set", ()) if n in module._buffers]
+        if not names:
+            continue
+        if hasattr(module, "scalar_embed_scale"):  # Gemma's scaled embedding
+            module.embed_scale = torch.tensor(module.scalar_embed_scale, device=device)
+            continue
+        config = getattr(module, "config", None)
+        if config is None:
+            raise RuntimeError(f"cannot restore buffers {names} of {type(module).__name__}")
+        with torch.device("cpu"):
+            fresh = type(module)(config)
+        for name in names:
+            module._buffers[name] = fresh._buffers[name].to(device)
+
+
+def load_folder(folder: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+                ) -> MgmForCausalLM:
+    """Build the model on the meta device, then place every tensor of the checkpoint (strict)."""
+    folder = Path(folder)
+    cfg = read_config(folder)
+    with torch.device("meta"):
+        model = MgmForCausalLM(cfg).to(dtype)
+    state = from_released(read_state(folder), cfg)
+    expected = set(model.state_dict())
+    if cfg.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+        state.pop("lm_head.weight", None)  # some exports keep the tied copy; it is the same tensor
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise MissingKeys(missing, unexpected, folder)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, target in list(model.state_dict(keep_vars=True).items()):
+            if name in state:
+                if tuple(state[name].shape) != tuple(target.shape):
+                    raise ConfigError(f"MGM checkpoint {folder}: {name} has shape {tuple(state[name].shape)}, "
+                                      f"config.json implies {tuple(target.shape)}")
+                target.copy_(state[name])
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    _restore_buffers(model, device)  # after the cast: rotary frequencies stay float32, as transformers keeps them
+    return model
+
+
+def save_folder(model: MgmForCausalLM, folder: Path, state: dict[str, torch.Tensor] | None = None,
+                max_shard_bytes: int = 4 * 1024**3, dtype: torch.dtype | None = None) -> None:
+    """Write config.json and (sharded) safetensors in the released layout, atomically (temp folder, rename)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    state = model.state_dict() if state is None else state
+    released = to_released({k: v.detach().to("cpu", dtype=dtype or v.dtype) for k, v in state.items()}, model.config)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+    try:
+        shards, current, size = [], {}, 0
+        for name in sorted(released):
+            nbytes = released[name].numel() * released[name].element_size()
+            if current and size + nbytes > max_shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+            current[name] = released[name]
+            size += nbytes
+        shards.append(current)
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map, total = {}, 0
+            for i, shard in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update({k: fname for k in shard})
+                total += sum(t.numel() * t.element_size() for t in shard.values())
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (tmp / "config.json").write_text(json.dumps(config_to_dict(model.config), indent=2, sort_keys=True))
+        if folder.exists():
+            old = folder.with_name(folder.name + ".old")
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_openclip_convnext(tower: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Place an OpenCLIP ConvNeXt checkpoint (`visual.trunk.stem.*`, `visual.trunk.stages.*`, or the bare timm
+    trunk's `stem.*`, `stages.*`) into the aux tower; the head and the text tower are ignored."""
+    mapped = {}
+    for name, tensor in state.items():
+        bare = name.removeprefix("visual.trunk.")
+        if bare.startswith("stem."):
+            mapped["vision_stem." + bare[len("stem."):]] = tensor
+        elif bare.startswith("stages."):
+            mapped["vision_stages." + bare[len("stages."):]] = tensor
+    result = tower.load_state_dict(mapped, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise MissingKeys(list(result.missing_keys), list(result.unexpected_keys))
+
+
+def parameter_count(cfg: MgmConfig) -> int:
+    """Parameters of the model a config describes, counted on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = MgmForCausalLM(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+def describe(cfg: MgmConfig) -> dict[str, Any]:
+    return {"backbone": cfg.backbone, "template": cfg.template, "image_tokens": cfg.image_tokens,
+            "image_size_aux": cfg.image_size_aux, "image_grid": cfg.image_grid, "image_global": cfg.image_global}

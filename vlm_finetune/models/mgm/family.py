@@ -1,0 +1,223 @@
+"""MGM (Mini-Gemini) family adapter: Gemma, Llama (Vicuna, LLaMA-3, Yi), Mistral and Mixtral backbones with
+CLIP + ConvNeXt towers and patch info mining."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlm_finetune.errors import ConfigError
+from vlm_finetune.models.base import Part, register_family
+from vlm_finetune.models.mgm import assets, checkpoint
+from vlm_finetune.models.mgm.modeling import CLIP_L_336, CONVNEXT, ConvNeXtBlock, MgmConfig, MgmForCausalLM
+from vlm_finetune.models.mgm.processor import MgmImages, MgmProcessor
+
+PROJECTOR_MODULES = ("model.mm_projector", "model.vlm_uni_query_projector", "model.vlm_uni_aux_projector",
+                     "model.vlm_uni_val_projector")
+VISION_MODULES = ("model.vision_tower", "model.vision_tower_aux")
+LLM_MODULES = ("model.embed_tokens", "model.layers", "model.norm", "lm_head")
+
+ATTENTION = r"self_attn\.(q_proj|k_proj|v_proj|o_proj)"
+DENSE_MLP = r"mlp\.(gate_proj|up_proj|down_proj)"
+# the fused expert tensors of transformers' Mixtral (LoRA on parameters: PEFT's target_parameters)
+EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+LLM_SCOPES = ("attention", "mlp", "experts", "all")
+VISION_LORA_PATTERN = (r".*vision_tower\.vision_tower\.vision_model\.encoder\.layers\.\d+\."
+                       r"(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))")
+
+
+def _plain(cfg: Any) -> dict:
+    from omegaconf import OmegaConf
+
+    if cfg is None:
+        return {}
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+
+
+class MgmFamily:
+    name = "mgm"
+    input_keys = ("input_ids", "attention_mask", "images", "images_aux")
+
+    @property
+    def decoder_layer_classes(self) -> tuple[type[nn.Module], ...]:
+        from transformers.models.gemma.modeling_gemma import GemmaDecoderLayer
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+        from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
+        from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer
+
+        return (GemmaDecoderLayer, LlamaDecoderLayer, MistralDecoderLayer, MixtralDecoderLayer)
+
+    @property
+    def vision_block_classes(self) -> tuple[type[nn.Module], ...]:
+        from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+
+        return (CLIPEncoderLayer, ConvNeXtBlock)
+
+    @property
+    def zero3_leaf_classes(self) -> tuple[type[nn.Module], ...]:
+        # experts fire data-dependently: ZeRO-3 must gather the MoE block whole, not expert by expert
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+        return (MixtralSparseMoeBlock,)
+
+    # -- configs and folders ------------------------------------------------------------------------
+    def config_from_options(self, model_cfg: Any, tokenizer=None) -> MgmConfig:
+        """MgmConfig from the `model=` YAML (`llm`, `vision`, `vision_aux`, image and template options)."""
+        from transformers import CLIPVisionConfig
+
+        llm = _plain(model_cfg.get("llm"))
+        if "model_type" not in llm:
+            raise ConfigError(f"model.llm must name the backbone: model.llm.model_type=gemma|llama|mistral|mixtral "
+                              f"(model={model_cfg.get('name')})")
+        model_type = llm.pop("model_type")
+        if tokenizer is not None and str(model_cfg.get("preset", "")).startswith("tiny"):
+            llm.setdefault("vocab_size", len(tokenizer))
+            llm.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+        text = checkpoint.text_config_for(model_type, llm)
+        vision = _plain(model_cfg.get("vision")) or dict(CLIP_L_336)
+        aux = model_cfg.get("vision_aux", "convnext_large_d_320")
+        if isinstance(aux, str):
+            if aux not in CONVNEXT:
+                raise ConfigError(f"model.vision_aux={aux!r} is unknown; use one of {sorted(CONVNEXT)} or "
+                                  "{dims: [...], depths: [...]}")
+            aux = dict(CONVNEXT[aux])
+        else:
+            aux = _plain(aux)
+        vision_config = CLIPVisionConfig(**vision)
+        cfg = MgmConfig(
+            text_config=text, vision_config=vision_config, aux=aux, mm_hidden_size=vision_config.hidden_size,
+            mm_projector_type=str(model_cfg.get("projector_type", "mlp2x_gelu")),
+            image_size_aux=int(model_cfg.image_size_aux), image_grid=int(model_cfg.get("image_grid", 1)),
+            image_global=bool(model_cfg.get("image_global", False)),
+            template=str(model_cfg.get("template") or checkpoint.default_template(model_type, int(text.vocab_size))),
+        )
+        cfg.check()
+        return cfg
+
+    def checkpoint_folder(self, model_cfg: Any) -> Path | None:
+        if model_cfg.get("path"):
+            folder = Path(str(model_cfg.path)).expanduser()
+            if not (folder / "config.json").is_file():
+                raise ConfigError(f"model.path={folder} has no config.json; point it at an MGM checkpoint folder "
+                                  "(config.json, *.safetensors[.index.json], tokenizer files)")
+            return folder
+        if str(model_cfg.get("preset", "")).startswith("tiny"):
+            return assets.ensure_tiny_checkpoint(model_cfg.cache_dir, model_cfg, self.config_from_options)
+        return None
+
+    def build_config(self, model_cfg: Any) -> MgmConfig:
+        folder = self.checkpoint_folder(model_cfg)
+        if folder is not None:
+            return checkpoint.read_config(folder)
+        return self.config_from_options(model_cfg)
+
+    def load_processor(self, model_cfg: Any, truncation: str = "truncate") -> MgmProcessor:
+        from transformers import AutoTokenizer
+
+        folder = self.checkpoint_folder(model_cfg)
+        cfg = checkpoint.read_config(folder) if folder is not None else self.config_from_options(model_cfg)
+        template = str(model_cfg.get("template") or cfg.template)
+        tokenizer_folder = folder if folder is not None else assets.ensure_tokenizer_folder(
+            model_cfg.cache_dir, int(model_cfg.vocab_size), template)
+        from transformers.utils import logging as hf_logging
+
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # AutoTokenizer reads config.json and warns that `mgm_*` is not its type
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"no tokenizer could be loaded from {tokenizer_folder} ({err})") from err
+        finally:
+            hf_logging.set_verbosity(level)
+        images = MgmImages(cfg.image_size_aux, cfg.vision_config.image_size, cfg.image_grid, cfg.image_global)
+        return MgmProcessor(tokenizer, images, cfg.image_tokens, template, truncation=truncation)
+
+    def build_model(self, model_cfg: Any, dtype: torch.dtype = torch.float32, device: str | None = None,
+                    quantization: str | None = None) -> nn.Module:
+        if quantization:
+            raise ConfigError(f"precision={quantization}: 4-bit loading is not implemented for MGM yet; "
+                              "use precision=bf16-mixed (with trainer=zero3 to shard a large model)")
+        attn = model_cfg.get("attn_implementation", "sdpa")
+        folder = self.checkpoint_folder(model_cfg)
+        if folder is not None:
+            model = checkpoint.load_folder(folder, dtype=dtype, device=device or "cpu")
+        else:
+            cfg = self.config_from_options(model_cfg)
+            previous = torch.get_default_dtype()
+            torch.set_default_dtype(dtype if dtype.is_floating_point else torch.float32)
+            try:
+                with torch.device(device or "cpu"):
+                    model = MgmForCausalLM(cfg)
+            finally:
+                torch.set_default_dtype(previous)
+        model.config.text_config._attn_implementation = attn
+        model.config.vision_config._attn_implementation = attn
+        if model_cfg.get("liger_kernels"):
+            raise ConfigError("model.liger_kernels=true is not wired for MGM yet; set it to false")
+        if model_cfg.get("activation_checkpointing"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+    # -- structure ----------------------------------------------------------------------------------
+    def part_module_names(self, model: nn.Module) -> dict[Part, list[str]]:
+        names = dict(model.named_modules())
+        return {
+            Part.VISION: [n for n in VISION_MODULES if n in names],
+            Part.PROJECTOR: [n for n in PROJECTOR_MODULES if n in names],
+            Part.LLM: [n for n in LLM_MODULES if n in names],
+        }
+
+    def _llm_scope(self, lora_cfg: Any) -> str:
+        scope = str(lora_cfg.get("llm_modules", "all") or "all")
+        if scope not in LLM_SCOPES:
+            raise ConfigError(f"lora.llm_modules={scope!r}: use attention, mlp (dense MLP or MoE experts), experts "
+                              "or all")
+        return scope
+
+    def lora_target_pattern(self, part: Part, model_cfg: Any, lora_cfg: Any) -> str | None:
+        custom = (lora_cfg.get("targets") or {}).get(part.value)
+        if custom:
+            return str(custom)
+        if part is Part.VISION:
+            return VISION_LORA_PATTERN
+        if part is not Part.LLM:
+            raise ConfigError(f"train.{part.value}=lora is not supported for MGM; use frozen or full")
+        scope = self._llm_scope(lora_cfg)
+        moe = self._is_moe(model_cfg)
+        pieces = []
+        if scope in ("attention", "all"):
+            pieces.append(ATTENTION)
+        if scope in ("mlp", "all") and not moe:
+            pieces.append(DENSE_MLP)
+        if scope == "experts" and not moe:
+            raise ConfigError("lora.llm_modules=experts needs an MoE backbone (mgm_8x7b, tiny_mgm_moe); use mlp")
+        if not pieces:
+            return None  # experts only: LoRA on parameters, no module targets
+        return r".*model\.layers\.\d+\.(" + "|".join(pieces) + ")"
+
+    def lora_target_parameters(self, part: Part, model_cfg: Any, lora_cfg: Any) -> list[str]:
+        """Parameters that take LoRA directly (the fused MoE expert tensors)."""
+        if part is not Part.LLM or (lora_cfg.get("targets") or {}).get(part.value):
+            return []
+        if self._is_moe(model_cfg) and self._llm_scope(lora_cfg) in ("mlp", "experts", "all"):
+            return list(EXPERT_PARAMETERS)
+        return []
+
+    def _is_moe(self, model_cfg: Any) -> bool:
+        llm = model_cfg.get("llm") or {}
+        if llm.get("model_type"):
+            return llm.get("model_type") == "mixtral"
+        return self.build_config(model_cfg).backbone == "mixtral"
+
+    def hidden_states(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model.forward_hidden(batch["input_ids"], batch.get("attention_mask"), batch.get("images"),
+                                    batch.get("images_aux"))
+
+    def output_embedding(self, model: nn.Module) -> nn.Module:
+        return model.lm_head
+
+
+MGM = register_family(MgmFamily())

@@ -1,0 +1,161 @@
+"""MGM's inputs made from Samples: template tokens, image positions, and MGM's two image tensors.
+
+Images are prepared as MGM's training data loader does: padded to a square with the mean colour,
+resized (bicubic) to `image_size_aux` and normalised with CLIP's mean/std (the high-res `images_aux`);
+the low-res CLIP input is a bilinear downsample of that tensor to `clip_size * image_grid`, cut into
+grid crops (row-major) plus a global view in HD mode.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from vlm_finetune.data.sample import IMAGE_PLACEHOLDER, Sample
+from vlm_finetune.errors import DataError
+from vlm_finetune.models.base import EncodedSample, SampleTooLong
+from vlm_finetune.models.mgm.modeling import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN_INDEX
+from vlm_finetune.models.mgm.templates import get_template
+
+IGNORE_INDEX = -100
+PROCESSOR_FILE = "preprocessor_config.json"
+
+
+def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+class MgmImages:
+    """PIL image -> (`images` [views, 3, c, c], `images_aux` [3, A, A])."""
+
+    def __init__(self, image_size_aux: int, clip_size: int, image_grid: int = 1, image_global: bool = False,
+                 mean=CLIP_MEAN, std=CLIP_STD):
+        self.image_size_aux, self.clip_size = int(image_size_aux), int(clip_size)
+        self.image_grid, self.image_global = int(image_grid), bool(image_global)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self._mean = np.asarray(self.mean, dtype=np.float32)
+        self._std = np.asarray(self.std, dtype=np.float32)
+
+    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        image = expand_to_square(image.convert("RGB"), tuple(int(m * 255) for m in self.mean))
+        image = image.resize((self.image_size_aux, self.image_size_aux), Image.BICUBIC)
+        # numpy for the per-pixel arithmetic: small torch ops cost more in dispatch than in work
+        array = (np.asarray(image, dtype=np.float32) / 255.0 - self._mean) / self._std
+        aux = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+        g, c = self.image_grid, self.clip_size
+        low = F.interpolate(aux[None], size=(c * g, c * g), mode="bilinear", align_corners=False)[0]
+        if g == 1:
+            return low[None], aux
+        crops = low.reshape(3, g, c, g, c).permute(1, 3, 0, 2, 4).reshape(g * g, 3, c, c)
+        if self.image_global:
+            whole = F.interpolate(low[None], size=(c, c), mode="bilinear", align_corners=False)
+            crops = torch.cat([crops, whole], dim=0)
+        return crops, aux
+
+    def to_dict(self) -> dict:
+        # CLIPImageProcessor's fields (what tools expect of a preprocessor_config.json) plus MGM's
+        return {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "do_center_crop": True,
+                "do_normalize": True, "do_rescale": True, "rescale_factor": 1 / 255, "resample": 3,
+                "crop_size": {"height": self.image_size_aux, "width": self.image_size_aux},
+                "size": {"shortest_edge": self.image_size_aux}, "image_mean": list(self.mean),
+                "image_std": list(self.std), "image_aspect_ratio": "pad", "mgm_clip_size": self.clip_size,
+                "image_grid": self.image_grid, "image_global": self.image_global}
+
+
+class MgmProcessor:
+    def __init__(self, tokenizer, images: MgmImages, tokens_per_image: int, template: str,
+                 truncation: str = "truncate"):
+        if truncation not in ("truncate", "drop"):
+            raise ValueError(f"data.truncation={truncation!r}: use 'truncate' or 'drop'")
+        self.tokenizer = tokenizer
+        self.images = images
+        self.tokens_per_image = int(tokens_per_image)
+        self.template = get_template(template)
+        self.truncation = truncation
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in self.template.special_tokens if t not in vocab]
+        if missing:
+            raise DataError(f"the tokenizer lacks {missing}, which MGM's {self.template.name!r} template needs; "
+                            "set model.template to the template of this checkpoint's LLM")
+        self.bos_token_id = tokenizer.bos_token_id
+        stop = self.template.stop
+        self.eos_token_id = vocab[stop] if stop in vocab else self._text(stop)[-1]
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else (tokenizer.unk_token_id or 0)
+
+    def _text(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def _segment(self, text: str) -> list[int]:
+        ids = []
+        for k, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
+            if k:
+                ids += [IMAGE_TOKEN_INDEX] * self.tokens_per_image
+            ids += self._text(chunk)
+        return ids
+
+    def encode(self, sample: Sample, max_length: int | None = None, for_generation: bool = False) -> EncodedSample:
+        messages = list(sample.messages)
+        if for_generation:
+            if not messages or messages[-1].role != "assistant":
+                raise DataError("a sample for generation must end with the assistant reply to predict")
+            messages = messages[:-1]
+        ids = [self.bos_token_id] if self.bos_token_id is not None else []
+        labels = [IGNORE_INDEX] * len(ids)
+        for text, supervised in self.template.render(messages, for_generation):
+            piece = self._segment(text)
+            ids += piece
+            labels += piece if supervised else [IGNORE_INDEX] * len(piece)
+        n_images = ids.count(IMAGE_TOKEN_INDEX) // max(self.tokens_per_image, 1)
+        if n_images > len(sample.images):
+            raise DataError(f"the conversation has {n_images} <image> placeholder(s) but {len(sample.images)} image(s)")
+        image_inputs: dict[str, torch.Tensor] = {}
+        if n_images:
+            pairs = [self.images(image) for image in sample.images[:n_images]]
+            image_inputs = {"images": torch.stack([p[0] for p in pairs]), "images_aux": torch.stack([p[1] for p in pairs])}
+        truncated = False
+        if max_length is not None and len(ids) > max_length:
+            last_image = max((i for i, t in enumerate(ids) if t == IMAGE_TOKEN_INDEX), default=-1)
+            if self.truncation == "drop" or for_generation or last_image >= max_length:
+                raise SampleTooLong(f"{len(ids)} tokens > data.max_length={max_length}")
+            ids, labels, truncated = ids[:max_length], labels[:max_length], True
+        labels_t = torch.tensor(labels, dtype=torch.long)
+        return EncodedSample(input_ids=torch.tensor(ids, dtype=torch.long), labels=labels_t, image_inputs=image_inputs,
+                             num_supervised_tokens=int((labels_t[1:] != IGNORE_INDEX).sum()), truncated=truncated)
+
+    def collate(self, encoded: list[EncodedSample], padding_side: str = "right") -> dict[str, torch.Tensor]:
+        length = max(e.input_ids.numel() for e in encoded)
+        input_ids = torch.full((len(encoded), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(encoded), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(encoded), length), dtype=torch.long)
+        for row, e in enumerate(encoded):
+            n = e.input_ids.numel()
+            span = slice(0, n) if padding_side == "right" else slice(length - n, length)
+            input_ids[row, span], labels[row, span], attention_mask[row, span] = e.input_ids, e.labels, 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        with_images = [e.image_inputs for e in encoded if e.image_inputs]
+        if with_images:
+            batch["images"] = torch.cat([x["images"] for x in with_images])
+            batch["images_aux"] = torch.cat([x["images_aux"] for x in with_images])
+        return batch
+
+    def decode(self, token_ids: torch.Tensor) -> str:
+        ids = [int(t) for t in token_ids if int(t) >= 0]
+        if self.eos_token_id in ids:
+            ids = ids[: ids.index(self.eos_token_id)]
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def save_pretrained(self, folder: str) -> None:
+        self.tokenizer.save_pretrained(folder)
+        config = dict(self.images.to_dict(), template=self.template.name, image_tokens=self.tokens_per_image)
+        (Path(folder) / PROCESSOR_FILE).write_text(json.dumps(config, indent=2))
