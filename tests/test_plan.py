@@ -129,3 +129,76 @@ def test_parameter_gradient_optimizer_bytes_are_exact_for_the_tiny_model(precisi
     assert plan.total("gradients") == grads
     assert plan.total("optimizer") == states
     assert params > 0 and grads > 0 and states == 2 * grads
+
+
+BENCH = ["model=glm4v_9b", "precision=bf16-mixed", "train.projector=frozen", "hardware=1xh100",
+         "data.micro_batch_size=1", "model.liger_kernels=true"]
+
+
+@pytest.mark.parametrize("extra,measured_gib", [([], 24.31), (["loss.chunk_size=512"], 24.16),
+                                                (["model.liger_kernels=false"], 24.74)])
+def test_glm4v_9b_plan_matches_the_h100_benchmark_it_was_calibrated_on(extra, measured_gib):
+    """docs/benchmarks.md, one H100: GLM-4.1V-9B, LoRA r=16, frozen ViT, one 672 px image, 8192 tokens,
+    every layer checkpointed. The planner's peak allocated is within 2% of each measured figure."""
+    plan = plan_memory(BENCH + extra, seq=8192, image_px=672)
+    assert plan.allocated_bytes / GiB == pytest.approx(measured_gib, rel=0.02)
+    assert plan.fits and plan.checkpointed_layers == 40 and plan.tokens == 8192
+
+
+def test_glm4v_9b_on_one_a6000_does_not_fit_and_every_suggestion_fits_by_its_own_plan(capsys):
+    """`python -m vlm_finetune.plan model=glm4v_9b trainer=single hardware=1xa6000` (float32 base, micro-batch
+    32): a verdict with a breakdown and suggestions, cheapest first, each of which fits when planned anew."""
+    overrides = ["model=glm4v_9b", "trainer=single", "hardware=1xa6000"]
+    assert main(overrides) == 0
+    out = capsys.readouterr().out
+    assert "verdict: DOES NOT FIT" in out and "parameters   llm frozen float32" in out
+    plan = plan_memory(overrides)
+    assert plan.fits is False and plan.suggestions
+    kinds = [s.label for s in plan.suggestions]
+    assert kinds[0].startswith("smaller micro-batch")  # one GPU: sharding cannot help, so it is not offered
+    for suggestion in plan.suggestions:
+        assert suggestion.command in out
+        again = plan_memory(suggestion.overrides, suggest=False)
+        assert again.fits is True and again.peak_bytes == suggestion.plan.peak_bytes
+    smaller = plan.suggestions[0].overrides  # same global batch: micro-batch x accumulation = 32
+    mbs = int(next(o for o in smaller if o.startswith("data.micro_batch_size=")).split("=")[1])
+    acc = int(next(o for o in smaller if o.startswith("trainer.accumulate_grad_batches=")).split("=")[1])
+    assert mbs * acc == 32
+
+
+def test_glm45v_moe_plans_with_zero3_sharding():
+    """GLM-4.5V (MoE, 105 B) under ZeRO-3 on 8 x A100 80 GB: parameters sharded 8 ways, the MoE block
+    gathered whole, a verdict."""
+    plan = plan_memory(["model=glm45v", "trainer=zero3", "hardware=8xa100_80g", "precision=bf16-mixed"])
+    params = plan.total("parameters")
+    assert 100e9 * 2 / 8 < params < 110e9 * 2 / 8  # ~105 B bf16 parameters, one eighth each
+    gathered = next(r for r in plan.rows if r.item.startswith("ZeRO-3 gathered"))
+    assert gathered.bytes > 128 * 3 * 4096 * 1408 * 2  # at least one whole MoE block (128 experts) in bf16
+    assert plan.fits is True
+
+
+def test_activation_checkpointing_auto_takes_the_fewest_layers_that_fit():
+    """On one H100 at 16384 tokens (8192 fit without any) the plan checkpoints some but not all of the 40
+    layers, and one layer fewer would not fit."""
+    assert plan_memory(BENCH + ["model.activation_checkpointing=auto"], seq=8192, image_px=672).checkpointed_layers == 0
+    plan = plan_memory(BENCH + ["model.activation_checkpointing=auto"], seq=16384, image_px=672)
+    n = plan.checkpointed_layers
+    assert 0 < n < 40 and plan.fits
+    fewer = plan_memory(BENCH + [f"model.activation_checkpointing={n - 1}"], seq=16384, image_px=672)
+    assert fewer.fits is False
+
+
+def test_planner_errors_name_the_fix():
+    from vlm_finetune.models.base import register_family
+
+    class NoDims:
+        name = "no_memory_dims"
+
+    register_family(NoDims())
+    with pytest.raises(ConfigError, match="does not declare memory_dims"):
+        plan_memory(["model.family=no_memory_dims"])
+    with pytest.raises(ConfigError, match="activation_checkpointing='some'"):
+        plan_memory(["model.activation_checkpointing=some"])
+    with pytest.raises(ConfigError, match="do not compose"):
+        plan_memory(["model=no_such_model"])
+    assert main(["model=no_such_model"]) == 2
