@@ -335,3 +335,58 @@ def test_tiny_mgm_trains_and_the_adapter_reloads(name, tmp_path):
         a = trained.get_base_model()(**{k: batch[k] for k in keys})
         b = reloaded.get_base_model()(**{k: batch[k] for k in keys})
     assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny_mgm", "tiny_mgm_moe"])
+def test_merged_export_is_a_released_layout_mgm_folder(name, tmp_path):
+    from vlm_finetune.export import export, load_trained_model
+    from vlm_finetune.train import train
+
+    metrics, objects = train(compose_cfg([f"model={name}", *FAST, "trainer.max_steps=3", "eval.generate=false"],
+                                         tmp_path / "run"))
+    out = export(objects["run_dir"], merge=True, dtype="float32")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == ("mgm_mixtral" if name.endswith("moe") else "mgm_gemma")
+    assert (out / "tokenizer.json").is_file() and (out / "preprocessor_config.json").is_file()
+    merged = checkpoint.load_folder(out).eval()
+    with_adapter, _, _ = load_trained_model(objects["run_dir"])
+    batch = next(iter(objects["datamodule"].val_dataloader()))
+    keys = ("input_ids", "attention_mask", "images", "images_aux")
+    with torch.no_grad():
+        want = with_adapter.get_base_model()(**{k: batch[k] for k in keys})
+        got = merged(**{k: batch[k] for k in keys})
+    assert ((got - want).abs().max() / want.abs().max()) < 1e-4
+    # LoRA really changed the weights that were merged
+    base = MGM.build_model(compose_cfg([f"model={name}"]).model).eval()
+    with torch.no_grad():
+        assert (base(**{k: batch[k] for k in keys}) - got).abs().max() > 1e-4
+
+
+def test_trains_on_an_mgm_json_file_with_text_only_and_multi_image_records(tmp_path):
+    from vlm_finetune.train import train
+
+    for i, colour in enumerate([(255, 0, 0), (0, 0, 255), (0, 200, 0)]):
+        Image.new("RGB", (90 + 10 * i, 60), colour).save(tmp_path / f"img{i}.png")
+    records = [
+        {"image": "img0.png", "conversations": [{"from": "human", "value": "What color is it?\n<image>"},
+                                                {"from": "gpt", "value": "red"}]},
+        {"image": ["img1.png", "img2.png"], "conversations": [
+            {"from": "human", "value": "<image> and <image>: which colors?"}, {"from": "gpt", "value": "blue and green"},
+            {"from": "human", "value": "And the first one?"}, {"from": "gpt", "value": "blue"}]},
+        {"conversations": [{"from": "human", "value": "Say yes."}, {"from": "gpt", "value": "yes"}]},
+    ] * 4
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    cfg = compose_cfg(["model=tiny_mgm", "data=conversations", f"data.path={tmp_path / 'train.json'}",
+                       "data.micro_batch_size=3", "data.val_fraction=0.25", "trainer.max_steps=3",
+                       "trainer.enable_progress_bar=false", "eval.max_new_tokens=3", "scheduler.warmup_steps=1"],
+                      tmp_path / "run")
+    metrics, objects = train(cfg)
+    assert metrics["global_step"] == 3 and math.isfinite(metrics["val_loss"]) and math.isfinite(metrics["train_loss"])
+    processor = objects["processor"]
+    dm = objects["datamodule"]
+    two = next(s for s in list(dm.train_samples) + list(dm.val_samples) if len(s.images) == 2)
+    enc = processor.encode(two)
+    assert enc.input_ids.tolist().count(IMAGE_TOKEN_INDEX) == 2 * processor.tokens_per_image
+    assert enc.image_inputs["images_aux"].shape[0] == 2
+    text_only = next(s for s in list(dm.train_samples) + list(dm.val_samples) if not s.images)
+    assert processor.encode(text_only).image_inputs == {}

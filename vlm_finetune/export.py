@@ -77,6 +77,8 @@ def load_trained_model(run_dir: Path, dtype: torch.dtype = torch.float32):
 
 def export(run_dir: str | Path, merge: bool = False, out: str | Path | None = None, dtype: str = "auto") -> Path:
     """Write the adapter folder (or, with `merge`, the merged model folder) and return its path."""
+    from vlm_finetune.models import get_family
+
     run_dir = Path(run_dir)
     cfg, adapter = _run_config(run_dir)
     out = Path(out) if out else run_dir / "export" / ("merged" if merge else "adapter")
@@ -98,8 +100,12 @@ def export(run_dir: str | Path, merge: bool = False, out: str | Path | None = No
             if hasattr(model, "merge_and_unload"):
                 model = model.merge_and_unload()
             model = model.to(torch_dtype)
-            model.save_pretrained(str(tmp), safe_serialization=True)
-            processor.save_pretrained(str(tmp))
+            family = get_family(cfg.model.family)
+            if hasattr(family, "save_merged"):  # a family with its own checkpoint layout (MGM)
+                family.save_merged(model, tmp, processor)
+            else:
+                model.save_pretrained(str(tmp), safe_serialization=True)
+                processor.save_pretrained(str(tmp))
         _replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -299,38 +299,45 @@ def load_folder(folder: Path, dtype: torch.dtype = torch.float32, device: str | 
     return model
 
 
-def save_folder(model: MgmForCausalLM, folder: Path, state: dict[str, torch.Tensor] | None = None,
-                max_shard_bytes: int = 4 * 1024**3, dtype: torch.dtype | None = None) -> None:
-    """Write config.json and (sharded) safetensors in the released layout, atomically (temp folder, rename)."""
+def write_weights(model: MgmForCausalLM, folder: Path, state: dict[str, torch.Tensor] | None = None,
+                  max_shard_bytes: int = 4 * 1024**3, dtype: torch.dtype | None = None) -> None:
+    """config.json and (sharded) safetensors in the released layout, written into an existing folder."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     state = model.state_dict() if state is None else state
     released = to_released({k: v.detach().to("cpu", dtype=dtype or v.dtype) for k, v in state.items()}, model.config)
+    shards, current, size = [], {}, 0
+    for name in sorted(released):
+        nbytes = released[name].numel() * released[name].element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = released[name]
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map, total = {}, 0
+        for i, shard in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(folder / fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+            total += sum(t.numel() * t.element_size() for t in shard.values())
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (folder / "config.json").write_text(json.dumps(config_to_dict(model.config), indent=2, sort_keys=True))
+
+
+def save_folder(model: MgmForCausalLM, folder: Path, state: dict[str, torch.Tensor] | None = None,
+                max_shard_bytes: int = 4 * 1024**3, dtype: torch.dtype | None = None) -> None:
+    """`write_weights` into a temporary folder, then renamed: a crash never leaves half a checkpoint."""
+    folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
     try:
-        shards, current, size = [], {}, 0
-        for name in sorted(released):
-            nbytes = released[name].numel() * released[name].element_size()
-            if current and size + nbytes > max_shard_bytes:
-                shards.append(current)
-                current, size = {}, 0
-            current[name] = released[name]
-            size += nbytes
-        shards.append(current)
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        else:
-            weight_map, total = {}, 0
-            for i, shard in enumerate(shards, 1):
-                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-                weight_map.update({k: fname for k in shard})
-                total += sum(t.numel() * t.element_size() for t in shard.values())
-            (tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        (tmp / "config.json").write_text(json.dumps(config_to_dict(model.config), indent=2, sort_keys=True))
+        write_weights(model, tmp, state, max_shard_bytes, dtype)
         if folder.exists():
             old = folder.with_name(folder.name + ".old")
             os.replace(folder, old)

@@ -212,6 +212,11 @@ class MgmFamily:
             return llm.get("model_type") == "mixtral"
         return self.build_config(model_cfg).backbone == "mixtral"
 
+    def save_merged(self, model: nn.Module, folder: Path, processor: MgmProcessor) -> None:
+        """A merged model (LoRA folded in) written in MGM's released layout: a drop-in MGM checkpoint folder."""
+        checkpoint.write_weights(model, Path(folder))
+        processor.save_pretrained(str(folder))
+
     def hidden_states(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model.forward_hidden(batch["input_ids"], batch.get("attention_mask"), batch.get("images"),
                                     batch.get("images_aux"))
