@@ -390,3 +390,30 @@ def test_trains_on_an_mgm_json_file_with_text_only_and_multi_image_records(tmp_p
     assert enc.image_inputs["images_aux"].shape[0] == 2
     text_only = next(s for s in list(dm.train_samples) + list(dm.val_samples) if not s.images)
     assert processor.encode(text_only).image_inputs == {}
+
+
+@pytest.mark.parametrize("trainer", ["fsdp", "zero3", "zero3_offload", "zero2", "ddp"])
+def test_mgm_strategies_build_for_gpu_profiles(trainer, tmp_path):
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+    from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer, MixtralSparseMoeBlock
+
+    from vlm_finetune.hardware import resolve
+    from vlm_finetune.models.mgm.modeling import ConvNeXtBlock
+    from vlm_finetune.strategies import build_strategy
+
+    cfg = compose_cfg(["model=mgm_8x7b", f"trainer={trainer}", "hardware=6x4090", "precision=bf16-mixed"], tmp_path)
+    strategy = build_strategy(cfg, MGM, resolve(cfg.hardware))
+    if trainer == "fsdp":
+        assert isinstance(strategy, FSDPStrategy)
+        wrapped = strategy.kwargs["auto_wrap_policy"]._module_classes
+        # the decoder layer is the unit: the MoE block inside it is never split into its own unit
+        assert {MixtralDecoderLayer, CLIPEncoderLayer, ConvNeXtBlock} <= set(wrapped)
+        assert MixtralSparseMoeBlock not in wrapped
+        checkpointed = strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes
+        assert MixtralDecoderLayer in checkpointed and CLIPEncoderLayer not in checkpointed
+    elif trainer == "ddp":
+        assert isinstance(strategy, DDPStrategy)
+    else:
+        assert isinstance(strategy, DeepSpeedStrategy)
+        assert strategy.config["zero_optimization"]["stage"] == int(trainer[4])
