@@ -167,6 +167,15 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
         raise TimeoutError(f"job {job_id} not finished after {timeout:.0f} s: {states}")
 
     def stop(self) -> None:
+        # jobs first: with proctrack/linuxproc a job's processes outlive a daemon shutdown
+        jobs = subprocess.run(["squeue", "-h", "-o", "%A"], env=self.env, capture_output=True, text=True, timeout=30)
+        ids = sorted(set(jobs.stdout.split()))
+        if ids:
+            subprocess.run(["scancel", *ids], env=self.env, capture_output=True, timeout=30)
+            deadline = time.time() + 30
+            while time.time() < deadline and subprocess.run(["squeue", "-h"], env=self.env, capture_output=True,
+                                                             text=True, timeout=30).stdout.strip():
+                time.sleep(1)
         subprocess.run(["scontrol", "shutdown"], env=self.env, capture_output=True, timeout=30)
         for proc in self._daemons:
             try:

@@ -113,7 +113,7 @@ def test_time_limit_warning_saves_requeues_and_resumes(cluster, tmp_path, _asset
     training takes longer than that, so it is warned mid-run, checkpoints, requeues, resumes from the
     checkpoint (maybe more than once) and completes all its steps."""
     run_dir = tmp_path / "run"
-    steps = 3000
+    steps = 1000
     overrides = [o for o in TINY if not o.startswith("trainer.max_steps")] + [
         f"trainer.max_steps={steps}", "trainer.val_every_n_steps=null", "trainer.log_every_n_steps=50",
         "checkpoint.every_n_steps=500", "eval.generate=false"]
@@ -121,7 +121,7 @@ def test_time_limit_warning_saves_requeues_and_resumes(cluster, tmp_path, _asset
                          str(ROOT / "slurm" / "train.sbatch"), *overrides, cwd=ROOT,
                          env={**_job_env(_asset_cache), "RUN_DIR": str(run_dir)})
     seen: dict = {}
-    states = cluster.wait(job, timeout=540, poll=2, on_poll=lambda _: _release_requeued(cluster, job, seen))
+    states = cluster.wait(job, timeout=900, poll=2, on_poll=lambda _: _release_requeued(cluster, job, seen))
     log = (tmp_path / f"slurm-{job}.out").read_text()
     assert states == {job: "COMPLETED"}, log[-3000:]
     assert seen["restarts"] >= 1

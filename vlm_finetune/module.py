@@ -81,6 +81,13 @@ class VLMModule(L.LightningModule):
         self.generate_in_validation = bool(eval_cfg.get("generate", True))
         self.val_accuracy = AnswerExactMatch()
         self.val_accuracy_by_type = nn.ModuleDict({t: AnswerExactMatch() for t in question_types})
+        # captions: BLEU-4 and ROUGE-L F1 of the generated text against the reference (eval.caption_metrics)
+        self.caption_metrics = bool(eval_cfg.get("caption_metrics", False)) if eval_cfg is not None else False
+        if self.caption_metrics:
+            from torchmetrics.text import BLEUScore, ROUGEScore
+
+            self.val_bleu = BLEUScore(n_gram=4, smooth=True)
+            self.val_rouge = ROUGEScore(rouge_keys=("rougeL",))
         self.val_loss_sum = torchmetrics.SumMetric()
         self.val_token_count = torchmetrics.SumMetric()
         self._step_loss = 0.0
@@ -161,6 +168,9 @@ class VLMModule(L.LightningModule):
         if self.generate_in_validation:
             predictions = self.generate(batch["generation"])
             self.val_accuracy.update(predictions, batch["answers"])
+            if self.caption_metrics:
+                self.val_bleu.update(predictions, [[a] for a in batch["answers"]])
+                self.val_rouge.update(predictions, batch["answers"])
             for qtype in self.val_accuracy_by_type:
                 pairs = [(p, a) for p, a, t in zip(predictions, batch["answers"], batch["question_types"]) if t == qtype]
                 if pairs:
@@ -175,6 +185,11 @@ class VLMModule(L.LightningModule):
         if self.generate_in_validation:
             self.log("val_accuracy", self.val_accuracy.compute(), prog_bar=True)
             self.val_accuracy.reset()
+            if self.caption_metrics:
+                self.log("val_bleu", self.val_bleu.compute())
+                self.log("val_rougeL", self.val_rouge.compute()["rougeL_fmeasure"])
+                self.val_bleu.reset()
+                self.val_rouge.reset()
             for qtype, metric in self.val_accuracy_by_type.items():
                 if metric.total > 0 or self.trainer.world_size > 1:
                     self.log(f"val_accuracy_{qtype}", metric.compute())

@@ -1,0 +1,105 @@
+"""`python -m vlm_finetune.generate model=tiny_glm4v adapter=outputs/.../adapter image=cat.png prompt="What is this?"`
+
+Answers one question about one image, greedily, with the base model (a `conf/model` name; `model_path=` for a
+local checkpoint folder) and, if given, a trained adapter folder. `run_dir=<run>` takes the model and the
+adapter from a training run instead.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from vlm_finetune.errors import ConfigError
+from vlm_finetune.export import parse_overrides
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def _model_config(model: str | None, model_path: str | None, run_dir: str | None):
+    from omegaconf import OmegaConf
+
+    if run_dir:
+        config = Path(run_dir) / "config.yaml"
+        if not config.is_file():
+            raise ConfigError(f"run_dir={run_dir} has no config.yaml; point it at a training run's folder")
+        return OmegaConf.load(config).model
+    if not model:
+        raise ConfigError("model=<name> (one of conf/model/*.yaml) or run_dir=<run folder> is required")
+    available = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+    if model not in available:
+        raise ConfigError(f"model={model!r} is not a model config; use one of {available} "
+                          "(and model_path=/a/checkpoint for a local checkpoint folder)")
+    from hydra import compose, initialize_config_dir
+
+    overrides = [f"model={model}"] + ([f"model.path={model_path}"] if model_path else [])
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides + ["output_dir=/tmp"])
+    return cfg.model
+
+
+def answer(image: str | Path, prompt: str, model: str | None = None, adapter: str | Path | None = None,
+           model_path: str | None = None, run_dir: str | Path | None = None, max_new_tokens: int = 64) -> str:
+    """The model's greedy answer to `prompt` about `image`."""
+    from PIL import Image, UnidentifiedImageError
+
+    from vlm_finetune.data.sample import IMAGE_PLACEHOLDER, Message, Sample
+    from vlm_finetune.models import get_family
+    from vlm_finetune.trainability import unwrap
+
+    model_cfg = _model_config(model, model_path, str(run_dir) if run_dir else None)
+    if run_dir and adapter is None:
+        adapter = Path(run_dir) / "adapter"
+    try:
+        picture = Image.open(image).convert("RGB")
+    except (OSError, UnidentifiedImageError) as err:
+        raise ConfigError(f"image={image}: cannot be read as an image ({err})") from None
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file() \
+            and not (Path(adapter) / "non_lora_trainables.safetensors").is_file():
+        raise ConfigError(f"adapter={adapter} is not an adapter folder (no adapter_config.json); use a run's "
+                          "adapter/ folder or the output of python -m vlm_finetune.export")
+    family = get_family(model_cfg.family)
+    processor = family.load_processor(model_cfg)
+    network = family.build_model(model_cfg, dtype=torch.float32)
+    if adapter is not None:
+        if (Path(adapter) / "adapter_config.json").is_file():
+            from peft import PeftModel
+
+            network = PeftModel.from_pretrained(network, str(adapter))
+        else:
+            from safetensors.torch import load_file
+
+            network.load_state_dict(load_file(str(Path(adapter) / "non_lora_trainables.safetensors")), strict=False)
+    network.eval()
+    text = prompt if IMAGE_PLACEHOLDER in prompt else f"{IMAGE_PLACEHOLDER}{prompt}"
+    sample = Sample([Message("user", text), Message("assistant", "")], [picture])
+    encoded = processor.encode(sample, None, for_generation=True)
+    batch = processor.collate([encoded], padding_side="left")
+    keys = getattr(family, "input_keys", ("input_ids", "attention_mask", "pixel_values", "image_grid_thw",
+                                          "mm_token_type_ids"))
+    inputs = {k: v for k, v in batch.items() if k in keys}
+    with torch.no_grad():
+        output = unwrap(network).generate(**inputs, max_new_tokens=int(max_new_tokens), do_sample=False,
+                                          eos_token_id=processor.eos_token_id, pad_token_id=processor.pad_token_id)
+    return processor.decode(output[0, inputs["input_ids"].shape[1]:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        options = parse_overrides(list(sys.argv[1:] if argv is None else argv),
+                                  {"model": None, "model_path": None, "adapter": None, "run_dir": None,
+                                   "image": None, "prompt": None, "max_new_tokens": 64})
+        if not options["image"] or not options["prompt"]:
+            raise ConfigError("image=<file> and prompt=<question> are required")
+        reply = answer(options["image"], options["prompt"], options["model"], options["adapter"],
+                       options["model_path"], options["run_dir"], options["max_new_tokens"])
+    except ConfigError as err:
+        print(f"vlm_finetune.generate: error: {err}", file=sys.stderr, flush=True)
+        return 2
+    print(reply, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
