@@ -417,3 +417,46 @@ def test_mgm_strategies_build_for_gpu_profiles(trainer, tmp_path):
     else:
         assert isinstance(strategy, DeepSpeedStrategy)
         assert strategy.config["zero_optimization"]["stage"] == int(trainer[4])
+
+
+# -- memory planner -------------------------------------------------------------------------------
+def test_planner_bytes_are_exact_for_tiny_mgm_moe(tmp_path):
+    from vlm_finetune.models.base import parse_trainability
+    from vlm_finetune.plan import plan_memory
+    from vlm_finetune.trainability import apply_trainability, plan_trainability
+
+    plan = plan_memory(["model=tiny_mgm_moe"])
+    cfg = compose_cfg(["model=tiny_mgm_moe"], tmp_path)
+    model = MGM.build_model(cfg.model)
+    model = apply_trainability(model, plan_trainability(MGM, model, parse_trainability(cfg.train), cfg.model, cfg.lora),
+                               cfg.lora)
+    seen, params = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            params += p.numel() * p.element_size()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert plan.total("parameters") == params
+    assert plan.total("gradients") == sum(p.numel() * 4 for p in trainable)
+    assert plan.total("optimizer") == 2 * plan.total("gradients")
+    mining = next(r for r in plan.rows if r.item.startswith("patch info mining"))
+    # 16 CLIP tokens x 16 aux cells x (3 x 120 + 2 x 64) elements per image, 32 images, float32
+    assert mining.bytes == 16 * 16 * (3 * 120 + 2 * 64) * 32 * 4
+
+
+@pytest.mark.slow
+def test_planner_mgm_8x7b_on_six_4090s_gives_a_verdict_and_a_fitting_suggestion(capsys):
+    from vlm_finetune.plan import main, plan_memory
+
+    overrides = ["model=mgm_8x7b", "trainer=zero3", "hardware=6x4090"]
+    assert main(overrides) == 0
+    out = capsys.readouterr().out
+    assert "verdict: DOES NOT FIT" in out and "parameters   llm frozen" in out and "patch info mining" in out
+    plan = plan_memory(overrides)
+    gathered = next(r for r in plan.rows if r.item.startswith("ZeRO-3 gathered"))
+    assert gathered.bytes >= 8 * 3 * 4096 * 14336 * 4  # one whole MoE block (8 experts), float32 here
+    assert plan.suggestions
+    first = plan.suggestions[0]
+    assert first.command in out
+    again = plan_memory(first.overrides, suggest=False)
+    assert again.fits is True

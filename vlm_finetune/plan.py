@@ -544,6 +544,11 @@ def _rows(cfg, dims, count: ModelCount, hardware, strategy: str, stage: int, pre
     total_patches = patches * images * mbs
     rows.append(Row("activations", f"image tokens ({image_tokens * images * mbs} into the LLM)",
                     int(image_tokens * images * mbs * h * a)))
+    mining = int(dims.get("mining_saved_elements_per_image", 0))
+    if mining and (vision_trains or modes[_part("PROJECTOR")] is not Mode.FROZEN):
+        # MGM's patch info mining: trainable projectors over the high-res sub-grids save their inputs
+        rows.append(Row("activations", f"patch info mining saved for backward, {images * mbs} image(s)",
+                        int(mining * images * mbs * a)))
     vision_phase = 0
     if vision_trains:
         vblock = vision_block_bytes_per_patch(dims, a, modes[_part("VISION")] is Mode.FULL) * total_patches

@@ -142,7 +142,10 @@ class MgmFamily:
                               "use precision=bf16-mixed (with trainer=zero3 to shard a large model)")
         attn = model_cfg.get("attn_implementation", "sdpa")
         folder = self.checkpoint_folder(model_cfg)
-        if folder is not None:
+        if device is not None and str(device) == "meta":  # the planner: structure only, no weights read
+            with torch.device("meta"):
+                model = MgmForCausalLM(self.build_config(model_cfg)).to(dtype)
+        elif folder is not None:
             model = checkpoint.load_folder(folder, dtype=dtype, device=device or "cpu")
         else:
             cfg = self.config_from_options(model_cfg)
@@ -211,6 +214,37 @@ class MgmFamily:
         if llm.get("model_type"):
             return llm.get("model_type") == "mixtral"
         return self.build_config(model_cfg).backbone == "mixtral"
+
+    def memory_dims(self, model_cfg: Any, image_size: int) -> dict:
+        """Sizes for the memory planner (keys in models/base.py). The "vision tower" is CLIP (the layers up to the
+        selected one run); MGM's image geometry is fixed by its config, whatever `image_size` is. Patch info
+        mining with trainable projectors saves, per CLIP view, the shared LayerNorm input, both LayerNorm outputs
+        (2880 wide at real size) and the keys and values of its s x s sub-grids:
+        `mining_saved_elements_per_image`."""
+        cfg = self.build_config(model_cfg)
+        text, vision = cfg.text_config, cfg.vision_config
+        heads = int(text.num_attention_heads)
+        head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+        kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+        n_layers = int(vision.num_hidden_layers)
+        clip_layers = cfg.mm_vision_select_layer % (n_layers + 1)
+        p = cfg.patches_per_side
+        sub = (cfg.image_size_aux // 4 // cfg.image_grid // p) ** 2  # aux cells per CLIP token
+        per_view = p * p * sub * (3 * cfg.mm_hidden_size_aux + 2 * cfg.mm_hidden_size)
+        dims = {
+            "hidden": int(text.hidden_size), "layers": int(text.num_hidden_layers),
+            "intermediate": int(text.intermediate_size), "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+            "q_dim": heads * head_dim, "kv_dim": kv_heads * head_dim, "vocab": int(text.vocab_size),
+            "vision_layers": clip_layers, "vision_hidden": int(vision.hidden_size),
+            "vision_intermediate": int(vision.intermediate_size), "vision_heads": int(vision.num_attention_heads),
+            "vision_patches_per_image": (p * p + 1) * cfg.views_per_image,
+            "image_tokens_per_image": cfg.image_tokens, "image_side": cfg.image_size_aux,
+            "mining_saved_elements_per_image": per_view * cfg.views_per_image,
+        }
+        if cfg.backbone == "mixtral":
+            dims.update(experts=int(text.num_local_experts), experts_per_token=int(text.num_experts_per_tok),
+                        moe_intermediate=int(text.intermediate_size), shared_experts=0, moe_layers=dims["layers"])
+        return dims
 
     def save_merged(self, model: nn.Module, folder: Path, processor: MgmProcessor) -> None:
         """A merged model (LoRA folded in) written in MGM's released layout: a drop-in MGM checkpoint folder."""
