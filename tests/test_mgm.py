@@ -460,3 +460,49 @@ def test_planner_mgm_8x7b_on_six_4090s_gives_a_verdict_and_a_fitting_suggestion(
     assert first.command in out
     again = plan_memory(first.overrides, suggest=False)
     assert again.fits is True
+
+
+def test_openclip_convnext_trunk_weights_load_into_the_aux_tower():
+    """OpenCLIP's checkpoint names the trunk `visual.trunk.stem.*` / `visual.trunk.stages.*` (timm's ConvNeXt);
+    its head and the text tower are ignored. (Checked once against timm 1.0.31's convnext_large itself: same
+    196,227,264 parameters, strict load, identical stage features.)"""
+    from vlm_finetune.models.mgm.modeling import ConvNeXtAuxTower
+
+    torch.manual_seed(0)
+    source = ConvNeXtAuxTower([8, 16, 32, 64], [1, 2, 1, 1]).eval()
+    state = {"visual.trunk." + k.replace("vision_stem.", "stem.").replace("vision_stages.", "stages."): v
+             for k, v in source.state_dict().items()}
+    state.update({"visual.trunk.head.norm.weight": torch.ones(64), "visual.head.mlp.fc1.weight": torch.ones(2, 2),
+                  "text.token_embedding.weight": torch.ones(3, 2), "logit_scale": torch.tensor(1.0)})
+    assert "visual.trunk.stages.1.blocks.1.mlp.fc2.weight" in state and "visual.trunk.stem.1.bias" in state
+    target = ConvNeXtAuxTower([8, 16, 32, 64], [1, 2, 1, 1]).eval()
+    checkpoint.load_openclip_convnext(target, state)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(source(x), target(x))
+    del state["visual.trunk.stages.2.blocks.0.gamma"]
+    with pytest.raises(ConfigError, match="vision_stages.2.blocks.0.gamma"):
+        checkpoint.load_openclip_convnext(ConvNeXtAuxTower([8, 16, 32, 64], [1, 2, 1, 1]), state)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tiny_mgm", "tiny_mgm_moe"])
+def test_tiny_mgm_default_recipe_learns_within_five_minutes(name, tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    run_dir = tmp_path / name
+    env = dict(os.environ, VLM_FINETUNE_CACHE=str(tmp_path / "fresh_cache"), PYTHONUNBUFFERED="1")
+    started = time.time()
+    result = subprocess.run([sys.executable, "-m", "vlm_finetune", f"model={name}", f"hydra.run.dir={run_dir}"],
+                            cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True,
+                            timeout=900)
+    elapsed = time.time() - started
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["val_accuracy"] >= 0.9, metrics  # chance is 0.25
+    assert metrics["global_step"] == 1500
+    assert elapsed < 420, elapsed  # 5 minutes on 2 cores is the bound; slack for a loaded CI machine

@@ -61,7 +61,7 @@ def ensure_tiny_checkpoint(cache_dir: str | os.PathLike, model_cfg, build_config
     from omegaconf import OmegaConf
 
     plain = OmegaConf.to_container(model_cfg, resolve=True) if OmegaConf.is_config(model_cfg) else dict(model_cfg)
-    spec = {"kind": "tiny-mgm", "version": 1, **{k: plain.get(k) for k in (
+    spec = {"kind": "tiny-mgm", "version": 3, **{k: plain.get(k) for k in (
         "llm", "vision", "vision_aux", "image_size_aux", "image_grid", "image_global", "template", "vocab_size",
         "init_seed", "projector_type")}}
     target = Path(cache_dir) / f"{plain.get('name', 'tiny_mgm')}-{_fingerprint(spec)}"
@@ -71,15 +71,23 @@ def ensure_tiny_checkpoint(cache_dir: str | os.PathLike, model_cfg, build_config
         from transformers import AutoTokenizer
 
         from vlm_finetune.models.mgm.checkpoint import save_folder
-        from vlm_finetune.models.mgm.modeling import MgmForCausalLM
+        from vlm_finetune.models.mgm.modeling import ClipTower, ConvNeXtAuxTower, MgmForCausalLM
         from vlm_finetune.models.mgm.processor import MgmImages, MgmProcessor
 
         tokenizer = AutoTokenizer.from_pretrained(ensure_tokenizer_folder(cache_dir, int(plain["vocab_size"]),
                                                                           str(plain["template"])))
         config = build_config(model_cfg, tokenizer)
+        seed = int(plain["init_seed"])
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(plain["init_seed"]))
+            torch.manual_seed(seed)
             model = MgmForCausalLM(config)
+            # each tower drawn from its own seed: the same random vision features whatever the LLM
+            # (tiny_mgm and tiny_mgm_moe see images identically)
+            torch.manual_seed(seed + 1)
+            model.model.vision_tower = ClipTower(config.vision_config, config.mm_vision_select_layer,
+                                                 config.mm_vision_select_feature)
+            torch.manual_seed(seed + 2)
+            model.model.vision_tower_aux = ConvNeXtAuxTower(config.aux["dims"], config.aux["depths"])
         save_folder(model, folder / "weights")
         for item in (folder / "weights").iterdir():
             item.rename(folder / item.name)

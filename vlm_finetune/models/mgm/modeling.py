@@ -283,6 +283,8 @@ class MgmForCausalLM(nn.Module):
         self.model.vlm_uni_val_projector = nn.Sequential(nn.LayerNorm(ca), nn.Linear(ca, c))
         self.model.mm_projector = build_projector(config.mm_projector_type, c, text.hidden_size)
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        # as transformers initialises a causal LM's head (PyTorch's default would be ~half as wide)
+        nn.init.normal_(self.lm_head.weight, std=float(getattr(text, "initializer_range", 0.02)))
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
