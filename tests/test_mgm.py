@@ -242,7 +242,7 @@ def test_processor_supervises_only_the_answer_and_expands_images(tmp_path):
     assert enc.num_supervised_tokens == len(supervised)
     prompt = processor.encode(Sample(QA, [image]), for_generation=True).input_ids.tolist()
     assert ids[:len(prompt)] == prompt  # the generation prompt is token for token the training prompt
-    assert enc.image_inputs["images"].shape == (1, 1, 3, 56, 56)
+    assert enc.image_inputs["images"].shape == (1, 1, 3, 112, 112)
     assert enc.image_inputs["images_aux"].shape == (1, 3, 64, 64)
 
 

@@ -193,3 +193,27 @@ def test_cli_exits_2_on_a_corrupt_checkpoint(tmp_path, _asset_cache):
                             env=dict(os.environ, VLM_FINETUNE_CACHE=str(_asset_cache)))
     assert result.returncode == 2, result.stderr[-2000:]
     assert "last.ckpt is corrupt or unreadable" in result.stderr
+
+
+def test_a_warning_that_arrives_while_the_run_starts_is_not_fatal(tmp_path, _asset_cache):
+    """SLURM may send USR1 up to a minute early, while Python is still importing and loading: the process
+    must survive it, save at its first optimizer step and stop; `resume=auto` then finishes the run."""
+    import time
+
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "vlm_finetune", *RESUME, "trainer.max_steps=4", f"hydra.run.dir={run_dir}"]
+    env = dict(os.environ, VLM_FINETUNE_CACHE=str(_asset_cache), PYTHONUNBUFFERED="1")
+    env.pop("SLURM_JOB_ID", None)
+    process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # past `install_early`, long before torch, weights and the training loop
+    process.send_signal(signal.SIGUSR1)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    assert "preemption signal: checkpoint saved at step 1" in out
+    assert not (run_dir / "metrics.json").exists() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+    done = subprocess.run(args + ["resume=auto"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from" in done.stdout
+    import json
+
+    assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 4

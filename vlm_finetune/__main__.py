@@ -4,10 +4,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
+from vlm_finetune.signals import install_early
 
-from vlm_finetune.errors import ConfigError, DataError
+install_early()  # before the slow imports: an early SLURM warning must not kill the process
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from vlm_finetune.errors import ConfigError, DataError  # noqa: E402
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 

@@ -218,9 +218,14 @@ class ResumeCallback(L.Callback):
         self._signal_received = signum
 
     def install_signal_handlers(self) -> None:
+        from vlm_finetune.signals import received
+
         for signum in self.signals:
             self._previous_handlers[signum] = signal.getsignal(signum)
             signal.signal(signum, self._on_signal)
+        early = received()
+        if early in self.signals:  # the warning came while the run was starting: act on it at the first step
+            self._on_signal(early, None)
 
     def restore_signal_handlers(self) -> None:
         for signum, handler in self._previous_handlers.items():

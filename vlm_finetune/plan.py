@@ -79,6 +79,8 @@ class MemoryPlan:
     tokens: int
     notes: list[str] = field(default_factory=list)
     suggestions: list[Suggestion] = field(default_factory=list)
+    parameters: int = 0  # of the model as configured (LoRA included), counted on the meta device
+    trainable_parameters: int = 0
 
     def total(self, category: str | None = None, where: str = "gpu") -> int:
         return sum(r.bytes for r in self.rows if r.where == where and (category is None or r.category == category))
@@ -114,7 +116,9 @@ class MemoryPlan:
                  f"hardware {self.hardware}: {self.world_size} GPU(s), {self.gpu_memory_gib:g} GiB each "
                  f"(budget {self.budget_bytes / GiB:.2f} GiB usable); micro-batch {self.micro_batch_size} x "
                  f"{self.tokens // max(self.micro_batch_size, 1)} tokens; {self.checkpointed_layers} of "
-                 f"{self.num_layers} decoder layers checkpointed", "",
+                 f"{self.num_layers} decoder layers checkpointed",
+                 f"model: {self.parameters / 1e9:.2f} B parameters ({self.parameters:,}), "
+                 f"{self.trainable_parameters:,} trainable; built on the meta device, no weight loaded", "",
                  f"{'category':<12} {'item':<62} {'GiB per GPU':>11}", "-" * 87]
         for row in self.rows:
             if row.where == "gpu" and row.bytes >= 0.005 * GiB:
@@ -407,7 +411,9 @@ def plan_memory(overrides: list[str], seq: int | None = None, image_px: int | No
                      seq * mbs_value, mbs_value, images, ckpt_layers, num_layers)
         phase = rows.pop()  # the last row carries the name of the peak phase
         return MemoryPlan(list(overrides), rows, hardware.name, world, hardware.gpu_memory_gib, phase.item,
-                          ckpt_layers, num_layers, mbs_value, seq * mbs_value, list(notes))
+                          ckpt_layers, num_layers, mbs_value, seq * mbs_value, list(notes),
+                          parameters=sum(g.numel for g in count.groups),
+                          trainable_parameters=sum(g.numel for g in count.groups if g.kind != "frozen"))
 
     if mbs is None:
         mbs = largest_micro_batch(lambda m: build(m, num_layers if ckpt == "auto" else ckpt))

@@ -1,0 +1,29 @@
+"""Preemption warnings that arrive before training has started are remembered, not fatal.
+
+SLURM may deliver its time-limit warning (`--signal=USR1@N`) up to a minute early, i.e. while Python is
+still importing torch or loading weights. Without a handler, SIGUSR1's default action kills the process
+(the job then fails instead of saving and requeueing). `install_early()` runs first thing in
+`python -m vlm_finetune`; the checkpoint callback asks `received()` when it takes over the signals.
+"""
+from __future__ import annotations
+
+import signal
+
+EARLY_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+_received: list[int] = []
+
+
+def _remember(signum, frame) -> None:
+    _received.append(signum)
+
+
+def install_early(signums: tuple[int, ...] = EARLY_SIGNALS) -> None:
+    """Remember these signals until a real handler is installed; handlers someone else set stay."""
+    for signum in signums:
+        if signal.getsignal(signum) in (signal.SIG_DFL, None):
+            signal.signal(signum, _remember)
+
+
+def received() -> int | None:
+    """The first preemption signal that arrived before the training loop's handler, if any."""
+    return _received[0] if _received else None
