@@ -453,6 +453,7 @@ def test_planner_mgm_8x7b_on_six_4090s_gives_a_verdict_and_a_fitting_suggestion(
     out = capsys.readouterr().out
     assert "verdict: DOES NOT FIT" in out and "parameters   llm frozen" in out and "patch info mining" in out
     plan = plan_memory(overrides)
+    assert 46.5e9 < plan.parameters < 47.6e9 and f"model: {plan.parameters / 1e9:.2f} B parameters" in out
     gathered = next(r for r in plan.rows if r.item.startswith("ZeRO-3 gathered"))
     assert gathered.bytes >= 8 * 3 * 4096 * 14336 * 4  # one whole MoE block (8 experts), float32 here
     assert plan.suggestions
