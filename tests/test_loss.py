@@ -53,3 +53,40 @@ def test_some_rows_masked_match_reference():
     total, count = cross_entropy_sum(h, w, labels, chunk_size=5)
     assert count == ref_count
     torch.testing.assert_close(total, ref_sum, rtol=1e-5, atol=1e-5)
+
+
+def test_a_zero3_partitioned_frozen_head_is_gathered_for_the_loss(monkeypatch):
+    """Under ZeRO-3 the head's weight is an empty placeholder outside its forward; the loss must read a
+    gathered copy (DeepSpeed's GatheredParameters, faked here: there is no GPU) and never the placeholder."""
+    import contextlib
+    import sys
+    import types
+
+    from vlm_finetune.module import head_weight
+
+    full = torch.randn(7, 4)
+    head = torch.nn.Linear(4, 7, bias=False)
+    head.weight.requires_grad_(False)
+    with torch.no_grad():
+        head.weight.data = torch.empty(0)  # what a partitioned parameter holds between gathers
+    head.weight.ds_id = 3
+    gathered = []
+
+    @contextlib.contextmanager
+    def gathered_parameters(params, modifier_rank=None):
+        gathered.append(params)
+        saved = params[0].data
+        params[0].data = full
+        yield
+        params[0].data = saved
+
+    fake = types.SimpleNamespace(zero=types.SimpleNamespace(GatheredParameters=gathered_parameters))
+    monkeypatch.setitem(sys.modules, "deepspeed", fake)
+    weight = head_weight(head)
+    assert torch.equal(weight, full) and gathered == [[head.weight]]
+    assert head.weight.numel() == 0  # partitioned again after the gather
+    head.weight.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="keep lm_head frozen"):
+        head_weight(head)
+    plain = torch.nn.Linear(4, 7, bias=False)
+    assert head_weight(plain) is plain.weight  # no DeepSpeed: the parameter itself

@@ -60,8 +60,25 @@ def batch_loss_sum(family, model: nn.Module, batch: dict, impl: str = "chunked",
     base = unwrap(model)
     hidden = family.hidden_states(base, batch)
     head = family.output_embedding(base)
-    return token_loss_sum(hidden, head.weight, batch["labels"], getattr(head, "bias", None), impl=impl,
+    return token_loss_sum(hidden, head_weight(head), batch["labels"], getattr(head, "bias", None), impl=impl,
                           chunk_size=chunk_size)
+
+
+def head_weight(head: nn.Module) -> torch.Tensor:
+    """The output projection's weight, whole. The loss reads it outside the head's forward, where DeepSpeed
+    ZeRO-3 has it partitioned (an empty placeholder on each rank): a frozen head is gathered into a full
+    copy for this micro-batch (held until its backward, like one gathered layer); a trained head under
+    ZeRO-3 is not supported by the chunked loss."""
+    weight = head.weight
+    if not hasattr(weight, "ds_id"):
+        return weight
+    if weight.requires_grad:
+        raise RuntimeError("a trained output head under DeepSpeed ZeRO-3 cannot feed the chunked loss; keep "
+                           "lm_head frozen (train.llm=lora) or use trainer=zero2 / fsdp")
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
+        return weight.detach().clone()
 
 
 class VLMModule(L.LightningModule):
