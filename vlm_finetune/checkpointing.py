@@ -252,7 +252,7 @@ class ResumeCallback(L.Callback):
     def save(self, trainer) -> None:
         for logger in trainer.loggers:  # the CSV holds every step up to the checkpoint
             logger.save()
-        trainer.save_checkpoint(str(self.last_path))
+        trainer.save_checkpoint(str(self.last_path), weights_only=False)  # the full state: optimizer, loops, callbacks
         self._last_saved_step = trainer.global_step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:

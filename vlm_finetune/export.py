@@ -20,20 +20,9 @@ import torch
 from omegaconf import OmegaConf
 
 from vlm_finetune.errors import ConfigError
+from vlm_finetune.train import replace_folder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _replace_folder(tmp: Path, folder: Path) -> None:
-    """Move a finished temporary folder to `folder`; an existing one is swapped out, then removed."""
-    if folder.exists():
-        old = folder.with_name(folder.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(folder)
 
 
 def _run_config(run_dir: Path):
@@ -106,7 +95,7 @@ def export(run_dir: str | Path, merge: bool = False, out: str | Path | None = No
             else:
                 model.save_pretrained(str(tmp), safe_serialization=True)
                 processor.save_pretrained(str(tmp))
-        _replace_folder(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

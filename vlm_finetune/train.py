@@ -50,6 +50,21 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def replace_folder(tmp: Path, folder: Path) -> None:
+    """Move a finished temporary folder to `folder` (same file system); an existing one is swapped out,
+    then removed, so that `folder` is always either the old complete folder or the new one."""
+    import shutil
+
+    if folder.exists():
+        old = folder.with_name(folder.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, folder)
+
+
 def _quiet_known_noise() -> None:
     """Silence warnings that are expected here, so that what is printed is worth reading."""
     import warnings
@@ -240,15 +255,7 @@ def save_adapter(model, plan, processor, folder: Path) -> None:
         if trainables:
             save_file(trainables, str(tmp / "non_lora_trainables.safetensors"))
         processor.save_pretrained(str(tmp))
-        if folder.exists():
-            old = folder.with_name(folder.name + ".old")
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            import shutil
-
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
+        replace_folder(tmp, folder)
     except BaseException:
         import shutil
 

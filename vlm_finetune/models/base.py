@@ -71,6 +71,20 @@ class EncodedSample:
     truncated: bool = False
 
 
+def pad_encoded(encoded: list[EncodedSample], pad_token_id: int, padding_side: str = "right",
+                ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, labels) of a batch, padded on `padding_side` (left for generation)."""
+    length = max(e.input_ids.numel() for e in encoded)
+    input_ids = torch.full((len(encoded), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(encoded), length), ignore_index, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), length), dtype=torch.long)
+    for row, e in enumerate(encoded):
+        n = e.input_ids.numel()
+        span = slice(0, n) if padding_side == "right" else slice(length - n, length)
+        input_ids[row, span], labels[row, span], attention_mask[row, span] = e.input_ids, e.labels, 1
+    return input_ids, attention_mask, labels
+
+
 class FamilyProcessor(Protocol):
     """Turns Samples into model inputs and generated ids back into text."""
 

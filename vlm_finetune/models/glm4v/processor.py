@@ -5,7 +5,7 @@ import torch
 
 from vlm_finetune.data.sample import IMAGE_PLACEHOLDER, Sample
 from vlm_finetune.errors import DataError
-from vlm_finetune.models.base import EncodedSample, SampleTooLong
+from vlm_finetune.models.base import EncodedSample, SampleTooLong, pad_encoded
 
 IGNORE_INDEX = -100
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
@@ -97,17 +97,7 @@ class Glm4vProcessor:
 
     # -- batching -------------------------------------------------------------------------------
     def collate(self, encoded: list[EncodedSample], padding_side: str = "right") -> dict[str, torch.Tensor]:
-        length = max(e.input_ids.numel() for e in encoded)
-        batch_size = len(encoded)
-        input_ids = torch.full((batch_size, length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
-        for row, e in enumerate(encoded):
-            n = e.input_ids.numel()
-            span = slice(0, n) if padding_side == "right" else slice(length - n, length)
-            input_ids[row, span] = e.input_ids
-            labels[row, span] = e.labels
-            attention_mask[row, span] = 1
+        input_ids, attention_mask, labels = pad_encoded(encoded, self.pad_token_id, padding_side, IGNORE_INDEX)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
                  # 1 marks image positions: GLM-4V's M-RoPE needs it whenever images are present
                  "mm_token_type_ids": (input_ids == self.image_token_id).to(torch.int32) * attention_mask.to(torch.int32)}

@@ -9,7 +9,6 @@ Mixtral is the one backbone whose layout transformers 5 changed: released checkp
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -338,13 +337,9 @@ def save_folder(model: MgmForCausalLM, folder: Path, state: dict[str, torch.Tens
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
     try:
         write_weights(model, tmp, state, max_shard_bytes, dtype)
-        if folder.exists():
-            old = folder.with_name(folder.name + ".old")
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
+        from vlm_finetune.train import replace_folder
+
+        replace_folder(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

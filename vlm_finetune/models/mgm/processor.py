@@ -17,7 +17,7 @@ from PIL import Image
 
 from vlm_finetune.data.sample import IMAGE_PLACEHOLDER, Sample
 from vlm_finetune.errors import DataError
-from vlm_finetune.models.base import EncodedSample, SampleTooLong
+from vlm_finetune.models.base import EncodedSample, SampleTooLong, pad_encoded
 from vlm_finetune.models.mgm.modeling import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN_INDEX
 from vlm_finetune.models.mgm.templates import get_template
 
@@ -134,14 +134,7 @@ class MgmProcessor:
                              num_supervised_tokens=int((labels_t[1:] != IGNORE_INDEX).sum()), truncated=truncated)
 
     def collate(self, encoded: list[EncodedSample], padding_side: str = "right") -> dict[str, torch.Tensor]:
-        length = max(e.input_ids.numel() for e in encoded)
-        input_ids = torch.full((len(encoded), length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(encoded), length), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(encoded), length), dtype=torch.long)
-        for row, e in enumerate(encoded):
-            n = e.input_ids.numel()
-            span = slice(0, n) if padding_side == "right" else slice(length - n, length)
-            input_ids[row, span], labels[row, span], attention_mask[row, span] = e.input_ids, e.labels, 1
+        input_ids, attention_mask, labels = pad_encoded(encoded, self.pad_token_id, padding_side, IGNORE_INDEX)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         with_images = [e.image_inputs for e in encoded if e.image_inputs]
         if with_images:
