@@ -507,3 +507,20 @@ def test_tiny_mgm_default_recipe_learns_within_five_minutes(name, tmp_path):
     assert metrics["val_accuracy"] >= 0.9, metrics  # chance is 0.25
     assert metrics["global_step"] == 1500
     assert elapsed < 420, elapsed  # 5 minutes on 2 cores is the bound; slack for a loaded CI machine
+
+
+@pytest.mark.parametrize("name,llm_billions,template", [
+    ("mgm_2b", 2.506, "gemma"), ("mgm_7b", 6.738, "vicuna_v1"), ("mgm_13b", 13.016, "vicuna_v1"),
+    ("mgm_34b", 34.389, "chatml_direct"), ("mgm_8x7b", 46.703, "mistral_instruct")])
+def test_real_size_configs_build_their_published_llm_sizes_on_meta(name, llm_billions, template):
+    """Each released MGM's LLM at its published size (Gemma-2B, Vicuna-7B/13B, Yi-34B, Mixtral-8x7B), the
+    shared towers beside it, its template, and its HD variant with 2880 image tokens."""
+    _, config = _config(name)
+    with torch.device("meta"):
+        model = MgmForCausalLM(config)
+    towers = ("vision_tower", "vlm_uni", "mm_projector")
+    llm = sum(p.numel() for n, p in model.named_parameters() if not any(t in n for t in towers))
+    assert llm / 1e9 == pytest.approx(llm_billions, abs=0.001)
+    assert sum(p.numel() for p in model.model.vision_tower.parameters()) == 303_507_456  # CLIP ViT-L/14-336
+    assert config.template == template and config.image_tokens == 576
+    assert _config(f"{name}_hd")[1].image_tokens == 2880
