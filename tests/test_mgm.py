@@ -524,3 +524,15 @@ def test_real_size_configs_build_their_published_llm_sizes_on_meta(name, llm_bil
     assert sum(p.numel() for p in model.model.vision_tower.parameters()) == 303_507_456  # CLIP ViT-L/14-336
     assert config.template == template and config.image_tokens == 576
     assert _config(f"{name}_hd")[1].image_tokens == 2880
+
+
+def test_bf16_mixed_keeps_a_bf16_base_with_float32_trainables(tmp_path):
+    from vlm_finetune.train import train
+
+    metrics, objects = train(compose_cfg(["model=tiny_mgm_moe", "precision=bf16-mixed", *FAST, "trainer.max_steps=3",
+                                          "eval.generate=false"], tmp_path))
+    assert metrics["global_step"] == 3 and math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["val_loss"])
+    model = objects["module"].model
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trained == {torch.float32}
