@@ -536,3 +536,36 @@ def test_bf16_mixed_keeps_a_bf16_base_with_float32_trainables(tmp_path):
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
     trained = {p.dtype for p in model.parameters() if p.requires_grad}
     assert frozen == {torch.bfloat16} and trained == {torch.float32}
+
+
+def test_a_released_style_config_without_our_fields_resolves_the_released_towers():
+    """A config.json as MGM's training writes it (no vision_config / vision_aux_config / template): the
+    tower paths name CLIP ViT-L/14-336 and OpenCLIP ConvNeXt-L, the template follows the LLM."""
+    raw = {
+        "architectures": ["MGMGemmaForCausalLM"], "model_type": "mgm_gemma", "vocab_size": 256000,
+        "hidden_size": 2048, "intermediate_size": 16384, "num_hidden_layers": 18, "num_attention_heads": 8,
+        "num_key_value_heads": 1, "head_dim": 256, "max_position_embeddings": 8192, "rms_norm_eps": 1e-6,
+        "hidden_act": "gelu", "torch_dtype": "bfloat16", "use_cache": True,
+        "mm_vision_tower": "model_zoo/OpenAI/clip-vit-large-patch14-336",
+        "mm_vision_tower_aux": "model_zoo/OpenAI/openclip-convnext-large-d-320-laion2B-s29B-b131K-ft-soup",
+        "mm_hidden_size": 1024, "mm_hidden_size_aux": 2880, "mm_projector_type": "mlp2x_gelu",
+        "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "image_size_aux": 768,
+        "image_grid": 1, "image_global": False, "image_aspect_ratio": "pad", "mm_use_im_start_end": False,
+        "tokenizer_model_max_length": 2048, "tokenizer_padding_side": "right", "use_mm_proj": True,
+        "optimize_vision_tower": False, "optimize_vision_tower_aux": False, "mm_projector_lr": None,
+    }
+    cfg = checkpoint.config_from_dict(raw)
+    assert cfg.backbone == "gemma" and cfg.template == "gemma"
+    assert cfg.vision_config.hidden_size == 1024 and cfg.vision_config.image_size == 336
+    assert cfg.aux["dims"] == [192, 384, 768, 1536] and cfg.image_tokens == 576
+    assert cfg.text_config.num_key_value_heads == 1 and cfg.text_config.vocab_size == 256000
+    with torch.device("meta"):
+        model = MgmForCausalLM(cfg)
+    assert 3.0e9 < sum(p.numel() for p in model.parameters()) < 3.05e9
+    written = checkpoint.config_to_dict(cfg)  # exported back: MGM's fields and values kept
+    for key in ("model_type", "mm_hidden_size_aux", "image_size_aux", "mm_vision_tower", "mm_vision_tower_aux",
+                "tokenizer_model_max_length"):
+        assert written[key] == raw[key], key
+    bad = dict(raw, mm_hidden_size_aux=1234)
+    with pytest.raises(ConfigError, match="mm_hidden_size_aux=1234"):
+        checkpoint.config_from_dict(bad)
