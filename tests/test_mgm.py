@@ -569,3 +569,25 @@ def test_a_released_style_config_without_our_fields_resolves_the_released_towers
     bad = dict(raw, mm_hidden_size_aux=1234)
     with pytest.raises(ConfigError, match="mm_hidden_size_aux=1234"):
         checkpoint.config_from_dict(bad)
+
+
+def test_generate_greedy_and_sampled():
+    """Greedy decoding equals sampling at a temperature that leaves one choice; seeded sampling repeats;
+    the prompt comes back first and new ids lie in the vocabulary."""
+    model = _model(seed=5)
+    images, aux = _images(model, n=2)
+    ids = torch.randint(0, 300, (2, 4 + model.config.image_tokens))
+    ids[:, 1:1 + model.config.image_tokens] = IMAGE_TOKEN_INDEX
+    mask = torch.ones_like(ids)
+    greedy = model.generate(ids, mask, images, aux, max_new_tokens=5, eos_token_id=[], pad_token_id=0)
+    assert greedy.shape == (2, ids.shape[1] + 5) and torch.equal(greedy[:, :ids.shape[1]], ids)
+    cold = model.generate(ids, mask, images, aux, max_new_tokens=5, do_sample=True, temperature=1e-4,
+                          eos_token_id=[], pad_token_id=0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(cold, greedy)
+    draws = [model.generate(ids, mask, images, aux, max_new_tokens=5, do_sample=True, temperature=5.0, eos_token_id=[],
+                            pad_token_id=0, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(draws[0], draws[1])
+    new = draws[0][:, ids.shape[1]:]
+    assert ((new >= 0) & (new < model.config.text_config.vocab_size)).all()
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(ids, mask, images, aux, do_sample=True, temperature=0.0)

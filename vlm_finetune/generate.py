@@ -76,9 +76,7 @@ def answer(image: str | Path, prompt: str, model: str | None = None, adapter: st
     sample = Sample([Message("user", text), Message("assistant", "")], [picture])
     encoded = processor.encode(sample, None, for_generation=True)
     batch = processor.collate([encoded], padding_side="left")
-    keys = getattr(family, "input_keys", ("input_ids", "attention_mask", "pixel_values", "image_grid_thw",
-                                          "mm_token_type_ids"))
-    inputs = {k: v for k, v in batch.items() if k in keys}
+    inputs = {k: v for k, v in batch.items() if k in family.input_keys}
     with torch.no_grad():
         output = unwrap(network).generate(**inputs, max_new_tokens=int(max_new_tokens), do_sample=False,
                                           eos_token_id=processor.eos_token_id, pad_token_id=processor.pad_token_id)

@@ -216,12 +216,12 @@ class VLMModule(L.LightningModule):
     def generate(self, prompt_batch: dict) -> list[str]:
         """Greedy answers for a left-padded prompt batch."""
         base = unwrap(self.model)
-        keys = getattr(self.family, "input_keys",
-                       ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids"))
-        inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in prompt_batch.items() if k in keys}
-        for key in ("pixel_values", "images", "images_aux"):  # image tensors in the weights' dtype
-            if key in inputs:
-                inputs[key] = inputs[key].to(next(base.parameters()).dtype)
+        dtype = next(base.parameters()).dtype
+        inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in prompt_batch.items()
+                  if k in self.family.input_keys}
+        for key, value in inputs.items():  # image tensors in the weights' dtype
+            if torch.is_tensor(value) and value.is_floating_point():
+                inputs[key] = value.to(dtype)
         output = base.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
                                eos_token_id=self.processor.eos_token_id, pad_token_id=self.processor.pad_token_id)
         new_tokens = output[:, inputs["input_ids"].shape[1]:]

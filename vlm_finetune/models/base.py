@@ -110,6 +110,8 @@ class ModelFamily(Protocol):
     """What a model family declares to the framework."""
 
     name: str
+    #: batch keys the model's forward and generate take (the rest of a batch is for the loss and metrics)
+    input_keys: tuple[str, ...]
     #: module classes of the LLM decoder layers and vision blocks (wrapping, checkpointing)
     decoder_layer_classes: tuple[type[nn.Module], ...]
     vision_block_classes: tuple[type[nn.Module], ...]

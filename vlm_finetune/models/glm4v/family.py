@@ -52,6 +52,7 @@ def apply_liger_kernels(model: nn.Module) -> None:
 
 class Glm4vFamily:
     name = "glm4v"
+    input_keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 
     @property
     def decoder_layer_classes(self) -> tuple[type[nn.Module], ...]:
@@ -238,8 +239,7 @@ class Glm4vFamily:
         raise ConfigError(f"train.{part.value}=lora is not supported for GLM-4V; use frozen or full")
 
     def hidden_states(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.items() if k in
-                  ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")}
+        inputs = {k: v for k, v in batch.items() if k in self.input_keys}
         return model.model(**inputs, use_cache=False).last_hidden_state
 
     def output_embedding(self, model: nn.Module) -> nn.Module:

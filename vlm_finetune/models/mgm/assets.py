@@ -23,6 +23,15 @@ TOKEN_ROLES = {
 }
 
 
+def plain_dict(cfg) -> dict:
+    """A config node (or mapping) as a plain resolved dict; None -> {}."""
+    from omegaconf import OmegaConf
+
+    if cfg is None:
+        return {}
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+
+
 def ensure_tokenizer_folder(cache_dir: str | os.PathLike, vocab_size: int, template: str) -> Path:
     """A byte-level BPE tokenizer with the special tokens of MGM's templates, bos/eos/pad as `template`'s LLM."""
     if template not in TOKEN_ROLES:
@@ -58,9 +67,7 @@ def ensure_tokenizer_folder(cache_dir: str | os.PathLike, vocab_size: int, templ
 def ensure_tiny_checkpoint(cache_dir: str | os.PathLike, model_cfg, build_config) -> Path:
     """A complete tiny MGM folder in the released layout: config.json, model.safetensors, tokenizer,
     preprocessor_config.json. `build_config(model_cfg, tokenizer)` gives the MgmConfig."""
-    from omegaconf import OmegaConf
-
-    plain = OmegaConf.to_container(model_cfg, resolve=True) if OmegaConf.is_config(model_cfg) else dict(model_cfg)
+    plain = plain_dict(model_cfg)
     spec = {"kind": "tiny-mgm", "version": 3, **{k: plain.get(k) for k in (
         "llm", "vision", "vision_aux", "image_size_aux", "image_grid", "image_global", "template", "vocab_size",
         "init_seed", "projector_type")}}

@@ -13,7 +13,6 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -358,15 +357,3 @@ def load_openclip_convnext(tower: nn.Module, state: dict[str, torch.Tensor]) -> 
     result = tower.load_state_dict(mapped, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise MissingKeys(list(result.missing_keys), list(result.unexpected_keys))
-
-
-def parameter_count(cfg: MgmConfig) -> int:
-    """Parameters of the model a config describes, counted on the meta device (no memory)."""
-    with torch.device("meta"):
-        model = MgmForCausalLM(cfg)
-    return sum(p.numel() for p in model.parameters())
-
-
-def describe(cfg: MgmConfig) -> dict[str, Any]:
-    return {"backbone": cfg.backbone, "template": cfg.template, "image_tokens": cfg.image_tokens,
-            "image_size_aux": cfg.image_size_aux, "image_grid": cfg.image_grid, "image_global": cfg.image_global}

@@ -28,14 +28,6 @@ VISION_LORA_PATTERN = (r".*vision_tower\.vision_tower\.vision_model\.encoder\.la
                        r"(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))")
 
 
-def _plain(cfg: Any) -> dict:
-    from omegaconf import OmegaConf
-
-    if cfg is None:
-        return {}
-    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
-
-
 class MgmFamily:
     name = "mgm"
     input_keys = ("input_ids", "attention_mask", "images", "images_aux")
@@ -67,7 +59,7 @@ class MgmFamily:
         """MgmConfig from the `model=` YAML (`llm`, `vision`, `vision_aux`, image and template options)."""
         from transformers import CLIPVisionConfig
 
-        llm = _plain(model_cfg.get("llm"))
+        llm = assets.plain_dict(model_cfg.get("llm"))
         if "model_type" not in llm:
             raise ConfigError(f"model.llm must name the backbone: model.llm.model_type=gemma|llama|mistral|mixtral "
                               f"(model={model_cfg.get('name')})")
@@ -77,7 +69,7 @@ class MgmFamily:
             llm.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
         text = checkpoint.text_config_for(model_type, llm)
-        vision = _plain(model_cfg.get("vision")) or dict(CLIP_L_336)
+        vision = assets.plain_dict(model_cfg.get("vision")) or dict(CLIP_L_336)
         aux = model_cfg.get("vision_aux", "convnext_large_d_320")
         if isinstance(aux, str):
             if aux not in CONVNEXT:
@@ -85,7 +77,7 @@ class MgmFamily:
                                   "{dims: [...], depths: [...]}")
             aux = dict(CONVNEXT[aux])
         else:
-            aux = _plain(aux)
+            aux = assets.plain_dict(aux)
         vision_config = CLIPVisionConfig(**vision)
         cfg = MgmConfig(
             text_config=text, vision_config=vision_config, aux=aux, mm_hidden_size=vision_config.hidden_size,

@@ -363,10 +363,12 @@ class MgmForCausalLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: torch.Tensor | None = None,
                  images_aux: torch.Tensor | None = None, max_new_tokens: int = 16, do_sample: bool = False,
-                 eos_token_id: int | list[int] | None = None, pad_token_id: int = 0, **_: Any) -> torch.Tensor:
-        """Greedy decoding with the backbone's KV cache for a left-padded batch; returns prompt + new ids."""
-        if do_sample:
-            raise NotImplementedError("MGM generation here is greedy (do_sample=False)")
+                 temperature: float = 1.0, eos_token_id: int | list[int] | None = None, pad_token_id: int = 0,
+                 generator: torch.Generator | None = None, **_: Any) -> torch.Tensor:
+        """Decoding with the backbone's KV cache for a left-padded batch: greedy, or with `do_sample` drawn from
+        softmax(logits / temperature) (`generator` makes it reproducible). Returns prompt + new ids."""
+        if do_sample and temperature <= 0:
+            raise ValueError(f"temperature={temperature} must be > 0 when sampling; use do_sample=False for greedy")
         stops = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
                              device=input_ids.device, dtype=torch.long)
         embeds = self.embed(input_ids, images, images_aux)
@@ -378,7 +380,12 @@ class MgmForCausalLM(nn.Module):
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         new = []
         for _ in range(max_new_tokens):
-            token = self.lm_head(last).argmax(-1)
+            logits = self.lm_head(last).float()
+            if do_sample:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            else:
+                token = logits.argmax(-1)
             token = torch.where(done, torch.full_like(token, pad_token_id), token)
             new.append(token)
             done |= torch.isin(token, stops)
@@ -394,6 +401,3 @@ class MgmForCausalLM(nn.Module):
     # -- conveniences the framework uses --------------------------------------------------------
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())

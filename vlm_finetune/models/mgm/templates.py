@@ -71,11 +71,16 @@ def _vicuna(t: Template, system, turns, gen):
     return segments
 
 
+def _fold_system(system, turns):
+    """Templates without a system slot (gemma, mistral_instruct) put a given system text before the first question."""
+    if system and turns:
+        return [(f"{system}\n\n{turns[0][0]}", turns[0][1])] + list(turns[1:])
+    return turns
+
+
 def _gemma(t: Template, system, turns, gen):
     segments = []
-    for n, (user, answer) in enumerate(turns):
-        if n == 0 and system:
-            user = f"{system}\n\n{user}"
+    for user, answer in _fold_system(system, turns):
         segments.append((f"<start_of_turn>user\n{user}<end_of_turn>\n<start_of_turn>model\n", False))
         if answer is not None:
             segments.append((f"{answer}<end_of_turn>\n<eos>", True))
@@ -97,9 +102,7 @@ def _llama3(t: Template, system, turns, gen):
 
 def _mistral(t: Template, system, turns, gen):
     segments = []
-    for n, (user, answer) in enumerate(turns):
-        if n == 0 and system:
-            user = f"{system}\n\n{user}"
+    for n, (user, answer) in enumerate(_fold_system(system, turns)):
         segments.append((("" if n == 0 else "<s>") + f"[INST] {user} [/INST]", False))
         if answer is not None:
             segments.append((f" {answer} </s>", True))
