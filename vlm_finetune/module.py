@@ -9,6 +9,7 @@ from typing import Any, Callable
 import lightning as L
 import torch
 import torchmetrics
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import nn
 
 from vlm_finetune.loss import token_loss_sum
@@ -76,7 +77,14 @@ def head_weight(head: nn.Module) -> torch.Tensor:
         raise RuntimeError("a trained output head under DeepSpeed ZeRO-3 cannot feed the chunked loss; keep "
                            "lm_head frozen (train.llm=lora) or use trainer=zero2 / fsdp")
     import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
+    if getattr(weight, "ds_persist", False):  # below the persistence threshold: never partitioned
+        return weight.detach()
+    if weight.ds_status == ZeroParamStatus.AVAILABLE:
+        # gathered by a module that is still active (a head tied to the input embedding): copy it, since
+        # DeepSpeed frees it when that module is done; gathering again would free it under the module
+        return weight.detach().clone()
     with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
         return weight.detach().clone()
 
@@ -161,7 +169,7 @@ class VLMModule(L.LightningModule):
         # Lightning divides by `accumulate` and DDP averages over ranks: undo both so the step's gradient
         # is d(sum of every supervised token's loss)/d(theta) / (supervised tokens of the global step).
         scale = accumulate * world / max(step_tokens, 1.0)
-        if type(self.trainer.strategy).__name__ == "DeepSpeedStrategy" and accumulate > 1:
+        if isinstance(self.trainer.strategy, DeepSpeedStrategy) and accumulate > 1:
             # DeepSpeed's engine.backward divides by gradient_accumulation_steps once more
             scale *= accumulate
         self._step_loss += float(loss_sum.detach()) / max(step_tokens, 1.0)
@@ -222,13 +230,17 @@ class VLMModule(L.LightningModule):
         for key, value in inputs.items():  # image tensors in the weights' dtype
             if torch.is_tensor(value) and value.is_floating_point():
                 inputs[key] = value.to(dtype)
+        # under ZeRO-3 every forward gathers parameters collectively: ranks keep stepping until all are done
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        synced = (isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3 and strategy.world_size > 1)
         output = base.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
-                               eos_token_id=self.processor.eos_token_id, pad_token_id=self.processor.pad_token_id)
+                               eos_token_id=self.processor.eos_token_id, pad_token_id=self.processor.pad_token_id,
+                               synced_gpus=synced)
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
         return [self.processor.decode(row) for row in new_tokens]
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        if gradient_clip_val and type(self.trainer.strategy).__name__ == "FSDPStrategy":
+        if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy):
             # clipping by norm must see every shard: FSDP's root module computes the global norm
             self.trainer.strategy.model.clip_grad_norm_(float(gradient_clip_val))
             return

@@ -20,10 +20,10 @@ def check_combination(trainer_cfg: Any, hardware: Hardware, precision: str) -> N
     if strategy == "single" and hardware.world_size > 1:
         raise ConfigError(f"trainer=single runs one process, but hardware={hardware.name} has {hardware.world_size} "
                           "devices; use trainer=ddp (model fits on one GPU) or trainer=zero3 / trainer=fsdp (it does not)")
-    if strategy in SHARDED and hardware.accelerator != "gpu":
-        raise ConfigError(f"trainer={trainer_cfg.get('name', strategy)} shards the model across GPUs and needs "
-                          f"hardware with GPUs (hardware={hardware.name} has none); on the CPU use trainer=single or "
-                          "trainer=ddp")
+    if strategy == "fsdp" and hardware.accelerator != "gpu":
+        raise ConfigError(f"trainer=fsdp needs GPUs: PyTorch's FSDP does not run on CPU processes "
+                          f"(hardware={hardware.name} has no GPU). On the CPU use trainer=single or trainer=ddp, or "
+                          "trainer=zero2 / trainer=zero3 to rehearse a sharded run with DeepSpeed's CPU backend")
     if precision == "nf4":
         if hardware.accelerator != "gpu":
             raise ConfigError("precision=nf4 (QLoRA) needs a CUDA GPU for bitsandbytes' 4-bit kernels")
@@ -42,8 +42,10 @@ def check_combination(trainer_cfg: Any, hardware: Hardware, precision: str) -> N
         raise ConfigError("trainer.offload_parameters=true needs ZeRO stage 3 (trainer=zero3_offload)")
 
 
-def deepspeed_config(trainer_cfg: Any, precision: str, accumulate: int, micro_batch_size: int) -> dict:
+def deepspeed_config(trainer_cfg: Any, precision: str, accumulate: int, micro_batch_size: int,
+                     on_gpu: bool = True) -> dict:
     """The ZeRO config generated from the trainer profile."""
+    pin = on_gpu  # pinned host buffers speed up GPU<->CPU copies; there are none on CPU processes
     stage = int(trainer_cfg.zero_stage)
     zero: dict[str, Any] = {
         "stage": stage,
@@ -53,7 +55,7 @@ def deepspeed_config(trainer_cfg: Any, precision: str, accumulate: int, micro_ba
         "allgather_bucket_size": int(float(trainer_cfg.allgather_bucket_size)),
     }
     if trainer_cfg.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
     if stage == 3:
         zero.update({
             "stage3_prefetch_bucket_size": int(float(trainer_cfg.stage3_prefetch_bucket_size)),
@@ -63,7 +65,7 @@ def deepspeed_config(trainer_cfg: Any, precision: str, accumulate: int, micro_ba
             "stage3_gather_16bit_weights_on_model_save": False,
         })
         if trainer_cfg.offload_parameters:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+            zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
     # gradient_accumulation_steps and gradient_clipping are filled in by Lightning from the Trainer
     config = {
         "zero_optimization": zero,
@@ -109,12 +111,42 @@ def build_strategy(cfg: Any, family: Any, hardware: Hardware):
             limit_all_gathers=True,
             state_dict_type="full",
         )
-    from lightning.pytorch.strategies import DeepSpeedStrategy
+    on_gpu = hardware.accelerator == "gpu"
+    config = deepspeed_config(t, precision, int(t.accumulate_grad_batches), int(cfg.data.micro_batch_size), on_gpu)
+    if on_gpu:
+        from lightning.pytorch.strategies import DeepSpeedStrategy
 
-    config = deepspeed_config(t, precision, int(t.accumulate_grad_batches), int(cfg.data.micro_batch_size))
-    return DeepSpeedStrategy(config=config)
+        return DeepSpeedStrategy(config=config)
+    return cpu_deepspeed_strategy(config)
 
 
-def zero3_leaf_classes(family: Any) -> tuple[type, ...]:
-    """Modules DeepSpeed ZeRO-3 must gather whole (MoE blocks: their experts fire data-dependently)."""
-    return tuple(getattr(family, "zero3_leaf_classes", ()) or ())
+def cpu_deepspeed_strategy(config: dict):
+    """DeepSpeed ZeRO on CPU processes (DeepSpeed's CPU accelerator, gloo): the same partitioning, gathers,
+    leaf modules and adapter consolidation as on GPUs, so a sharded configuration can be rehearsed with a
+    tiny model on a laptop or in CI. Lightning allows DeepSpeed on CUDA only; this subclass lifts that check."""
+    import torch
+    from lightning.fabric.utilities.seed import reset_seed
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+    class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+        def setup_environment(self) -> None:
+            from deepspeed.accelerator import get_accelerator
+
+            found = get_accelerator().device_name()
+            if found != "cpu":  # DeepSpeed picks its accelerator once per process, from what it detects
+                raise ConfigError(f"hardware=cpu asks for CPU processes, but DeepSpeed chose its {found!r} "
+                                  "accelerator on this machine; use a GPU hardware profile (hardware=auto), or "
+                                  "set DS_ACCELERATOR=cpu to rehearse the run on CPU processes")
+            DDPStrategy.setup_environment(self)  # skips DeepSpeedStrategy's CUDA-only check
+
+        def setup_distributed(self) -> None:  # without the check that devices are GPU indices
+            reset_seed()
+            self.set_world_ranks()
+            self._init_deepspeed_distributed()
+
+        @property
+        def root_device(self):
+            # Lightning hands DeepSpeed the device index as its device rank; give CPU devices the local rank
+            return torch.device("cpu", self.local_rank)
+
+    return CPUDeepSpeedStrategy(config=config, process_group_backend="gloo")

@@ -161,15 +161,16 @@ def full_trainable_parameters(trainer, module):
     """Inside this context the trainable weights are whole on every rank, whatever the sharding:
     ZeRO-3 gathers them, FSDP summons full parameters; other strategies hold them whole already.
     Every rank must enter it (the gathers are collective)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
     strategy = trainer.strategy
-    kind = type(strategy).__name__
-    if kind == "DeepSpeedStrategy" and strategy.config["zero_optimization"]["stage"] == 3:
+    if isinstance(strategy, DeepSpeedStrategy) and strategy.config["zero_optimization"]["stage"] == 3:
         import deepspeed
 
         params = [p for p in module.parameters() if p.requires_grad]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             yield
-    elif kind == "FSDPStrategy":
+    elif isinstance(strategy, FSDPStrategy):
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         # gathered copies go to CPU memory when sharded (FSDP refuses that for NO_SHARD, i.e. one device)

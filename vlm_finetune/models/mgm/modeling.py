@@ -364,9 +364,11 @@ class MgmForCausalLM(nn.Module):
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: torch.Tensor | None = None,
                  images_aux: torch.Tensor | None = None, max_new_tokens: int = 16, do_sample: bool = False,
                  temperature: float = 1.0, eos_token_id: int | list[int] | None = None, pad_token_id: int = 0,
-                 generator: torch.Generator | None = None, **_: Any) -> torch.Tensor:
+                 generator: torch.Generator | None = None, synced_gpus: bool = False, **_: Any) -> torch.Tensor:
         """Decoding with the backbone's KV cache for a left-padded batch: greedy, or with `do_sample` drawn from
-        softmax(logits / temperature) (`generator` makes it reproducible). Returns prompt + new ids."""
+        softmax(logits / temperature) (`generator` makes it reproducible). Returns prompt + new ids.
+        `synced_gpus`: every rank keeps decoding (padding its finished rows) until all ranks are done, as
+        DeepSpeed ZeRO-3 needs: each forward gathers parameters collectively."""
         if do_sample and temperature <= 0:
             raise ValueError(f"temperature={temperature} must be > 0 when sampling; use do_sample=False for greedy")
         stops = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
@@ -389,7 +391,7 @@ class MgmForCausalLM(nn.Module):
             token = torch.where(done, torch.full_like(token, pad_token_id), token)
             new.append(token)
             done |= torch.isin(token, stops)
-            if bool(done.all()):
+            if _all_ranks_done(bool(done.all()), synced_gpus, done.device):
                 break
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             position = position + 1
@@ -401,3 +403,11 @@ class MgmForCausalLM(nn.Module):
     # -- conveniences the framework uses --------------------------------------------------------
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+
+
+def _all_ranks_done(done_here: bool, synced: bool, device: torch.device) -> bool:
+    if not synced or not torch.distributed.is_initialized():
+        return done_here
+    pending = torch.tensor([0.0 if done_here else 1.0], device=device)
+    torch.distributed.all_reduce(pending)
+    return float(pending) == 0.0
