@@ -150,3 +150,8 @@ def cpu_deepspeed_strategy(config: dict):
             return torch.device("cpu", self.local_rank)
 
     return CPUDeepSpeedStrategy(config=config, process_group_backend="gloo")
+
+
+def zero3_leaf_classes(family: Any) -> tuple[type, ...]:
+    """Modules DeepSpeed ZeRO-3 must gather whole (MoE blocks: their experts fire data-dependently)."""
+    return tuple(getattr(family, "zero3_leaf_classes", ()) or ())
