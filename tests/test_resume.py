@@ -220,14 +220,23 @@ def test_a_warning_that_arrives_while_the_run_starts_is_not_fatal(tmp_path, _ass
 
 
 @pytest.mark.distributed
-def test_ddp_run_stopped_and_resumed_equals_uninterrupted(tmp_path, _asset_cache):
-    """Two CPU ranks (gloo): a run that ends at step 3 and is resumed with resume=auto to step 6 logs the
-    same losses and ends with the same adapter as a 6-step run."""
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer", [
+    pytest.param(["trainer=ddp"], id="ddp"),
+    pytest.param(["trainer=zero2"], id="zero2"),
+    # every parameter partitioned
+    pytest.param(["trainer=zero3", "trainer.stage3_param_persistence_threshold=0"], id="zero3"),
+])
+def test_multi_rank_run_stopped_and_resumed_equals_uninterrupted(tmp_path, _asset_cache, trainer):
+    """Two CPU ranks (gloo; DeepSpeed's CPU backend for zero*): a run that ends at step 3 and is resumed with
+    resume=auto to step 6 logs the same losses and ends with the same adapter as a 6-step run. Under DeepSpeed
+    the checkpoint is its folder: optimizer partitions per rank, no frozen weights."""
     from safetensors.torch import load_file
 
     common = ["trainer.max_steps=6", "data.num_train=96", "data.num_val=8", "data.micro_batch_size=4",
               "trainer.enable_progress_bar=false", "eval.generate=false", "trainer.val_every_n_steps=null",
-              "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=3", "trainer=ddp", "hardware.devices=2"]
+              "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=3", "hardware=cpu", "hardware.devices=2",
+              *trainer]
     env = dict(os.environ, VLM_FINETUNE_CACHE=str(_asset_cache))
 
     def run(run_dir, *extra):
@@ -245,8 +254,34 @@ def test_ddp_run_stopped_and_resumed_equals_uninterrupted(tmp_path, _asset_cache
     # the first part stops by max_steps; all 6 steps are in the 50-step warmup, so its shorter schedule
     # gives the same learning rates
     run(parts, "trainer.max_steps=3")
+    last = parts / "checkpoints" / "last.ckpt"
+    assert last.is_dir() == (trainer[0] != "trainer=ddp")
+    if last.is_dir():  # DeepSpeed's folder, swapped in whole, without the frozen base
+        assert not list(parts.glob("checkpoints/*.tmp")) and not list(parts.glob("checkpoints/*.old"))
+        assert len(list(last.glob("*/*optim_states.pt"))) == 2  # one optimizer partition per rank
+        assert sum(f.stat().st_size for f in last.rglob("*") if f.is_file()) < 20e6
+    assert load_checkpoint_file(last)["global_step"] == 3
     assert "resuming from" in run(parts, "resume=auto")
     assert losses(parts) == losses(whole) and sorted(losses(whole)) == list(range(6))
     a = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(parts / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+
+
+def test_auto_resume_takes_the_previous_folder_when_killed_mid_swap(tmp_path):
+    """A DeepSpeed checkpoint folder is swapped in by two renames (last.ckpt -> last.ckpt.old, tmp ->
+    last.ckpt); killed between them, the run folder holds only last.ckpt.old, which is whole."""
+    from vlm_finetune.checkpointing import find_resume_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    (folder / "last.ckpt.old" / "checkpoint").mkdir(parents=True)
+    assert find_resume_checkpoint("auto", tmp_path) == folder / "last.ckpt.old"
+    (folder / "last.ckpt").mkdir()
+    assert find_resume_checkpoint("auto", tmp_path) == folder / "last.ckpt"
+    assert find_resume_checkpoint("never", tmp_path) is None
+
+
+def test_deepspeed_folder_without_model_states_is_a_clear_error(tmp_path):
+    (tmp_path / "last.ckpt" / "checkpoint").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="holds no DeepSpeed model states"):
+        load_checkpoint_file(tmp_path / "last.ckpt")

@@ -8,6 +8,8 @@
   (trainable weights, optimizer, LR schedule, loop counters, the data loader's position) plus the RNG
   states and a fingerprint of the run's settings. On the signal it saves, requeues the SLURM job (or
   hands over to submitit's own handler) and stops.
+- Under DeepSpeed (`zero*`) the checkpoint is DeepSpeed's folder (each rank writes its optimizer partition;
+  frozen weights are left out), written to `last.ckpt.tmp` and then swapped in for `last.ckpt` whole.
 - `find_resume_checkpoint` picks the checkpoint a run continues from (`resume=auto|never|<path>`) and
   checks it first: a corrupt or incompatible file stops the run with what is wrong and what to do.
 """
@@ -37,7 +39,8 @@ FORMAT_VERSION = 1
 # settings that decide the data order and the meaning of the saved state: resuming under different ones
 # cannot continue the same run
 FINGERPRINT_KEYS = ("model.name", "seed", "data.source", "data.micro_batch_size", "trainer.accumulate_grad_batches",
-                    "lora.r", "lora.alpha", "train.vision", "train.projector", "train.llm", "world_size")
+                    "lora.r", "lora.alpha", "train.vision", "train.projector", "train.llm", "world_size",
+                    "trainer.strategy", "trainer.zero_stage")
 
 
 class CheckpointError(ConfigError):
@@ -73,11 +76,32 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         save_atomic(checkpoint, Path(path))
 
 
+def deepspeed_client_state_file(folder: Path) -> Path | None:
+    """The file of a DeepSpeed checkpoint folder that holds Lightning's and our state (rank 0's model states)."""
+    files = sorted(Path(folder).glob("*/*model_states.pt"))
+    first = [f for f in files if f.name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")]
+    return (first or files or [None])[0]
+
+
 def load_checkpoint_file(path: Path) -> dict:
-    """Load a checkpoint written by this project or raise CheckpointError saying why it cannot be used."""
+    """Load a checkpoint written by this project (a file, or DeepSpeed's folder) or raise CheckpointError
+    saying why it cannot be used."""
     path = Path(path)
-    fix = (f"delete it to start afresh, point resume= at an older checkpoint, or run with resume=never "
-           f"in a new folder")
+    fix = ("delete it to start afresh, point resume= at an older checkpoint, or run with resume=never "
+           "in a new folder")
+    if path.is_dir():
+        state_file = deepspeed_client_state_file(path)
+        if state_file is None:
+            raise CheckpointError(f"checkpoint folder {path} holds no DeepSpeed model states (*/…model_states.pt); {fix}")
+        try:
+            checkpoint = torch.load(state_file, map_location="cpu", weights_only=False)
+        except Exception as err:
+            raise CheckpointError(f"checkpoint {state_file} is corrupt or unreadable ({type(err).__name__}: {err}); "
+                                  f"{fix}") from None
+        if not isinstance(checkpoint, dict) or "vlm_finetune" not in checkpoint:
+            raise CheckpointError(f"checkpoint {path} was not written by vlm_finetune's training (no run fingerprint); "
+                                  f"{fix}")
+        return _check_version(checkpoint, path, fix)
     if not path.is_file():
         raise CheckpointError(f"resume: checkpoint {path} does not exist; use resume=auto (continue from "
                               f"<run>/{CHECKPOINT_DIR}/{LAST} when there is one) or resume=never")
@@ -88,6 +112,10 @@ def load_checkpoint_file(path: Path) -> dict:
             from None
     if not isinstance(checkpoint, dict) or "vlm_finetune" not in checkpoint or "state_dict" not in checkpoint:
         raise CheckpointError(f"checkpoint {path} was not written by vlm_finetune's training (no run fingerprint); {fix}")
+    return _check_version(checkpoint, path, fix)
+
+
+def _check_version(checkpoint: dict, path: Path, fix: str) -> dict:
     version = checkpoint["vlm_finetune"].get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} has format version {version}, this vlm_finetune reads "
@@ -105,7 +133,8 @@ def run_fingerprint(cfg, world_size: int) -> dict:
 
 
 def trainable_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
-    return {name: list(p.shape) for name, p in module.named_parameters() if p.requires_grad}
+    # ZeRO-3 leaves each rank an empty placeholder; the whole shape is in ds_shape
+    return {name: list(getattr(p, "ds_shape", p.shape)) for name, p in module.named_parameters() if p.requires_grad}
 
 
 def check_compatible(checkpoint: dict, path: Path, fingerprint: dict, shapes: dict[str, list[int]]) -> None:
@@ -138,7 +167,11 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
         return None
     if value == "auto":
         last = run_dir / CHECKPOINT_DIR / LAST
-        return last if last.exists() else None
+        if last.exists():
+            return last
+        # killed between the two renames that swap in a new checkpoint folder: the previous one is whole
+        old = last.with_name(LAST + ".old")
+        return old if old.is_dir() else None
     return Path(value)
 
 
@@ -250,10 +283,40 @@ class ResumeCallback(L.Callback):
         return bool(trainer.strategy.reduce(value, reduce_op="sum") > 0)
 
     def save(self, trainer) -> None:
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
         for logger in trainer.loggers:  # the CSV holds every step up to the checkpoint
             logger.save()
-        trainer.save_checkpoint(str(self.last_path), weights_only=False)  # the full state: optimizer, loops, callbacks
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            self._save_deepspeed_folder(trainer)
+        else:  # the full state: optimizer, loops, callbacks; written atomically by AtomicCheckpointIO
+            trainer.save_checkpoint(str(self.last_path), weights_only=False)
         self._last_saved_step = trainer.global_step
+
+    def _save_deepspeed_folder(self, trainer) -> None:
+        """Every rank writes its partition into `last.ckpt.tmp`; once all have, rank 0 flushes the files to disk
+        and swaps the folder in for `last.ckpt` (a kill at any moment leaves a whole checkpoint)."""
+        import shutil
+
+        from vlm_finetune.train import replace_folder
+
+        tmp = self.folder / (LAST + ".tmp")
+        if trainer.is_global_zero:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
+            self.folder.mkdir(parents=True, exist_ok=True)
+        trainer.strategy.barrier("vlm_finetune.checkpoint.clear")
+        trainer.save_checkpoint(str(tmp), weights_only=False)  # ends with a barrier
+        if trainer.is_global_zero:
+            for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
+                with open(file, "rb") as handle:
+                    os.fsync(handle.fileno())
+            replace_folder(tmp, self.last_path)
+            dir_fd = os.open(self.folder, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        trainer.strategy.barrier("vlm_finetune.checkpoint.swapped")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._rng_to_restore is not None:

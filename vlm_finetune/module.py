@@ -142,11 +142,13 @@ class VLMModule(L.LightningModule):
         checkpoint["data_counts"] = dict(self.data_counts)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.data_counts.update(checkpoint.get("data_counts", {}))
+        if "state_dict" not in checkpoint:  # DeepSpeed's folder: the engine restores the weights itself
+            return
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         missing = trainable - set(checkpoint["state_dict"])
         if missing:
             raise ValueError(f"the checkpoint lacks {len(missing)} trainable tensor(s), e.g. {sorted(missing)[0]}")
-        self.data_counts.update(checkpoint.get("data_counts", {}))
 
     # -- loss -------------------------------------------------------------------------------------
     def _loss_sum(self, batch: dict) -> tuple[torch.Tensor, int]:

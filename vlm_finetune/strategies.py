@@ -116,7 +116,8 @@ def build_strategy(cfg: Any, family: Any, hardware: Hardware):
     if on_gpu:
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
-        return DeepSpeedStrategy(config=config)
+        # checkpoints hold the trained weights and their optimizer partitions; the frozen base comes from the model
+        return DeepSpeedStrategy(config=config, exclude_frozen_parameters=True)
     return cpu_deepspeed_strategy(config)
 
 
@@ -149,7 +150,7 @@ def cpu_deepspeed_strategy(config: dict):
             # Lightning hands DeepSpeed the device index as its device rank; give CPU devices the local rank
             return torch.device("cpu", self.local_rank)
 
-    return CPUDeepSpeedStrategy(config=config, process_group_backend="gloo")
+    return CPUDeepSpeedStrategy(config=config, process_group_backend="gloo", exclude_frozen_parameters=True)
 
 
 def zero3_leaf_classes(family: Any) -> tuple[type, ...]:

@@ -272,7 +272,7 @@ def env_global_rank() -> int:
     return 0
 
 
-RESUMABLE_STRATEGIES = ("single", "ddp")
+RESUMABLE_STRATEGIES = ("single", "ddp", "deepspeed")
 
 
 def _resume_setup(cfg: DictConfig, run_dir: Path, module, hardware) -> tuple[Any, Path | None, list, list]:
@@ -294,10 +294,12 @@ def _resume_setup(cfg: DictConfig, run_dir: Path, module, hardware) -> tuple[Any
     resume = cfg.get("resume", "auto")
     if cfg.trainer.strategy not in RESUMABLE_STRATEGIES:
         if resume not in (None, "never", "auto"):
-            raise ConfigError(f"resume={resume} works with trainer=single|ddp; trainer={cfg.trainer.name} writes "
-                              "no resumable checkpoints yet (use resume=never)")
+            raise ConfigError(f"resume={resume} works with trainer=single|ddp|zero*; trainer={cfg.trainer.name} "
+                              "writes no resumable checkpoints yet (use resume=never)")
         return None, None, plugins, []
-    plugins.append(AtomicCheckpointIO())
+    deepspeed = cfg.trainer.strategy == "deepspeed"
+    if not deepspeed:  # DeepSpeed writes its own checkpoint folder (made atomic by ResumeCallback)
+        plugins.append(AtomicCheckpointIO())
     fingerprint = run_fingerprint(cfg, hardware.world_size)
     signals = tuple(getattr(signal, "SIG" + str(name).upper().removeprefix("SIG"))
                     for name in (ckpt_cfg.get("signals") or []))
@@ -306,6 +308,10 @@ def _resume_setup(cfg: DictConfig, run_dir: Path, module, hardware) -> tuple[Any
     path = find_resume_checkpoint(resume, run_dir)
     rows: list = []
     if path is not None:
+        if path.is_dir() != deepspeed and path.exists():
+            kind = "DeepSpeed's checkpoint folder" if path.is_dir() else "a single-file checkpoint"
+            raise CheckpointError(f"checkpoint {path} is {kind}, which trainer={cfg.trainer.name} cannot resume from; "
+                                  "resume with the trainer that wrote it, or start a new run folder (resume=never)")
         checkpoint = load_checkpoint_file(path)
         check_compatible(checkpoint, path, fingerprint, trainable_shapes(module))
         step = int(checkpoint.get("global_step", 0))
