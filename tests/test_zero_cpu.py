@@ -1,10 +1,12 @@
 """DeepSpeed ZeRO rehearsed on two CPU processes (DeepSpeed's CPU backend, gloo): the tiny GLM-4V, MGM and
 MGM-MoE train under ZeRO-2, ZeRO-3 (every parameter partitioned, MoE blocks as leaf modules) and ZeRO-3
-with offload, validate with generation (ranks decode in step), and save a normal PEFT adapter that
+with offload, validate with generation (ranks decode in step; at step 3 inside `fit` and at the end
+outside it, where the engine is set up again for evaluation), and save a normal PEFT adapter that
 equals the one DDP trains from the same data and reloads with PeftModel.from_pretrained.
 SGD, so that the comparison is not at the mercy of Adam's normalisation of near-zero gradients."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -23,7 +25,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 STEPS = 4
 COMMON = ["hardware=cpu", "hardware.devices=2", "precision=32-true", f"trainer.max_steps={STEPS}",
           "data.num_train=256", "data.num_val=8", "data.micro_batch_size=8", "data.val_batch_size=4",
-          "lora.dropout=0.0", "optimizer=sgd", "optimizer.lr=0.2", "scheduler=constant", "trainer.val_every_n_steps=null", "trainer.enable_progress_bar=false",
+          "lora.dropout=0.0", "optimizer=sgd", "optimizer.lr=0.2", "scheduler=constant", "trainer.val_every_n_steps=3", "trainer.enable_progress_bar=false",
           "trainer.log_every_n_steps=1"]
 MODELS = {"tiny_glm4v": "glm4v", "tiny_mgm": "mgm", "tiny_mgm_moe": "mgm"}
 
@@ -36,6 +38,9 @@ def _run(run_dir: Path, model: str, trainer: str) -> Path:
     assert result.returncode == 0, result.stderr[-4000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["global_step"] == STEPS and "val_accuracy" in metrics, metrics
+    with open(run_dir / "csv" / "metrics.csv") as handle:
+        validations = [r for r in csv.DictReader(handle) if r.get("val_loss")]
+    assert len(validations) == 2  # after step 3 (inside fit) and at the end (outside it)
     return run_dir / "adapter"
 
 
