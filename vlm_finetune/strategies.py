@@ -25,8 +25,6 @@ def check_combination(trainer_cfg: Any, hardware: Hardware, precision: str) -> N
                           f"(hardware={hardware.name} has no GPU). On the CPU use trainer=single or trainer=ddp, or "
                           "trainer=zero2 / trainer=zero3 to rehearse a sharded run with DeepSpeed's CPU backend")
     if precision == "nf4":
-        if hardware.accelerator != "gpu":
-            raise ConfigError("precision=nf4 (QLoRA) needs a CUDA GPU for bitsandbytes' 4-bit kernels")
         if strategy == "fsdp" or (strategy == "deepspeed" and int(trainer_cfg.zero_stage) == 3):
             raise ConfigError(f"precision=nf4 cannot be combined with trainer={trainer_cfg.get('name', strategy)}: "
                               "4-bit base weights cannot be sharded by FSDP or ZeRO-3. Use trainer=ddp or "

@@ -97,6 +97,12 @@ def check_config(cfg: DictConfig) -> tuple[dict, Hardware]:
     hardware = resolve(cfg.hardware)
     check_combination(cfg.trainer, hardware, cfg.precision.name)
     preflight(hardware, cfg.precision.name)
+    if cfg.precision.name == "nf4":
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError("precision=nf4 (QLoRA) loads the base in 4-bit with bitsandbytes, which is not installed: "
+                              "pip install 'vlm_finetune[qlora]' (CUDA GPUs, and CPUs for rehearsal with tiny models)")
     mbs = cfg.data.micro_batch_size
     from vlm_finetune.autotune import check_auto_options, is_auto
 

@@ -97,8 +97,15 @@ def set_frozen_eval(model: nn.Module, plan: TrainablePlan) -> None:
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total); PEFT's frozen originals of modules_to_save count once."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for n, p in model.named_parameters() if "original_module" not in n)
+    total = sum(_logical_numel(p) for n, p in model.named_parameters() if "original_module" not in n)
     return trainable, total
+
+
+def _logical_numel(param: torch.Tensor) -> int:
+    """Elements of the weight a parameter stands for: a 4-bit (bitsandbytes) weight packs two per byte."""
+    quant_state = getattr(param, "quant_state", None)
+    shape = getattr(quant_state, "shape", None)
+    return int(torch.Size(shape).numel()) if shape is not None else param.numel()
 
 
 def keep_trainables_fp32(model: nn.Module) -> None:

@@ -20,6 +20,9 @@ VISION_LORA_PATTERN = r".*visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(gate_proj
 # the connector that maps ViT features into the LLM's embedding space
 PROJECTOR_MODULES = ("model.visual.downsample", "model.visual.merger")
 PRESETS = ("tiny", "glm4v_9b", "glm45v")
+# QLoRA quantises the LLM's linear layers only: vision tower, projector (inside `model.visual`) and head stay
+# in bf16. transformers matches these from the start of a module name, or as its suffix.
+NF4_SKIP_MODULES = ["model.visual", "visual", "lm_head"]
 
 
 def _real_size_config(preset: str, tokenizer, overrides: dict | None):
@@ -155,8 +158,8 @@ class Glm4vFamily:
                     # vision tower, projector and head stay unquantised (as QLoRA recipes for VLMs do)
                     extra["quantization_config"] = BitsAndBytesConfig(
                         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-                        bnb_4bit_use_double_quant=True, llm_int8_skip_modules=["visual", "lm_head"])
-                    extra["device_map"] = {"": torch.cuda.current_device()}
+                        bnb_4bit_use_double_quant=True, llm_int8_skip_modules=NF4_SKIP_MODULES)
+                    extra["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
                 model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, attn_implementation=attn,
                                                                     **extra)
         else:
