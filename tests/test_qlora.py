@@ -1,6 +1,6 @@
-"""precision=nf4 (QLoRA) on the CPU, through bitsandbytes' CPU backend: the LLM's linear layers load in 4-bit,
-the vision tower, projector and head stay bf16, LoRA trains on the 4-bit base to about the loss of a bf16 base,
-and the adapter reloads onto a plain (unquantised) base."""
+"""precision=nf4 (QLoRA) on the CPU, through bitsandbytes' CPU backend, for GLM-4V and MGM: the LLM's linear
+layers load in 4-bit, the vision tower, projector and head stay bf16, LoRA trains on the 4-bit base to about
+the loss of a bf16 base, and the adapter reloads onto a plain (unquantised) base."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -73,3 +73,26 @@ def test_nf4_under_zero2_on_two_cpu_ranks_trains_and_saves_the_adapter(tmp_path)
     tensors = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     lora_b = [v for k, v in tensors.items() if "lora_B" in k]
     assert len(lora_b) == 12 and max(float(v.abs().max()) for v in lora_b) > 0
+
+
+@pytest.mark.parametrize("model", ["tiny_mgm", "tiny_mgm_moe"])
+def test_mgm_nf4_quantises_the_decoder_linears_and_trains_like_bf16(model, tmp_path):
+    from peft import PeftModel
+    from torch import nn
+
+    family = get_family("mgm")
+    cfg = compose_cfg([f"model={model}"], tmp_path)
+    plain = family.build_model(cfg.model)
+    expected = sum(1 for m in plain.model.layers.modules() if type(m) is nn.Linear)
+    run = RUN + [f"model={model}"]
+    metrics, objects = train(compose_cfg(run + ["precision=nf4"], tmp_path / "nf4"))
+    four_bit = [n for n, m in objects["module"].model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(four_bit) == expected > 0 and all(".layers." in n for n in four_bit)
+    if model == "tiny_mgm_moe":  # attention only: the experts are fused 3-D weights and stay bf16
+        assert not any(".experts" in n for n in four_bit)
+    reference, _ = train(compose_cfg(run + ["precision=bf16-mixed"], tmp_path / "bf16"))
+    assert metrics["total_parameters"] == reference["total_parameters"]
+    assert metrics["train_loss"] < 0.5 * _losses(tmp_path / "nf4")[0]
+    assert abs(metrics["val_loss"] - reference["val_loss"]) < 0.25 * reference["val_loss"], (metrics, reference)
+    reloaded = PeftModel.from_pretrained(family.build_model(cfg.model), tmp_path / "nf4" / "adapter")
+    assert any("lora_A" in n for n, _ in reloaded.named_parameters())

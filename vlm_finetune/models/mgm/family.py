@@ -129,9 +129,8 @@ class MgmFamily:
 
     def build_model(self, model_cfg: Any, dtype: torch.dtype = torch.float32, device: str | None = None,
                     quantization: str | None = None) -> nn.Module:
-        if quantization:
-            raise ConfigError(f"precision={quantization}: 4-bit loading is not implemented for MGM yet; "
-                              "use precision=bf16-mixed (with trainer=zero3 to shard a large model)")
+        if quantization not in (None, "nf4"):
+            raise ConfigError(f"precision={quantization}: MGM loads 4-bit weights as nf4 only; use precision=nf4")
         attn = model_cfg.get("attn_implementation", "sdpa")
         folder = self.checkpoint_folder(model_cfg)
         if device is not None and str(device) == "meta":  # the planner: structure only, no weights read
@@ -150,6 +149,8 @@ class MgmFamily:
                 torch.set_default_dtype(previous)
         model.config.text_config._attn_implementation = attn
         model.config.vision_config._attn_implementation = attn
+        if quantization == "nf4" and not (device is not None and str(device) == "meta"):
+            quantize_linear_nf4(model.model.layers)
         if model_cfg.get("liger_kernels"):
             raise ConfigError("model.liger_kernels=true is not wired for MGM yet; set it to false")
         if model_cfg.get("activation_checkpointing"):
@@ -252,3 +253,28 @@ class MgmFamily:
 
 
 MGM = register_family(MgmFamily())
+
+
+def quantize_linear_nf4(root: nn.Module) -> int:
+    """QLoRA's frozen base: every nn.Linear under `root` (the decoder layers) becomes a bitsandbytes 4-bit
+    layer (nf4, double-quantised statistics, bf16 compute), quantised on the device it will run on. Vision
+    towers, projectors, embeddings, head and MoE experts (fused 3-D weights, not nn.Linear) stay as they are.
+    Returns how many layers were quantised."""
+    import bitsandbytes as bnb
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    count = 0
+    for module in list(root.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is not nn.Linear:
+                continue
+            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
+                                      device="meta")
+            layer.weight = bnb.nn.Params4bit(child.weight.data.to("cpu", torch.bfloat16), requires_grad=False,
+                                             compress_statistics=True, quant_type="nf4")
+            if child.bias is not None:
+                layer.bias = nn.Parameter(child.bias.data.to(torch.bfloat16), requires_grad=False)
+            setattr(module, name, layer.to(device))  # the move quantises
+            count += 1
+    return count
