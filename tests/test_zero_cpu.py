@@ -3,7 +3,8 @@ MGM-MoE train under ZeRO-2, ZeRO-3 (every parameter partitioned, MoE blocks as l
 with offload, validate with generation (ranks decode in step; at step 3 inside `fit` and at the end
 outside it, where the engine is set up again for evaluation), and save a normal PEFT adapter that
 equals the one DDP trains from the same data and reloads with PeftModel.from_pretrained.
-SGD, so that the comparison is not at the mercy of Adam's normalisation of near-zero gradients."""
+SGD, so that the comparison is not at the mercy of Adam's normalisation of near-zero gradients.
+And the memory planner's parameter and optimizer bytes per rank equal the tensors DeepSpeed holds."""
 from __future__ import annotations
 
 import csv
@@ -89,3 +90,35 @@ def test_zero_on_cpu_ranks_trains_the_ddp_adapter_and_it_reloads(model, trainer,
     for key in lora_b:  # the saved B matrices are the ones now in the model
         name = key.replace(".weight", ".default.weight")
         assert torch.equal(loaded[name].detach(), tensors[key]), key
+
+
+@pytest.mark.parametrize("model,trainer,precision,extra", [
+    ("tiny_glm4v", "zero2", "bf16-mixed", []),
+    ("tiny_glm4v", "zero2", "32-true", []),
+    ("tiny_glm4v", "zero3", "bf16-mixed", []),  # small parameters kept whole as well as partitioned
+    ("tiny_glm4v", "zero3", "32-true", []),
+    ("tiny_glm4v", "zero3", "bf16-mixed", ["trainer.stage3_param_persistence_threshold=0"]),
+    ("tiny_mgm_moe", "zero3", "bf16-mixed", []),
+])
+def test_planner_bytes_per_rank_equal_what_deepspeed_holds(model, trainer, precision, extra, tmp_path):
+    """The planner's parameter and optimizer bytes per GPU, from a meta-device build, against the tensors
+    DeepSpeed really holds on each of two ranks after a step (zero_probe.py reads them)."""
+    from vlm_finetune.plan import plan_memory
+
+    overrides = [f"model={model}", f"trainer={trainer}", f"precision={precision}", "hardware=cpu",
+                 "hardware.devices=2", *extra]
+    probe = tmp_path / "probe"
+    args = [*overrides, "trainer.max_steps=2", "eval.generate=false", "trainer.enable_progress_bar=false",
+            "data.num_train=64", "data.num_val=4", "data.micro_batch_size=4", "+callbacks.probe._target_=zero_probe.Probe",
+            f"+callbacks.probe.path={probe}", f"hydra.run.dir={tmp_path / 'run'}"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join([str(ROOT / "tests"),
+                                                                               os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-m", "vlm_finetune", *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    plan = plan_memory(overrides)
+    for rank in (0, 1):
+        held = json.loads((tmp_path / f"probe.{rank}.json").read_text())
+        assert held["parameters"] == plan.total("parameters"), (rank, held, plan.total("parameters"))
+        assert held["master"] + held["states"] == plan.total("optimizer"), (rank, held, plan.total("optimizer"))
+        assert held["master"] > 0 and held["states"] == 2 * held["master"]  # AdamW: two fp32 states

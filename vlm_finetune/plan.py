@@ -113,7 +113,8 @@ class MemoryPlan:
 
     def render(self) -> str:
         lines = [f"vlm_finetune.plan: {' '.join(self.overrides) or '(defaults)'}",
-                 f"hardware {self.hardware}: {self.world_size} GPU(s), {self.gpu_memory_gib:g} GiB each "
+                 f"hardware {self.hardware}: {self.world_size} " +
+                 (f"GPU(s), {self.gpu_memory_gib:g} GiB each " if self.gpu_memory_gib > 0 else "CPU process(es) ") +
                  f"(budget {self.budget_bytes / GiB:.2f} GiB usable); micro-batch {self.micro_batch_size} x "
                  f"{self.tokens // max(self.micro_batch_size, 1)} tokens; {self.checkpointed_layers} of "
                  f"{self.num_layers} decoder layers checkpointed",
@@ -466,7 +467,8 @@ def _rows(cfg, dims, count: ModelCount, hardware, strategy: str, stage: int, pre
         if g.kind != "frozen":
             trainable_bytes += numel * size
         if strategy == "fsdp" or stage == 3:
-            sharded = numel - g.persistent_numel
+            # ZeRO-3 partitions every parameter; those below the persistence threshold are also kept whole
+            sharded = numel
             where = "cpu" if offload_params else "gpu"
             if g.persistent_numel:
                 rows.append(Row("parameters", label + " (small, kept whole)", g.persistent_numel * size))
@@ -482,12 +484,19 @@ def _rows(cfg, dims, count: ModelCount, hardware, strategy: str, stage: int, pre
         half_size = 2 if half else 4
         # ZeRO-2/3: half-precision gradients reduced into this rank's partition; a float32 copy of the
         # partition exists during the step
+        partition = math.ceil(trainable_numel / world)
         rows.append(Row("gradients", f"trainable {'bf16' if half else 'fp32'} (partition 1/{world})",
-                        math.ceil(trainable_numel / world) * half_size))
-        master = 4 if half else 0
-        opt = math.ceil(trainable_numel / world) * (master + 4 * states + (4 if half else 0))
-        rows.append(Row("optimizer", f"fp32 master + {states} AdamW states + fp32 gradient (partition 1/{world})",
-                        opt, "cpu" if offload_opt else "gpu"))
+                        partition * half_size))
+        where_opt = "cpu" if offload_opt else "gpu"
+        if half:
+            rows.append(Row("gradients", f"fp32 copy of the partition for the optimizer step (1/{world})",
+                            partition * 4, where_opt))
+        # DeepSpeed's optimizer holds a float32 copy of the partition, under 32-true too (ZeRO-3 would reuse
+        # float32 weights, but compares a device string with a torch.device and so always copies;
+        # tests/test_zero_cpu.py measures it)
+        master = 4
+        rows.append(Row("optimizer", f"fp32 master + {states} AdamW states (partition 1/{world})",
+                        partition * (master + 4 * states), where_opt))
     elif strategy == "fsdp":
         unit_total = sum(count.trainable_unit_numels)
         root_trainable = max(0, trainable_numel - unit_total)
