@@ -45,7 +45,7 @@ def varied_data(tmp_path_factory):
 
 
 def _overrides(data: Path, micro: int, accumulate: int, grads: Path | None = None) -> list[str]:
-    snapshot = [] if grads is None else [f"+callbacks.grads._target_=vlm_finetune.callbacks.GradientSnapshot",
+    snapshot = [] if grads is None else ["+callbacks.grads._target_=vlm_finetune.callbacks.GradientSnapshot",
                                          f"+callbacks.grads.path={grads}"]
     return COMMON + snapshot + [f"data.path={data / 'train.json'}", f"data.val_path={data / 'val.json'}",
                      f"data.micro_batch_size={micro}", f"trainer.accumulate_grad_batches={accumulate}"]

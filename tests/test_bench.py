@@ -1,8 +1,6 @@
 """The benchmark's CPU path: both recipes run real steps, the report is appended with its command."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 

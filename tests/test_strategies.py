@@ -15,7 +15,7 @@ from conftest import CONF_DIR, compose_cfg
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.hardware import Found, Hardware, preflight, resolve
 from vlm_finetune.models import get_family
-from vlm_finetune.strategies import build_strategy, check_combination, deepspeed_config
+from vlm_finetune.strategies import build_strategy, deepspeed_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINERS = sorted(p.stem for p in (Path(CONF_DIR) / "trainer").glob("*.yaml"))

@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import json
 
-import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file

@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-import torch
 
 
 class GradientSnapshot(L.Callback):

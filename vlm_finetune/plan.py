@@ -462,7 +462,7 @@ def _rows(cfg, dims, count: ModelCount, hardware, strategy: str, stage: int, pre
         label = f"{g.part} {g.kind} {str(dtype).removeprefix('torch.')}"
         if precision == "nf4" and g.part == "llm" and g.kind == "frozen":
             quant = min(count.quantizable_numel, numel)
-            rows.append(Row("parameters", f"llm frozen nf4 (4-bit, double-quantised)", int(quant * NF4_BYTES_PER_PARAM)))
+            rows.append(Row("parameters", "llm frozen nf4 (4-bit, double-quantised)", int(quant * NF4_BYTES_PER_PARAM)))
             numel -= quant
         if g.kind != "frozen":
             trainable_bytes += numel * size
