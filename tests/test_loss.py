@@ -57,10 +57,13 @@ def test_some_rows_masked_match_reference():
 
 def test_a_zero3_partitioned_frozen_head_is_gathered_for_the_loss(monkeypatch):
     """Under ZeRO-3 the head's weight is an empty placeholder outside its forward; the loss must read a
-    gathered copy (DeepSpeed's GatheredParameters, faked here: there is no GPU) and never the placeholder."""
+    gathered copy and never the placeholder. DeepSpeed's GatheredParameters is faked here to see the calls;
+    real ZeRO-3 runs (every parameter partitioned) are in test_accumulation.py and test_zero_cpu.py."""
     import contextlib
     import sys
     import types
+
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus  # the real enum, imported first
 
     from vlm_finetune.module import head_weight
 
@@ -70,6 +73,8 @@ def test_a_zero3_partitioned_frozen_head_is_gathered_for_the_loss(monkeypatch):
     with torch.no_grad():
         head.weight.data = torch.empty(0)  # what a partitioned parameter holds between gathers
     head.weight.ds_id = 3
+    head.weight.ds_persist = False
+    head.weight.ds_status = ZeroParamStatus.NOT_AVAILABLE
     gathered = []
 
     @contextlib.contextmanager
@@ -85,6 +90,13 @@ def test_a_zero3_partitioned_frozen_head_is_gathered_for_the_loss(monkeypatch):
     weight = head_weight(head)
     assert torch.equal(weight, full) and gathered == [[head.weight]]
     assert head.weight.numel() == 0  # partitioned again after the gather
+    # gathered already by an active module (a head tied to the embedding): a copy, no second gather
+    head.weight.data, head.weight.ds_status = full.clone(), ZeroParamStatus.AVAILABLE
+    copy = head_weight(head)
+    assert torch.equal(copy, full) and copy.data_ptr() != head.weight.data_ptr() and len(gathered) == 1
+    head.weight.ds_persist = True  # below the persistence threshold: always whole, used as it is
+    assert head_weight(head).data_ptr() == head.weight.data_ptr() and len(gathered) == 1
+    head.weight.ds_persist, head.weight.ds_status = False, ZeroParamStatus.NOT_AVAILABLE
     head.weight.requires_grad_(True)
     with pytest.raises(RuntimeError, match="keep lm_head frozen"):
         head_weight(head)
