@@ -175,7 +175,29 @@ def test_incompatible_checkpoint_names_the_differences(tmp_path):
         train(cfg)
     message = str(err.value)
     assert "lora.r: checkpoint 16, now 8" in message and "data.micro_batch_size: checkpoint 4, now 8" in message
-    assert "of another shape" in message and "new run folder" in message
+    assert "new run folder" in message
+    # the same settings, but LoRA on fewer modules: found once the model is built, by the tensors it trains
+    cfg = compose_cfg(FAST + ["trainer.max_steps=4", "eval.generate=false", "lora.targets.llm=.*q_proj"], run_dir)
+    with pytest.raises(CheckpointError, match=r"tensor\(s\) in the checkpoint that this model does not train"):
+        train(cfg)
+
+
+def test_a_checkpoint_of_other_settings_stops_the_run_before_any_weight_loads(tmp_path, monkeypatch):
+    from vlm_finetune.models import get_family
+
+    run_dir = tmp_path / "run"
+    _checkpointed_run(run_dir)
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the model was built before the checkpoint was checked")
+
+    monkeypatch.setattr(get_family("glm4v"), "build_model", no_weights)
+    cfg = compose_cfg(FAST + ["trainer.max_steps=4", "eval.generate=false", "seed=7"], run_dir)
+    with pytest.raises(CheckpointError, match="seed: checkpoint 0, now 7"):
+        train(cfg)
+    cfg = compose_cfg(FAST + ["trainer.max_steps=4", "eval.generate=false", "trainer=zero2"], run_dir)
+    with pytest.raises(CheckpointError, match="is a single-file checkpoint, which trainer=zero2 cannot resume from"):
+        train(cfg)
 
 
 def test_resume_from_a_missing_path_is_an_error(tmp_path):

@@ -137,11 +137,17 @@ def trainable_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
     return {name: list(getattr(p, "ds_shape", p.shape)) for name, p in module.named_parameters() if p.requires_grad}
 
 
-def check_compatible(checkpoint: dict, path: Path, fingerprint: dict, shapes: dict[str, list[int]]) -> None:
-    """Raise CheckpointError naming every difference between the checkpoint's run and this one."""
+def check_compatible(checkpoint: dict, path: Path, fingerprint: dict,
+                     shapes: dict[str, list[int]] | None = None) -> None:
+    """Raise CheckpointError naming every difference between the checkpoint's run and this one: its settings
+    (checked before the model is built) and, given `shapes`, its trainable tensors."""
     saved = checkpoint["vlm_finetune"]
     problems = [f"{k}: checkpoint {saved['fingerprint'].get(k)!r}, now {v!r}"
                 for k, v in fingerprint.items() if saved["fingerprint"].get(k) != v]
+    if shapes is None:
+        if problems:
+            _raise_incompatible(path, problems)
+        return
     saved_shapes = saved["trainable_shapes"]
     missing = sorted(set(shapes) - set(saved_shapes))
     extra = sorted(set(saved_shapes) - set(shapes))
@@ -154,9 +160,13 @@ def check_compatible(checkpoint: dict, path: Path, fingerprint: dict, shapes: di
         problems.append(f"{len(wrong)} tensor(s) of another shape, e.g. {wrong[0]}: checkpoint "
                         f"{saved_shapes[wrong[0]]}, now {shapes[wrong[0]]}")
     if problems:
-        raise CheckpointError(f"checkpoint {path} belongs to a different run and cannot be resumed exactly: "
-                              + "; ".join(problems) + ". Resume with the same settings, or start a new run folder "
-                              "(or resume=never)")
+        _raise_incompatible(path, problems)
+
+
+def _raise_incompatible(path: Path, problems: list[str]) -> None:
+    raise CheckpointError(f"checkpoint {path} belongs to a different run and cannot be resumed exactly: "
+                          + "; ".join(problems) + ". Resume with the same settings, or start a new run folder "
+                          "(or resume=never)")
 
 
 def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:

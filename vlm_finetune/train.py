@@ -281,6 +281,30 @@ def env_global_rank() -> int:
 RESUMABLE_STRATEGIES = ("single", "ddp", "deepspeed")
 
 
+def _check_resume_early(cfg: DictConfig, run_dir: Path, hardware) -> None:
+    """The checkpoint a run would continue from, checked before any weight loads: it exists, it is readable,
+    it is of the strategy's kind and its settings are this run's. (Its tensor shapes are checked once the
+    model is built.)"""
+    from vlm_finetune.checkpointing import check_compatible, find_resume_checkpoint, load_checkpoint_file, run_fingerprint
+
+    if cfg.trainer.strategy not in RESUMABLE_STRATEGIES:
+        return
+    path = find_resume_checkpoint(cfg.get("resume", "auto"), run_dir)
+    if path is None:
+        return
+    _check_kind(cfg, path)
+    check_compatible(load_checkpoint_file(path), path, run_fingerprint(cfg, hardware.world_size))
+
+
+def _check_kind(cfg: DictConfig, path: Path) -> None:
+    from vlm_finetune.checkpointing import CheckpointError
+
+    if path.exists() and path.is_dir() != (cfg.trainer.strategy == "deepspeed"):
+        kind = "DeepSpeed's checkpoint folder" if path.is_dir() else "a single-file checkpoint"
+        raise CheckpointError(f"checkpoint {path} is {kind}, which trainer={cfg.trainer.name} cannot resume from; "
+                              "resume with the trainer that wrote it, or start a new run folder (resume=never)")
+
+
 def _resume_setup(cfg: DictConfig, run_dir: Path, module, hardware) -> tuple[Any, Path | None, list, list]:
     """(checkpoint callback or None, checkpoint to resume from or None, trainer plugins, CSV rows to keep)."""
     import signal
@@ -314,10 +338,7 @@ def _resume_setup(cfg: DictConfig, run_dir: Path, module, hardware) -> tuple[Any
     path = find_resume_checkpoint(resume, run_dir)
     rows: list = []
     if path is not None:
-        if path.is_dir() != deepspeed and path.exists():
-            kind = "DeepSpeed's checkpoint folder" if path.is_dir() else "a single-file checkpoint"
-            raise CheckpointError(f"checkpoint {path} is {kind}, which trainer={cfg.trainer.name} cannot resume from; "
-                                  "resume with the trainer that wrote it, or start a new run folder (resume=never)")
+        _check_kind(cfg, path)
         checkpoint = load_checkpoint_file(path)
         check_compatible(checkpoint, path, fingerprint, trainable_shapes(module))
         step = int(checkpoint.get("global_step", 0))
@@ -350,6 +371,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
     torch.set_num_threads(max(1, int(cfg.hardware.get("cpu_threads") or torch.get_num_threads())))
 
     family = get_family(cfg.model.family)
+    _check_resume_early(cfg, run_dir, hardware)  # a checkpoint of another run fails here, before any weight loads
     # data first: a bad file fails here, before any weight loads
     train_samples, val_samples, data_stats = build_datasets(cfg.data, int(cfg.seed))
     processor = family.load_processor(cfg.model, truncation=cfg.data.get("truncation", "truncate"))
