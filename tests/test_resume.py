@@ -241,6 +241,33 @@ def test_a_warning_that_arrives_while_the_run_starts_is_not_fatal(tmp_path, _ass
     assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 4
 
 
+LATE_SIGNAL = textwrap.dedent("""
+    import os, subprocess, sys, time
+    from vlm_finetune import signals
+    signals.install_early()
+    if sys.argv[1] == "finished":
+        signals.ignore_after_finish()
+    class SlowShutdown:  # interpreter shutdown takes a while (thread pools, CUDA, ...)
+        def __del__(self):
+            time.sleep(1.5)
+    keep = SlowShutdown()
+    subprocess.Popen(["sh", "-c", f"sleep 0.7; kill -USR1 {os.getpid()}"])  # SLURM's warning, late
+""")
+
+
+def test_a_warning_that_arrives_while_a_finished_run_exits_is_not_fatal(tmp_path):
+    """Seen in CI: the restarted job finished all its steps, then SLURM's USR1 arrived while Python was
+    shutting down, after it had reset its handlers to the default action; the job ended FAILED. The CLI
+    now ignores the signals once the run is done."""
+    script = tmp_path / "late.py"
+    script.write_text(LATE_SIGNAL)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    killed = subprocess.run([sys.executable, str(script), "running"], env=env, capture_output=True, timeout=60)
+    assert killed.returncode == -signal.SIGUSR1  # what happened before: the handler is gone at shutdown
+    done = subprocess.run([sys.executable, str(script), "finished"], env=env, capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("trainer", [

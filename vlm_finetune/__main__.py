@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from vlm_finetune.signals import install_early
+from vlm_finetune.signals import ignore_after_finish, install_early
 
 install_early()  # before the slow imports: an early SLURM warning must not kill the process
 
@@ -35,6 +35,8 @@ def main(cfg: DictConfig) -> float | None:
 
     try:
         metrics, _ = train(cfg)
+        # finished, or saved and requeued: a late time-limit warning must not turn the exit into a failure
+        ignore_after_finish()
     except (ConfigError, DataError) as err:
         print(f"vlm_finetune: error: {err}", file=sys.stderr, flush=True)
         _remove_empty_run_dir(Path(cfg.output_dir))

@@ -4,6 +4,10 @@ SLURM may deliver its time-limit warning (`--signal=USR1@N`) up to a minute earl
 still importing torch or loading weights. Without a handler, SIGUSR1's default action kills the process
 (the job then fails instead of saving and requeueing). `install_early()` runs first thing in
 `python -m vlm_finetune`; the checkpoint callback asks `received()` when it takes over the signals.
+
+A warning that arrives once the run's work is done has nothing left to save, but it can still kill the
+process: Python resets its own handlers to the default action while the interpreter shuts down, and the
+job then ends FAILED instead of COMPLETED. `ignore_after_finish()` ignores the signals from then on.
 """
 from __future__ import annotations
 
@@ -27,3 +31,10 @@ def install_early(signums: tuple[int, ...] = EARLY_SIGNALS) -> None:
 def received() -> int | None:
     """The first preemption signal that arrived before the training loop's handler, if any."""
     return _received[0] if _received else None
+
+
+def ignore_after_finish(signums: tuple[int, ...] = EARLY_SIGNALS) -> None:
+    """The run has finished (or saved and stopped): a preemption warning from now on is ignored (SIG_IGN
+    survives interpreter shutdown; Python's own handlers do not)."""
+    for signum in signums:
+        signal.signal(signum, signal.SIG_IGN)
