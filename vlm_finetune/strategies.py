@@ -43,7 +43,6 @@ def check_combination(trainer_cfg: Any, hardware: Hardware, precision: str) -> N
 def deepspeed_config(trainer_cfg: Any, precision: str, accumulate: int, micro_batch_size: int,
                      on_gpu: bool = True) -> dict:
     """The ZeRO config generated from the trainer profile."""
-    pin = on_gpu  # pinned host buffers speed up GPU<->CPU copies; there are none on CPU processes
     stage = int(trainer_cfg.zero_stage)
     zero: dict[str, Any] = {
         "stage": stage,
@@ -53,7 +52,8 @@ def deepspeed_config(trainer_cfg: Any, precision: str, accumulate: int, micro_ba
         "allgather_bucket_size": int(float(trainer_cfg.allgather_bucket_size)),
     }
     if trainer_cfg.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+        # pinned host buffers speed up GPU<->CPU copies; CPU processes have none
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if stage == 3:
         zero.update({
             "stage3_prefetch_bucket_size": int(float(trainer_cfg.stage3_prefetch_bucket_size)),
@@ -63,7 +63,7 @@ def deepspeed_config(trainer_cfg: Any, precision: str, accumulate: int, micro_ba
             "stage3_gather_16bit_weights_on_model_save": False,
         })
         if trainer_cfg.offload_parameters:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+            zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
     # gradient_accumulation_steps and gradient_clipping are filled in by Lightning from the Trainer
     config = {
         "zero_optimization": zero,

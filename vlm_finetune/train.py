@@ -170,7 +170,7 @@ def full_trainable_parameters(trainer, module):
     from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
     strategy = trainer.strategy
-    if isinstance(strategy, DeepSpeedStrategy) and strategy.config["zero_optimization"]["stage"] == 3:
+    if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
         import deepspeed
 
         params = [p for p in module.parameters() if p.requires_grad]
@@ -281,39 +281,37 @@ def env_global_rank() -> int:
 RESUMABLE_STRATEGIES = ("single", "ddp", "deepspeed")
 
 
-def _check_resume_early(cfg: DictConfig, run_dir: Path, hardware) -> None:
-    """The checkpoint a run would continue from, checked before any weight loads: it exists, it is readable,
-    it is of the strategy's kind and its settings are this run's. (Its tensor shapes are checked once the
-    model is built.)"""
-    from vlm_finetune.checkpointing import check_compatible, find_resume_checkpoint, load_checkpoint_file, run_fingerprint
+def _check_resume_early(cfg: DictConfig, run_dir: Path, hardware) -> tuple[Path | None, dict | None]:
+    """The checkpoint a run would continue from, opened and checked before any weight loads: it exists, it
+    is readable, it is of the strategy's kind and its settings are this run's. Returns (path, checkpoint),
+    or (None, None) when the run starts afresh. (Its tensor shapes are checked once the model is built.)"""
+    from vlm_finetune.checkpointing import (CheckpointError, check_compatible, find_resume_checkpoint,
+                                            load_checkpoint_file, run_fingerprint)
 
     if cfg.trainer.strategy not in RESUMABLE_STRATEGIES:
-        return
+        return None, None
     path = find_resume_checkpoint(cfg.get("resume", "auto"), run_dir)
     if path is None:
-        return
-    _check_kind(cfg, path)
-    check_compatible(load_checkpoint_file(path), path, run_fingerprint(cfg, hardware.world_size))
-
-
-def _check_kind(cfg: DictConfig, path: Path) -> None:
-    from vlm_finetune.checkpointing import CheckpointError
-
+        return None, None
     if path.exists() and path.is_dir() != (cfg.trainer.strategy == "deepspeed"):
         kind = "DeepSpeed's checkpoint folder" if path.is_dir() else "a single-file checkpoint"
         raise CheckpointError(f"checkpoint {path} is {kind}, which trainer={cfg.trainer.name} cannot resume from; "
                               "resume with the trainer that wrote it, or start a new run folder (resume=never)")
+    checkpoint = load_checkpoint_file(path)
+    check_compatible(checkpoint, path, run_fingerprint(cfg, hardware.world_size))
+    return path, checkpoint
 
 
-def _resume_setup(cfg: DictConfig, run_dir: Path, module, hardware) -> tuple[Any, Path | None, list, list]:
-    """(checkpoint callback or None, checkpoint to resume from or None, trainer plugins, CSV rows to keep)."""
+def _resume_setup(cfg: DictConfig, run_dir: Path, module, hardware, path: Path | None,
+                  checkpoint: dict | None) -> tuple[Any, Path | None, list, list]:
+    """(checkpoint callback or None, checkpoint to resume from or None, trainer plugins, CSV rows to keep).
+    `path` and `checkpoint` come from _check_resume_early."""
     import signal
 
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
     from vlm_finetune.checkpointing import (CHECKPOINT_DIR, AtomicCheckpointIO, CheckpointError, ResumeCallback,
-                                            check_compatible, find_resume_checkpoint, load_checkpoint_file,
-                                            run_fingerprint, trainable_shapes)
+                                            check_compatible, run_fingerprint, trainable_shapes)
 
     plugins: list = []
     if SLURMEnvironment.detect():
@@ -335,11 +333,8 @@ def _resume_setup(cfg: DictConfig, run_dir: Path, module, hardware) -> tuple[Any
                     for name in (ckpt_cfg.get("signals") or []))
     callback = ResumeCallback(run_dir / CHECKPOINT_DIR, ckpt_cfg.get("every_n_steps"), fingerprint, signals,
                               requeue=bool(ckpt_cfg.get("requeue", True)))
-    path = find_resume_checkpoint(resume, run_dir)
     rows: list = []
     if path is not None:
-        _check_kind(cfg, path)
-        checkpoint = load_checkpoint_file(path)
         check_compatible(checkpoint, path, fingerprint, trainable_shapes(module))
         step = int(checkpoint.get("global_step", 0))
         if step > int(cfg.trainer.max_steps):
@@ -371,7 +366,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
     torch.set_num_threads(max(1, int(cfg.hardware.get("cpu_threads") or torch.get_num_threads())))
 
     family = get_family(cfg.model.family)
-    _check_resume_early(cfg, run_dir, hardware)  # a checkpoint of another run fails here, before any weight loads
+    # a checkpoint of another run fails here, before any weight loads
+    resume_path, resume_checkpoint = _check_resume_early(cfg, run_dir, hardware)
     # data first: a bad file fails here, before any weight loads
     train_samples, val_samples, data_stats = build_datasets(cfg.data, int(cfg.seed))
     processor = family.load_processor(cfg.model, truncation=cfg.data.get("truncation", "truncate"))
@@ -420,7 +416,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
 
             set_z3_leaf_modules(model, leaves)
     saver = AdapterSaver(run_dir / "adapter", plan, processor)
-    resumer, ckpt_path, plugins, earlier_rows = _resume_setup(cfg, run_dir, module, hardware)
+    resumer, ckpt_path, plugins, earlier_rows = _resume_setup(cfg, run_dir, module, hardware, resume_path,
+                                                              resume_checkpoint)
     own = [saver] + ([resumer] if resumer is not None else [])
     from vlm_finetune.memory import MemoryMonitor, handle_oom
 

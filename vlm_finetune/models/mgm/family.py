@@ -133,7 +133,8 @@ class MgmFamily:
             raise ConfigError(f"precision={quantization}: MGM loads 4-bit weights as nf4 only; use precision=nf4")
         attn = model_cfg.get("attn_implementation", "sdpa")
         folder = self.checkpoint_folder(model_cfg)
-        if device is not None and str(device) == "meta":  # the planner: structure only, no weights read
+        on_meta = device is not None and str(device) == "meta"
+        if on_meta:  # the planner: structure only, no weights read
             with torch.device("meta"):
                 model = MgmForCausalLM(self.build_config(model_cfg)).to(dtype)
         elif folder is not None:
@@ -149,7 +150,7 @@ class MgmFamily:
                 torch.set_default_dtype(previous)
         model.config.text_config._attn_implementation = attn
         model.config.vision_config._attn_implementation = attn
-        if quantization == "nf4" and not (device is not None and str(device) == "meta"):
+        if quantization == "nf4" and not on_meta:
             quantize_linear_nf4(model.model.layers)
         if model_cfg.get("liger_kernels"):
             raise ConfigError("model.liger_kernels=true is not wired for MGM yet; set it to false")
