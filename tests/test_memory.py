@@ -10,8 +10,8 @@ import torch
 
 from conftest import FAST, compose_cfg
 from vlm_finetune.errors import ConfigError
-from vlm_finetune.memory import (CSV_NAME, GiB, OOM_REPORT, PNG_NAME, MemoryMonitor, PhaseRecord, find_spikes,
-                                 read_csv)
+from vlm_finetune.memory.monitor import CSV_NAME, PNG_NAME, GiB, MemoryMonitor, PhaseRecord, find_spikes, read_csv
+from vlm_finetune.memory.oom import OOM_REPORT
 
 PHASE_BYTES = {"data loading": 1 * GiB, "vision forward": 2 * GiB, "LLM forward": 3 * GiB, "backward": 5 * GiB,
                "optimizer step": 4 * GiB, "validation": 7 * GiB, "checkpoint save": 6 * GiB}
@@ -164,10 +164,12 @@ def test_checkpointing_only_the_first_n_layers_saves_memory_in_between(tmp_path)
     backward than with none checkpointed and more than with all."""
     from vlm_finetune.models import get_family
     from vlm_finetune.models.glm4v.family import GLM4V
+    from vlm_finetune.trainability import apply_activation_checkpointing
 
     def saved_bytes(value):
         cfg = compose_cfg([f"model.activation_checkpointing={value}"], tmp_path)
         model = get_family("glm4v").build_model(cfg.model)
+        apply_activation_checkpointing(model, GLM4V, cfg.model.activation_checkpointing)
         model.train()
         layers = [m for m in model.modules() if isinstance(m, GLM4V.decoder_layer_classes)]
         flags = [bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers]
@@ -189,4 +191,4 @@ def test_checkpointing_only_the_first_n_layers_saves_memory_in_between(tmp_path)
     assert flags0 == [False, False] and flags1 == [True, False] and flags2 == [True, True]
     assert none > one > both
     with pytest.raises(ConfigError, match="has 2 decoder layers"):
-        get_family("glm4v").build_model(compose_cfg(["model.activation_checkpointing=3"], tmp_path).model)
+        apply_activation_checkpointing(get_family("glm4v").build_model(compose_cfg([], tmp_path).model), GLM4V, 3)

@@ -7,7 +7,10 @@ import torch
 
 from conftest import compose_cfg
 from vlm_finetune.errors import ConfigError
-from vlm_finetune.plan import GiB, decoder_layer_bytes_per_token, main, plan_memory, vision_block_bytes_per_patch
+from vlm_finetune.memory.activations import decoder_layer_bytes_per_token, vision_block_bytes_per_patch
+from vlm_finetune.memory.report import GiB
+from vlm_finetune.memory.suggest import plan_with_suggestions as plan_memory
+from vlm_finetune.plan import main
 
 
 def _saved_bytes(fn, exclude: set[int]) -> int:
@@ -189,9 +192,9 @@ def test_activation_checkpointing_auto_takes_the_fewest_layers_that_fit():
 
 
 def test_planner_errors_name_the_fix():
-    from vlm_finetune.models.base import register_family
+    from vlm_finetune.models import Family, register_family
 
-    class NoDims:
+    class NoDims(Family):
         name = "no_memory_dims"
 
     register_family(NoDims())

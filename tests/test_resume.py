@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from conftest import FAST, compose_cfg
-from vlm_finetune.checkpointing import CheckpointError, load_checkpoint_file, save_atomic
+from vlm_finetune.checkpointing import CheckpointError, load_checkpoint_file
+from vlm_finetune.io import save_torch_atomic as save_atomic
 from vlm_finetune.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,7 +121,7 @@ def test_kill_at_any_moment_of_a_save_loop(tmp_path):
     path = tmp_path / "last.ckpt"
     child = textwrap.dedent(f"""
         import torch
-        from vlm_finetune.checkpointing import save_atomic
+        from vlm_finetune.io import save_torch_atomic as save_atomic
         i = 0
         while True:
             i += 1

@@ -1,15 +1,8 @@
 """vlm_finetune: fine-tune vision-language models (GLM-4V, MGM) on the GPUs you have."""
 
+from vlm_finetune.hardware import env_global_rank
+
 __version__ = "0.1.0"
-
-
-def _env_rank() -> int:
-    import os
-
-    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if os.environ.get(key) not in (None, ""):
-            return int(os.environ[key])
-    return 0
 
 
 def _register_resolvers() -> None:
@@ -21,9 +14,10 @@ def _register_resolvers() -> None:
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("vlm_rank_zero"):
-        OmegaConf.register_new_resolver("vlm_rank_zero", lambda value: value if _env_rank() == 0 else None)
+        OmegaConf.register_new_resolver("vlm_rank_zero", lambda value: value if env_global_rank() == 0 else None)
     if not OmegaConf.has_resolver("vlm_rank_zero_file"):
-        OmegaConf.register_new_resolver("vlm_rank_zero_file", lambda path: path if _env_rank() == 0 else os.devnull)
+        OmegaConf.register_new_resolver("vlm_rank_zero_file",
+                                        lambda path: path if env_global_rank() == 0 else os.devnull)
 
 
 _register_resolvers()

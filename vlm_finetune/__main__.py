@@ -29,9 +29,8 @@ def _remove_empty_run_dir(run_dir: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from vlm_finetune.memory.oom import TrainingOutOfMemory
     from vlm_finetune.train import train
-
-    from vlm_finetune.memory import TrainingOutOfMemory
 
     try:
         metrics, _ = train(cfg)

@@ -24,58 +24,35 @@ from pathlib import Path
 
 import torch
 
+from vlm_finetune.autotune import synthetic_batch
+from vlm_finetune.config import LossSettings, compose
+from vlm_finetune.io import write_atomic
+from vlm_finetune.models import get_family, parse_trainability
+from vlm_finetune.module import batch_loss_sum
+from vlm_finetune.precision import weights_policy
+from vlm_finetune.trainability import build_trainable_model, count_parameters, set_frozen_eval, unwrap
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BASELINE = ROOT.parent / "shared" / "bench" / "glm4v_baseline.py"
 
 
-def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=[*overrides, "output_dir=/tmp/vlm_finetune_bench"])
-
-
-def make_batch(processor, seq: int, image_px: int, vocab_limit: int, seed: int = 0) -> dict:
-    """One sample of exactly `seq` tokens: GLM-4V prompt with one image, then a supervised reply of
-    random token ids filling the rest (as the baseline's batch: everything after the image is supervised)."""
-    from PIL import Image
-
-    from vlm_finetune.data.sample import Message, Sample
-    from vlm_finetune.models.glm4v.processor import IGNORE_INDEX
-
-    g = torch.Generator().manual_seed(seed)
-    pixels = (torch.rand(image_px, image_px, 3, generator=g) * 255).to(torch.uint8).numpy()
-    sample = Sample([Message("user", "<image>\nDescribe the image."), Message("assistant", "x")],
-                    [Image.fromarray(pixels)])
-    enc = processor.encode(sample)
-    prompt_len = int((enc.labels == IGNORE_INDEX).sum())
-    if seq <= prompt_len + 8:
-        raise ValueError(f"--seq {seq} leaves no room for a reply after {prompt_len} prompt/image tokens")
-    reply = torch.randint(100, vocab_limit, (seq - prompt_len,), generator=g)
-    enc.input_ids = torch.cat([enc.input_ids[:prompt_len], reply])
-    enc.labels = torch.cat([enc.labels[:prompt_len], reply])
-    enc.num_supervised_tokens = int(reply.numel()) - 1
-    return processor.collate([enc])
+def make_batch(processor, seq: int, image_px: int, vocab_limit: int) -> dict:
+    """One sample of exactly `seq` tokens: a prompt with one image, then a supervised reply of random token
+    ids filling the rest (as the baseline's batch: everything after the image is supervised)."""
+    return synthetic_batch(processor, 1, seq, image_px, vocab_limit)
 
 
 def bench_ours(overrides: list[str], seq: int, image_px: int, steps: int, device: str) -> dict:
-    from vlm_finetune.models import get_family, parse_trainability
-    from vlm_finetune.module import batch_loss_sum
-    from vlm_finetune.train import MIXED, PRECISIONS
-    from vlm_finetune.trainability import (apply_trainability, count_parameters, keep_trainables_fp32,
-                                           plan_trainability, set_frozen_eval, unwrap)
-
-    cfg = _compose(overrides)
+    cfg = compose(overrides, output_dir="/tmp/vlm_finetune_bench")
     family = get_family(cfg.model.family)
     processor = family.load_processor(cfg.model)
-    dtype = PRECISIONS[cfg.precision.name][1]
-    mixed = cfg.precision.name in MIXED
+    policy = weights_policy(cfg.precision.name)
+    dtype, mixed = policy.load_dtype, policy.mixed
+    loss_settings = LossSettings.from_config(cfg.loss)
     started = time.time()
-    model = family.build_model(cfg.model, dtype=dtype, device=device)
-    plan = plan_trainability(family, model, parse_trainability(cfg.train), cfg.model, cfg.lora)
-    model = apply_trainability(model, plan, cfg.lora).to(device)
-    if mixed:
-        keep_trainables_fp32(model)
+    model, plan = build_trainable_model(family, cfg.model, parse_trainability(cfg.train), cfg.lora, policy,
+                                        checkpointed_layers=cfg.model.activation_checkpointing, device=device)
+    model = model.to(device)
     model.train()
     set_frozen_eval(model, plan)
     autocast = torch.autocast(device, dtype=dtype, enabled=mixed)
@@ -97,7 +74,7 @@ def bench_ours(overrides: list[str], seq: int, image_px: int, steps: int, device
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             with autocast:
-                loss_sum, count = batch_loss_sum(family, model, batch, cfg.loss.impl, cfg.loss.chunk_size)
+                loss_sum, count = batch_loss_sum(family, model, batch, loss_settings)
             (loss_sum / max(count, 1)).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -109,7 +86,8 @@ def bench_ours(overrides: list[str], seq: int, image_px: int, steps: int, device
         error = "OOM"
     result = {"case": "vlm_finetune", "model": cfg.model.name, "seq": seq, "image": image_px,
               "params_total_b": round(total / 1e9, 3), "params_train_m": round(trainable / 1e6, 2),
-              "loss_impl": cfg.loss.impl, "chunk_size": cfg.loss.chunk_size, "precision": cfg.precision.name, "liger_kernels": bool(cfg.model.get("liger_kernels")),
+              "loss_impl": cfg.loss.impl, "chunk_size": cfg.loss.chunk_size, "precision": cfg.precision.name,
+              "liger_kernels": bool(cfg.model.get("liger_kernels")),
               "checkpointing": bool(cfg.model.get("activation_checkpointing")), "build_s": round(build_s, 1),
               "err": error}
     if device == "cuda":
@@ -129,7 +107,8 @@ def run_baseline(script: Path, seq: int, image_px: int, steps: int, device: str,
     size = "real" if device == "cuda" else "tiny"
     # the baseline draws its random token ids unseeded; seed them so a run can be repeated (at tiny size an
     # unlucky draw can also hit the image-token id and make the baseline fail)
-    runner = "import runpy, sys, torch; torch.manual_seed(0); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    runner = ("import runpy, sys, torch; torch.manual_seed(0); sys.argv = sys.argv[1:]; "
+              "runpy.run_path(sys.argv[0], run_name='__main__')")
     cmd = [sys.executable, "-c", runner, str(script), "--size", size, "--seq", str(seq), "--image", str(image_px),
            "--steps", str(steps), "--device", device, "--liger", str(liger), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
@@ -168,11 +147,10 @@ def render(ours: dict, base: dict, command: str, device_name: str, date: str) ->
 
 def append_report(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = "# Benchmarks\n\nEach entry: the command that produced it, the device and the date. Written by `python -m vlm_finetune.bench`.\n\n"
+    header = ("# Benchmarks\n\nEach entry: the command that produced it, the device and the date. "
+              "Written by `python -m vlm_finetune.bench`.\n\n")
     old = path.read_text() if path.exists() else header
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(old.rstrip("\n") + "\n\n" + text)
-    os.replace(tmp, path)
+    write_atomic(path, old.rstrip("\n") + "\n\n" + text)
 
 
 def main(argv: list[str] | None = None) -> tuple[dict, dict]:
@@ -182,7 +160,8 @@ def main(argv: list[str] | None = None) -> tuple[dict, dict]:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--image", type=int, default=672)
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--baseline-liger", type=int, default=1, help="compare with the baseline's Liger recipe (1) or plain (0)")
+    parser.add_argument("--baseline-liger", type=int, default=1,
+                        help="compare with the baseline's Liger recipe (1) or plain (0)")
     parser.add_argument("--baseline-script", type=Path, default=DEFAULT_BASELINE)
     parser.add_argument("--baseline-args", default="", help="extra flags for the baseline script, e.g. '--gc 0'")
     parser.add_argument("--no-baseline", action="store_true")

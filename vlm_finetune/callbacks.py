@@ -5,6 +5,9 @@ from pathlib import Path
 
 import lightning as L
 
+from vlm_finetune.io import atomic_path
+from vlm_finetune.strategies import full_gradients, is_accumulation_boundary
+
 
 class GradientSnapshot(L.Callback):
     """Saves the gradients of every trainable parameter just before optimizer step `step` to a safetensors
@@ -17,31 +20,12 @@ class GradientSnapshot(L.Callback):
         self.step = int(step)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
-        if trainer.global_step != self.step:
+        if trainer.global_step != self.step or not is_accumulation_boundary(trainer.strategy):
             return
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
-        if isinstance(trainer.strategy, DeepSpeedStrategy):
-            # Lightning calls this after every micro-batch under DeepSpeed (its engine accumulates)
-            if not trainer.strategy.model.is_gradient_accumulation_boundary():
-                return
-            # ZeRO keeps reduced gradients in its partitions: every rank takes part in assembling each one
-            from deepspeed.utils import safe_get_full_grad
-
-            grads = {}
-            for name, p in pl_module.named_parameters():
-                if p.requires_grad:
-                    grad = safe_get_full_grad(p)
-                    if grad is not None:
-                        grads[name] = grad.detach().float().cpu().contiguous()
-        else:
-            grads = {name: p.grad.detach().float().cpu().contiguous()
-                     for name, p in pl_module.named_parameters() if p.requires_grad and p.grad is not None}
+        grads = full_gradients(trainer.strategy, pl_module)  # every rank takes part (ZeRO's partitions)
         if not trainer.is_global_zero:
             return
         from safetensors.torch import save_file
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        save_file(grads, str(tmp))
-        tmp.replace(self.path)
+        with atomic_path(self.path) as tmp:
+            save_file(grads, str(tmp))

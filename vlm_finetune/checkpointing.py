@@ -18,9 +18,9 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import shutil
 import signal
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,10 @@ from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from vlm_finetune.errors import ConfigError
+from vlm_finetune.hardware import env_global_rank
+from vlm_finetune.io import fsync_dir, fsync_tree, replace_folder, save_torch_atomic
+from vlm_finetune.signals import received
+from vlm_finetune.strategies import checkpoint_is_folder, is_deepspeed, is_resumable
 
 log = logging.getLogger(__name__)
 
@@ -47,33 +51,11 @@ class CheckpointError(ConfigError):
     """A checkpoint that cannot be resumed from; the message names the file and what to do."""
 
 
-def save_atomic(checkpoint: dict, path: Path) -> None:
-    """torch.save to a temporary file beside `path`, fsync, then rename over `path` (atomic on POSIX)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(checkpoint, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the rename itself reaches the disk
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO with the save made atomic (temporary file in the same folder, then rename)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        save_atomic(checkpoint, Path(path))
+        save_torch_atomic(checkpoint, Path(path))
 
 
 def deepspeed_client_state_file(folder: Path) -> Path | None:
@@ -92,7 +74,8 @@ def load_checkpoint_file(path: Path) -> dict:
     if path.is_dir():
         state_file = deepspeed_client_state_file(path)
         if state_file is None:
-            raise CheckpointError(f"checkpoint folder {path} holds no DeepSpeed model states (*/…model_states.pt); {fix}")
+            raise CheckpointError(f"checkpoint folder {path} holds no DeepSpeed model states (*/…model_states.pt); "
+                                  f"{fix}")
         try:
             checkpoint = torch.load(state_file, map_location="cpu", weights_only=False)
         except Exception as err:
@@ -111,7 +94,8 @@ def load_checkpoint_file(path: Path) -> dict:
         raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(err).__name__}: {err}); {fix}") \
             from None
     if not isinstance(checkpoint, dict) or "vlm_finetune" not in checkpoint or "state_dict" not in checkpoint:
-        raise CheckpointError(f"checkpoint {path} was not written by vlm_finetune's training (no run fingerprint); {fix}")
+        raise CheckpointError(f"checkpoint {path} was not written by vlm_finetune's training (no run fingerprint); "
+                              f"{fix}")
     return _check_version(checkpoint, path, fix)
 
 
@@ -216,7 +200,8 @@ def logged_rows_before(csv_path: Path, step: int) -> list[dict]:
         for row in csv.DictReader(handle):
             if row.get("step") and int(float(row["step"])) >= step:
                 continue
-            rows.append({k: (int(float(v)) if k == "step" else float(v)) for k, v in row.items() if v not in ("", None)})
+            rows.append({k: (int(float(v)) if k == "step" else float(v))
+                         for k, v in row.items() if v not in ("", None)})
     return rows
 
 
@@ -261,8 +246,6 @@ class ResumeCallback(L.Callback):
         self._signal_received = signum
 
     def install_signal_handlers(self) -> None:
-        from vlm_finetune.signals import received
-
         for signum in self.signals:
             self._previous_handlers[signum] = signal.getsignal(signum)
             signal.signal(signum, self._on_signal)
@@ -293,11 +276,9 @@ class ResumeCallback(L.Callback):
         return bool(trainer.strategy.reduce(value, reduce_op="sum") > 0)
 
     def save(self, trainer) -> None:
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
         for logger in trainer.loggers:  # the CSV holds every step up to the checkpoint
             logger.save()
-        if isinstance(trainer.strategy, DeepSpeedStrategy):
+        if is_deepspeed(trainer.strategy):
             self._save_deepspeed_folder(trainer)
         else:  # the full state: optimizer, loops, callbacks; written atomically by AtomicCheckpointIO
             trainer.save_checkpoint(str(self.last_path), weights_only=False)
@@ -306,10 +287,6 @@ class ResumeCallback(L.Callback):
     def _save_deepspeed_folder(self, trainer) -> None:
         """Every rank writes its partition into `last.ckpt.tmp`; once all have, rank 0 flushes the files to disk
         and swaps the folder in for `last.ckpt` (a kill at any moment leaves a whole checkpoint)."""
-        import shutil
-
-        from vlm_finetune.train import replace_folder
-
         tmp = self.folder / (LAST + ".tmp")
         if trainer.is_global_zero:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
@@ -317,15 +294,9 @@ class ResumeCallback(L.Callback):
         trainer.strategy.barrier("vlm_finetune.checkpoint.clear")
         trainer.save_checkpoint(str(tmp), weights_only=False)  # ends with a barrier
         if trainer.is_global_zero:
-            for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
-                with open(file, "rb") as handle:
-                    os.fsync(handle.fileno())
+            fsync_tree(tmp)
             replace_folder(tmp, self.last_path)
-            dir_fd = os.open(self.folder, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            fsync_dir(self.folder)
         trainer.strategy.barrier("vlm_finetune.checkpoint.swapped")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -382,3 +353,59 @@ class ResumeCallback(L.Callback):
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         self._rng_to_restore = checkpoint["vlm_finetune"]["rng_states"]
+
+
+# -- the run's resume wiring -------------------------------------------------------------------------------
+def open_resume_checkpoint(cfg, run_dir: Path, world_size: int) -> tuple[Path | None, dict | None]:
+    """The checkpoint a run would continue from, opened and checked before any weight loads: it exists, it
+    is readable, it is of the strategy's kind and its settings are this run's. Returns (path, checkpoint),
+    or (None, None) when the run starts afresh. (Its tensor shapes are checked once the model is built.)"""
+    if not is_resumable(cfg.trainer):
+        return None, None
+    path = find_resume_checkpoint(cfg.resume, run_dir)
+    if path is None:
+        return None, None
+    if path.exists() and path.is_dir() != checkpoint_is_folder(cfg.trainer):
+        kind = "DeepSpeed's checkpoint folder" if path.is_dir() else "a single-file checkpoint"
+        raise CheckpointError(f"checkpoint {path} is {kind}, which trainer={cfg.trainer.name} cannot resume from; "
+                              "resume with the trainer that wrote it, or start a new run folder (resume=never)")
+    checkpoint = load_checkpoint_file(path)
+    check_compatible(checkpoint, path, run_fingerprint(cfg, world_size))
+    return path, checkpoint
+
+
+def resume_parts(cfg, run_dir: Path, module, world_size: int, path: Path | None,
+                 checkpoint: dict | None) -> tuple[ResumeCallback | None, Path | None, list, list]:
+    """(checkpoint callback or None, checkpoint to resume from or None, trainer plugins, CSV rows to keep).
+    `path` and `checkpoint` come from open_resume_checkpoint."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    plugins: list = []
+    if SLURMEnvironment.detect():
+        # the preemption signal is handled by ResumeCallback (atomic save at a step boundary, then requeue),
+        # not by Lightning's handler, which saves from inside the signal handler in the middle of a step
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    if not is_resumable(cfg.trainer):
+        if cfg.resume not in (None, "never", "auto"):
+            raise ConfigError(f"resume={cfg.resume} works with trainer=single|ddp|zero*; trainer={cfg.trainer.name} "
+                              "writes no resumable checkpoints yet (use resume=never)")
+        return None, None, plugins, []
+    if not checkpoint_is_folder(cfg.trainer):  # DeepSpeed writes its own folder (made atomic by ResumeCallback)
+        plugins.append(AtomicCheckpointIO())
+    fingerprint = run_fingerprint(cfg, world_size)
+    signals = tuple(getattr(signal, "SIG" + str(name).upper().removeprefix("SIG"))
+                    for name in (cfg.checkpoint.signals or []))
+    callback = ResumeCallback(run_dir / CHECKPOINT_DIR, cfg.checkpoint.every_n_steps, fingerprint, signals,
+                              requeue=bool(cfg.checkpoint.requeue))
+    rows: list = []
+    if path is not None:
+        check_compatible(checkpoint, path, fingerprint, trainable_shapes(module))
+        step = int(checkpoint.get("global_step", 0))
+        if step > int(cfg.trainer.max_steps):
+            raise CheckpointError(f"checkpoint {path} is at step {step}, "
+                                  f"past trainer.max_steps={cfg.trainer.max_steps}; "
+                                  "raise trainer.max_steps or start a new run folder")
+        if env_global_rank() == 0:
+            rows = logged_rows_before(run_dir / "csv" / "metrics.csv", step)
+            print(f"vlm_finetune: resuming from {path} at step {step}", flush=True)
+    return callback, path, plugins, rows

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import torch
 
+from vlm_finetune.adapters import is_adapter_folder, load_adapter
+from vlm_finetune.config import compose, group_options, parse_overrides
+from vlm_finetune.data.sample import IMAGE_PLACEHOLDER, Message, Sample
 from vlm_finetune.errors import ConfigError
-from vlm_finetune.export import parse_overrides
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+from vlm_finetune.models import get_family
+from vlm_finetune.trainability import unwrap
 
 
 def _model_config(model: str | None, model_path: str | None, run_dir: str | None):
@@ -27,26 +29,18 @@ def _model_config(model: str | None, model_path: str | None, run_dir: str | None
         return OmegaConf.load(config).model
     if not model:
         raise ConfigError("model=<name> (one of conf/model/*.yaml) or run_dir=<run folder> is required")
-    available = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+    available = group_options("model")
     if model not in available:
         raise ConfigError(f"model={model!r} is not a model config; use one of {available} "
                           "(and model_path=/a/checkpoint for a local checkpoint folder)")
-    from hydra import compose, initialize_config_dir
-
     overrides = [f"model={model}"] + ([f"model.path={model_path}"] if model_path else [])
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides + ["output_dir=/tmp"])
-    return cfg.model
+    return compose(overrides, output_dir="/tmp").model
 
 
 def answer(image: str | Path, prompt: str, model: str | None = None, adapter: str | Path | None = None,
            model_path: str | None = None, run_dir: str | Path | None = None, max_new_tokens: int = 64) -> str:
     """The model's greedy answer to `prompt` about `image`."""
     from PIL import Image, UnidentifiedImageError
-
-    from vlm_finetune.data.sample import IMAGE_PLACEHOLDER, Message, Sample
-    from vlm_finetune.models import get_family
-    from vlm_finetune.trainability import unwrap
 
     model_cfg = _model_config(model, model_path, str(run_dir) if run_dir else None)
     if run_dir and adapter is None:
@@ -55,22 +49,14 @@ def answer(image: str | Path, prompt: str, model: str | None = None, adapter: st
         picture = Image.open(image).convert("RGB")
     except (OSError, UnidentifiedImageError) as err:
         raise ConfigError(f"image={image}: cannot be read as an image ({err})") from None
-    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file() \
-            and not (Path(adapter) / "non_lora_trainables.safetensors").is_file():
+    if adapter is not None and not is_adapter_folder(Path(adapter)):
         raise ConfigError(f"adapter={adapter} is not an adapter folder (no adapter_config.json); use a run's "
                           "adapter/ folder or the output of python -m vlm_finetune.export")
     family = get_family(model_cfg.family)
     processor = family.load_processor(model_cfg)
     network = family.build_model(model_cfg, dtype=torch.float32)
     if adapter is not None:
-        if (Path(adapter) / "adapter_config.json").is_file():
-            from peft import PeftModel
-
-            network = PeftModel.from_pretrained(network, str(adapter))
-        else:
-            from safetensors.torch import load_file
-
-            network.load_state_dict(load_file(str(Path(adapter) / "non_lora_trainables.safetensors")), strict=False)
+        network = load_adapter(network, Path(adapter))
     network.eval()
     text = prompt if IMAGE_PLACEHOLDER in prompt else f"{IMAGE_PLACEHOLDER}{prompt}"
     sample = Sample([Message("user", text), Message("assistant", "")], [picture])

@@ -2,12 +2,20 @@
 before any weight loads."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from vlm_finetune.errors import ConfigError
+
+
+def env_global_rank() -> int:
+    """This process's rank as the launcher states it (torchrun: RANK, srun: SLURM_PROCID), before Lightning
+    starts (and before torch is imported: the package's config resolvers read it)."""
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(key) not in (None, ""):
+            return int(os.environ[key])
+    return 0
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,8 @@ class Found:
 
 
 def detect() -> Found:
+    import torch
+
     if not torch.cuda.is_available():
         return Found(0, (), 0.0, False)
     count = torch.cuda.device_count()

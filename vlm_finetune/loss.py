@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from vlm_finetune.config import LossSettings
+from vlm_finetune.data.sample import IGNORE_INDEX
 
 
 def _chunk_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -65,10 +66,11 @@ def liger_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: 
 
 
 def token_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
-                   impl: str = "chunked", chunk_size: int | None = 1024) -> tuple[torch.Tensor, int]:
-    """Dispatch on `loss.impl`: chunked (default) | plain (full logits) | liger (fused, GPU)."""
+                   settings: LossSettings) -> tuple[torch.Tensor, int]:
+    """Dispatch on `loss.impl`: chunked | plain (full logits) | liger (fused, GPU)."""
+    impl = settings.impl
     if impl == "chunked":
-        return cross_entropy_sum(hidden, weight, labels, bias, chunk_size=chunk_size or 1024)
+        return cross_entropy_sum(hidden, weight, labels, bias, chunk_size=settings.chunk_size)
     if impl == "plain":
         return cross_entropy_sum(hidden, weight, labels, bias, chunk_size=None)
     if impl == "liger":
@@ -80,4 +82,5 @@ def full_logits_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) ->
     """The plain reference: CE summed over supervised tokens from full (batch, seq, vocab) logits."""
     shifted = labels[:, 1:].reshape(-1)
     flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    return F.cross_entropy(flat, shifted, ignore_index=IGNORE_INDEX, reduction="sum"), int((shifted != IGNORE_INDEX).sum())
+    return (F.cross_entropy(flat, shifted, ignore_index=IGNORE_INDEX, reduction="sum"),
+            int((shifted != IGNORE_INDEX).sum()))

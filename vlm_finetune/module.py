@@ -4,16 +4,17 @@ from __future__ import annotations
 import logging
 import math
 import re
-from typing import Any, Callable
+from typing import Callable
 
 import lightning as L
 import torch
 import torchmetrics
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import nn
 
+from vlm_finetune.config import EvalSettings, LossSettings, OptimizerSettings
 from vlm_finetune.loss import token_loss_sum
-from vlm_finetune.models.base import Part
+from vlm_finetune.models.base import Family, Part
+from vlm_finetune.strategies import clip_gradients, head_weight, loss_rescale, needs_synced_generation
 from vlm_finetune.trainability import TrainablePlan, count_parameters, set_frozen_eval, unwrap
 
 log = logging.getLogger(__name__)
@@ -54,60 +55,42 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Call
     return factor
 
 
-def batch_loss_sum(family, model: nn.Module, batch: dict, impl: str = "chunked", chunk_size: int | None = 1024
-                   ) -> tuple[torch.Tensor, int]:
+def warmup_cosine_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
+                            min_ratio: float) -> torch.optim.lr_scheduler.LRScheduler:
+    """`scheduler=cosine` (conf/scheduler/cosine.yaml binds the warmup and the floor; the module the rest)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(int(warmup_steps), total_steps, float(min_ratio)))
+
+
+def batch_loss_sum(family: Family, model: nn.Module, batch: dict, loss: LossSettings) -> tuple[torch.Tensor, int]:
     """(sum of next-token CE over supervised tokens, their count) of one micro-batch: the family gives
     the final hidden states and the output projection, the loss never builds full logits."""
     base = unwrap(model)
     hidden = family.hidden_states(base, batch)
     head = family.output_embedding(base)
-    return token_loss_sum(hidden, head_weight(head), batch["labels"], getattr(head, "bias", None), impl=impl,
-                          chunk_size=chunk_size)
-
-
-def head_weight(head: nn.Module) -> torch.Tensor:
-    """The output projection's weight, whole. The loss reads it outside the head's forward, where DeepSpeed
-    ZeRO-3 has it partitioned (an empty placeholder on each rank): a frozen head is gathered into a full
-    copy for this micro-batch (held until its backward, like one gathered layer); a trained head under
-    ZeRO-3 is not supported by the chunked loss."""
-    weight = head.weight
-    if not hasattr(weight, "ds_id"):
-        return weight
-    if weight.requires_grad:
-        raise RuntimeError("a trained output head under DeepSpeed ZeRO-3 cannot feed the chunked loss; keep "
-                           "lm_head frozen (train.llm=lora) or use trainer=zero2 / fsdp")
-    import deepspeed
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    if getattr(weight, "ds_persist", False):  # below the persistence threshold: never partitioned
-        return weight.detach()
-    if weight.ds_status == ZeroParamStatus.AVAILABLE:
-        # gathered by a module that is still active (a head tied to the input embedding): copy it, since
-        # DeepSpeed frees it when that module is done; gathering again would free it under the module
-        return weight.detach().clone()
-    with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
-        return weight.detach().clone()
+    return token_loss_sum(hidden, head_weight(head), batch["labels"], getattr(head, "bias", None), loss)
 
 
 class VLMModule(L.LightningModule):
-    def __init__(self, model: nn.Module, family, processor, plan: TrainablePlan, optimizer_factory: Callable,
-                 optim_cfg: Any, scheduler_cfg: Any, loss_cfg: Any, eval_cfg: Any, question_types: list[str] = ()):
+    def __init__(self, model: nn.Module, family: Family, processor, plan: TrainablePlan, optimizer_factory: Callable,
+                 optimizer: OptimizerSettings, scheduler_factory: Callable | None, loss: LossSettings,
+                 evaluation: EvalSettings, question_types: list[str] = ()):
+        """`optimizer_factory(param_groups)` and `scheduler_factory(optimizer, total_steps)` come from the
+        `optimizer` and `scheduler` config groups (Hydra `_partial_`); no scheduler factory: a constant rate."""
         super().__init__()
         self.model = model
         self.family = family
         self.processor = processor
         self.plan = plan
         self.optimizer_factory = optimizer_factory
-        self.optim_cfg = optim_cfg
-        self.scheduler_cfg = scheduler_cfg
-        self.loss_impl = str(loss_cfg.get("impl", "chunked")) if loss_cfg is not None else "chunked"
-        self.loss_chunk_size = loss_cfg.get("chunk_size") if loss_cfg is not None else 1024
-        self.max_new_tokens = int(eval_cfg.get("max_new_tokens", 8))
-        self.generate_in_validation = bool(eval_cfg.get("generate", True))
+        self.optimizer_settings = optimizer
+        self.scheduler_factory = scheduler_factory
+        self.loss_settings = loss
+        self.max_new_tokens = evaluation.max_new_tokens
+        self.generate_in_validation = evaluation.generate
         self.val_accuracy = AnswerExactMatch()
         self.val_accuracy_by_type = nn.ModuleDict({t: AnswerExactMatch() for t in question_types})
         # captions: BLEU-4 and ROUGE-L F1 of the generated text against the reference (eval.caption_metrics)
-        self.caption_metrics = bool(eval_cfg.get("caption_metrics", False)) if eval_cfg is not None else False
+        self.caption_metrics = evaluation.caption_metrics
         if self.caption_metrics:
             from torchmetrics.text import BLEUScore, ROUGEScore
 
@@ -152,7 +135,7 @@ class VLMModule(L.LightningModule):
 
     # -- loss -------------------------------------------------------------------------------------
     def _loss_sum(self, batch: dict) -> tuple[torch.Tensor, int]:
-        return batch_loss_sum(self.family, self.model, batch, self.loss_impl, self.loss_chunk_size)
+        return batch_loss_sum(self.family, self.model, batch, self.loss_settings)
 
     def _count_data_events(self, batch: dict) -> None:
         for key in self.data_counts:
@@ -170,10 +153,7 @@ class VLMModule(L.LightningModule):
             loss_sum, _ = self._loss_sum(batch)
         # Lightning divides by `accumulate` and DDP averages over ranks: undo both so the step's gradient
         # is d(sum of every supervised token's loss)/d(theta) / (supervised tokens of the global step).
-        scale = accumulate * world / max(step_tokens, 1.0)
-        if isinstance(self.trainer.strategy, DeepSpeedStrategy) and accumulate > 1:
-            # DeepSpeed's engine.backward divides by gradient_accumulation_steps once more
-            scale *= accumulate
+        scale = accumulate * world / max(step_tokens, 1.0) * loss_rescale(self.trainer.strategy, accumulate)
         self._step_loss += float(loss_sum.detach()) / max(step_tokens, 1.0)
         if batch["last_in_step"]:
             step_loss = torch.tensor(self._step_loss, device=self.device)
@@ -199,7 +179,8 @@ class VLMModule(L.LightningModule):
                 self.val_bleu.update(predictions, [[a] for a in batch["answers"]])
                 self.val_rouge.update(predictions, batch["answers"])
             for qtype in self.val_accuracy_by_type:
-                pairs = [(p, a) for p, a, t in zip(predictions, batch["answers"], batch["question_types"]) if t == qtype]
+                pairs = [(p, a) for p, a, t in zip(predictions, batch["answers"], batch["question_types"])
+                         if t == qtype]
                 if pairs:
                     self.val_accuracy_by_type[qtype].update([p for p, _ in pairs], [a for _, a in pairs])
 
@@ -232,9 +213,7 @@ class VLMModule(L.LightningModule):
         for key, value in inputs.items():  # image tensors in the weights' dtype
             if torch.is_tensor(value) and value.is_floating_point():
                 inputs[key] = value.to(dtype)
-        # under ZeRO-3 every forward gathers parameters collectively: ranks keep stepping until all are done
-        strategy = self.trainer.strategy if self._trainer is not None else None
-        synced = (isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3 and strategy.world_size > 1)
+        synced = needs_synced_generation(self.trainer.strategy if self._trainer is not None else None)
         output = base.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
                                eos_token_id=self.processor.eos_token_id, pad_token_id=self.processor.pad_token_id,
                                synced_gpus=synced)
@@ -242,37 +221,26 @@ class VLMModule(L.LightningModule):
         return [self.processor.decode(row) for row in new_tokens]
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy):
-            # clipping by norm must see every shard: FSDP's root module computes the global norm
-            self.trainer.strategy.model.clip_grad_norm_(float(gradient_clip_val))
-            return
-        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
-                            gradient_clip_algorithm=gradient_clip_algorithm)
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self):
         projector_names = tuple(self.plan.part_modules[Part.PROJECTOR])
-        base_lr = float(self.optim_cfg.lr)
-        projector_lr = self.optim_cfg.get("projector_lr")
+        settings = self.optimizer_settings
         groups: dict[str, list] = {"default": [], "projector": []}
         for name, param in unwrap(self.model).named_parameters():
             if not param.requires_grad:
                 continue
             in_projector = any(f"{p}." in name for p in projector_names)
-            groups["projector" if in_projector and projector_lr else "default"].append(param)
-        param_groups = [{"params": groups["default"], "lr": base_lr}]
+            groups["projector" if in_projector and settings.projector_lr else "default"].append(param)
+        param_groups = [{"params": groups["default"], "lr": settings.lr}]
         if groups["projector"]:
-            param_groups.append({"params": groups["projector"], "lr": float(projector_lr)})
+            param_groups.append({"params": groups["projector"], "lr": settings.projector_lr})
         param_groups = [g for g in param_groups if g["params"]]
         optimizer = self.optimizer_factory(param_groups)
-        name = self.scheduler_cfg.get("name", "constant")
-        if name == "constant":
+        if self.scheduler_factory is None:
             return optimizer
         total = int(self.trainer.max_steps) if self.trainer.max_steps and self.trainer.max_steps > 0 \
             else int(self.trainer.estimated_stepping_batches)
-        warmup = int(self.scheduler_cfg.get("warmup_steps", 0))
-        if name != "cosine":
-            raise ValueError(f"scheduler.name={name!r}: use 'cosine' or 'constant'")
-        factor = warmup_cosine(warmup, total, float(self.scheduler_cfg.get("min_lr_ratio", 0.0)))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler = self.scheduler_factory(optimizer, total_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -4,6 +4,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from vlm_finetune.io import atomic_path
+
 
 def read_metrics_csv(path: Path) -> dict[str, list[tuple[int, float]]]:
     """{metric: [(step, value), ...]} from Lightning's CSVLogger file."""
@@ -55,8 +57,7 @@ def plot_training_curves(run_dir: Path, out_name: str = "training_curves.png") -
     fig.suptitle(Path(run_dir).name)
     fig.tight_layout()
     out = Path(run_dir) / out_name
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(out, ext=".png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    tmp.replace(out)
     return out

@@ -1,14 +1,24 @@
-"""`trainer=` names -> Lightning strategy objects, built from the config and what the model family declares
-(its decoder-layer and vision-block classes for wrapping and checkpointing, its ZeRO-3 leaf modules)."""
+"""Everything that depends on the strategy, in one place: `trainer=` names -> Lightning strategy objects (built
+from the config and what the model family declares: its decoder-layer and vision-block classes for wrapping,
+its ZeRO-3 leaf modules), and what a running strategy implies for the rest of the code: the loss rescale
+under DeepSpeed, synced generation and gathers under ZeRO-3, FSDP's gradient clipping, whole trainable
+weights for saving, the output head's weight for the loss, and which runs resume from which checkpoints."""
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
+
+import torch
+from torch import nn
 
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.hardware import Hardware
+from vlm_finetune.models.base import Family
 
 STRATEGIES = ("single", "ddp", "fsdp", "deepspeed")
 SHARDED = ("fsdp", "deepspeed")
+# strategies whose runs write resumable checkpoints (a file; DeepSpeed: its own folder)
+RESUMABLE_STRATEGIES = ("single", "ddp", "deepspeed")
 
 
 def check_combination(trainer_cfg: Any, hardware: Hardware, precision: str) -> None:
@@ -19,7 +29,8 @@ def check_combination(trainer_cfg: Any, hardware: Hardware, precision: str) -> N
                           "zero3|zero3_offload")
     if strategy == "single" and hardware.world_size > 1:
         raise ConfigError(f"trainer=single runs one process, but hardware={hardware.name} has {hardware.world_size} "
-                          "devices; use trainer=ddp (model fits on one GPU) or trainer=zero3 / trainer=fsdp (it does not)")
+                          "devices; use trainer=ddp (model fits on one GPU) or trainer=zero3 / trainer=fsdp "
+                          "(it does not)")
     if strategy == "fsdp" and hardware.accelerator != "gpu":
         raise ConfigError(f"trainer=fsdp needs GPUs: PyTorch's FSDP does not run on CPU processes "
                           f"(hardware={hardware.name} has no GPU). On the CPU use trainer=single or trainer=ddp, or "
@@ -31,7 +42,8 @@ def check_combination(trainer_cfg: Any, hardware: Hardware, precision: str) -> N
                               "trainer=zero2 with precision=nf4 (each GPU holds the 4-bit base), or keep ZeRO-3 with "
                               "precision=bf16-mixed")
     if precision == "fp16-mixed" and hardware.accelerator != "gpu":
-        raise ConfigError("precision=fp16-mixed needs a GPU (loss scaling is CUDA-only); on the CPU use 32-true or bf16-mixed")
+        raise ConfigError("precision=fp16-mixed needs a GPU (loss scaling is CUDA-only); "
+                          "on the CPU use 32-true or bf16-mixed")
     offload = bool(trainer_cfg.get("offload_optimizer")) or bool(trainer_cfg.get("offload_parameters"))
     if offload and strategy != "deepspeed":
         raise ConfigError("optimizer/parameter offload is a DeepSpeed feature; use trainer=zero2_offload or "
@@ -81,7 +93,7 @@ def deepspeed_config(trainer_cfg: Any, precision: str, accumulate: int, micro_ba
     return config
 
 
-def build_strategy(cfg: Any, family: Any, hardware: Hardware):
+def build_strategy(cfg: Any, family: Family, hardware: Hardware):
     """The Lightning strategy for `cfg.trainer`, or "auto" for one process."""
     t = cfg.trainer
     precision = str(cfg.precision.name)
@@ -98,10 +110,11 @@ def build_strategy(cfg: Any, family: Any, hardware: Hardware):
         from lightning.pytorch.strategies import FSDPStrategy
 
         blocks = set(family.decoder_layer_classes) | set(family.vision_block_classes)
-        checkpointed = set(family.decoder_layer_classes) if cfg.model.get("activation_checkpointing") else None
         return FSDPStrategy(
             auto_wrap_policy=blocks,
-            activation_checkpointing_policy=checkpointed,
+            # no checkpoint wrapper of FSDP's own: the model already checkpoints exactly the layers
+            # model.activation_checkpointing asks for (trainability.apply_activation_checkpointing)
+            activation_checkpointing_policy=None,
             sharding_strategy=str(t.sharding_strategy),
             cpu_offload=False,
             # frozen base and trainable LoRA weights share FSDP units: keep original parameters
@@ -151,6 +164,136 @@ def cpu_deepspeed_strategy(config: dict):
     return CPUDeepSpeedStrategy(config=config, process_group_backend="gloo", exclude_frozen_parameters=True)
 
 
-def zero3_leaf_classes(family: Any) -> tuple[type, ...]:
-    """Modules DeepSpeed ZeRO-3 must gather whole (MoE blocks: their experts fire data-dependently)."""
-    return tuple(getattr(family, "zero3_leaf_classes", ()) or ())
+# -- the configured strategy ---------------------------------------------------------------------------------
+def is_resumable(trainer_cfg: Any) -> bool:
+    return str(trainer_cfg.strategy) in RESUMABLE_STRATEGIES
+
+
+def replicates_model(trainer_cfg: Any) -> bool:
+    """Every device holds the whole model (one process, or DDP)."""
+    return str(trainer_cfg.strategy) in ("single", "ddp")
+
+
+def checkpoint_is_folder(trainer_cfg: Any) -> bool:
+    """DeepSpeed writes its checkpoint as a folder (one optimizer partition per rank); the others one file."""
+    return str(trainer_cfg.strategy) == "deepspeed"
+
+
+def is_zero3_config(trainer_cfg: Any) -> bool:
+    return str(trainer_cfg.strategy) == "deepspeed" and int(trainer_cfg.zero_stage) == 3
+
+
+def set_zero3_leaves(model: nn.Module, family: Family, trainer_cfg: Any) -> list[type]:
+    """Under ZeRO-3, mark the family's leaf modules present in `model` (MoE blocks are gathered whole: their
+    experts fire data-dependently, and a rank that skips an expert would leave the gathers out of step)."""
+    if not is_zero3_config(trainer_cfg):
+        return []
+    leaves = [c for c in family.zero3_leaf_classes if any(isinstance(m, c) for m in model.modules())]
+    if leaves:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, leaves)
+    return leaves
+
+
+# -- the running strategy ----------------------------------------------------------------------------------
+def is_deepspeed(strategy: Any) -> bool:
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return isinstance(strategy, DeepSpeedStrategy)
+
+
+def is_fsdp(strategy: Any) -> bool:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(strategy, FSDPStrategy)
+
+
+def is_zero3(strategy: Any) -> bool:
+    return is_deepspeed(strategy) and bool(strategy.zero_stage_3)
+
+
+def loss_rescale(strategy: Any, accumulate: int) -> float:
+    """The extra factor the loss of a micro-batch needs under this strategy: DeepSpeed's engine.backward
+    divides by gradient_accumulation_steps once more than Lightning's manual division accounts for."""
+    return float(accumulate) if is_deepspeed(strategy) and accumulate > 1 else 1.0
+
+
+def needs_synced_generation(strategy: Any) -> bool:
+    """Under multi-rank ZeRO-3 every forward gathers parameters collectively: generating ranks keep stepping
+    until all are done (else their gathers go out of step and the run hangs)."""
+    return strategy is not None and is_zero3(strategy) and strategy.world_size > 1
+
+
+def clip_gradients(module: Any, optimizer: Any, value: float | None, algorithm: str | None) -> None:
+    """Gradient clipping that sees every shard: FSDP's root module computes the global norm."""
+    strategy = module.trainer.strategy
+    if value and is_fsdp(strategy):
+        strategy.model.clip_grad_norm_(float(value))
+        return
+    module.clip_gradients(optimizer, gradient_clip_val=value, gradient_clip_algorithm=algorithm)
+
+
+def is_accumulation_boundary(strategy: Any) -> bool:
+    """Whether the gradients are those of a whole optimizer step now (Lightning calls before-step hooks after
+    every micro-batch under DeepSpeed, whose engine accumulates)."""
+    return not is_deepspeed(strategy) or strategy.model.is_gradient_accumulation_boundary()
+
+
+def full_gradients(strategy: Any, module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable parameter's whole gradient (float32, CPU). ZeRO keeps reduced gradients in its
+    partitions: every rank must call this (each takes part in assembling each gradient)."""
+    if is_deepspeed(strategy):
+        from deepspeed.utils import safe_get_full_grad
+
+        grads = {name: safe_get_full_grad(p) for name, p in module.named_parameters() if p.requires_grad}
+    else:
+        grads = {name: p.grad for name, p in module.named_parameters() if p.requires_grad}
+    return {name: g.detach().float().cpu().contiguous() for name, g in grads.items() if g is not None}
+
+
+@contextlib.contextmanager
+def full_trainable_parameters(trainer: Any, module: nn.Module) -> Iterator[None]:
+    """Inside this context the trainable weights are whole on every rank, whatever the sharding:
+    ZeRO-3 gathers them, FSDP summons full parameters; other strategies hold them whole already.
+    Every rank must enter it (the gathers are collective)."""
+    strategy = trainer.strategy
+    if is_zero3(strategy):
+        import deepspeed
+
+        params = [p for p in module.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+    elif is_fsdp(strategy):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        # gathered copies go to CPU memory when sharded (FSDP refuses that for NO_SHARD, i.e. one device)
+        offload = trainer.world_size > 1
+        with FullyShardedDataParallel.summon_full_params(strategy.model, writeback=False, offload_to_cpu=offload):
+            yield
+    else:
+        yield
+
+
+def head_weight(head: nn.Module) -> torch.Tensor:
+    """The output projection's weight, whole. The loss reads it outside the head's forward, where DeepSpeed
+    ZeRO-3 has it partitioned (an empty placeholder on each rank): a frozen head is gathered into a full
+    copy for this micro-batch (held until its backward, like one gathered layer); a trained head under
+    ZeRO-3 is not supported by the chunked loss."""
+    weight = head.weight
+    if not hasattr(weight, "ds_id"):  # not a ZeRO-3 parameter
+        return weight
+    if weight.requires_grad:
+        raise RuntimeError("a trained output head under DeepSpeed ZeRO-3 cannot feed the chunked loss; keep "
+                           "lm_head frozen (train.llm=lora) or use trainer=zero2 / fsdp")
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    if getattr(weight, "ds_persist", False):  # below the persistence threshold: never partitioned
+        return weight.detach()
+    if weight.ds_status == ZeroParamStatus.AVAILABLE:
+        # gathered by a module that is still active (a head tied to the input embedding): copy it, since
+        # DeepSpeed frees it when that module is done; gathering again would free it under the module
+        return weight.detach().clone()
+    with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
+        return weight.detach().clone()

@@ -1,4 +1,5 @@
-"""Apply `train: {vision, projector, llm}` to a model: freeze, wrap with LoRA, or train fully. One function."""
+"""Apply `train: {vision, projector, llm}` to a model: freeze, wrap with LoRA, or train fully; and the other
+things done to a freshly built model before training: activation checkpointing, float32 trainables."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,7 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlm_finetune.models.base import Mode, ModelFamily, Part
+from vlm_finetune.config import is_auto
+from vlm_finetune.errors import ConfigError
+from vlm_finetune.models.base import Family, Mode, Part
+from vlm_finetune.precision import WeightsPolicy
 
 
 @dataclass
@@ -24,14 +28,13 @@ class TrainablePlan:
         return self.lora_pattern is not None or bool(self.lora_parameters)
 
 
-def plan_trainability(family: ModelFamily, model: nn.Module, modes: dict[Part, Mode], model_cfg: Any,
+def plan_trainability(family: Family, model: nn.Module, modes: dict[Part, Mode], model_cfg: Any,
                       lora_cfg: Any) -> TrainablePlan:
     part_modules = family.part_module_names(model)
     lora_parts = [p for p, m in modes.items() if m is Mode.LORA]
     patterns = [p for p in (family.lora_target_pattern(p, model_cfg, lora_cfg) for p in lora_parts) if p]
     lora_pattern = "|".join(f"(?:{p})" for p in patterns) if patterns else None
-    parameters = [name for p in lora_parts for name in
-                  (family.lora_target_parameters(p, model_cfg, lora_cfg) if hasattr(family, "lora_target_parameters") else [])]
+    parameters = [name for p in lora_parts for name in family.lora_target_parameters(p, model_cfg, lora_cfg)]
     modules = dict(model.named_modules())
     full = [leaf for p, m in modes.items() if m is Mode.FULL for name in part_modules[p]
             for leaf in _saveable_modules(modules[name], name)]
@@ -59,8 +62,6 @@ def apply_trainability(model: nn.Module, plan: TrainablePlan, lora_cfg: Any) -> 
         from peft import LoraConfig, get_peft_model
 
         if plan.lora_parameters and float(lora_cfg.dropout):
-            from vlm_finetune.errors import ConfigError
-
             raise ConfigError(f"lora.dropout={lora_cfg.dropout}: LoRA on MoE expert tensors "
                               f"({', '.join(plan.lora_parameters)}) cannot apply dropout; set lora.dropout=0 "
                               "or lora.llm_modules=attention")
@@ -119,3 +120,65 @@ def keep_trainables_fp32(model: nn.Module) -> None:
     for module in model.modules():
         if hasattr(module, "_cast_input_dtype"):
             module.cast_input_dtype_enabled = False
+
+
+# -- activation checkpointing ------------------------------------------------------------------------------
+def checkpointed_layer_count(value: Any, num_layers: int) -> int | str:
+    """`model.activation_checkpointing` as a number of decoder layers: true -> all, false/null -> 0, a number
+    N (0..num_layers) -> the first N, "auto" -> "auto" (the run resolves it from the memory plan)."""
+    if is_auto(value):
+        return "auto"
+    if isinstance(value, bool) or value is None:
+        return num_layers if value else 0
+    if isinstance(value, int) and 0 <= value <= num_layers:
+        return value
+    raise ConfigError(f"model.activation_checkpointing={value!r}: use true, false, auto or a number of decoder "
+                      f"layers (0-{num_layers}); the model has {num_layers} decoder layers")
+
+
+def decoder_layers(model: nn.Module, family: Family) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, tuple(family.decoder_layer_classes))]
+
+
+def apply_activation_checkpointing(model: nn.Module, family: Family, value: Any) -> int:
+    """Checkpoint the first N decoder layers (`value` as `checkpointed_layer_count` reads it; "auto" must be
+    resolved first) for every family and every strategy: transformers' per-layer flag, with non-reentrant
+    checkpoints (which work inside FSDP units and under ZeRO-3). With any layer checkpointed the vision
+    blocks are checkpointed too, as the planner assumes. Returns N."""
+    layers = decoder_layers(model, family)
+    count = checkpointed_layer_count(value, len(layers))
+    if count == "auto":
+        raise ConfigError("model.activation_checkpointing=auto must be resolved from the memory plan before the "
+                          "model is set up (train() does it; vlm_finetune.autotune)")
+    if count:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise ConfigError(f"model.activation_checkpointing={value!r}: the {family.name} model "
+                              f"({type(model).__name__}) has no gradient_checkpointing_enable(); set it to false")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for index, layer in enumerate(layers):
+        # transformers' GradientCheckpointingLayer reads its own flag at every call
+        layer.gradient_checkpointing = index < count
+    return sum(1 for layer in layers if layer.gradient_checkpointing)
+
+
+def build_trainable_model(family: Family, model_cfg: Any, modes: dict[Part, Mode], lora_cfg: Any,
+                          policy: WeightsPolicy, checkpointed_layers: Any = 0, device: str | None = None
+                          ) -> tuple[nn.Module, TrainablePlan]:
+    """Build (or load) the model, checkpoint its first `checkpointed_layers` decoder layers, apply the
+    trainability plan and keep trainables in float32 when the precision policy asks: the one recipe the
+    run, the planner (`device="meta"`) and the benchmark share."""
+    quantization = policy.quantization if device != "meta" else None
+    model = family.build_model(model_cfg, dtype=policy.load_dtype, device=device, quantization=quantization)
+    if device == "meta" and any(p.device.type != "meta" for p in model.parameters()):
+        raise ConfigError(f"model family {family.name!r} did not build on the meta device; "
+                          "the planner loads no weights")
+    apply_activation_checkpointing(model, family, checkpointed_layers)
+    plan = plan_trainability(family, model, modes, model_cfg, lora_cfg)
+    if device == "meta":
+        with torch.device("meta"):
+            model = apply_trainability(model, plan, lora_cfg)
+    else:
+        model = apply_trainability(model, plan, lora_cfg)
+    if policy.keep_trainables_fp32:
+        keep_trainables_fp32(model)
+    return model, plan

@@ -1,6 +1,7 @@
 """Conversation data from JSON / JSONL files, in the LLaVA/MGM form or the messages form.
 
-LLaVA/MGM: `{"image": "a.jpg" | ["a.jpg", ...], "conversations": [{"from": "human"|"gpt"|"system", "value": "<image>\\n..."}]}`
+LLaVA/MGM: `{"image": "a.jpg" | ["a.jpg", ...],
+            "conversations": [{"from": "human"|"gpt"|"system", "value": "<image>\\n..."}]}`
 messages:  `{"images": ["a.jpg", ...], "messages": [{"role": "user"|"assistant"|"system", "content": "<image>..."}]}`
 (`content` may also be a list of `{"type": "text", "text": ...}` / `{"type": "image"}` parts).
 

@@ -15,9 +15,8 @@ import lightning as L
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
-from vlm_finetune.data.sample import Sample
+from vlm_finetune.data.sample import IGNORE_INDEX, Sample, SampleTooLong
 from vlm_finetune.errors import ConfigError
-from vlm_finetune.models.base import SampleTooLong
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +86,7 @@ class Collator:
             batch["question_types"] = [x[3] for x in kept]
             batch["num_truncated"] = sum(x[0].truncated for x in kept)
         batch["num_dropped_too_long"] = dropped
-        batch["num_supervised_tokens"] = int((batch["labels"][:, 1:] != -100).sum())
+        batch["num_supervised_tokens"] = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         return batch
 
 

@@ -1,11 +1,13 @@
-"""The one record type every data source produces and every model family encodes."""
+"""The record type every data source produces, and the encoded form every model family turns it into."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from PIL import Image
 
 IMAGE_PLACEHOLDER = "<image>"
+IGNORE_INDEX = -100  # label of a position that takes no loss (PyTorch's cross-entropy default)
 ROLES = ("system", "user", "assistant")
 
 
@@ -26,3 +28,33 @@ class Sample:
     @property
     def num_image_placeholders(self) -> int:
         return sum(m.content.count(IMAGE_PLACEHOLDER) for m in self.messages)
+
+
+class SampleTooLong(Exception):
+    """Raised by a processor's `encode` when a sample exceeds max_length and cannot be truncated
+    (policy `drop`, or the cut would go through an image span). The data module drops and counts it."""
+
+
+@dataclass
+class EncodedSample:
+    """One tokenised sample: 1-D tensors plus the image tensors the family's forward needs."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor  # IGNORE_INDEX where no loss is taken
+    image_inputs: dict[str, torch.Tensor]  # e.g. pixel_values, image_grid_thw; empty without images
+    num_supervised_tokens: int
+    truncated: bool = False
+
+
+def pad_encoded(encoded: list[EncodedSample], pad_token_id: int, padding_side: str = "right",
+                ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, labels) of a batch, padded on `padding_side` (left for generation)."""
+    length = max(e.input_ids.numel() for e in encoded)
+    input_ids = torch.full((len(encoded), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(encoded), length), ignore_index, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), length), dtype=torch.long)
+    for row, e in enumerate(encoded):
+        n = e.input_ids.numel()
+        span = slice(0, n) if padding_side == "right" else slice(length - n, length)
+        input_ids[row, span], labels[row, span], attention_mask[row, span] = e.input_ids, e.labels, 1
+    return input_ids, attention_mask, labels

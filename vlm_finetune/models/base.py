@@ -1,14 +1,15 @@
-"""The small interface every model family implements, so the training code never names a family."""
+"""The small interface every model family implements, so the training code never names a family: the
+trainability vocabulary (Part, Mode), the processor protocol and the `Family` base class."""
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from vlm_finetune.data.sample import Sample
+from vlm_finetune.data.sample import EncodedSample, Sample
 from vlm_finetune.errors import ConfigError
 
 
@@ -55,36 +56,6 @@ def parse_trainability(train_cfg: Any) -> dict[Part, Mode]:
     return result
 
 
-class SampleTooLong(Exception):
-    """Raised by a processor's `encode` when a sample exceeds max_length and cannot be truncated
-    (policy `drop`, or the cut would go through an image span). The data module drops and counts it."""
-
-
-@dataclass
-class EncodedSample:
-    """One tokenised sample: 1-D tensors plus the image tensors the family's forward needs."""
-
-    input_ids: torch.Tensor
-    labels: torch.Tensor  # -100 where no loss is taken
-    image_inputs: dict[str, torch.Tensor]  # e.g. pixel_values, image_grid_thw; empty without images
-    num_supervised_tokens: int
-    truncated: bool = False
-
-
-def pad_encoded(encoded: list[EncodedSample], pad_token_id: int, padding_side: str = "right",
-                ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask, labels) of a batch, padded on `padding_side` (left for generation)."""
-    length = max(e.input_ids.numel() for e in encoded)
-    input_ids = torch.full((len(encoded), length), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(encoded), length), ignore_index, dtype=torch.long)
-    attention_mask = torch.zeros((len(encoded), length), dtype=torch.long)
-    for row, e in enumerate(encoded):
-        n = e.input_ids.numel()
-        span = slice(0, n) if padding_side == "right" else slice(length - n, length)
-        input_ids[row, span], labels[row, span], attention_mask[row, span] = e.input_ids, e.labels, 1
-    return input_ids, attention_mask, labels
-
-
 class FamilyProcessor(Protocol):
     """Turns Samples into model inputs and generated ids back into text."""
 
@@ -106,42 +77,68 @@ class FamilyProcessor(Protocol):
         ...
 
 
-class ModelFamily(Protocol):
-    """What a model family declares to the framework."""
+class Family:
+    """What a model family declares to the framework. Subclasses implement the abstract methods; the
+    optional hooks have working defaults here, so generic code calls them without probing."""
 
-    name: str
+    name: str = ""
     #: batch keys the model's forward and generate take (the rest of a batch is for the loss and metrics)
-    input_keys: tuple[str, ...]
-    #: module classes of the LLM decoder layers and vision blocks (wrapping, checkpointing)
-    decoder_layer_classes: tuple[type[nn.Module], ...]
-    vision_block_classes: tuple[type[nn.Module], ...]
+    input_keys: tuple[str, ...] = ()
 
-    def build_model(self, model_cfg: Any, dtype: torch.dtype) -> nn.Module:
-        ...
+    # -- structure ----------------------------------------------------------------------------------
+    @property
+    def decoder_layer_classes(self) -> tuple[type[nn.Module], ...]:
+        """Module classes of the LLM decoder layers (FSDP units, activation checkpointing)."""
+        raise NotImplementedError
 
-    def load_processor(self, model_cfg: Any) -> FamilyProcessor:
-        ...
+    @property
+    def vision_block_classes(self) -> tuple[type[nn.Module], ...]:
+        """Module classes of the vision towers' blocks (FSDP units)."""
+        raise NotImplementedError
+
+    @property
+    def zero3_leaf_classes(self) -> tuple[type[nn.Module], ...]:
+        """Modules DeepSpeed ZeRO-3 must gather whole (MoE blocks, whose experts fire data-dependently)."""
+        return ()
 
     def part_module_names(self, model: nn.Module) -> dict[Part, list[str]]:
         """Qualified module names (in the unwrapped model) that make up each part."""
-        ...
+        raise NotImplementedError
 
-    def lora_target_pattern(self, part: Part, model_cfg: Any, lora_cfg: Any) -> str:
-        """A regex over module names selecting the linear layers that take LoRA in this part."""
-        ...
+    def lora_target_pattern(self, part: Part, model_cfg: Any, lora_cfg: Any) -> str | None:
+        """A regex over module names selecting the linear layers that take LoRA in this part (None: no
+        module takes LoRA, e.g. when only `lora_target_parameters` do)."""
+        raise NotImplementedError
 
+    def lora_target_parameters(self, part: Part, model_cfg: Any, lora_cfg: Any) -> list[str]:
+        """Parameters that take LoRA directly (PEFT's target_parameters: fused MoE expert tensors)."""
+        return []
+
+    # -- builders -----------------------------------------------------------------------------------
+    def build_model(self, model_cfg: Any, dtype: torch.dtype = torch.float32, device: str | None = None,
+                    quantization: str | None = None) -> nn.Module:
+        """The model of `model_cfg`: a checkpoint folder loaded, or built from its config with random
+        weights. `device="meta"` builds the structure only (no weight file read: the planner counts on
+        it); `quantization="nf4"` loads the LLM's linear layers in 4-bit. Activation checkpointing is not
+        the builder's business (trainability.apply_activation_checkpointing)."""
+        raise NotImplementedError
+
+    def load_processor(self, model_cfg: Any, truncation: str = "truncate") -> FamilyProcessor:
+        raise NotImplementedError
+
+    # -- forward ------------------------------------------------------------------------------------
     def hidden_states(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Final hidden states (batch, seq, hidden) before the output projection."""
-        ...
+        raise NotImplementedError
 
     def output_embedding(self, model: nn.Module) -> nn.Module:
         """The output projection (lm_head) module of the unwrapped model."""
-        ...
+        raise NotImplementedError
 
+    # -- planner and export -------------------------------------------------------------------------
     def memory_dims(self, model_cfg: Any, image_size: int) -> dict[str, int]:
         """Architecture sizes for the memory planner (`python -m vlm_finetune.plan`), read from the config
-        without building the model. `build_model(..., device="meta")` must also build without reading
-        weights (the planner counts parameters on it). Keys (ints):
+        without building the model. Keys (ints):
         - LLM: `hidden`, `layers` (decoder layers), `intermediate` (dense MLP width), `heads`, `kv_heads`,
           `head_dim`, `q_dim` (heads * head_dim), `kv_dim` (kv_heads * head_dim), `vocab`; optional
           `rotary_dim` (rotated dims per head, default head_dim)
@@ -150,23 +147,14 @@ class ModelFamily(Protocol):
         - vision tower: `vision_layers`, `vision_hidden`, `vision_intermediate` (MLP width), `vision_heads`
         - one square image of `image_size` pixels as the processor resizes it: `vision_patches_per_image`
           (patches the ViT runs on, all towers), `image_tokens_per_image` (tokens it becomes in the LLM)
-        Families without it make the planner stop with a ConfigError naming this method."""
-        ...
+        - optional `vision_extra_saved_elements_per_image`: what trainable modules between the towers and
+          the LLM save for backward per image, beyond the tokens
+        The default stops the planner with a ConfigError naming this method."""
+        raise ConfigError(f"model family {self.name!r} does not declare memory_dims(model_cfg, image_size), which "
+                          "the planner needs for activations; implement it in the family (see models/base.py)")
 
-
-_REGISTRY: dict[str, ModelFamily] = {}
-
-
-def register_family(family: ModelFamily) -> ModelFamily:
-    _REGISTRY[family.name] = family
-    return family
-
-
-def get_family(name: str) -> ModelFamily:
-    # importing the families registers them
-    import vlm_finetune.models  # noqa: F401
-
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ConfigError(f"model.family={name!r} is unknown; known families: {sorted(_REGISTRY)}") from None
+    def save_merged(self, model: nn.Module, folder: Path, processor: FamilyProcessor) -> None:
+        """A merged model (LoRA folded in) written as a checkpoint folder of the family's released layout;
+        by default a Hugging Face folder (save_pretrained)."""
+        model.save_pretrained(str(folder), safe_serialization=True)
+        processor.save_pretrained(str(folder))

@@ -6,12 +6,11 @@ same `from_pretrained` calls that a real GLM-4.1V checkpoint folder goes through
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from vlm_finetune.models._tiny import cached_folder, corpus, fingerprint
 
 SPECIAL_TOKENS = [
     "<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
@@ -19,50 +18,12 @@ SPECIAL_TOKENS = [
     "<pad>",
 ]
 
-# General text so that any conversation file tokenises into sensible pieces, not only the shapes corpus.
-_GENERAL_TEXT = (
-    "The quick brown fox jumps over the lazy dog. What is shown in the image? Describe the picture. "
-    "There is a person, a car, a cat, a dog, a table and a chair. How many objects are there? "
-    "Answer the question using a single word or phrase. Yes. No. left right top bottom middle center "
-    "red green blue yellow purple orange black white gray brown pink circle square triangle diamond "
-    "one two three four five six seven eight nine ten 0 1 2 3 4 5 6 7 8 9"
-)
-
-
-def _corpus() -> list[str]:
-    from vlm_finetune.data.shapes import corpus
-
-    return list(corpus()) + [_GENERAL_TEXT] * 4
-
-
-def _fingerprint(spec: dict) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _atomic_folder(target: Path, write) -> Path:
-    """Write into a temporary sibling folder, then rename: a crash never leaves a half-made folder."""
-    if (target / "config.json").exists() or (target / "tokenizer.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
-        write(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process won the race; its folder is complete
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
 def ensure_processor_folder(cache_dir: str | os.PathLike, vocab_size: int, image_size: int,
                             max_image_size: int) -> Path:
     """A tokenizer (byte-level BPE, GLM-4V special tokens) + GLM-4V image processor folder."""
     spec = {"kind": "glm4v-processor", "vocab_size": vocab_size, "image_size": image_size,
             "max_image_size": max_image_size, "version": 2}
-    target = Path(cache_dir) / f"glm4v-processor-{_fingerprint(spec)}"
+    target = Path(cache_dir) / f"glm4v-processor-{fingerprint(spec)}"
 
     def write(folder: Path) -> None:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -74,7 +35,7 @@ def ensure_processor_folder(cache_dir: str | os.PathLike, vocab_size: int, image
         bpe.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        bpe.train_from_iterator(_corpus(), trainer)
+        bpe.train_from_iterator(corpus(), trainer)
         tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<pad>")
         tokenizer.save_pretrained(folder)
         # pixel budget: images are resized so H*W lies in [image_size^2, max_image_size^2], multiples of 28.
@@ -84,7 +45,7 @@ def ensure_processor_folder(cache_dir: str | os.PathLike, vocab_size: int, image
         image_processor.save_pretrained(folder)
         (folder / "vlm_finetune.json").write_text(json.dumps(spec, indent=2))
 
-    return _atomic_folder(target, write)
+    return cached_folder(target, write)
 
 
 def ensure_tiny_checkpoint(cache_dir: str | os.PathLike, text: dict, vision: dict, image_size: int,
@@ -92,7 +53,7 @@ def ensure_tiny_checkpoint(cache_dir: str | os.PathLike, text: dict, vision: dic
     """A complete tiny GLM-4V checkpoint folder (config, seeded random weights, tokenizer, processor)."""
     spec = {"kind": "tiny-glm4v", "text": dict(text), "vision": dict(vision), "image_size": image_size,
             "max_image_size": max_image_size, "vocab_size": vocab_size, "init_seed": init_seed, "version": 2}
-    target = Path(cache_dir) / f"tiny_glm4v-{_fingerprint(spec)}"
+    target = Path(cache_dir) / f"tiny_glm4v-{fingerprint(spec)}"
 
     def write(folder: Path) -> None:
         import torch
@@ -109,7 +70,7 @@ def ensure_tiny_checkpoint(cache_dir: str | os.PathLike, text: dict, vision: dic
         AutoImageProcessor.from_pretrained(processor_folder).save_pretrained(folder)
         (folder / "vlm_finetune.json").write_text(json.dumps(spec, indent=2))
 
-    return _atomic_folder(target, write)
+    return cached_folder(target, write)
 
 
 def special_token_ids(tokenizer) -> dict[str, int]:

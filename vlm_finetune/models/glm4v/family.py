@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from vlm_finetune.errors import ConfigError
-from vlm_finetune.models.base import Part, register_family
+from vlm_finetune.models.base import Family, Part
 from vlm_finetune.models.glm4v import assets
 from vlm_finetune.models.glm4v.processor import Glm4vProcessor
 
@@ -53,7 +53,7 @@ def apply_liger_kernels(model: nn.Module) -> None:
     patch(rms_norm=True, swiglu=True, fused_linear_cross_entropy=False, model=model)
 
 
-class Glm4vFamily:
+class Glm4vFamily(Family):
     name = "glm4v"
     input_keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 
@@ -172,17 +172,6 @@ class Glm4vFamily:
                 model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
         if model_cfg.get("liger_kernels"):
             apply_liger_kernels(model)
-        checkpointing = model_cfg.get("activation_checkpointing")
-        if isinstance(checkpointing, str):
-            raise ConfigError(f"model.activation_checkpointing={checkpointing!r} reached the model builder unresolved; "
-                              "train() resolves auto from the memory plan (vlm_finetune.autotune); use true, false "
-                              "or a number of decoder layers here")
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if not isinstance(checkpointing, bool):  # a number: only the first N decoder layers
-                from vlm_finetune.autotune import limit_checkpointed_layers
-
-                limit_checkpointed_layers(model, self.decoder_layer_classes, int(checkpointing))
         return model
 
     def memory_dims(self, model_cfg: Any, image_size: int) -> dict:
@@ -192,7 +181,8 @@ class Glm4vFamily:
         config = self.build_config(model_cfg)
         if getattr(config, "model_type", "") not in ("glm4v", "glm4v_moe"):
             raise ConfigError(f"the memory planner models GLM-4.1V / GLM-4.5V configs; model_type="
-                              f"{getattr(config, 'model_type', '?')!r} (e.g. the ChatGLM-based GLM-4V-9B) is not modelled")
+                              f"{getattr(config, 'model_type', '?')!r} (e.g. the ChatGLM-based GLM-4V-9B) "
+                              "is not modelled")
         text, vision = config.text_config, config.vision_config
         heads = int(text.num_attention_heads)
         head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
@@ -249,4 +239,4 @@ class Glm4vFamily:
         return model.lm_head
 
 
-GLM4V = register_family(Glm4vFamily())
+GLM4V = Glm4vFamily()

@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from vlm_finetune.data.sample import IMAGE_PLACEHOLDER, Sample
+from vlm_finetune.data.sample import IGNORE_INDEX, IMAGE_PLACEHOLDER, EncodedSample, Sample, SampleTooLong, pad_encoded
 from vlm_finetune.errors import DataError
-from vlm_finetune.models.base import EncodedSample, SampleTooLong, pad_encoded
 
-IGNORE_INDEX = -100
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 
 
@@ -71,7 +69,8 @@ class Glm4vProcessor:
                 continue
             for k, chunk in enumerate(message.content.split(IMAGE_PLACEHOLDER)):
                 if k > 0:
-                    span = ([self.special_ids["<|begin_of_image|>"]] + [self.image_token_id] * tokens_per_image[image_index]
+                    span = ([self.special_ids["<|begin_of_image|>"]]
+                            + [self.image_token_id] * tokens_per_image[image_index]
                             + [self.special_ids["<|end_of_image|>"]])
                     image_index += 1
                     ids += span
@@ -100,7 +99,8 @@ class Glm4vProcessor:
         input_ids, attention_mask, labels = pad_encoded(encoded, self.pad_token_id, padding_side, IGNORE_INDEX)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
                  # 1 marks image positions: GLM-4V's M-RoPE needs it whenever images are present
-                 "mm_token_type_ids": (input_ids == self.image_token_id).to(torch.int32) * attention_mask.to(torch.int32)}
+                 "mm_token_type_ids": ((input_ids == self.image_token_id).to(torch.int32)
+                                       * attention_mask.to(torch.int32))}
         with_images = [e.image_inputs for e in encoded if e.image_inputs]
         if with_images:
             batch["pixel_values"] = torch.cat([x["pixel_values"] for x in with_images])

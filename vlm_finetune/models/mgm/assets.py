@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from vlm_finetune.models.glm4v.assets import _atomic_folder, _corpus, _fingerprint
+from vlm_finetune.models._tiny import cached_folder, corpus, fingerprint
 from vlm_finetune.models.mgm.templates import TEMPLATES
 
 # (bos, eos, pad) of the LLM each template belongs to
@@ -39,7 +39,7 @@ def ensure_tokenizer_folder(cache_dir: str | os.PathLike, vocab_size: int, templ
 
         raise ConfigError(f"model.template={template!r} is unknown; use one of {sorted(TOKEN_ROLES)}")
     spec = {"kind": "mgm-tokenizer", "vocab_size": vocab_size, "template": template, "version": 1}
-    target = Path(cache_dir) / f"mgm-tokenizer-{_fingerprint(spec)}"
+    target = Path(cache_dir) / f"mgm-tokenizer-{fingerprint(spec)}"
 
     def write(folder: Path) -> None:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -54,14 +54,14 @@ def ensure_tokenizer_folder(cache_dir: str | os.PathLike, vocab_size: int, templ
         bpe.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        bpe.train_from_iterator(_corpus(), trainer)
+        bpe.train_from_iterator(corpus(), trainer)
         bos, eos, pad = TOKEN_ROLES[template]
         tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos, eos_token=eos, pad_token=pad,
                                             unk_token="<unk>")
         tokenizer.save_pretrained(folder)
         (folder / "vlm_finetune.json").write_text(json.dumps(spec, indent=2))
 
-    return _atomic_folder(target, write)
+    return cached_folder(target, write)
 
 
 def ensure_tiny_checkpoint(cache_dir: str | os.PathLike, model_cfg, build_config) -> Path:
@@ -71,7 +71,7 @@ def ensure_tiny_checkpoint(cache_dir: str | os.PathLike, model_cfg, build_config
     spec = {"kind": "tiny-mgm", "version": 3, **{k: plain.get(k) for k in (
         "llm", "vision", "vision_aux", "image_size_aux", "image_grid", "image_global", "template", "vocab_size",
         "init_seed", "projector_type")}}
-    target = Path(cache_dir) / f"{plain.get('name', 'tiny_mgm')}-{_fingerprint(spec)}"
+    target = Path(cache_dir) / f"{plain.get('name', 'tiny_mgm')}-{fingerprint(spec)}"
 
     def write(folder: Path) -> None:
         import torch
@@ -99,8 +99,9 @@ def ensure_tiny_checkpoint(cache_dir: str | os.PathLike, model_cfg, build_config
         for item in (folder / "weights").iterdir():
             item.rename(folder / item.name)
         (folder / "weights").rmdir()
-        images = MgmImages(config.image_size_aux, config.vision_config.image_size, config.image_grid, config.image_global)
+        images = MgmImages(config.image_size_aux, config.vision_config.image_size, config.image_grid,
+                           config.image_global)
         MgmProcessor(tokenizer, images, config.image_tokens, config.template).save_pretrained(str(folder))
         (folder / "vlm_finetune.json").write_text(json.dumps(spec, indent=2))
 
-    return _atomic_folder(target, write)
+    return cached_folder(target, write)

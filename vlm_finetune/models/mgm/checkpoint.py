@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from vlm_finetune.errors import ConfigError
-from vlm_finetune.models.mgm.modeling import (ARCHITECTURES, BACKBONES, CLIP_L_336, CONVNEXT, MODEL_TYPES, MgmConfig,
-                                              MgmForCausalLM)
+from vlm_finetune.io import atomic_folder
+from vlm_finetune.models.mgm.modeling import (
+    ARCHITECTURES,
+    BACKBONES,
+    CLIP_L_336,
+    CONVNEXT,
+    MODEL_TYPES,
+    MgmConfig,
+    MgmForCausalLM,
+)
 
 # config.json fields that are MGM's (everything else belongs to the LLM's config)
 MM_FIELDS = ("mm_vision_tower", "mm_vision_tower_aux", "mm_hidden_size", "mm_hidden_size_aux", "use_mm_proj",
@@ -61,7 +67,8 @@ def _aux_for(name: str, given: dict | None) -> dict:
         if key in name.replace("-", "_"):
             return dict(spec)
     raise ConfigError(f"MGM: mm_vision_tower_aux={name!r} is not a ConvNeXt this project knows "
-                      f"({', '.join(CONVNEXT)}); add `vision_aux_config: {{dims: [...], depths: [...]}}` to config.json")
+                      f"({', '.join(CONVNEXT)}); "
+                      "add `vision_aux_config: {dims: [...], depths: [...]}` to config.json")
 
 
 def _clip_for(name: str, given: dict | None):
@@ -90,7 +97,8 @@ def config_from_dict(raw: dict) -> MgmConfig:
     mm = {k: raw[k] for k in MM_FIELDS if k in raw}
     cfg = MgmConfig(
         text_config=text,
-        vision_config=_clip_for(str(raw.get("mm_vision_tower", "openai/clip-vit-large-patch14-336")), raw.get("vision_config")),
+        vision_config=_clip_for(str(raw.get("mm_vision_tower", "openai/clip-vit-large-patch14-336")),
+                                raw.get("vision_config")),
         aux=_aux_for(str(raw.get("mm_vision_tower_aux", "convnext_large_d_320")), raw.get("vision_aux_config")),
         mm_hidden_size=int(raw.get("mm_hidden_size", 1024)),
         mm_projector_type=str(raw.get("mm_projector_type", "mlp2x_gelu")),
@@ -103,8 +111,9 @@ def config_from_dict(raw: dict) -> MgmConfig:
         mm_vision_tower=str(raw.get("mm_vision_tower", "openai/clip-vit-large-patch14-336")),
         mm_vision_tower_aux=str(raw.get("mm_vision_tower_aux", "convnext_large_d_320")),
         extra={k: v for k, v in mm.items() if k not in (
-            "mm_hidden_size", "mm_projector_type", "mm_vision_select_layer", "mm_vision_select_feature", "image_size_aux",
-            "image_grid", "image_global", "mm_vision_tower", "mm_vision_tower_aux", "mm_hidden_size_aux")},
+            "mm_hidden_size", "mm_projector_type", "mm_vision_select_layer", "mm_vision_select_feature",
+            "image_size_aux", "image_grid", "image_global", "mm_vision_tower", "mm_vision_tower_aux",
+            "mm_hidden_size_aux")},
     )
     if raw.get("mm_hidden_size_aux") not in (None, cfg.mm_hidden_size_aux):
         raise ConfigError(f"config.json: mm_hidden_size_aux={raw['mm_hidden_size_aux']} but the ConvNeXt stages "
@@ -220,7 +229,8 @@ class MissingKeys(ConfigError):
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s): {show(unexpected)}")
         where = f" in {folder}" if folder else ""
-        super().__init__(f"MGM checkpoint{where} does not match the model its config.json describes: " + "; ".join(parts)
+        super().__init__(f"MGM checkpoint{where} does not match the model its config.json describes: "
+                         + "; ".join(parts)
                          + ". Check that config.json belongs to these weights (model_type, layer counts, tower names).")
 
 
@@ -235,7 +245,8 @@ def _weight_files(folder: Path) -> list[Path]:
         return [single]
     if (folder / "pytorch_model.bin.index.json").is_file() or (folder / "pytorch_model.bin").is_file():
         raise ConfigError(f"{folder} holds pytorch_model.bin weights; convert them to safetensors first "
-                          "(python -c \"from safetensors.torch import save_file; ...\") - pickled weights are not loaded")
+                          "(python -c \"from safetensors.torch import save_file; ...\") "
+                          "- pickled weights are not loaded")
     raise ConfigError(f"{folder} has no model.safetensors or model.safetensors.index.json")
 
 
@@ -331,17 +342,8 @@ def write_weights(model: MgmForCausalLM, folder: Path, state: dict[str, torch.Te
 def save_folder(model: MgmForCausalLM, folder: Path, state: dict[str, torch.Tensor] | None = None,
                 max_shard_bytes: int = 4 * 1024**3, dtype: torch.dtype | None = None) -> None:
     """`write_weights` into a temporary folder, then renamed: a crash never leaves half a checkpoint."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
-    try:
+    with atomic_folder(Path(folder)) as tmp:
         write_weights(model, tmp, state, max_shard_bytes, dtype)
-        from vlm_finetune.train import replace_folder
-
-        replace_folder(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_openclip_convnext(tower: nn.Module, state: dict[str, torch.Tensor]) -> None:

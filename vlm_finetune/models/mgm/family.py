@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from vlm_finetune.errors import ConfigError
-from vlm_finetune.models.base import Part, register_family
+from vlm_finetune.models.base import Family, Part
 from vlm_finetune.models.mgm import assets, checkpoint
 from vlm_finetune.models.mgm.modeling import CLIP_L_336, CONVNEXT, ConvNeXtBlock, MgmConfig, MgmForCausalLM
 from vlm_finetune.models.mgm.processor import MgmImages, MgmProcessor
@@ -28,7 +28,7 @@ VISION_LORA_PATTERN = (r".*vision_tower\.vision_tower\.vision_model\.encoder\.la
                        r"(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))")
 
 
-class MgmFamily:
+class MgmFamily(Family):
     name = "mgm"
     input_keys = ("input_ids", "attention_mask", "images", "images_aux")
 
@@ -154,8 +154,6 @@ class MgmFamily:
             quantize_linear_nf4(model.model.layers)
         if model_cfg.get("liger_kernels"):
             raise ConfigError("model.liger_kernels=true is not wired for MGM yet; set it to false")
-        if model_cfg.get("activation_checkpointing"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
 
     # -- structure ----------------------------------------------------------------------------------
@@ -214,7 +212,7 @@ class MgmFamily:
         selected one run); MGM's image geometry is fixed by its config, whatever `image_size` is. Patch info
         mining with trainable projectors saves, per CLIP view, the shared LayerNorm input, both LayerNorm outputs
         (2880 wide at real size) and the keys and values of its s x s sub-grids:
-        `mining_saved_elements_per_image`."""
+        `vision_extra_saved_elements_per_image`."""
         cfg = self.build_config(model_cfg)
         text, vision = cfg.text_config, cfg.vision_config
         heads = int(text.num_attention_heads)
@@ -233,7 +231,7 @@ class MgmFamily:
             "vision_intermediate": int(vision.intermediate_size), "vision_heads": int(vision.num_attention_heads),
             "vision_patches_per_image": (p * p + 1) * cfg.views_per_image,
             "image_tokens_per_image": cfg.image_tokens, "image_side": cfg.image_size_aux,
-            "mining_saved_elements_per_image": per_view * cfg.views_per_image,
+            "vision_extra_saved_elements_per_image": per_view * cfg.views_per_image,
         }
         if cfg.backbone == "mixtral":
             dims.update(experts=int(text.num_local_experts), experts_per_token=int(text.num_experts_per_tok),
@@ -253,7 +251,7 @@ class MgmFamily:
         return model.lm_head
 
 
-MGM = register_family(MgmFamily())
+MGM = MgmFamily()
 
 
 def quantize_linear_nf4(root: nn.Module) -> int:

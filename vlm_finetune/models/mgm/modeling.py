@@ -110,14 +110,16 @@ class MgmConfig:
         grid = self.image_size_aux // 4 // self.image_grid
         if (self.image_size_aux // 4) % self.image_grid or grid % self.patches_per_side:
             raise ConfigError(
-                f"MGM: the aux feature map ({self.image_size_aux // 4} px per side, {self.image_grid} crop(s) per side) "
+                f"MGM: the aux feature map ({self.image_size_aux // 4} px per side, "
+                f"{self.image_grid} crop(s) per side) "
                 f"must split into {self.patches_per_side} x {self.patches_per_side} sub-grids, one per CLIP patch: "
                 f"choose image_size_aux as a multiple of {4 * self.image_grid * self.patches_per_side}")
         if self.mm_projector_type not in ("mlp2x_gelu", "linear"):
             raise ConfigError(f"MGM: mm_projector_type={self.mm_projector_type!r} is not supported; "
                               "use mlp2x_gelu (every released model) or linear")
         if self.mm_vision_select_feature not in ("patch", "cls_patch"):
-            raise ConfigError(f"MGM: mm_vision_select_feature={self.mm_vision_select_feature!r}: use patch or cls_patch")
+            raise ConfigError(f"MGM: mm_vision_select_feature={self.mm_vision_select_feature!r}: "
+                              "use patch or cls_patch")
 
 
 # -- high-resolution tower: ConvNeXt with timm's parameter names --------------------------------
@@ -168,7 +170,8 @@ class ConvNeXtStage(nn.Module):
     def __init__(self, in_dim: int, dim: int, depth: int, drop_paths: list[float], eps: float = 1e-6):
         super().__init__()
         if in_dim != dim:
-            self.downsample = nn.Sequential(LayerNorm2d(in_dim, eps=eps), nn.Conv2d(in_dim, dim, kernel_size=2, stride=2))
+            self.downsample = nn.Sequential(LayerNorm2d(in_dim, eps=eps),
+                                            nn.Conv2d(in_dim, dim, kernel_size=2, stride=2))
         else:
             self.downsample = nn.Identity()
         self.blocks = nn.Sequential(*[ConvNeXtBlock(dim, drop_paths[i], eps=eps) for i in range(depth)])

@@ -15,13 +15,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vlm_finetune.data.sample import IMAGE_PLACEHOLDER, Sample
+from vlm_finetune.data.sample import IGNORE_INDEX, IMAGE_PLACEHOLDER, EncodedSample, Sample, SampleTooLong, pad_encoded
 from vlm_finetune.errors import DataError
-from vlm_finetune.models.base import EncodedSample, SampleTooLong, pad_encoded
 from vlm_finetune.models.mgm.modeling import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN_INDEX
 from vlm_finetune.models.mgm.templates import get_template
 
-IGNORE_INDEX = -100
 PROCESSOR_FILE = "preprocessor_config.json"
 
 
@@ -122,7 +120,8 @@ class MgmProcessor:
         image_inputs: dict[str, torch.Tensor] = {}
         if n_images:
             pairs = [self.images(image) for image in sample.images[:n_images]]
-            image_inputs = {"images": torch.stack([p[0] for p in pairs]), "images_aux": torch.stack([p[1] for p in pairs])}
+            image_inputs = {"images": torch.stack([p[0] for p in pairs]),
+                            "images_aux": torch.stack([p[1] for p in pairs])}
         truncated = False
         if max_length is not None and len(ids) > max_length:
             last_image = max((i for i, t in enumerate(ids) if t == IMAGE_TOKEN_INDEX), default=-1)

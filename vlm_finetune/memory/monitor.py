@@ -1,5 +1,5 @@
 """Memory while training: a monitor callback (peak allocated / reserved per step and phase, CSV + PNG in
-the run folder, recurring spikes named with their phase and period) and the out-of-memory report.
+the run folder, recurring spikes named with their phase and period).
 
 The monitor reads memory through a small provider interface (`MemoryStats`) so that it is tested on the
 CPU with a fake provider; on GPUs it reads torch.cuda's allocator statistics.
@@ -9,15 +9,18 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import re
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import lightning as L
 import torch
+
+from vlm_finetune.io import atomic_path, write_atomic
+from vlm_finetune.models.base import Part
+from vlm_finetune.trainability import unwrap
 
 log = logging.getLogger(__name__)
 GiB = 2**30
@@ -25,8 +28,6 @@ PHASES = ("data loading", "vision forward", "LLM forward", "backward", "optimize
           "checkpoint save")
 CSV_NAME = "memory.csv"
 PNG_NAME = "memory.png"
-OOM_REPORT = "oom_report.txt"
-OOM_SNAPSHOT = "oom_memory_snapshot.pickle"
 
 
 class MemoryStats(Protocol):
@@ -109,8 +110,6 @@ def find_spikes(records: list[PhaseRecord], min_excess_bytes: int = GiB // 2, mi
 
 
 def write_csv(records: list[PhaseRecord], path: Path) -> None:
-    from vlm_finetune.train import write_atomic
-
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["time_s", "step", "phase", "peak_allocated_gib", "peak_reserved_gib"])
@@ -154,10 +153,11 @@ def plot_timeline(records: list[PhaseRecord], path: Path, spikes: list[Spike] = 
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="upper left", ncol=2)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(path, ext=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -219,9 +219,6 @@ class MemoryMonitor(L.Callback):
         model = getattr(pl_module, "model", None)
         if plan is None or model is None:
             return
-        from vlm_finetune.models.base import Part
-        from vlm_finetune.trainability import unwrap
-
         modules = dict(unwrap(model).named_modules())
         vision = [modules[n] for n in plan.part_modules.get(Part.VISION, []) if n in modules]
         projector = [modules[n] for n in plan.part_modules.get(Part.PROJECTOR, []) if n in modules]
@@ -302,123 +299,3 @@ class MemoryMonitor(L.Callback):
             print(f"vlm_finetune: memory: peak allocated {peak / GiB:.2f} GiB in {worst.phase} at step {worst.step}"
                   + "".join(f"\nvlm_finetune: memory spike {s.describe()}" for s in self.spikes), flush=True)
         return self.spikes
-
-
-# --- out of memory ---------------------------------------------------------------------------------------
-class TrainingOutOfMemory(RuntimeError):
-    """A CUDA out-of-memory error during training, after the report was written."""
-
-    exit_code = 3
-
-
-_SIZE = re.compile(r"Tried to allocate ([\d.]+ [KMGT]?i?B)")
-
-
-def sweep_partial_files(run_dir: Path) -> list[Path]:
-    """Remove half-written files a crash can leave (temporary names of the atomic writers)."""
-    import shutil
-
-    removed = []
-    for path in list(run_dir.rglob("*.tmp")) + list(run_dir.rglob("*.tmp-*")) + list(run_dir.rglob("*.tmp.*")):
-        if not path.exists():
-            continue
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-        removed.append(path)
-    return removed
-
-
-def oom_report(run_dir: Path, error: BaseException, monitor: MemoryMonitor | None, overrides: list[str] | None,
-               step: int | None = None, stats: MemoryStats | None = None) -> Path:
-    """Write the memory snapshot (CUDA) and `oom_report.txt` into the run folder, atomically; returns the
-    report's path. Names the phase, the sizes involved and the planner's suggestions."""
-    from vlm_finetune.train import write_atomic
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    stats = stats or (monitor.stats if monitor is not None else None)
-    if stats is None and torch.cuda.is_available():
-        stats = CudaMemoryStats()
-    phase = monitor.phase if monitor is not None and monitor.stats is not None else "unknown (no memory monitor)"
-    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    asked = _SIZE.search(str(error))
-    lines = ["CUDA out of memory during training", "",
-             f"phase: {phase}" + (f" (optimizer step {step})" if step is not None else ""),
-             f"error: {message}"]
-    if asked:
-        lines.append(f"allocation that failed: {asked.group(1)}")
-    if stats is not None:
-        lines += [f"allocated now: {stats.allocated() / GiB:.2f} GiB; reserved now: {stats.reserved() / GiB:.2f} GiB",
-                  f"peak allocated in this phase: {stats.max_allocated() / GiB:.2f} GiB; peak reserved: "
-                  f"{stats.max_reserved() / GiB:.2f} GiB"]
-    if monitor is not None and monitor.records:
-        worst = max(monitor.records, key=lambda r: r.peak_allocated)
-        lines.append(f"highest completed phase before: {worst.phase} at step {worst.step}, "
-                     f"{worst.peak_allocated / GiB:.2f} GiB allocated")
-        monitor.flush()
-    # PyTorch's allocator history (who allocated what), for https://pytorch.org/memory_viz
-    snapshot = run_dir / OOM_SNAPSHOT
-    if monitor is not None and monitor.history_recording:
-        try:
-            tmp = snapshot.with_name(snapshot.name + ".tmp")
-            torch.cuda.memory._dump_snapshot(str(tmp))
-            tmp.replace(snapshot)
-            lines.append(f"memory snapshot: {snapshot} (open it at https://pytorch.org/memory_viz)")
-        except Exception as err:
-            lines.append(f"memory snapshot: not written ({err})")
-    elif not torch.cuda.is_available():
-        lines.append("memory snapshot: not written (CPU run: PyTorch's allocator history is CUDA-only)")
-    else:
-        lines.append("memory snapshot: not written (the memory monitor was off: memory.monitor=true records it)")
-    lines += ["", "what the planner suggests:"]
-    lines += _planner_advice(overrides)
-    report = run_dir / OOM_REPORT
-    write_atomic(report, "\n".join(lines) + "\n")
-    return report
-
-
-def _planner_advice(overrides: list[str] | None) -> list[str]:
-    if overrides is None:
-        return ["  (the run's command-line overrides are unknown here) run: python -m vlm_finetune.plan <the same "
-                "overrides as training>"]
-    try:
-        from vlm_finetune.plan import plan_memory
-
-        plan = plan_memory(list(overrides))
-    except Exception as err:  # the report must be written whatever the planner thinks
-        return [f"  planner unavailable: {err}",
-                f"  run: python -m vlm_finetune.plan {' '.join(overrides)}"]
-    out = [f"  predicted peak {plan.peak_bytes / GiB:.2f} GiB per GPU ({plan.verdict} on {plan.hardware}, "
-           f"phase {plan.peak_phase})"]
-    for s in plan.suggestions:
-        out.append(f"  - {s.label}: predicted {s.plan.peak_bytes / GiB:.2f} GiB\n    {s.command}")
-    if plan.fits is None:
-        out.append("  the hardware profile has no GPU memory to compare with (set hardware= to the GPUs you ran on)")
-    elif plan.fits:
-        out.append("  the plan predicts this fits: the data (longer samples, more images) or fragmentation may "
-                   "exceed what it assumes; try data.micro_batch_size smaller or model.activation_checkpointing=true")
-    return out
-
-
-def hydra_overrides() -> list[str] | None:
-    """The command-line overrides of the running Hydra app, or None outside one."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return [o for o in HydraConfig.get().overrides.task if not o.startswith("hydra.")]
-    except Exception:
-        return None
-
-
-def handle_oom(error: BaseException, run_dir: Path, trainer: Any, overrides: list[str] | None) -> TrainingOutOfMemory:
-    """Report an out-of-memory error of a training run: snapshot + report, no partial files left. Returns
-    the error to raise (with the report's path and the phase in its message)."""
-    monitor = next((c for c in getattr(trainer, "callbacks", []) if isinstance(c, MemoryMonitor)), None)
-    step = getattr(trainer, "global_step", None)
-    report = oom_report(run_dir, error, monitor, overrides, step)
-    sweep_partial_files(run_dir)
-    phase = monitor.phase if monitor is not None and monitor.stats is not None else "unknown phase"
-    return TrainingOutOfMemory(f"CUDA out of memory in {phase} at optimizer step {step}; report: {report}. "
-                               f"Smaller data.micro_batch_size, model.activation_checkpointing=true or a sharded "
-                               f"trainer (python -m vlm_finetune.plan lists what fits)")

@@ -1,0 +1,113 @@
+"""Exact parameter accounting: the configured model built on the meta device (no memory, no weight file read)
+with the real trainability plan (LoRA via peft, full parts) and precision policy, its parameters counted by
+part, kind and dtype, plus the module sizes the sharding strategies gather at once."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from vlm_finetune.models.base import Family, parse_trainability
+from vlm_finetune.precision import WeightsPolicy
+from vlm_finetune.trainability import TrainablePlan, build_trainable_model
+
+
+@dataclass
+class ParamGroup:
+    part: str  # vision | projector | llm | other
+    kind: str  # frozen | lora | full
+    dtype: torch.dtype
+    numel: int
+    persistent_numel: int = 0  # parameters small enough for ZeRO-3 to keep whole on every rank
+
+
+@dataclass
+class ModelCount:
+    groups: list[ParamGroup]
+    unit_numels: list[int]       # wrapped units (decoder layers, vision blocks): FSDP / ZeRO-3 gather units
+    trainable_unit_numels: list[int]  # numel of units holding at least one trainable parameter
+    largest_fetch_numel: int     # largest module ZeRO-3 gathers at once (a leaf MoE block, or one weight)
+    quantizable_numel: int       # frozen linear weights nf4 would quantise (LLM, not lm_head)
+    lora_linears_per_layer: int = 0  # LoRA-adapted linears in one decoder layer
+
+
+def count_model(cfg: Any, family: Family, policy: WeightsPolicy, persistence_threshold: int = 0) -> ModelCount:
+    """Build the model on the meta device, apply the real trainability plan, and count its parameters by
+    part, kind and dtype. Nothing is allocated and no weight file is read. Memoised per family, model,
+    trainability, LoRA, weights policy and threshold (suggestions re-plan the same model many times)."""
+    sections = {name: OmegaConf.to_container(cfg[name], resolve=True) for name in ("model", "train", "lora")}
+    # a config node is not hashable: the sections' YAML text is the cache key, and the config is rebuilt from it
+    return _count_cached(family, OmegaConf.to_yaml(sections), policy, persistence_threshold)
+
+
+@functools.lru_cache(maxsize=64)
+def _count_cached(family: Family, sections_yaml: str, policy: WeightsPolicy, persistence_threshold: int
+                  ) -> ModelCount:
+    sections = OmegaConf.create(sections_yaml)
+    model_cfg = OmegaConf.to_container(sections.model)
+    # kernels and checkpointing change no parameter; Liger's patching needs a GPU
+    model_cfg.update(liger_kernels=False, activation_checkpointing=False)
+    model_cfg = OmegaConf.create(model_cfg)
+    model, plan = build_trainable_model(family, model_cfg, parse_trainability(sections.train), sections.lora,
+                                        policy, device="meta")
+    return _count(model, plan, family, persistence_threshold)
+
+
+def _clean_name(name: str) -> str:
+    name = name.removeprefix("base_model.model.")
+    for part in (".modules_to_save.default", ".original_module", ".base_layer"):
+        name = name.replace(part, "")
+    return name
+
+
+def _count(model: torch.nn.Module, plan: TrainablePlan, family: Family, persistence_threshold: int) -> ModelCount:
+    part_of = [(name, part.value) for part, names in plan.part_modules.items() for name in names]
+    part_of.sort(key=lambda item: -len(item[0]))
+
+    def part_for(clean: str) -> str:
+        for prefix, part in part_of:
+            if clean == prefix or clean.startswith(prefix + "."):
+                return part
+        return "other"
+
+    groups: dict[tuple, ParamGroup] = {}
+    seen: set[int] = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        kind = "lora" if "lora_" in name else ("full" if param.requires_grad else "frozen")
+        key = (part_for(_clean_name(name)), kind, param.dtype)
+        group = groups.setdefault(key, ParamGroup(*key, 0))
+        group.numel += param.numel()
+        if persistence_threshold and param.numel() < persistence_threshold:
+            group.persistent_numel += param.numel()
+
+    unit_classes = tuple(family.decoder_layer_classes) + tuple(family.vision_block_classes)
+    leaf_classes = tuple(family.zero3_leaf_classes)
+    units, trainable_units, fetch = [], [], 0
+    quantizable = 0
+    for name, module in model.named_modules():
+        if isinstance(module, unit_classes):
+            params = list(module.parameters())
+            units.append(sum(param.numel() for param in params))
+            if any(param.requires_grad for param in params):
+                trainable_units.append(units[-1])
+        if leaf_classes and isinstance(module, leaf_classes):
+            fetch = max(fetch, sum(param.numel() for param in module.parameters()))
+        else:
+            own = sum(param.numel() for param in module.parameters(recurse=False))
+            fetch = max(fetch, own)
+        if isinstance(module, torch.nn.Linear) and "lora_" not in name:
+            clean = _clean_name(name)
+            if part_for(clean) == "llm" and "lm_head" not in clean and not module.weight.requires_grad:
+                quantizable += module.weight.numel()
+    lora_linears = 0
+    for module in model.modules():
+        if isinstance(module, tuple(family.decoder_layer_classes)):
+            lora_linears = sum(1 for child, _ in module.named_modules() if child.endswith("lora_A"))
+            break
+    return ModelCount(list(groups.values()), units, trainable_units, fetch, quantizable, lora_linears)

@@ -1,0 +1,383 @@
+"""`python -m vlm_finetune.plan [--seq N] [--image PX] [--images N] <training overrides>`: predicted peak GPU
+memory per device, before any weight loads, with FITS / DOES NOT FIT against the hardware profile and, when
+it does not fit, the cheapest changes that make it fit (each with its command line and its own prediction).
+
+What is exact and what is modelled:
+
+- Parameters, gradients and optimizer states are counted from the real model built on the meta device
+  (no memory, no weights read), after the real trainability plan (LoRA via peft, full parts) and the
+  precision profile (mixed: frozen base in half precision, trainables float32), then sharded the way the
+  strategy shards them. On one process these equal the bytes a real run allocates (tests/test_plan.py).
+- Activations are a model: bytes per token that autograd saves in one decoder layer (checked against
+  `saved_tensors_hooks` on the CPU in tests/test_plan.py), checkpoint boundaries, one layer's recompute and
+  its gradients in flight, the vision tower by patch count, and the loss. Its constants were calibrated on
+  one H100 measurement (docs/benchmarks.md: GLM-4.1V-9B, LoRA r=16, 8192 tokens, every layer
+  checkpointed, 24.31 GiB peak allocated; the model gives 24.35 GiB there, 24.21 with chunk 512
+  (measured 24.16) and 24.81 without Liger (measured 24.74)). Other settings are predictions until
+  measured; `tests/test_plan_gpu.py` compares them with the benchmark on a GPU.
+- Strategy buffers and runtime overhead (CUDA context, allocator fragmentation, NCCL) are estimates.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vlm_finetune.config import LossSettings, compose, is_auto
+from vlm_finetune.errors import ConfigError
+from vlm_finetune.hardware import resolve
+from vlm_finetune.memory.activations import decoder_layer_bytes_per_token, vision_block_bytes_per_patch
+from vlm_finetune.memory.count import ModelCount, ParamGroup, count_model
+from vlm_finetune.memory.report import GiB, MemoryPlan, Row
+from vlm_finetune.memory.search import fewest_checkpointed_layers, largest_micro_batch
+from vlm_finetune.models import get_family
+from vlm_finetune.models.base import Mode, Part, parse_trainability
+from vlm_finetune.precision import WeightsPolicy, check_precision, weights_policy
+from vlm_finetune.strategies import check_combination
+from vlm_finetune.trainability import checkpointed_layer_count
+
+# --- calibrated / estimated constants (see the module docstring; the usable fraction of a GPU is in report) --
+CUDA_CONTEXT_BYTES = int(0.6 * GiB)   # CUDA context + cuBLAS/cuDNN workspaces: outside the allocator's count
+NCCL_BYTES = int(0.5 * GiB)           # NCCL communicators and their buffers, multi-GPU only
+FRAGMENTATION = 0.06                  # reserved / allocated - 1 seen on the H100 runs: 1.03-1.09
+NF4_BYTES_PER_PARAM = 0.5 + 0.5 / 64 + 4 / (64 * 256)  # 4-bit codes + fp8 absmax per 64 + fp32 per 256 blocks
+ADAM_STATES = 2
+PART_ORDER = ("vision", "projector", "llm", "other")  # the order of the parameter rows
+
+
+# --- what the rows read -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PlanInputs:
+    """Everything the rows read from the configuration, resolved once per plan; what varies between the
+    builds of one plan (tokens, micro-batch, images, checkpointed layers) is passed beside it."""
+
+    dims: dict  # the family's memory_dims
+    count: ModelCount
+    modes: dict  # Part -> Mode
+    strategy: str
+    stage: int  # ZeRO stage; 0 unless DeepSpeed
+    precision: str
+    half: bool  # activations (and DeepSpeed's module) in 16 bits
+    world: int
+    offload_optimizer: bool
+    offload_parameters: bool
+    optimizer_name: str
+    optimizer_states: int  # float32 states per trainable parameter
+    lora_rank: int
+    liger: bool
+    loss_impl: str
+    loss_chunk: int
+    reduce_bucket: int = 0  # DeepSpeed's buckets, in elements
+    allgather_bucket: int = 0
+    prefetch_bucket: int = 0
+    max_live_parameters: int = 0
+
+    @property
+    def act_bytes(self) -> int:
+        """Bytes of one activation element (and of a parameter gathered for compute)."""
+        return 2 if self.half else 4
+
+    @property
+    def shards_parameters(self) -> bool:
+        return self.strategy == "fsdp" or self.stage == 3
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.dims["layers"])
+
+    @property
+    def trainable_numel(self) -> int:
+        return sum(group.numel for group in self.count.groups if group.kind != "frozen")
+
+
+def strategy_and_stage(trainer_cfg: Any) -> tuple[str, int]:
+    """trainer.strategy and the ZeRO stage (0 unless DeepSpeed)."""
+    strategy = str(trainer_cfg.strategy)
+    return strategy, int(trainer_cfg.get("zero_stage", 0)) if strategy == "deepspeed" else 0
+
+
+def plan_inputs(cfg: Any, dims: dict, count: ModelCount, modes: dict, world: int, policy: WeightsPolicy
+                ) -> PlanInputs:
+    trainer = cfg.trainer
+    strategy, stage = strategy_and_stage(trainer)
+    loss = LossSettings.from_config(cfg.loss)
+    optimizer_name = str(cfg.optimizer.get("name", "adamw"))
+    if optimizer_name == "adamw":
+        states = ADAM_STATES
+    else:
+        states = 1 if float(cfg.optimizer.get("momentum", 0) or 0) else 0
+
+    def elements(key: str) -> int:
+        return int(float(trainer[key]))
+
+    return PlanInputs(
+        dims=dims, count=count, modes=modes, strategy=strategy, stage=stage, precision=str(cfg.precision.name),
+        half=policy.half, world=world, offload_optimizer=bool(trainer.get("offload_optimizer")),
+        offload_parameters=bool(trainer.get("offload_parameters")), optimizer_name=optimizer_name,
+        optimizer_states=states, lora_rank=int(cfg.lora.r), liger=bool(cfg.model.get("liger_kernels")),
+        loss_impl=loss.impl, loss_chunk=loss.chunk_size,
+        reduce_bucket=elements("reduce_bucket_size") if strategy == "deepspeed" else 0,
+        allgather_bucket=elements("allgather_bucket_size") if strategy == "deepspeed" and stage != 3 else 0,
+        prefetch_bucket=elements("stage3_prefetch_bucket_size") if stage == 3 else 0,
+        max_live_parameters=elements("stage3_max_live_parameters") if stage == 3 else 0)
+
+
+def sample_geometry(cfg: Any, seq: int | None, image_px: int | None) -> tuple[int, int]:
+    """(tokens per sample, image side in pixels): the given values, else the configured ones."""
+    seq = int(seq or cfg.data.max_length)
+    image_px = int(image_px or cfg.model.get("max_image_size") or cfg.model.get("image_size") or 336)
+    return seq, image_px
+
+
+def _micro_batch(value: Any) -> int | None:
+    """data.micro_batch_size: a positive number, or None for auto."""
+    if is_auto(value):
+        return None
+    if isinstance(value, int) and value >= 1:
+        return value
+    raise ConfigError(f"data.micro_batch_size={value!r} must be a positive integer or auto")
+
+
+# --- the plan ---------------------------------------------------------------------------------------------
+def plan_memory(overrides: list[str], seq: int | None = None, image_px: int | None = None, images: int = 1,
+                cfg: Any = None) -> MemoryPlan:
+    """The memory plan of a training run configured by `overrides` (the training command's overrides), or
+    by `cfg` when the run has composed it already. No suggestions (memory.suggest adds them)."""
+    cfg = cfg if cfg is not None else compose(list(overrides))
+    precision = str(cfg.precision.name)
+    check_precision(precision)
+    hardware = resolve(cfg.hardware)
+    check_combination(cfg.trainer, hardware, precision)
+    modes = parse_trainability(cfg.train)
+    family = get_family(cfg.model.family)
+    seq, image_px = sample_geometry(cfg, seq, image_px)
+    dims = family.memory_dims(cfg.model, image_px)  # Family's default raises a ConfigError naming the method
+    strategy, stage = strategy_and_stage(cfg.trainer)
+    policy = weights_policy(precision, strategy)
+    threshold = int(float(cfg.trainer.get("stage3_param_persistence_threshold", 0))) if stage == 3 else 0
+    count = count_model(cfg, family, policy, threshold)
+    micro_batch = _micro_batch(cfg.data.micro_batch_size)
+    inputs = plan_inputs(cfg, dims, count, modes, hardware.world_size, policy)
+    num_layers = inputs.num_layers
+    checkpointed = checkpointed_layer_count(cfg.model.get("activation_checkpointing"), num_layers)
+    notes: list[str] = []
+
+    def build(batch_size: int, checkpointed_layers: int) -> MemoryPlan:
+        tokens = seq * batch_size
+        rows, phase = plan_rows(inputs, tokens, batch_size, images, checkpointed_layers)
+        return MemoryPlan(list(overrides), rows, hardware.name, hardware.world_size, hardware.gpu_memory_gib, phase,
+                          checkpointed_layers, num_layers, batch_size, tokens, list(notes),
+                          parameters=sum(group.numel for group in count.groups),
+                          trainable_parameters=inputs.trainable_numel)
+
+    if micro_batch is None:
+        micro_batch = largest_micro_batch(
+            lambda size: build(size, num_layers if checkpointed == "auto" else checkpointed))
+        notes.append(f"data.micro_batch_size=auto: a GPU search with real steps picks it at run time; the plan "
+                     f"assumes {micro_batch}, the largest the model predicts fits")
+    if checkpointed == "auto":
+        checkpointed = fewest_checkpointed_layers(lambda layers: build(micro_batch, layers), num_layers)
+        notes.append(f"model.activation_checkpointing=auto: {checkpointed} of {num_layers} decoder layers "
+                     "checkpointed, the fewest that fit the budget")
+    if precision == "nf4" and not cfg.model.get("path"):
+        notes.append("precision=nf4 quantises a checkpoint folder: set model.path (a model built from its config "
+                     "has no weights to quantise)")
+    if precision == "32-true" and hardware.accelerator == "gpu":
+        notes.append("precision=32-true keeps the frozen base in float32; precision=bf16-mixed halves it")
+    if count.trainable_unit_numels and strategy == "fsdp":
+        notes.append("FSDP (use_orig_params) keeps a float32 gradient for whole units that hold a trainable "
+                     "parameter, frozen weights included")
+    result = build(micro_batch, checkpointed)
+    result.notes = notes
+    return result
+
+
+def plan_rows(inputs: PlanInputs, tokens: int, micro_batch: int, images: int, checkpointed_layers: int
+              ) -> tuple[list[Row], str]:
+    """Every row of one build and the name of the phase that peaks (LLM backward, or the forward of a
+    frozen vision tower when that is larger than everything the LLM's backward holds)."""
+    rows = parameter_rows(inputs) + optimizer_rows(inputs) + strategy_rows(inputs)
+    static = sum(row.bytes for row in rows if row.where == "gpu")
+    dynamic_rows = activation_rows(inputs, tokens, micro_batch, images, checkpointed_layers) + loss_rows(inputs, tokens)
+    dynamic = sum(row.bytes for row in dynamic_rows)
+    patches = _patches(inputs, micro_batch, images)
+    vision_forward = 0
+    if inputs.modes[Part.VISION] is Mode.FROZEN:
+        # a frozen tower saves nothing; its peak is one block's forward working set, before the LLM runs
+        width = 3 * inputs.dims["vision_hidden"] + 3 * inputs.dims["vision_intermediate"]
+        vision_forward = int(patches * width * inputs.act_bytes)
+    phase = "LLM backward"
+    if vision_forward > dynamic:
+        dynamic_rows = [Row("activations", f"frozen ViT forward working set, {patches} patches", vision_forward)]
+        phase = "vision forward"
+    allocated = static + max(dynamic, vision_forward)
+    multi_gpu = inputs.world > 1
+    overhead = int(allocated * FRAGMENTATION) + CUDA_CONTEXT_BYTES + (NCCL_BYTES if multi_gpu else 0)
+    overhead_row = Row("overhead", "CUDA context, allocator fragmentation" + (", NCCL" if multi_gpu else ""), overhead)
+    return rows + dynamic_rows + [overhead_row], phase
+
+
+def _patches(inputs: PlanInputs, micro_batch: int, images: int) -> int:
+    """ViT patches of a micro-batch."""
+    return int(inputs.dims["vision_patches_per_image"]) * images * micro_batch
+
+
+def held_dtype(inputs: PlanInputs, group: ParamGroup) -> torch.dtype:
+    """The dtype a parameter group is held in during training."""
+    if inputs.strategy == "deepspeed" and inputs.half:
+        # DeepSpeed casts the module to bf16/fp16 and keeps float32 masters in the optimizer
+        return torch.bfloat16 if inputs.precision != "fp16-mixed" else torch.float16
+    return group.dtype
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def parameter_rows(inputs: PlanInputs) -> list[Row]:
+    world = inputs.world
+    rows: list[Row] = []
+    for group in sorted(inputs.count.groups, key=lambda group: PART_ORDER.index(group.part)):
+        dtype = held_dtype(inputs, group)
+        size = _element_size(dtype)
+        numel = group.numel
+        label = f"{group.part} {group.kind} {str(dtype).removeprefix('torch.')}"
+        if inputs.precision == "nf4" and group.part == "llm" and group.kind == "frozen":
+            quantized = min(inputs.count.quantizable_numel, numel)
+            rows.append(Row("parameters", "llm frozen nf4 (4-bit, double-quantised)",
+                            int(quantized * NF4_BYTES_PER_PARAM)))
+            numel -= quantized
+        if inputs.shards_parameters:
+            # ZeRO-3 partitions every parameter; those below the persistence threshold are also kept whole
+            if group.persistent_numel:
+                rows.append(Row("parameters", label + " (small, kept whole)", group.persistent_numel * size))
+            offloaded = ", offloaded" if inputs.offload_parameters else ""
+            rows.append(Row("parameters", label + f" (sharded 1/{world}{offloaded})", math.ceil(numel / world) * size,
+                            "cpu" if inputs.offload_parameters else "gpu"))
+        else:
+            rows.append(Row("parameters", label, numel * size))
+    return rows
+
+
+def optimizer_rows(inputs: PlanInputs) -> list[Row]:
+    """Gradients and optimizer states."""
+    world, states = inputs.world, inputs.optimizer_states
+    trainable_numel = inputs.trainable_numel
+    if inputs.strategy == "deepspeed":
+        # ZeRO-2/3: half-precision gradients reduced into this rank's partition; a float32 copy of the
+        # partition exists during the step
+        partition = math.ceil(trainable_numel / world)
+        where = "cpu" if inputs.offload_optimizer else "gpu"
+        rows = [Row("gradients", f"trainable {'bf16' if inputs.half else 'fp32'} (partition 1/{world})",
+                    partition * inputs.act_bytes)]
+        if inputs.half:
+            rows.append(Row("gradients", f"fp32 copy of the partition for the optimizer step (1/{world})",
+                            partition * 4, where))
+        # DeepSpeed's optimizer holds a float32 copy of the partition, under 32-true too (ZeRO-3 would reuse
+        # float32 weights, but compares a device string with a torch.device and so always copies;
+        # tests/test_zero_cpu.py measures it)
+        master = 4
+        rows.append(Row("optimizer", f"fp32 master + {states} AdamW states (partition 1/{world})",
+                        partition * (master + 4 * states), where))
+        return rows
+    if inputs.strategy == "fsdp":
+        unit_total = sum(inputs.count.trainable_unit_numels)
+        root_trainable = max(0, trainable_numel - unit_total)
+        return [Row("gradients", f"fp32, whole units with a trainable weight (sharded 1/{world})",
+                    math.ceil((unit_total + root_trainable) / world) * 4),
+                Row("optimizer", f"{states} AdamW states fp32 (sharded 1/{world})",
+                    math.ceil(trainable_numel / world) * 4 * states)]
+    gradient_bytes = sum(group.numel * _element_size(held_dtype(inputs, group))
+                         for group in inputs.count.groups if group.kind != "frozen")
+    return [Row("gradients", "trainable (dtype of each parameter)", gradient_bytes),
+            Row("optimizer", f"{states} {inputs.optimizer_name} state(s) per trainable parameter",
+                gradient_bytes * states)]
+
+
+def strategy_rows(inputs: PlanInputs) -> list[Row]:
+    """Buffers of the sharding strategies: DeepSpeed's buckets and gathered modules, FSDP's gathered units."""
+    gathered_size = inputs.act_bytes  # parameters are gathered in the compute dtype
+    count = inputs.count
+    if inputs.strategy == "deepspeed":
+        trainable_numel = inputs.trainable_numel
+        rows = [Row("strategy", "ZeRO reduce bucket (contiguous gradients)",
+                    min(inputs.reduce_bucket, trainable_numel) * gathered_size)]
+        if inputs.stage == 3:
+            fetch = count.largest_fetch_numel
+            live = min(fetch + min(inputs.prefetch_bucket, fetch), max(inputs.max_live_parameters, fetch))
+            rows.append(Row("strategy", "ZeRO-3 gathered module + prefetch bucket", live * gathered_size))
+        else:
+            rows.append(Row("strategy", "ZeRO-2 all-gather bucket (updated parameters)",
+                            min(inputs.allgather_bucket, trainable_numel) * gathered_size))
+        return rows
+    if inputs.strategy == "fsdp":
+        unit = max(count.unit_numels or [0])
+        root = sum(group.numel for group in count.groups) - sum(count.unit_numels)
+        return [Row("strategy", "FSDP all-gathers: two units (current + prefetch) in compute dtype",
+                    2 * unit * gathered_size),
+                Row("strategy", "FSDP root unit held whole (embeddings, head, projector)", root * gathered_size)]
+    return []
+
+
+def activation_rows(inputs: PlanInputs, tokens: int, micro_batch: int, images: int, checkpointed_layers: int
+                    ) -> list[Row]:
+    """What the LLM and a trained vision tower hold at the LLM's backward."""
+    dims, act_bytes, modes = inputs.dims, inputs.act_bytes, inputs.modes
+    llm_trains = modes[Part.LLM] is not Mode.FROZEN
+    vision_trains = modes[Part.VISION] is not Mode.FROZEN
+    hidden = dims["hidden"]
+    num_layers = inputs.num_layers
+    moe_layers = int(dims.get("moe_layers", 0))
+    dense_layers = num_layers - moe_layers
+    lora = (inputs.lora_rank, inputs.count.lora_linears_per_layer, modes[Part.LLM] is Mode.FULL)
+    per_dense = decoder_layer_bytes_per_token(dims, act_bytes, inputs.liger, llm_trains, False, *lora) * tokens
+    per_moe = 0.0
+    if moe_layers:
+        per_moe = decoder_layer_bytes_per_token(dims, act_bytes, inputs.liger, llm_trains, True, *lora) * tokens
+    # checkpointed layers are taken from the first; MoE layers are taken to follow the dense ones
+    kept = num_layers - checkpointed_layers
+    kept_moe = min(kept, moe_layers)
+    kept_dense = kept - kept_moe
+    saved = kept_dense * per_dense + kept_moe * per_moe
+    boundaries = checkpointed_layers * tokens * hidden * act_bytes
+    recompute = max(per_dense if dense_layers else 0, per_moe) if checkpointed_layers else 0
+    width = max(dims.get("intermediate", 0), dims.get("experts_per_token", 0) * dims.get("moe_intermediate", 0))
+    backward_working = tokens * 2 * width * act_bytes  # the gradient of the layer's largest MLP output in backward
+    rows = [Row("activations", f"LLM saved, {kept} layers not checkpointed", int(saved)),
+            Row("activations", f"LLM checkpoint boundaries, {checkpointed_layers} layers", int(boundaries)),
+            Row("activations", "LLM recompute of one checkpointed layer", int(recompute)),
+            Row("activations", "LLM backward working set (gradients in flight)", int(backward_working))]
+
+    image_tokens = int(dims["image_tokens_per_image"])
+    patches = _patches(inputs, micro_batch, images)
+    rows.append(Row("activations", f"image tokens ({image_tokens * images * micro_batch} into the LLM)",
+                    int(image_tokens * images * micro_batch * hidden * act_bytes)))
+    extra = int(dims.get("vision_extra_saved_elements_per_image", 0))
+    if extra and (vision_trains or modes[Part.PROJECTOR] is not Mode.FROZEN):
+        # trainable modules between the towers and the LLM that save more than the image tokens (the label
+        # names the one family that declares it)
+        rows.append(Row("activations", f"patch info mining saved for backward, {images * micro_batch} image(s)",
+                        int(extra * images * micro_batch * act_bytes)))
+    if vision_trains:
+        block = vision_block_bytes_per_patch(dims, act_bytes, modes[Part.VISION] is Mode.FULL) * patches
+        depth = int(dims["vision_layers"])
+        if checkpointed_layers:
+            vision = depth * patches * dims["vision_hidden"] * act_bytes + block
+            label = f"ViT trained: {depth} block boundaries + one block recompute, {patches} patches"
+        else:
+            vision = depth * block
+            label = f"ViT trained: {depth} blocks saved, {patches} patches"
+        rows.append(Row("activations", label, int(vision)))
+    return rows
+
+
+def loss_rows(inputs: PlanInputs, tokens: int) -> list[Row]:
+    act_bytes, vocab = inputs.act_bytes, int(inputs.dims["vocab"])
+    if inputs.loss_impl == "plain":
+        logits = tokens * vocab * (act_bytes + 4 + 4 + 4)  # logits, float32 copy, log-softmax, its gradient
+        return [Row("loss", f"full logits {tokens} x {vocab} (bf16 + float32 copies)", int(logits))]
+    rows_at_once = min(inputs.loss_chunk, tokens)
+    return [Row("loss", f"supervised hidden rows + one chunk of logits ({rows_at_once} x {vocab})",
+                int(tokens * inputs.dims["hidden"] * act_bytes + rows_at_once * vocab * act_bytes))]

@@ -1,0 +1,112 @@
+"""What the planner reports: the rows of the predicted peak per GPU, the verdict against the hardware budget,
+the suggestions, and their text (`python -m vlm_finetune.plan` prints `MemoryPlan.render()`)."""
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+
+GiB = 2**30
+USABLE_FRACTION = 0.97  # of the profile's nominal GPU memory (driver reservations, ECC); an estimate
+
+
+@dataclass
+class Row:
+    """One line of the breakdown: bytes per GPU (or in CPU memory when `where == "cpu"`)."""
+
+    category: str  # parameters | gradients | optimizer | activations | loss | strategy | overhead
+    item: str
+    bytes: int
+    where: str = "gpu"
+
+
+@dataclass
+class Suggestion:
+    label: str
+    overrides: list[str]
+    plan: MemoryPlan
+
+    @property
+    def command(self) -> str:
+        return "python -m vlm_finetune " + " ".join(shlex.quote(override) for override in self.overrides)
+
+
+@dataclass
+class MemoryPlan:
+    overrides: list[str]
+    rows: list[Row]
+    hardware: str
+    world_size: int
+    gpu_memory_gib: float
+    peak_phase: str
+    checkpointed_layers: int
+    num_layers: int
+    micro_batch_size: int
+    tokens: int
+    notes: list[str] = field(default_factory=list)
+    suggestions: list[Suggestion] = field(default_factory=list)
+    parameters: int = 0  # of the model as configured (LoRA included), counted on the meta device
+    trainable_parameters: int = 0
+
+    def total(self, category: str | None = None, where: str = "gpu") -> int:
+        return sum(row.bytes for row in self.rows
+                   if row.where == where and (category is None or row.category == category))
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Predicted peak of torch.cuda.max_memory_allocated() per GPU (what the benchmark measures)."""
+        return self.total() - self.total("overhead")
+
+    @property
+    def peak_bytes(self) -> int:
+        """Predicted peak per GPU including runtime overhead (what must fit in the GPU)."""
+        return self.total()
+
+    @property
+    def budget_bytes(self) -> int:
+        return int(self.gpu_memory_gib * USABLE_FRACTION * GiB)
+
+    @property
+    def fits(self) -> bool | None:
+        if self.gpu_memory_gib <= 0:
+            return None
+        return self.peak_bytes <= self.budget_bytes
+
+    @property
+    def verdict(self) -> str:
+        if self.fits is None:
+            return "NO GPU BUDGET (hardware profile has no GPU)"
+        return "FITS" if self.fits else "DOES NOT FIT"
+
+    def render(self) -> str:
+        lines = [f"vlm_finetune.plan: {' '.join(self.overrides) or '(defaults)'}",
+                 f"hardware {self.hardware}: {self.world_size} " +
+                 (f"GPU(s), {self.gpu_memory_gib:g} GiB each " if self.gpu_memory_gib > 0 else "CPU process(es) ") +
+                 f"(budget {self.budget_bytes / GiB:.2f} GiB usable); micro-batch {self.micro_batch_size} x "
+                 f"{self.tokens // max(self.micro_batch_size, 1)} tokens; {self.checkpointed_layers} of "
+                 f"{self.num_layers} decoder layers checkpointed",
+                 f"model: {self.parameters / 1e9:.2f} B parameters ({self.parameters:,}), "
+                 f"{self.trainable_parameters:,} trainable; built on the meta device, no weight loaded", "",
+                 f"{'category':<12} {'item':<62} {'GiB per GPU':>11}", "-" * 87]
+        for row in self.rows:
+            if row.where == "gpu" and row.bytes >= 0.005 * GiB:
+                lines.append(f"{row.category:<12} {row.item:<62} {row.bytes / GiB:>11.2f}")
+        lines.append("-" * 87)
+        lines.append(f"{'peak allocated (torch max_memory_allocated), phase: ' + self.peak_phase:<75} "
+                     f"{self.allocated_bytes / GiB:>11.2f}")
+        lines.append(f"{'peak with runtime overhead':<75} {self.peak_bytes / GiB:>11.2f}")
+        cpu = [row for row in self.rows if row.where == "cpu" and row.bytes >= 0.005 * GiB]
+        for row in cpu:
+            lines.append(f"{'cpu memory':<12} {row.item:<62} {row.bytes / GiB:>11.2f}")
+        lines += ["", f"verdict: {self.verdict} ({self.peak_bytes / GiB:.2f} GiB of {self.budget_bytes / GiB:.2f} GiB)"]
+        lines += [f"note: {note}" for note in self.notes]
+        if self.fits is False:
+            if self.suggestions:
+                lines += ["", "changes that make it fit, cheapest first:"]
+                for number, suggestion in enumerate(self.suggestions, 1):
+                    peak = suggestion.plan.peak_bytes / GiB
+                    lines.append(f"  {number}. {suggestion.label}: predicted peak {peak:.2f} GiB "
+                                 f"({suggestion.plan.verdict})\n     {suggestion.command}")
+            else:
+                lines += ["", "no change tried here makes it fit (sharding, smaller micro-batch, checkpointing, "
+                          "offload, 4-bit base, more GPUs)"]
+        return "\n".join(lines)

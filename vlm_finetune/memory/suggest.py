@@ -1,0 +1,121 @@
+"""Changes that make a plan fit: for each kind of change, cheapest kind first, the first override set whose own
+plan fits; when no single change does, the kinds combined in the same order. Every suggestion is re-planned
+from its own overrides, so its prediction is the one `python -m vlm_finetune.plan` would print for it."""
+from __future__ import annotations
+
+from typing import Any
+
+from vlm_finetune.config import compose, group_options
+from vlm_finetune.errors import ConfigError
+from vlm_finetune.memory.planner import plan_memory, sample_geometry, strategy_and_stage
+from vlm_finetune.memory.report import MemoryPlan, Suggestion
+
+SUGGESTION_ORDER = ("shard", "micro_batch", "checkpointing", "offload", "nf4", "more_gpus")
+
+
+def plan_with_suggestions(overrides: list[str], seq: int | None = None, image_px: int | None = None,
+                          images: int = 1, cfg: Any = None, suggest: bool = True) -> MemoryPlan:
+    """The plan of `overrides` (planner.plan_memory) with, when it does not fit, the changes that make it fit
+    (none with `suggest=False`)."""
+    cfg = cfg if cfg is not None else compose(list(overrides))
+    plan = plan_memory(overrides, seq, image_px, images, cfg=cfg)
+    if suggest and plan.fits is False:
+        seq, image_px = sample_geometry(cfg, seq, image_px)
+        plan.suggestions = suggestions(list(overrides), plan, seq, image_px, images, cfg)
+    return plan
+
+
+def _replace(overrides: list[str], key: str, value: str) -> list[str]:
+    kept = [override for override in overrides if override.split("=", 1)[0].lstrip("+") != key]
+    return [*kept, f"{key}={value}"]
+
+
+def _hardware_profiles() -> list[str]:
+    return [name for name in group_options("hardware") if name not in ("auto", "cpu")]
+
+
+def _candidates(overrides: list[str], plan: MemoryPlan, cfg: Any) -> list[tuple[str, str, list[list[str]]]]:
+    """(kind, label, override lists to try in order) for each kind of change, cheapest first."""
+    strategy, stage = strategy_and_stage(cfg.trainer)
+    shards_parameters = strategy == "fsdp" or stage == 3
+    out = []
+    if not shards_parameters and plan.world_size > 1:
+        out.append(("shard", "shard parameters, gradients and optimizer states",
+                    [_replace(overrides, "trainer", "zero3"), _replace(overrides, "trainer", "fsdp")]))
+    micro_batch = plan.micro_batch_size
+    if micro_batch > 1:
+        accumulation = int(cfg.trainer.accumulate_grad_batches)
+        tries = []
+        for smaller in sorted((size for size in range(1, micro_batch) if micro_batch % size == 0), reverse=True):
+            changed = _replace(overrides, "data.micro_batch_size", str(smaller))
+            same_global_batch = str(accumulation * micro_batch // smaller)
+            tries.append(_replace(changed, "trainer.accumulate_grad_batches", same_global_batch))
+        out.append(("micro_batch", "smaller micro-batch, more accumulation (same global batch)", tries))
+    if plan.checkpointed_layers < plan.num_layers:
+        out.append(("checkpointing", "activation checkpointing",
+                    [_replace(overrides, "model.activation_checkpointing", "auto"),
+                     _replace(overrides, "model.activation_checkpointing", "true")]))
+    if not cfg.trainer.get("offload_optimizer"):
+        target = "zero3_offload" if shards_parameters else "zero2_offload"
+        out.append(("offload", "offload to CPU memory (DeepSpeed)",
+                    [_replace(overrides, "trainer", target), _replace(overrides, "trainer", "zero3_offload")]))
+    if str(cfg.precision.name) != "nf4" and cfg.model.get("path"):
+        tries = [_replace(overrides, "precision", "nf4")]
+        if shards_parameters:  # 4-bit weights cannot be sharded
+            unsharded = "zero2" if plan.world_size > 1 else "single"
+            tries = [_replace(_replace(overrides, "precision", "nf4"), "trainer", unsharded)]
+        out.append(("nf4", "4-bit base (QLoRA)", tries))
+    bigger = []
+    for name in _hardware_profiles():
+        hardware = compose([f"hardware={name}"]).hardware
+        gpus = int(hardware.devices) * int(hardware.num_nodes)
+        if gpus * float(hardware.gpu_memory_gib) > plan.world_size * plan.gpu_memory_gib:
+            changed = _replace(overrides, "hardware", name)
+            if gpus > 1 and strategy == "single":
+                changed = _replace(changed, "trainer", "ddp")
+            bigger.append(changed)
+    if bigger:
+        out.append(("more_gpus", "more or larger GPUs", bigger))
+    return out
+
+
+def _try(overrides: list[str], seq, image_px, images) -> MemoryPlan | None:
+    try:
+        return plan_memory(overrides, seq, image_px, images)
+    except ConfigError:
+        return None  # a combination the trainer refuses (e.g. nf4 with ZeRO-3) is no suggestion
+
+
+def suggestions(overrides: list[str], plan: MemoryPlan, seq, image_px, images, cfg: Any) -> list[Suggestion]:
+    """For each kind of change, cheapest kind first, the first override set whose own plan fits. When no
+    single change fits, changes are combined in the same order until the plan fits."""
+    found: list[Suggestion] = []
+    for _kind, label, tries in _candidates(overrides, plan, cfg):
+        for candidate in tries:
+            candidate_plan = _try(candidate, seq, image_px, images)
+            if candidate_plan is not None and candidate_plan.fits:
+                found.append(Suggestion(label, candidate, candidate_plan))
+                break
+    if found:
+        return found
+    combined, current, labels = list(overrides), plan, []
+    for _ in range(len(SUGGESTION_ORDER)):
+        step = None
+        for _kind, label, tries in _candidates(combined, current, compose(combined)):
+            best = None
+            for candidate in tries:
+                candidate_plan = _try(candidate, seq, image_px, images)
+                if candidate_plan is None or candidate_plan.peak_bytes >= current.peak_bytes:
+                    continue
+                if best is None or candidate_plan.peak_bytes < best[1].peak_bytes:
+                    best = (candidate, candidate_plan)
+            if best is not None:
+                step = (label, *best)
+                break
+        if step is None:
+            return []
+        labels.append(step[0])
+        combined, current = step[1], step[2]
+        if current.fits:
+            return [Suggestion(" + ".join(labels), combined, current)]
+    return []

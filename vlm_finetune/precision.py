@@ -1,0 +1,50 @@
+"""The precision policy, decided once: for a `precision=` profile and a strategy, Lightning's precision, the
+dtype the weights load in, whether trainable weights are kept in float32, and the 4-bit quantisation."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vlm_finetune.errors import ConfigError
+
+PRECISIONS = {
+    # name -> (Lightning precision, dtype the weights are loaded in). In the mixed profiles the frozen
+    # base is loaded in half precision and trainable parameters are kept in float32 (master weights);
+    # compute runs under autocast.
+    "32-true": ("32-true", torch.float32),
+    "bf16-mixed": ("bf16-mixed", torch.bfloat16),
+    "bf16-true": ("bf16-true", torch.bfloat16),
+    "fp16-mixed": ("16-mixed", torch.float16),
+    "nf4": ("bf16-mixed", torch.bfloat16),  # 4-bit frozen base (bitsandbytes), bf16 compute
+}
+MIXED = ("bf16-mixed", "fp16-mixed", "nf4")
+
+
+@dataclass(frozen=True)
+class WeightsPolicy:
+    lightning: str  # Lightning's `precision=` value
+    load_dtype: torch.dtype  # the dtype the model is built or loaded in
+    keep_trainables_fp32: bool  # trainable weights cast back to float32 master weights after the build
+    quantization: str | None  # "nf4": the LLM's frozen linear layers in 4-bit
+    mixed: bool  # compute under autocast
+    half: bool  # activations in 16 bits
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision!r} is unknown; use one of {sorted(PRECISIONS)}")
+
+
+def weights_policy(precision: str, strategy: str = "single") -> WeightsPolicy:
+    """How the weights of a run under `precision` and `trainer.strategy` are held."""
+    check_precision(precision)
+    lightning, dtype = PRECISIONS[precision]
+    mixed = precision in MIXED
+    keep_fp32 = mixed
+    if strategy == "fsdp" and mixed:
+        # FSDP flattens each unit into one tensor of one dtype: keep every weight float32 and let FSDP's
+        # mixed precision compute in bf16/fp16 (the sharding pays for the wider base)
+        dtype, keep_fp32 = torch.float32, False
+    return WeightsPolicy(lightning, dtype, keep_fp32, "nf4" if precision == "nf4" else None, mixed,
+                         precision != "32-true")
