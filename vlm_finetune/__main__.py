@@ -16,20 +16,10 @@ from vlm_finetune.errors import ConfigError, DataError  # noqa: E402
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
-def _remove_empty_run_dir(run_dir: Path) -> None:
-    """A run refused before it started leaves nothing behind: drop the folder Hydra made for it if it
-    holds only Hydra's own files."""
-    import shutil
-
-    if not run_dir.is_dir():
-        return
-    if all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
-        shutil.rmtree(run_dir, ignore_errors=True)
-
-
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from vlm_finetune.memory.oom import TrainingOutOfMemory
+    from vlm_finetune.rundir import remove_created
     from vlm_finetune.train import train
 
     try:
@@ -38,11 +28,13 @@ def main(cfg: DictConfig) -> float | None:
         ignore_after_finish()
     except (ConfigError, DataError) as err:
         print(f"vlm_finetune: error: {err}", file=sys.stderr, flush=True)
-        _remove_empty_run_dir(Path(cfg.output_dir))
+        remove_created(Path(cfg.output_dir))  # a refused start leaves behind nothing it made
         sys.exit(2)
     except TrainingOutOfMemory as err:  # the report is in the run folder
         print(f"vlm_finetune: error: {err}", file=sys.stderr, flush=True)
         sys.exit(TrainingOutOfMemory.exit_code)
+    if metrics.get("stop_signal"):  # stopped on request (SIGTERM): saved, but not finished
+        sys.exit(128 + int(metrics["stop_signal"]))
     return metrics.get("val_accuracy")  # the value Hydra sweepers optimise
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Callable
 
 import lightning as L
 import torch
@@ -76,12 +77,14 @@ class AdapterSaver(L.Callback):
     """Writes the adapter folder when training ends, while a sharded engine still holds the weights
     (after `fit` returns, ZeRO-3 and FSDP have been torn down)."""
 
-    def __init__(self, folder: Path, plan: TrainablePlan, processor):
+    def __init__(self, folder: Path, plan: TrainablePlan, processor, interrupted: Callable[[], bool] = lambda: False):
         self.folder, self.plan, self.processor = folder, plan, processor
+        self.interrupted = interrupted  # a run stopped early (by a signal) writes no adapter
         self.saved = False
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.save(trainer, pl_module)
+        if not self.interrupted():
+            self.save(trainer, pl_module)
 
     def save(self, trainer, pl_module) -> None:
         with full_trainable_parameters(trainer, pl_module):

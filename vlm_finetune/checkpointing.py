@@ -1,13 +1,12 @@
-"""Checkpoints that survive being killed, exact resume, and preemption (SLURM's warning signal).
+"""Checkpoint files: written so that a kill leaves a whole one, read so that nothing in them runs.
 
 - `AtomicCheckpointIO` writes a checkpoint to a temporary file in the same folder, fsyncs it and renames
   it over the old one: killed at any moment, the folder holds either the previous checkpoint or the new
-  one, never half of one.
-- `ResumeCallback` saves `<run>/checkpoints/last.ckpt` at optimizer-step boundaries (every
-  `checkpoint.every_n_steps`, and when a preemption signal arrives), with what Lightning keeps
-  (trainable weights, optimizer, LR schedule, loop counters, the data loader's position) plus the RNG
-  states and a fingerprint of the run's settings. On the signal it saves, requeues the SLURM job (or
-  hands over to submitit's own handler) and stops.
+  one, never half of one. What it holds: what Lightning keeps (trainable weights, optimizer, LR schedule,
+  loop counters, the data loader's position) plus the RNG states and a fingerprint of the run's settings
+  (`resume.ResumeCallback` adds them), as tensors and plain data only.
+- A checkpoint is checked before anything in it is unpickled (`check_safe_to_load`): a file naming code
+  beyond tensors and plain data (or DeepSpeed's own state classes) is refused.
 - Under DeepSpeed (`zero*`) the checkpoint is DeepSpeed's folder (each rank writes its optimizer partition;
   frozen weights are left out), written to `last.ckpt.tmp` and then swapped in for `last.ckpt` whole.
 - `find_resume_checkpoint` picks the checkpoint a run continues from (`resume=auto|never|<path>`) and
@@ -15,25 +14,16 @@
 """
 from __future__ import annotations
 
-import csv
 import logging
-import os
-import shutil
-import signal
-import subprocess
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from vlm_finetune.errors import ConfigError
-from vlm_finetune.hardware import env_global_rank
-from vlm_finetune.io import fsync_dir, fsync_tree, replace_folder, save_torch_atomic
-from vlm_finetune.signals import received
-from vlm_finetune.strategies import checkpoint_is_folder, is_deepspeed, is_resumable
+from vlm_finetune.io import save_torch_atomic
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +35,15 @@ FORMAT_VERSION = 1
 FINGERPRINT_KEYS = ("model.name", "seed", "data.source", "data.micro_batch_size", "trainer.accumulate_grad_batches",
                     "lora.r", "lora.alpha", "train.vision", "train.projector", "train.llm", "world_size",
                     "trainer.strategy", "trainer.zero_stage")
+
+
+# globals beyond torch's weights-only set that DeepSpeed's own checkpoint files name (checked by
+# tests/test_resume.py on a real ZeRO checkpoint); nothing else is unpickled
+TRUSTED_GLOBALS = frozenset({
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+})
 
 
 class CheckpointError(ConfigError):
@@ -65,6 +64,39 @@ def deepspeed_client_state_file(folder: Path) -> Path | None:
     return (first or files or [None])[0]
 
 
+def plain_rng_states(include_cuda: bool) -> dict:
+    """The RNG states as tensors and plain data only (numpy's key array as a list), so that a checkpoint
+    loads with torch's weights-only unpickler and nothing in it can run code."""
+    states = _collect_rng_states(include_cuda=include_cuda)
+    name, keys, position, has_gauss, cached = states["numpy"]
+    states["numpy"] = (str(name), [int(k) for k in keys], int(position), int(has_gauss), float(cached))
+    return states
+
+
+def restore_rng_states(states: dict) -> None:
+    import numpy as np
+
+    states = dict(states)
+    name, keys, position, has_gauss, cached = states["numpy"]
+    states["numpy"] = (name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached)
+    _set_rng_states(states)
+
+
+def check_safe_to_load(file: Path, fix: str) -> None:
+    """Refuse a file whose unpickling would call anything beyond tensors and plain data, before it is
+    unpickled: `torch.load(weights_only=False)` on a foreign file runs whatever code it names."""
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(file))
+    except Exception as err:  # not a torch file, truncated, ...
+        raise CheckpointError(f"checkpoint {file} is corrupt or unreadable ({type(err).__name__}: {err}); {fix}") \
+            from None
+    unknown = sorted(set(unsafe) - TRUSTED_GLOBALS)
+    if unknown:
+        raise CheckpointError(f"checkpoint {file} names code that loading it would run ({', '.join(unknown[:4])}); "
+                              f"vlm_finetune's checkpoints hold tensors and plain data only, so it was not written by "
+                              f"this project's training and is not loaded; {fix}")
+
+
 def load_checkpoint_file(path: Path) -> dict:
     """Load a checkpoint written by this project (a file, or DeepSpeed's folder) or raise CheckpointError
     saying why it cannot be used."""
@@ -76,6 +108,8 @@ def load_checkpoint_file(path: Path) -> dict:
         if state_file is None:
             raise CheckpointError(f"checkpoint folder {path} holds no DeepSpeed model states (*/…model_states.pt); "
                                   f"{fix}")
+        for file in sorted(path.rglob("*.pt")):  # DeepSpeed unpickles every one of them on resume
+            check_safe_to_load(file, fix)
         try:
             checkpoint = torch.load(state_file, map_location="cpu", weights_only=False)
         except Exception as err:
@@ -88,8 +122,9 @@ def load_checkpoint_file(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"resume: checkpoint {path} does not exist; use resume=auto (continue from "
                               f"<run>/{CHECKPOINT_DIR}/{LAST} when there is one) or resume=never")
+    check_safe_to_load(path, fix)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several kinds for truncated or foreign files
         raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(err).__name__}: {err}); {fix}") \
             from None
@@ -167,245 +202,3 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
         old = last.with_name(LAST + ".old")
         return old if old.is_dir() else None
     return Path(value)
-
-
-def slurm_job_id() -> str | None:
-    """The id to requeue: `<array job>_<task>` for array tasks, else the job id."""
-    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
-    if array_job and os.environ.get("SLURM_ARRAY_TASK_ID"):
-        return f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    return os.environ.get("SLURM_JOB_ID")
-
-
-def requeue_slurm_job() -> bool:
-    job_id = slurm_job_id()
-    if not job_id:
-        return False
-    result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
-    if result.returncode != 0:
-        log.warning("scontrol requeue %s failed: %s", job_id, result.stderr.strip())
-        print(f"vlm_finetune: requeue of SLURM job {job_id} failed: {result.stderr.strip()}", flush=True)
-        return False
-    print(f"vlm_finetune: requeued SLURM job {job_id}", flush=True)
-    return True
-
-
-def logged_rows_before(csv_path: Path, step: int) -> list[dict]:
-    """The CSV log's rows up to the resumed step. Rows logged after the last checkpoint are left out:
-    the resumed run logs those steps again, so its CSV reads as one uninterrupted run."""
-    if not csv_path.is_file():
-        return []
-    rows = []
-    with open(csv_path, newline="") as handle:
-        for row in csv.DictReader(handle):
-            if row.get("step") and int(float(row["step"])) >= step:
-                continue
-            rows.append({k: (int(float(v)) if k == "step" else float(v))
-                         for k, v in row.items() if v not in ("", None)})
-    return rows
-
-
-def restore_csv_rows(trainer, rows: list[dict]) -> None:
-    """Put the earlier rows back into the CSV logger (Lightning's CSV writer deletes an existing
-    metrics.csv when it starts) and write them at once."""
-    from lightning.pytorch.loggers import CSVLogger
-
-    if not rows or not trainer.is_global_zero:
-        return
-    for logger in trainer.loggers:
-        if isinstance(logger, CSVLogger):
-            logger.experiment.metrics[:0] = [dict(r) for r in rows]
-            logger.save()
-
-
-class ResumeCallback(L.Callback):
-    """Periodic and on-signal checkpoints at optimizer-step boundaries; RNG and fingerprint in each."""
-
-    def __init__(self, folder: Path, every_n_steps: int | None, fingerprint: dict,
-                 signals: tuple[int, ...] = (), requeue: bool = True):
-        self.folder = Path(folder)
-        self.every_n_steps = int(every_n_steps) if every_n_steps else 0
-        self.fingerprint = fingerprint
-        self.signals = tuple(signals)
-        self.requeue = requeue
-        self.preempt_requested = False
-        self.preempted = False
-        self.preempted_at_step: int | None = None
-        self._previous_handlers: dict[int, Any] = {}
-        self._rng_to_restore: dict | None = None
-        self._last_saved_step = -1
-
-    @property
-    def last_path(self) -> Path:
-        return self.folder / LAST
-
-    # -- signals ----------------------------------------------------------------------------------
-    def _on_signal(self, signum, frame) -> None:
-        # only a flag here: the save happens at the next optimizer-step boundary, never mid-step
-        self.preempt_requested = True
-        self._signal_received = signum
-
-    def install_signal_handlers(self) -> None:
-        for signum in self.signals:
-            self._previous_handlers[signum] = signal.getsignal(signum)
-            signal.signal(signum, self._on_signal)
-        early = received()
-        if early in self.signals:  # the warning came while the run was starting: act on it at the first step
-            self._on_signal(early, None)
-
-    def restore_signal_handlers(self) -> None:
-        for signum, handler in self._previous_handlers.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-        self._previous_handlers = {}
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        self.install_signal_handlers()
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        self.restore_signal_handlers()
-
-    def on_exception(self, trainer, pl_module, exception) -> None:
-        self.restore_signal_handlers()
-
-    # -- saving -----------------------------------------------------------------------------------
-    def _agreed(self, trainer, flag: bool) -> bool:
-        """Every rank stops at the same step: a signal seen by any rank counts for all."""
-        if trainer.world_size <= 1:
-            return flag
-        value = torch.tensor(float(flag), device=trainer.strategy.root_device)
-        return bool(trainer.strategy.reduce(value, reduce_op="sum") > 0)
-
-    def save(self, trainer) -> None:
-        for logger in trainer.loggers:  # the CSV holds every step up to the checkpoint
-            logger.save()
-        if is_deepspeed(trainer.strategy):
-            self._save_deepspeed_folder(trainer)
-        else:  # the full state: optimizer, loops, callbacks; written atomically by AtomicCheckpointIO
-            trainer.save_checkpoint(str(self.last_path), weights_only=False)
-        self._last_saved_step = trainer.global_step
-
-    def _save_deepspeed_folder(self, trainer) -> None:
-        """Every rank writes its partition into `last.ckpt.tmp`; once all have, rank 0 flushes the files to disk
-        and swaps the folder in for `last.ckpt` (a kill at any moment leaves a whole checkpoint)."""
-        tmp = self.folder / (LAST + ".tmp")
-        if trainer.is_global_zero:
-            shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
-            self.folder.mkdir(parents=True, exist_ok=True)
-        trainer.strategy.barrier("vlm_finetune.checkpoint.clear")
-        trainer.save_checkpoint(str(tmp), weights_only=False)  # ends with a barrier
-        if trainer.is_global_zero:
-            fsync_tree(tmp)
-            replace_folder(tmp, self.last_path)
-            fsync_dir(self.folder)
-        trainer.strategy.barrier("vlm_finetune.checkpoint.swapped")
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self._rng_to_restore is not None:
-            # restored here, right before the first resumed step, so that nothing between the restore
-            # and the step (data loader set-up draws a seed) moves the generators
-            _set_rng_states(self._rng_to_restore)
-            self._rng_to_restore = None
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        loader = trainer.train_dataloader
-        if hasattr(loader, "mark_consumed") and isinstance(batch, dict) and "data_position" in batch:
-            loader.mark_consumed(batch)
-        if isinstance(batch, dict) and not batch.get("last_in_step", True):
-            return  # mid-window: the accumulated gradients are not in any checkpoint
-        step = trainer.global_step
-        preempt = self._agreed(trainer, self.preempt_requested)
-        periodic = self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_saved_step
-        if preempt or periodic:
-            self.save(trainer)
-        if preempt:
-            self.preempted, self.preempted_at_step = True, step
-            trainer.should_stop = True
-            if trainer.is_global_zero:
-                print(f"vlm_finetune: preemption signal: checkpoint saved at step {step} to {self.last_path}",
-                      flush=True)
-            self._hand_over(trainer)
-
-    def _hand_over(self, trainer) -> None:
-        """After the save: let submitit requeue (its handler was there first), else requeue the SLURM job."""
-        signum = getattr(self, "_signal_received", None)
-        previous = self._previous_handlers.get(signum)
-        if callable(previous) and getattr(previous, "__module__", "").startswith("submitit"):
-            self.restore_signal_handlers()
-            previous(signum, None)  # checkpoints the submission, requeues and exits
-            return
-        if self.requeue and trainer.is_global_zero and os.environ.get("SLURM_JOB_ID"):
-            requeue_slurm_job()
-
-    # -- checkpoint contents ----------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {"last_saved_step": self._last_saved_step}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self._last_saved_step = int(state_dict.get("last_saved_step", -1))
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        checkpoint["vlm_finetune"] = {
-            "format_version": FORMAT_VERSION,
-            "fingerprint": self.fingerprint,
-            "trainable_shapes": trainable_shapes(pl_module),
-            "rng_states": _collect_rng_states(include_cuda=torch.cuda.is_available()),
-        }
-
-    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        self._rng_to_restore = checkpoint["vlm_finetune"]["rng_states"]
-
-
-# -- the run's resume wiring -------------------------------------------------------------------------------
-def open_resume_checkpoint(cfg, run_dir: Path, world_size: int) -> tuple[Path | None, dict | None]:
-    """The checkpoint a run would continue from, opened and checked before any weight loads: it exists, it
-    is readable, it is of the strategy's kind and its settings are this run's. Returns (path, checkpoint),
-    or (None, None) when the run starts afresh. (Its tensor shapes are checked once the model is built.)"""
-    if not is_resumable(cfg.trainer):
-        return None, None
-    path = find_resume_checkpoint(cfg.resume, run_dir)
-    if path is None:
-        return None, None
-    if path.exists() and path.is_dir() != checkpoint_is_folder(cfg.trainer):
-        kind = "DeepSpeed's checkpoint folder" if path.is_dir() else "a single-file checkpoint"
-        raise CheckpointError(f"checkpoint {path} is {kind}, which trainer={cfg.trainer.name} cannot resume from; "
-                              "resume with the trainer that wrote it, or start a new run folder (resume=never)")
-    checkpoint = load_checkpoint_file(path)
-    check_compatible(checkpoint, path, run_fingerprint(cfg, world_size))
-    return path, checkpoint
-
-
-def resume_parts(cfg, run_dir: Path, module, world_size: int, path: Path | None,
-                 checkpoint: dict | None) -> tuple[ResumeCallback | None, Path | None, list, list]:
-    """(checkpoint callback or None, checkpoint to resume from or None, trainer plugins, CSV rows to keep).
-    `path` and `checkpoint` come from open_resume_checkpoint."""
-    from lightning.pytorch.plugins.environments import SLURMEnvironment
-
-    plugins: list = []
-    if SLURMEnvironment.detect():
-        # the preemption signal is handled by ResumeCallback (atomic save at a step boundary, then requeue),
-        # not by Lightning's handler, which saves from inside the signal handler in the middle of a step
-        plugins.append(SLURMEnvironment(auto_requeue=False))
-    if not is_resumable(cfg.trainer):
-        if cfg.resume not in (None, "never", "auto"):
-            raise ConfigError(f"resume={cfg.resume} works with trainer=single|ddp|zero*; trainer={cfg.trainer.name} "
-                              "writes no resumable checkpoints yet (use resume=never)")
-        return None, None, plugins, []
-    if not checkpoint_is_folder(cfg.trainer):  # DeepSpeed writes its own folder (made atomic by ResumeCallback)
-        plugins.append(AtomicCheckpointIO())
-    fingerprint = run_fingerprint(cfg, world_size)
-    signals = tuple(getattr(signal, "SIG" + str(name).upper().removeprefix("SIG"))
-                    for name in (cfg.checkpoint.signals or []))
-    callback = ResumeCallback(run_dir / CHECKPOINT_DIR, cfg.checkpoint.every_n_steps, fingerprint, signals,
-                              requeue=bool(cfg.checkpoint.requeue))
-    rows: list = []
-    if path is not None:
-        check_compatible(checkpoint, path, fingerprint, trainable_shapes(module))
-        step = int(checkpoint.get("global_step", 0))
-        if step > int(cfg.trainer.max_steps):
-            raise CheckpointError(f"checkpoint {path} is at step {step}, "
-                                  f"past trainer.max_steps={cfg.trainer.max_steps}; "
-                                  "raise trainer.max_steps or start a new run folder")
-        if env_global_rank() == 0:
-            rows = logged_rows_before(run_dir / "csv" / "metrics.csv", step)
-            print(f"vlm_finetune: resuming from {path} at step {step}", flush=True)
-    return callback, path, plugins, rows

@@ -77,6 +77,20 @@ def parse_overrides(argv: list[str], allowed: dict[str, object]) -> dict:
     return values
 
 
+def remote_code_as_asked(model_cfg: Any, asked: bool, source: str) -> Any:
+    """A model config read from a file (a run folder's config.yaml) with `trust_remote_code` as this command
+    line asks, never as the file says: a folder's Python code runs only when asked for, every time."""
+    from omegaconf import open_dict
+
+    if model_cfg.get("trust_remote_code") and not asked:
+        raise ConfigError(f"{source} loads its model with trust_remote_code (Python files from "
+                          f"{model_cfg.get('path')} would run); add trust_remote_code=true to this command if you "
+                          "trust that folder's code")
+    with open_dict(model_cfg):
+        model_cfg.trust_remote_code = bool(asked)
+    return model_cfg
+
+
 LOSS_IMPLS = ("chunked", "plain", "liger")
 
 

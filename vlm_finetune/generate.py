@@ -12,21 +12,22 @@ from pathlib import Path
 import torch
 
 from vlm_finetune.adapters import is_adapter_folder, load_adapter
-from vlm_finetune.config import compose, group_options, parse_overrides
+from vlm_finetune.config import compose, group_options, parse_overrides, remote_code_as_asked
+from vlm_finetune.data.images import load_rgb
 from vlm_finetune.data.sample import IMAGE_PLACEHOLDER, Message, Sample
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.models import get_family
 from vlm_finetune.trainability import unwrap
 
 
-def _model_config(model: str | None, model_path: str | None, run_dir: str | None):
+def _model_config(model: str | None, model_path: str | None, run_dir: str | None, trust_remote_code: bool = False):
     from omegaconf import OmegaConf
 
     if run_dir:
         config = Path(run_dir) / "config.yaml"
         if not config.is_file():
             raise ConfigError(f"run_dir={run_dir} has no config.yaml; point it at a training run's folder")
-        return OmegaConf.load(config).model
+        return remote_code_as_asked(OmegaConf.load(config).model, trust_remote_code, f"run_dir={run_dir}")
     if not model:
         raise ConfigError("model=<name> (one of conf/model/*.yaml) or run_dir=<run folder> is required")
     available = group_options("model")
@@ -38,15 +39,16 @@ def _model_config(model: str | None, model_path: str | None, run_dir: str | None
 
 
 def answer(image: str | Path, prompt: str, model: str | None = None, adapter: str | Path | None = None,
-           model_path: str | None = None, run_dir: str | Path | None = None, max_new_tokens: int = 64) -> str:
+           model_path: str | None = None, run_dir: str | Path | None = None, max_new_tokens: int = 64,
+           trust_remote_code: bool = False) -> str:
     """The model's greedy answer to `prompt` about `image`."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
-    model_cfg = _model_config(model, model_path, str(run_dir) if run_dir else None)
+    model_cfg = _model_config(model, model_path, str(run_dir) if run_dir else None, trust_remote_code)
     if run_dir and adapter is None:
         adapter = Path(run_dir) / "adapter"
     try:
-        picture = Image.open(image).convert("RGB")
+        picture = load_rgb(image)
     except (OSError, UnidentifiedImageError) as err:
         raise ConfigError(f"image={image}: cannot be read as an image ({err})") from None
     if adapter is not None and not is_adapter_folder(Path(adapter)):
@@ -73,11 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = parse_overrides(list(sys.argv[1:] if argv is None else argv),
                                   {"model": None, "model_path": None, "adapter": None, "run_dir": None,
-                                   "image": None, "prompt": None, "max_new_tokens": 64})
+                                   "image": None, "prompt": None, "max_new_tokens": 64,
+                                   "trust_remote_code": False})
         if not options["image"] or not options["prompt"]:
             raise ConfigError("image=<file> and prompt=<question> are required")
         reply = answer(options["image"], options["prompt"], options["model"], options["adapter"],
-                       options["model_path"], options["run_dir"], options["max_new_tokens"])
+                       options["model_path"], options["run_dir"], options["max_new_tokens"],
+                       bool(options["trust_remote_code"]))
     except ConfigError as err:
         print(f"vlm_finetune.generate: error: {err}", file=sys.stderr, flush=True)
         return 2

@@ -13,6 +13,19 @@ from typing import Iterator
 PARTIAL_PATTERNS = ("*.tmp", "*.tmp-*", "*.tmp.*")
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: Path, folder: bool = False) -> None:
+    """The mode an ordinary `open()` / `mkdir()` would give: mkstemp and mkdtemp make their files 0600 and
+    folders 0700 whatever the umask, and a run written that way is unreadable to the rest of a group on a
+    shared cluster."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~current_umask())
+
+
 def fsync_dir(folder: Path) -> None:
     """Make a rename inside `folder` durable (the directory entry reaches the disk)."""
     fd = os.open(folder, os.O_RDONLY)
@@ -38,6 +51,7 @@ def atomic_path(path: Path, ext: str = "") -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp" + ext, dir=path.parent)
     os.close(fd)
+    follow_umask(Path(tmp))
     try:
         yield Path(tmp)
         with open(tmp, "rb") as handle:
@@ -84,6 +98,7 @@ def atomic_folder(folder: Path) -> Iterator[Path]:
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+    follow_umask(tmp, folder=True)
     try:
         yield tmp
         replace_folder(tmp, folder)

@@ -161,6 +161,9 @@ class VLMModule(L.LightningModule):
                 step_loss = self.trainer.strategy.reduce(step_loss, reduce_op="sum")
             self.log("train_loss", step_loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
             self.log("train_step_tokens", step_tokens, on_step=True, on_epoch=False, batch_size=1)
+            # the rate this step's update uses (the scheduler moves it after the optimizer step)
+            self.log("lr", float(self.trainer.optimizers[0].param_groups[0]["lr"]), on_step=True, on_epoch=False,
+                     batch_size=1)
             self._step_loss = 0.0
         return loss_sum * scale
 
@@ -173,14 +176,18 @@ class VLMModule(L.LightningModule):
         self.val_loss_sum.update(loss_sum.detach())
         self.val_token_count.update(torch.tensor(float(count), device=self.device))
         if self.generate_in_validation:
-            predictions = self.generate(batch["generation"])
-            self.val_accuracy.update(predictions, batch["answers"])
-            if self.caption_metrics:
-                self.val_bleu.update(predictions, [[a] for a in batch["answers"]])
-                self.val_rouge.update(predictions, batch["answers"])
+            generated = self.generate(batch["generation"])
+            # repeats that even out the ranks' shares are generated (collectives) but not scored
+            counted = batch.get("counted") or [True] * len(generated)
+            predictions = [p for p, keep in zip(generated, counted) if keep]
+            answers = [a for a, keep in zip(batch["answers"], counted) if keep]
+            types = [t for t, keep in zip(batch["question_types"], counted) if keep]
+            self.val_accuracy.update(predictions, answers)
+            if self.caption_metrics and predictions:
+                self.val_bleu.update(predictions, [[a] for a in answers])
+                self.val_rouge.update(predictions, answers)
             for qtype in self.val_accuracy_by_type:
-                pairs = [(p, a) for p, a, t in zip(predictions, batch["answers"], batch["question_types"])
-                         if t == qtype]
+                pairs = [(p, a) for p, a, t in zip(predictions, answers, types) if t == qtype]
                 if pairs:
                     self.val_accuracy_by_type[qtype].update([p for p, _ in pairs], [a for _, a in pairs])
 

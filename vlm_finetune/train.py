@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import time
 import warnings
 from pathlib import Path
@@ -18,9 +19,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vlm_finetune.adapters import AdapterSaver
 from vlm_finetune.autotune import check_auto_options, resolve_activation_checkpointing, search_micro_batch
-from vlm_finetune.checkpointing import open_resume_checkpoint, restore_csv_rows, resume_parts
+from vlm_finetune.checkpointing import CHECKPOINT_DIR
 from vlm_finetune.config import EvalSettings, LossSettings, OptimizerSettings, hydra_overrides, is_auto
-from vlm_finetune.data.datamodule import VLMDataModule, build_datasets
+from vlm_finetune.data.datamodule import VLMDataModule, build_datasets, check_samples_fit
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.hardware import Hardware, env_global_rank, preflight, resolve
 from vlm_finetune.io import write_atomic
@@ -30,7 +31,9 @@ from vlm_finetune.models import get_family, parse_trainability
 from vlm_finetune.module import VLMModule
 from vlm_finetune.plots import plot_training_curves
 from vlm_finetune.precision import WeightsPolicy, check_precision, weights_policy
-from vlm_finetune.strategies import build_strategy, check_combination, set_zero3_leaves
+from vlm_finetune.resume import open_resume_checkpoint, restore_csv_rows, resume_parts
+from vlm_finetune.rundir import RunFolderLock, finished_metrics, sweep_checkpoint_leftovers
+from vlm_finetune.strategies import build_strategy, check_combination, checkpoint_is_folder, set_zero3_leaves
 from vlm_finetune.trainability import build_trainable_model, count_parameters
 
 log = logging.getLogger(__name__)
@@ -47,7 +50,7 @@ def _quiet_known_noise() -> None:
     warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
     # Lightning sees SLURM's tools installed; runs outside a job are not meant for SLURM
     warnings.filterwarnings("ignore", message=r".*The `srun` command is available on your system.*")
-    # a resumed run puts the earlier rows back into metrics.csv (checkpointing.restore_csv_rows)
+    # a resumed run puts the earlier rows back into metrics.csv (resume.restore_csv_rows)
     warnings.filterwarnings("ignore", message=r".*Previous log files in this directory will be deleted.*")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric.utilities.rank_zero").setLevel(logging.WARNING)
@@ -71,6 +74,7 @@ def check_config(cfg: DictConfig) -> tuple[dict, Hardware]:
     acc = cfg.trainer.accumulate_grad_batches
     if not isinstance(acc, int) or acc < 1:
         raise ConfigError(f"trainer.accumulate_grad_batches={acc!r} must be a positive integer")
+    _check_values(cfg)
     loss = LossSettings.from_config(cfg.loss)
     if loss.impl == "liger":
         if hardware.accelerator != "gpu":
@@ -78,6 +82,33 @@ def check_config(cfg: DictConfig) -> tuple[dict, Hardware]:
         if importlib.util.find_spec("liger_kernel") is None:
             raise ConfigError("loss.impl=liger needs liger-kernel: pip install 'vlm_finetune[gpu]'")
     return modes, hardware
+
+
+# `+key=value` overrides that add keys something reads (everything else a `+` adds would be ignored)
+ADDABLE_KEYS = ("callbacks.", "data.global_batch_size", "model.llm.", "model.vision.", "model.text.",
+                "model.config_overrides", "hydra.")
+
+
+def _check_values(cfg: DictConfig) -> None:
+    """Values that would otherwise fail only once the model is built (or never)."""
+    if not isinstance(cfg.lora.r, int) or isinstance(cfg.lora.r, bool) or cfg.lora.r < 1:
+        raise ConfigError(f"lora.r={cfg.lora.r!r} must be a positive integer (the adapter's rank, e.g. 16)")
+    try:
+        lr = float(cfg.optimizer.lr)
+    except (TypeError, ValueError):
+        lr = float("nan")
+    if not math.isfinite(lr) or lr <= 0:
+        raise ConfigError(f"optimizer.lr={cfg.optimizer.lr!r} must be a positive number, e.g. 2e-4")
+    if not isinstance(cfg.trainer.max_steps, int) or cfg.trainer.max_steps < 0:
+        raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps!r} must be 0 or a positive number of "
+                          "optimizer steps")
+    if cfg.data.truncation not in ("truncate", "drop"):
+        raise ConfigError(f"data.truncation={cfg.data.truncation!r}: use truncate or drop")
+    added = [o for o in (hydra_overrides() or []) if o.startswith("+") and not o.startswith("++")]
+    unread = [o for o in added if not o.lstrip("+").split("=", 1)[0].startswith(ADDABLE_KEYS)]
+    if unread:
+        raise ConfigError(f"{unread[0]} adds a key that nothing reads (a misspelling?); drop the '+' to override an "
+                          f"existing key (an unknown one is then named), or use one of: {', '.join(ADDABLE_KEYS)}")
 
 
 def _build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, strategy, hardware: Hardware,
@@ -136,11 +167,29 @@ def _wants_monitor(cfg: DictConfig, hardware: Hardware, callbacks: list) -> bool
 
 
 def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
-    """Run one training as configured. Returns (final metrics, objects: module, trainer, datamodule, run_dir)."""
+    """Run one training as configured. Returns (final metrics, objects: module, trainer, datamodule, run_dir).
+    The run folder is locked for the run's life (one run per folder); a run that already finished there is
+    not run again."""
     started = time.time()
     _quiet_known_noise()
     modes, hardware = check_config(cfg)
     run_dir = Path(cfg.output_dir)
+    if cfg.resume == "auto" and (done := finished_metrics(run_dir, int(cfg.trainer.max_steps))) is not None:
+        print(f"vlm_finetune: the run in {run_dir} already finished at step {done['global_step']} (metrics.json); "
+              "nothing to do. Raise trainer.max_steps to train on, or give a new run its own folder", flush=True)
+        return done, {"run_dir": run_dir}
+    lock = RunFolderLock(run_dir).acquire() if env_global_rank() == 0 else None
+    try:
+        if lock is not None:
+            sweep_checkpoint_leftovers(run_dir / CHECKPOINT_DIR)  # what a kill during a save left behind
+        return _train(cfg, callbacks, modes, hardware, run_dir, started)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: DictConfig, callbacks: list | None, modes: dict, hardware: Hardware, run_dir: Path,
+           started: float) -> tuple[dict, dict]:
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     torch.set_num_threads(max(1, int(cfg.hardware.cpu_threads or torch.get_num_threads())))
 
@@ -150,6 +199,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
     # data first: a bad file fails here, before any weight loads
     train_samples, val_samples, data_stats = build_datasets(cfg.data, int(cfg.seed))
     processor = family.load_processor(cfg.model, truncation=cfg.data.truncation)
+    check_samples_fit(train_samples, processor, cfg.data.max_length, cfg.data.truncation)
 
     policy = weights_policy(cfg.precision.name, cfg.trainer.strategy)
     _resolve_auto(cfg, family, None, processor, hardware)  # checkpointing auto -> the fewest layers that fit
@@ -175,9 +225,11 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
     configured = [hydra.utils.instantiate(c) for c in (cfg.callbacks or {}).values() if c]
     strategy = build_strategy(cfg, family, hardware)
     set_zero3_leaves(model, family, cfg.trainer)
-    saver = AdapterSaver(run_dir / "adapter", plan, processor)
     resumer, ckpt_path, plugins, earlier_rows = resume_parts(cfg, run_dir, module, hardware.world_size, resume_path,
                                                              resume_checkpoint)
+    # a run stopped by a signal writes no adapter: what it trained so far is in the checkpoint
+    saver = AdapterSaver(run_dir / "adapter", plan, processor,
+                         interrupted=lambda: resumer is not None and resumer.preempted)
     own = [saver] + ([resumer] if resumer is not None else [])
     if _wants_monitor(cfg, hardware, list(callbacks or []) + configured):
         own.append(MemoryMonitor(run_dir))  # memory.csv / memory.png per phase; history for OOM snapshots
@@ -185,11 +237,11 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
                              plugins)
     if earlier_rows:
         restore_csv_rows(trainer, earlier_rows)
-    # the run's own checkpoint (already opened and checked by resume_parts) holds numpy's RNG state,
-    # which torch's weights-only unpickler refuses
+    # a checkpoint file holds tensors and plain data only (weights-only unpickling); DeepSpeed's folder was
+    # checked for foreign code before anything in it was unpickled (checkpointing.check_safe_to_load)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None,
-                    weights_only=False if ckpt_path else None)
+                    weights_only=not checkpoint_is_folder(cfg.trainer) if ckpt_path else None)
     except torch.OutOfMemoryError as err:  # report (phase, sizes, snapshot, planner's advice), no partial files
         raise handle_oom(err, run_dir, trainer, hydra_overrides()) from err
     objects = {"module": module, "trainer": trainer, "datamodule": datamodule, "run_dir": run_dir,
@@ -199,12 +251,17 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
         if trainer.is_global_zero:
             print(f"vlm_finetune: stopped at step {trainer.global_step} for preemption; rerun with the same "
                   f"run folder (or resume=auto) to continue", flush=True)
-        return {"preempted": 1, "global_step": int(trainer.global_step)}, objects
+        stopped = {"preempted": 1, "global_step": int(trainer.global_step)}
+        if resumer.stopped_by_signal is not None:
+            stopped["stop_signal"] = int(resumer.stopped_by_signal)
+        return stopped, objects
     if not saver.saved:  # fit ran no step (max_steps=0): nothing is sharded any more, save as is
         saver.save(trainer, module)
     metrics = _final_metrics(trainer, module, datamodule, data_stats, trainable, total, started)
     if trainer.is_global_zero:
-        write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        # JSON has no NaN: a metric that could not be computed is null
+        finite = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in metrics.items()}
+        write_atomic(run_dir / "metrics.json", json.dumps(finite, indent=2, sort_keys=True, allow_nan=False) + "\n")
         plot_training_curves(run_dir)
         summary = "  ".join(f"{k}={metrics[k]:.4f}" for k in ("val_accuracy", "val_loss", "train_loss") if k in metrics)
         print(f"\nvlm_finetune: final {summary}  steps={metrics['global_step']}  "

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from vlm_finetune.data.images import load_rgb
 from vlm_finetune.data.sample import IMAGE_PLACEHOLDER, Message, Sample
 from vlm_finetune.errors import DataError
 
@@ -37,11 +38,25 @@ class BadRecord(Exception):
     pass
 
 
+class UnreadableLine(dict):
+    """Stands in for a JSONL line that is not JSON: a bad record like any other (skipped under
+    data.on_bad_record=skip, an error naming the line otherwise)."""
+
+
 def read_records(path: str | Path) -> list[dict]:
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"data file {path} is a folder; set data.path (and data.val_path) to a JSON or JSONL file "
+                        "(images go in data.image_root)")
     if not path.is_file():
         raise DataError(f"data file {path} does not exist; set data.path (and data.val_path) to a JSON or JSONL file")
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # a UTF-8 byte-order mark (Windows editors write one) is not content
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line} is not UTF-8 (byte {err.start}: {raw[err.start:err.start + 1]!r}); "
+                        "save the file as UTF-8") from None
     if path.suffix == ".jsonl":
         records = []
         for line_number, line in enumerate(text.splitlines()):
@@ -49,7 +64,7 @@ def read_records(path: str | Path) -> list[dict]:
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as err:
-                    raise DataError(f"{path}: line {line_number + 1} is not valid JSON ({err})") from None
+                    records.append(UnreadableLine(line=line_number + 1, error=str(err)))
         return records
     try:
         data = json.loads(text)
@@ -133,6 +148,8 @@ def load_conversations(path: str | Path, image_root: str | Path | None, on_bad_r
     records, skipped = [], 0
     for index, raw in enumerate(read_records(path)):
         try:
+            if isinstance(raw, UnreadableLine):
+                raise BadRecord(f"(line {raw['line']}) is not valid JSON ({raw['error']})")
             records.append(parse_record(raw, index, root))
         except BadRecord as err:
             if on_bad_record == "error":
@@ -158,8 +175,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         images = []
         for p in record.image_paths:
             try:
-                with Image.open(p) as img:
-                    images.append(img.convert("RGB"))
+                images.append(load_rgb(p))
             except (OSError, SyntaxError) as err:
                 raise DataError(f"{self.source}: record {record.index}: image {p} cannot be read ({err})") from None
         return Sample(messages=record.messages, images=images, meta={"record": record.index})

@@ -9,6 +9,7 @@ sequence lengths, while backward still runs one micro-batch at a time.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any, Iterator
 
 import lightning as L
@@ -16,7 +17,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
 from vlm_finetune.data.sample import IGNORE_INDEX, Sample, SampleTooLong
-from vlm_finetune.errors import ConfigError
+from vlm_finetune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,25 @@ def build_datasets(data_cfg: Any, seed: int) -> tuple[Dataset, Dataset, dict]:
     raise ConfigError(f"data.source={source!r} is unknown; use 'shapes' or 'conversations'")
 
 
+def check_samples_fit(samples: Dataset, processor, max_length: int | None, truncation: str, probe: int = 256) -> int:
+    """Encode the first `probe` training samples before any weight loads: when data.max_length drops every one
+    of them, the run would train on nothing (a loss of 0 and an untrained adapter that look like success).
+    Returns how many of the probed samples were dropped."""
+    count = min(len(samples), probe)
+    dropped = 0
+    for index in range(count):
+        try:
+            processor.encode(samples[index], int(max_length) if max_length else None)
+        except SampleTooLong:
+            dropped += 1
+    if count and dropped == count:
+        scope = f"all {count} training samples" if count == len(samples) else f"each of the first {count} samples"
+        raise DataError(f"data.max_length={max_length} with data.truncation={truncation} drops {scope}: nothing "
+                        "would be trained on. Raise data.max_length, or use data.truncation=truncate (samples whose "
+                        "image tokens alone exceed max_length are dropped either way)")
+    return dropped
+
+
 class EncodedDataset(Dataset):
     """Encodes Samples with the family processor. Too-long samples come back as None (dropped, counted)."""
 
@@ -53,7 +73,8 @@ class EncodedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int | tuple[int, bool]):
+        i, repeated = i if isinstance(i, tuple) else (i, False)  # EvalShardSampler flags its repeats
         sample: Sample = self.samples[i]
         try:
             encoded = self.processor.encode(sample, self.max_length)
@@ -63,7 +84,7 @@ class EncodedDataset(Dataset):
         except SampleTooLong:
             return None
         answer = sample.messages[-1].content
-        return encoded, prompt, answer, sample.meta.get("question_type", "all")
+        return encoded, prompt, answer, sample.meta.get("question_type", "all"), repeated
 
 
 class Collator:
@@ -80,14 +101,37 @@ class Collator:
             batch = self.processor.collate(kept)
             batch["num_truncated"] = sum(e.truncated for e in kept)
         else:
-            batch = self.processor.collate([x[0] for x in kept])
+            # a repeated sample (ranks' shares evened out) runs like the others, so that collectives stay in
+            # step, but takes no loss (its labels are all ignored) and no metric counts it (`counted`)
+            encoded = [replace(x[0], labels=torch.full_like(x[0].labels, IGNORE_INDEX)) if x[4] else x[0]
+                       for x in kept]
+            batch = self.processor.collate(encoded)
             batch["generation"] = self.processor.collate([x[1] for x in kept], padding_side="left")
             batch["answers"] = [x[2] for x in kept]
             batch["question_types"] = [x[3] for x in kept]
-            batch["num_truncated"] = sum(x[0].truncated for x in kept)
+            batch["counted"] = [not x[4] for x in kept]
+            batch["num_truncated"] = sum(x[0].truncated for x in kept if not x[4])
         batch["num_dropped_too_long"] = dropped
         batch["num_supervised_tokens"] = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         return batch
+
+
+class EvalShardSampler(Sampler[tuple[int, bool]]):
+    """This rank's share of an evaluation set: every sample exactly once over all ranks. Ranks get the same
+    number of items (collectives in the forward and in generation stay in step), so the last ones repeat
+    earlier samples, flagged (index, True): the collator keeps them out of the loss and the metrics.
+    (DistributedSampler repeats samples unflagged: the validation loss then depends on the world size.)"""
+
+    def __init__(self, num_samples: int, rank: int, world_size: int):
+        self.num_samples, self.rank, self.world_size = int(num_samples), int(rank), int(world_size)
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.world_size)
+
+    def __iter__(self) -> Iterator[tuple[int, bool]]:
+        total = len(self) * self.world_size
+        for position in range(self.rank, total, self.world_size):
+            yield position % self.num_samples, position >= self.num_samples
 
 
 class EpochRandomSampler(Sampler[int]):
@@ -237,6 +281,8 @@ class VLMDataModule(L.LightningDataModule):
     def val_dataloader(self):
         dataset = EncodedDataset(self.val_samples, self.processor, self._max_length(), with_generation_prompt=True)
         batch_size = int(self.data_cfg.get("val_batch_size") or self.micro_batch_size)
-        return DataLoader(dataset, batch_size=batch_size, sampler=self._sampler(dataset, False),
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        return DataLoader(dataset, batch_size=batch_size, sampler=EvalShardSampler(len(dataset), rank, world),
                           collate_fn=Collator(self.processor, evaluation=True),
                           num_workers=int(self.data_cfg.get("num_workers", 0)))
