@@ -34,7 +34,7 @@ def fingerprint(spec: dict) -> str:
 def cached_folder(target: Path, write: Callable[[Path], None]) -> Path:
     """The folder `target`, made once: written into a temporary sibling, then renamed (a crash never leaves
     a half-made folder; when another process wins the race, its complete folder is kept)."""
-    if (target / "config.json").exists() or (target / "tokenizer.json").exists():
+    if any((target / name).exists() for name in ("config.json", "tokenizer.json", "tokenizer_config.json")):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))

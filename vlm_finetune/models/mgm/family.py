@@ -24,6 +24,12 @@ DENSE_MLP = r"mlp\.(gate_proj|up_proj|down_proj)"
 # the fused expert tensors of transformers' Mixtral (LoRA on parameters: PEFT's target_parameters)
 EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 LLM_SCOPES = ("attention", "mlp", "experts", "all")
+# mm_vision_tower_aux written for each ConvNeXt: the local folder names MGM's loader accepts (see MgmConfig)
+AUX_TOWER_PATHS = {
+    "convnext_large_d_320": MgmConfig.mm_vision_tower_aux,
+    "convnext_base_w_320": "model_zoo/OpenAI/openclip-convnext-base-w-320-laion_aesthetic-s13B-b82K",
+    "convnext_xxlarge": "model_zoo/OpenAI/openclip-convnext-xxlarge-laion2B-s34B-b82K-augreg-soup",
+}
 VISION_LORA_PATTERN = (r".*vision_tower\.vision_tower\.vision_model\.encoder\.layers\.\d+\."
                        r"(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))")
 
@@ -71,10 +77,12 @@ class MgmFamily(Family):
         text = checkpoint.text_config_for(model_type, llm)
         vision = assets.plain_dict(model_cfg.get("vision")) or dict(CLIP_L_336)
         aux = model_cfg.get("vision_aux", "convnext_large_d_320")
+        aux_path = MgmConfig.mm_vision_tower_aux
         if isinstance(aux, str):
             if aux not in CONVNEXT:
                 raise ConfigError(f"model.vision_aux={aux!r} is unknown; use one of {sorted(CONVNEXT)} or "
                                   "{dims: [...], depths: [...]}")
+            aux_path = AUX_TOWER_PATHS[aux]
             aux = dict(CONVNEXT[aux])
         else:
             aux = assets.plain_dict(aux)
@@ -85,6 +93,7 @@ class MgmFamily(Family):
             image_size_aux=int(model_cfg.image_size_aux), image_grid=int(model_cfg.get("image_grid", 1)),
             image_global=bool(model_cfg.get("image_global", False)),
             template=str(model_cfg.get("template") or checkpoint.default_template(model_type, int(text.vocab_size))),
+            mm_vision_tower_aux=aux_path,
         )
         cfg.check()
         return cfg
@@ -113,7 +122,7 @@ class MgmFamily(Family):
         cfg = checkpoint.read_config(folder) if folder is not None else self.config_from_options(model_cfg)
         template = str(model_cfg.get("template") or cfg.template)
         tokenizer_folder = folder if folder is not None else assets.ensure_tokenizer_folder(
-            model_cfg.cache_dir, int(model_cfg.vocab_size), template)
+            model_cfg.cache_dir, int(model_cfg.vocab_size), template, **assets.tokenizer_options(model_cfg))
         from transformers.utils import logging as hf_logging
 
         level = hf_logging.get_verbosity()
@@ -124,8 +133,10 @@ class MgmFamily(Family):
             raise ConfigError(f"no tokenizer could be loaded from {tokenizer_folder} ({err})") from err
         finally:
             hf_logging.set_verbosity(level)
-        images = MgmImages(cfg.image_size_aux, cfg.vision_config.image_size, cfg.image_grid, cfg.image_global)
-        return MgmProcessor(tokenizer, images, cfg.image_tokens, template, truncation=truncation)
+        images = MgmImages(cfg.image_size_aux, cfg.vision_config.image_size, cfg.image_grid, cfg.image_global,
+                           aspect_ratio=cfg.image_aspect_ratio)
+        return MgmProcessor(tokenizer, images, cfg.image_tokens, template, truncation=truncation,
+                            tokenizer_folder=tokenizer_folder)
 
     def build_model(self, model_cfg: Any, dtype: torch.dtype = torch.float32, device: str | None = None,
                     quantization: str | None = None) -> nn.Module:

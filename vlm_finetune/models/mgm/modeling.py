@@ -60,9 +60,13 @@ class MgmConfig:
     image_grid: int = 1
     image_global: bool = False
     template: str = "vicuna_v1"
-    mm_vision_tower: str = "openai/clip-vit-large-patch14-336"
-    mm_vision_tower_aux: str = "laion/CLIP-convnext_large_d_320.laion2B-s29B-b131K-ft-soup"
-    extra: dict = field(default_factory=dict)  # other fields of a released config.json, kept for export
+    # where MGM's own loader finds the towers: local folders (relative to its working directory, as in the
+    # released configs) whose names it checks ("openai" for CLIP; "openclip", "convnext", "large", "d-320")
+    mm_vision_tower: str = "model_zoo/OpenAI/clip-vit-large-patch14-336"
+    mm_vision_tower_aux: str = "model_zoo/OpenAI/openclip-convnext-large-d-320-laion2B-s29B-b131K-ft-soup"
+    image_aspect_ratio: str = "pad"
+    extra: dict = field(default_factory=dict)  # other MGM fields of a released config.json, kept for export
+    source: dict = field(default_factory=dict)  # the loaded config.json as read: every field kept on export
 
     @property
     def backbone(self) -> str:

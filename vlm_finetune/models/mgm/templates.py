@@ -1,8 +1,9 @@
 """MGM's conversation templates (mgm/conversation.py in the MGM repository), rendered as text segments.
 
-A conversation becomes a list of `(text, supervised)` segments; the processor tokenises each segment
-on its own, so the supervised span (each assistant reply and its end marker) is exact and the prompt
-for generation is token for token the training prompt.
+A conversation becomes a list of `(text, supervised)` segments whose concatenation is MGM's prompt string;
+`Template.prompt` joins them into that string and the character spans of the supervised segments (each
+assistant reply and its end marker). The processor tokenises the whole string once, as MGM does, and finds
+the supervised tokens by their character offsets.
 """
 from __future__ import annotations
 
@@ -24,17 +25,30 @@ class Template:
     default_system: str
     #: end-of-answer marker: generation stops at it
     stop: str
-    #: special tokens the tokenizer must know for this template
+    #: tokens the tokenizer must hold as single tokens for this template (text such as Mixtral-v0.1's
+    #: `[INST]`, which its tokenizer splits into pieces, is tokenised like any text)
     special_tokens: tuple[str, ...]
 
     def render(self, messages: list[Message], for_generation: bool = False) -> list[tuple[str, bool]]:
         system, turns = _split(messages, for_generation)
         return RENDERERS[self.name](self, system, turns, for_generation)
 
+    def prompt(self, messages: list[Message], for_generation: bool = False) -> tuple[str, list[tuple[int, int]]]:
+        """(MGM's prompt string, [(start, end)] character spans of the supervised segments)."""
+        text, spans = "", []
+        for piece, supervised in self.render(messages, for_generation):
+            if supervised and piece:
+                spans.append((len(text), len(text) + len(piece)))
+            text += piece
+        return text, spans
+
 
 def _split(messages: list[Message], for_generation: bool) -> tuple[str | None, list[tuple[str, str | None]]]:
     """(system text or None, [(user text, assistant text or None)]), with each message's images moved to its
-    front as MGM does (`<image>\\n` + text)."""
+    front as MGM's data loader does: the placeholders removed, the text stripped, `<image>\\n` put before it,
+    and the result stripped again (an image-only message is `<image>`). Several images in one message keep one
+    `<image>\\n` each, in order (MGM's loader would keep a single placeholder for them, which misaligns its
+    images; see README)."""
     system = None
     rest = list(messages)
     if rest and rest[0].role == "system":
@@ -47,8 +61,7 @@ def _split(messages: list[Message], for_generation: bool) -> tuple[str | None, l
         user = rest[i].content
         k = user.count(IMAGE_PLACEHOLDER)
         if k:
-            user = IMAGE_PLACEHOLDER + "\n" if k == 1 else (IMAGE_PLACEHOLDER + "\n") * k
-            user += rest[i].content.replace(IMAGE_PLACEHOLDER, "").strip()
+            user = ((IMAGE_PLACEHOLDER + "\n") * k + user.replace(IMAGE_PLACEHOLDER, "").strip()).strip()
         answer = None
         if i + 1 < len(rest):
             if rest[i + 1].role != "assistant":
@@ -137,7 +150,8 @@ TEMPLATES = {
     "gemma": Template("gemma", "", "<end_of_turn>", ("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>")),
     "llama_3": Template("llama_3", LLAMA3_SYSTEM, "<|eot_id|>",
                         ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
-    "mistral_instruct": Template("mistral_instruct", "", "</s>", ("<s>", "</s>", "[INST]", "[/INST]")),
+    # Mixtral-8x7B-Instruct-v0.1's tokenizer has no [INST] / [/INST] tokens: they are text
+    "mistral_instruct": Template("mistral_instruct", "", "</s>", ("<s>", "</s>")),
     "chatml_direct": Template("chatml_direct", CHATML_SYSTEM, "<|im_end|>", ("<|im_start|>", "<|im_end|>")),
     "plain": Template("plain", "", "\n", ()),
 }
