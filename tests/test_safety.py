@@ -306,3 +306,24 @@ def test_metrics_json_is_strict_json_and_the_learning_rate_is_logged(shared_run)
     json.loads((run_dir / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
     header = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "lr" in header
+
+
+def test_a_record_found_bad_only_while_training_is_named_and_skippable(tmp_path):
+    from vlm_finetune.data.conversations import ConversationDataset, load_conversations
+    from vlm_finetune.data.datamodule import BAD_SAMPLE, Collator, EncodedDataset
+    from vlm_finetune.models import get_family
+
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "good.png")
+    Image.new("RGB", (2000, 4), (200, 30, 30)).save(tmp_path / "strip.png")  # decodes; the processor refuses it
+    record = {"conversations": [{"from": "human", "value": "<image>colour?"}, {"from": "gpt", "value": "red"}]}
+    (tmp_path / "train.json").write_text(json.dumps([dict(record, image="good.png"), dict(record, image="strip.png")]))
+    records, skipped = load_conversations(tmp_path / "train.json", tmp_path)
+    assert (len(records), skipped) == (2, 0)  # the up-front check lets it through
+    processor = get_family("glm4v").load_processor(compose_cfg([], tmp_path).model)
+    dataset = ConversationDataset(records, str(tmp_path / "train.json"))
+    with pytest.raises(DataError, match=r"train.json: record 1: absolute aspect ratio .*on_bad_record=skip"):
+        EncodedDataset(dataset, processor, 256)[1]
+    lenient = EncodedDataset(dataset, processor, 256, on_bad_record="skip")
+    assert lenient[1] is BAD_SAMPLE
+    batch = Collator(processor)([lenient[0], lenient[1]])
+    assert batch["num_bad_records"] == 1 and batch["input_ids"].shape[0] == 1

@@ -99,7 +99,7 @@ class VLMModule(L.LightningModule):
         self.val_loss_sum = torchmetrics.SumMetric()
         self.val_token_count = torchmetrics.SumMetric()
         self._step_loss = 0.0
-        self.data_counts = {"num_truncated": 0, "num_dropped_too_long": 0}
+        self.data_counts = {"num_truncated": 0, "num_dropped_too_long": 0, "num_bad_records": 0}
         self.last_validation_step = -1
         # checkpoints hold the trainable weights only (the frozen base comes from the model folder)
         self.strict_loading = False

@@ -285,7 +285,8 @@ def _final_metrics(trainer: L.Trainer, module: VLMModule, datamodule, data_stats
         global_step=int(trainer.global_step),
         trainable_parameters=trainable,
         total_parameters=total,
-        skipped_bad_records=int(data_stats.get("skipped_bad_records", 0)),
+        # found up front, and found while training (under data.on_bad_record=skip)
+        skipped_bad_records=int(data_stats.get("skipped_bad_records", 0)) + int(module.data_counts["num_bad_records"]),
         truncated_samples=int(module.data_counts["num_truncated"]),
         dropped_too_long=int(module.data_counts["num_dropped_too_long"]),
         wall_seconds=round(time.time() - started, 1),

@@ -61,20 +61,48 @@ def check_samples_fit(samples: Dataset, processor, max_length: int | None, trunc
     return dropped
 
 
-class EncodedDataset(Dataset):
-    """Encodes Samples with the family processor. Too-long samples come back as None (dropped, counted)."""
+class BadSample:
+    """What EncodedDataset gives for a record found bad only now (an image that does not decode, one the
+    processor refuses, a conversation that cannot be a prompt) under data.on_bad_record=skip: left out of the
+    batch and counted."""
 
-    def __init__(self, samples: Dataset, processor, max_length: int | None, with_generation_prompt: bool = False):
+
+BAD_SAMPLE = BadSample()
+
+
+class EncodedDataset(Dataset):
+    """Encodes Samples with the family processor. Too-long samples come back as None (dropped, counted); a
+    record that fails here is named (file and record) and, under data.on_bad_record=skip, left out."""
+
+    def __init__(self, samples: Dataset, processor, max_length: int | None, with_generation_prompt: bool = False,
+                 on_bad_record: str = "error"):
         self.samples = samples
         self.processor = processor
         self.max_length = max_length
         self.with_generation_prompt = with_generation_prompt
+        self.on_bad_record = on_bad_record
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int | tuple[int, bool]):
         i, repeated = i if isinstance(i, tuple) else (i, False)  # EvalShardSampler flags its repeats
+        try:
+            return self._encode(i, repeated)
+        except (DataError, ValueError, OSError, SyntaxError) as err:  # PIL and processors raise these
+            where = f"{getattr(self.samples, 'source', 'data')}: record {self._record_index(i)}"
+            if self.on_bad_record == "skip":
+                log.warning("skipping %s: %s", where, err)
+                return BAD_SAMPLE
+            message = str(err) if str(err).startswith(where) else f"{where}: {err}"
+            raise DataError(f"{message}. Fix or remove the record, or set data.on_bad_record=skip to skip and count "
+                            "bad records") from err
+
+    def _record_index(self, i: int) -> int:
+        records = getattr(self.samples, "records", None)
+        return records[i].index if records is not None else i
+
+    def _encode(self, i: int, repeated: bool):
         sample: Sample = self.samples[i]
         try:
             encoded = self.processor.encode(sample, self.max_length)
@@ -93,10 +121,11 @@ class Collator:
         self.evaluation = evaluation
 
     def __call__(self, items: list) -> dict[str, Any]:
-        kept = [x for x in items if x is not None]
-        dropped = len(items) - len(kept)
+        bad = sum(1 for x in items if x is BAD_SAMPLE)
+        kept = [x for x in items if x is not None and x is not BAD_SAMPLE]
+        dropped = len(items) - len(kept) - bad
         if not kept:
-            return {"empty": True, "num_dropped_too_long": dropped}
+            return {"empty": True, "num_dropped_too_long": dropped, "num_bad_records": bad}
         if not self.evaluation:
             batch = self.processor.collate(kept)
             batch["num_truncated"] = sum(e.truncated for e in kept)
@@ -112,6 +141,7 @@ class Collator:
             batch["counted"] = [not x[4] for x in kept]
             batch["num_truncated"] = sum(x[0].truncated for x in kept if not x[4])
         batch["num_dropped_too_long"] = dropped
+        batch["num_bad_records"] = bad
         batch["num_supervised_tokens"] = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         return batch
 
@@ -266,7 +296,8 @@ class VLMDataModule(L.LightningDataModule):
         return SequentialSampler(dataset)
 
     def train_dataloader(self):
-        dataset = EncodedDataset(self.train_samples, self.processor, self._max_length())
+        dataset = EncodedDataset(self.train_samples, self.processor, self._max_length(),
+                                 on_bad_record=self.data_cfg.on_bad_record)
         batches = ResumableBatchSampler(self._sampler(dataset, True), self.micro_batch_size, drop_last=True)
         # the loader's own generator draws its per-epoch worker seed: without it each new epoch's iterator
         # takes a number from torch's global generator and moves the dropout that follows (exact resume)
@@ -279,7 +310,8 @@ class VLMDataModule(L.LightningDataModule):
         return StepWindowLoader(loader, self.accumulate)
 
     def val_dataloader(self):
-        dataset = EncodedDataset(self.val_samples, self.processor, self._max_length(), with_generation_prompt=True)
+        dataset = EncodedDataset(self.val_samples, self.processor, self._max_length(), with_generation_prompt=True,
+                                 on_bad_record=self.data_cfg.on_bad_record)
         batch_size = int(self.data_cfg.get("val_batch_size") or self.micro_batch_size)
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
