@@ -55,9 +55,32 @@ def text_config_for(backbone: str, fields: dict):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.for_model(backbone, **fields)
+        config = AutoConfig.for_model(backbone, **fields)
     except ValueError as err:
         raise ConfigError(f"MGM: LLM backbone {backbone!r} is not known to transformers ({err})") from err
+    if backbone == "gemma" and fields.get("hidden_act"):
+        # transformers 5 turns Gemma's `hidden_act: gelu` into the tanh approximation; MGM's code (transformers
+        # 4.38) computed exactly what the field says, and that is what the released weights were trained with
+        config.hidden_act = fields["hidden_act"]
+    return config
+
+
+def rope_fields(text: dict) -> dict:
+    """The transformers-4 form of the rotary settings (`rope_theta`, `rope_scaling`) from transformers 5's
+    `rope_parameters`: code of the transformers-4 era (MGM's) reads only these."""
+    rope = dict(text.get("rope_parameters") or {})
+    out = {}
+    if "rope_theta" in rope:
+        out["rope_theta"] = rope["rope_theta"]
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    params = {k: v for k, v in rope.items() if k not in ("rope_theta", "rope_type", "type")}
+    if kind == "default":
+        out["rope_scaling"] = None
+    elif kind in ("linear", "dynamic"):
+        out["rope_scaling"] = {"type": kind, "factor": params.get("factor")}  # exactly the two fields 4.x checks
+    else:
+        out["rope_scaling"] = {"rope_type": kind, "type": kind, **params}
+    return out
 
 
 def _aux_for(name: str, given: dict | None) -> dict:
@@ -92,14 +115,14 @@ def config_from_dict(raw: dict) -> MgmConfig:
         raise ConfigError(f"config.json has model_type={model_type!r}, not an MGM model ({', '.join(BACKBONES)})")
     backbone = BACKBONES[model_type]
     text_fields = {k: v for k, v in raw.items()
-                   if k not in MM_FIELDS and k not in OWN_FIELDS and k not in ("model_type", "architectures")}
+                   if k not in MM_FIELDS and k not in OWN_FIELDS and k not in ("model_type", "architectures")
+                   and not (k == "rope_scaling" and v is None)}  # transformers 5 warns on the old field
     text = text_config_for(backbone, text_fields)
     mm = {k: raw[k] for k in MM_FIELDS if k in raw}
     cfg = MgmConfig(
         text_config=text,
-        vision_config=_clip_for(str(raw.get("mm_vision_tower", "openai/clip-vit-large-patch14-336")),
-                                raw.get("vision_config")),
-        aux=_aux_for(str(raw.get("mm_vision_tower_aux", "convnext_large_d_320")), raw.get("vision_aux_config")),
+        vision_config=_clip_for(str(raw.get("mm_vision_tower", MgmConfig.mm_vision_tower)), raw.get("vision_config")),
+        aux=_aux_for(str(raw.get("mm_vision_tower_aux", MgmConfig.mm_vision_tower_aux)), raw.get("vision_aux_config")),
         mm_hidden_size=int(raw.get("mm_hidden_size", 1024)),
         mm_projector_type=str(raw.get("mm_projector_type", "mlp2x_gelu")),
         mm_vision_select_layer=int(raw.get("mm_vision_select_layer", -2)),
@@ -108,12 +131,14 @@ def config_from_dict(raw: dict) -> MgmConfig:
         image_grid=int(raw.get("image_grid", 1) or 1),
         image_global=bool(raw.get("image_global", False)),
         template=str(raw.get("template") or default_template(backbone, int(text.vocab_size))),
-        mm_vision_tower=str(raw.get("mm_vision_tower", "openai/clip-vit-large-patch14-336")),
-        mm_vision_tower_aux=str(raw.get("mm_vision_tower_aux", "convnext_large_d_320")),
+        mm_vision_tower=str(raw.get("mm_vision_tower", MgmConfig.mm_vision_tower)),
+        mm_vision_tower_aux=str(raw.get("mm_vision_tower_aux", MgmConfig.mm_vision_tower_aux)),
+        image_aspect_ratio=str(raw.get("image_aspect_ratio", "pad")),
         extra={k: v for k, v in mm.items() if k not in (
             "mm_hidden_size", "mm_projector_type", "mm_vision_select_layer", "mm_vision_select_feature",
             "image_size_aux", "image_grid", "image_global", "mm_vision_tower", "mm_vision_tower_aux",
-            "mm_hidden_size_aux")},
+            "mm_hidden_size_aux", "image_aspect_ratio")},
+        source=dict(raw),
     )
     if raw.get("mm_hidden_size_aux") not in (None, cfg.mm_hidden_size_aux):
         raise ConfigError(f"config.json: mm_hidden_size_aux={raw['mm_hidden_size_aux']} but the ConvNeXt stages "
@@ -125,21 +150,37 @@ def config_from_dict(raw: dict) -> MgmConfig:
     return cfg
 
 
-def config_to_dict(cfg: MgmConfig) -> dict:
-    """MgmConfig -> config.json in MGM's layout (LLM fields flat, MGM's mm_* fields, our tower configs)."""
+def config_to_dict(cfg: MgmConfig, dtype: torch.dtype | None = None) -> dict:
+    """MgmConfig -> config.json in MGM's layout: every field of the config.json it was loaded from, then the LLM's
+    fields (flat, in transformers 5's form and, for rotary settings and Gemma's activation, transformers 4's as
+    well: MGM's code reads those), MGM's mm_* fields and our tower configs.
+
+    Fields MGM's own loader needs to give the same model: `optimize_vision_tower_aux: true` (otherwise it keeps
+    the ConvNeXt of `mm_vision_tower_aux` and ignores the one in the weights, which training may have changed),
+    `mm_use_im_patch_token: false` (otherwise it adds a token and grows the vocabulary)."""
     text = cfg.text_config.to_dict()
     for key in ("model_type", "architectures", "transformers_version", "dtype", "torch_dtype"):
         text.pop(key, None)
-    out = {"architectures": [ARCHITECTURES[cfg.backbone]], "model_type": MODEL_TYPES[cfg.backbone], **text}
+    out = dict(cfg.source)
+    out.update({"architectures": [ARCHITECTURES[cfg.backbone]], "model_type": MODEL_TYPES[cfg.backbone], **text})
+    rope = rope_fields(text)
+    if rope.get("rope_scaling") is not None and cfg.source.get("rope_scaling") is not None:
+        rope.pop("rope_scaling")  # a released value in transformers 4's form stays as it was
+    out.update(rope)
+    if cfg.backbone == "gemma":  # transformers >= 4.39 reads hidden_activation first, 4.38 only hidden_act
+        out["hidden_activation"] = out["hidden_act"]
+    if dtype is not None:
+        out["torch_dtype"] = str(dtype).removeprefix("torch.")
+    out.update(cfg.extra)
     out.update({
         "mm_vision_tower": cfg.mm_vision_tower, "mm_vision_tower_aux": cfg.mm_vision_tower_aux,
         "mm_hidden_size": cfg.mm_hidden_size, "mm_hidden_size_aux": cfg.mm_hidden_size_aux, "use_mm_proj": True,
         "mm_projector_type": cfg.mm_projector_type, "mm_vision_select_layer": cfg.mm_vision_select_layer,
         "mm_vision_select_feature": cfg.mm_vision_select_feature, "image_size_aux": cfg.image_size_aux,
-        "image_grid": cfg.image_grid, "image_global": cfg.image_global, "image_aspect_ratio": "pad",
-        "mm_use_im_start_end": False,
+        "image_grid": cfg.image_grid, "image_global": cfg.image_global, "image_aspect_ratio": cfg.image_aspect_ratio,
+        "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "optimize_vision_tower_aux": True,
     })
-    out.update(cfg.extra)
+    out.setdefault("optimize_vision_tower", False)
     out["vision_config"] = {k: v for k, v in cfg.vision_config.to_dict().items()
                             if k not in ("transformers_version", "architectures")}
     out["vision_aux_config"] = dict(cfg.aux)
@@ -236,7 +277,7 @@ class MissingKeys(ConfigError):
 
 # -- reading and writing folders ---------------------------------------------------------------------
 def _weight_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
+    index = folder / INDEX_FILE
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
         return [folder / f for f in sorted(set(weight_map.values()))]
@@ -308,35 +349,54 @@ def load_folder(folder: Path, dtype: torch.dtype = torch.float32, device: str | 
     return model
 
 
+# the multimodal keys: MGM's loader reads CLIP, ConvNeXt and the mining projectors only from the shards that hold
+# a `vlm_uni` / `vision_stages` key, and loads CLIP strictly; so they all go into one shard, never split
+MULTIMODAL_PREFIXES = ("model.vision_tower.", "model.vision_tower_aux.", "model.vlm_uni_", "model.mm_projector.")
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def plan_shards(released: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
+    """Key names per shard: the multimodal keys together in the first (whatever its size), then the LLM's in
+    name order, a new shard whenever the next tensor would pass `max_shard_bytes`."""
+    def nbytes(name):
+        return released[name].numel() * released[name].element_size()
+
+    multimodal = sorted(k for k in released if k.startswith(MULTIMODAL_PREFIXES))
+    shards, current, size = [multimodal] if multimodal else [], [], 0
+    for name in sorted(k for k in released if not k.startswith(MULTIMODAL_PREFIXES)):
+        if current and size + nbytes(name) > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes(name)
+    if current:
+        shards.append(current)
+    if len(shards) > 1 and multimodal and sum(map(nbytes, multimodal)) + sum(map(nbytes, shards[1])) <= max_shard_bytes:
+        shards[:2] = [multimodal + shards[1]]  # a small model: the LLM's first keys join the multimodal shard
+    return shards
+
+
 def write_weights(model: MgmForCausalLM, folder: Path, state: dict[str, torch.Tensor] | None = None,
                   max_shard_bytes: int = 4 * 1024**3, dtype: torch.dtype | None = None) -> None:
-    """config.json and (sharded) safetensors in the released layout, written into an existing folder."""
+    """config.json, safetensors in the released layout and always model.safetensors.index.json (MGM's loader
+    reads it), written into an existing folder. One shard is `model.safetensors`."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     state = model.state_dict() if state is None else state
     released = to_released({k: v.detach().to("cpu", dtype=dtype or v.dtype) for k, v in state.items()}, model.config)
-    shards, current, size = [], {}, 0
-    for name in sorted(released):
-        nbytes = released[name].numel() * released[name].element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = released[name]
-        size += nbytes
-    shards.append(current)
-    if len(shards) == 1:
-        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map, total = {}, 0
-        for i, shard in enumerate(shards, 1):
-            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(folder / fname), metadata={"format": "pt"})
-            weight_map.update({k: fname for k in shard})
-            total += sum(t.numel() * t.element_size() for t in shard.values())
-        (folder / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    (folder / "config.json").write_text(json.dumps(config_to_dict(model.config), indent=2, sort_keys=True))
+    shards = plan_shards(released, max_shard_bytes)
+    weight_map, total = {}, 0
+    for i, names in enumerate(shards, 1):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: released[k] for k in names}, str(folder / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in names})
+        total += sum(released[k].numel() * released[k].element_size() for k in names)
+    (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                indent=2))
+    floats = [t.dtype for t in released.values() if t.is_floating_point()]
+    written = max(set(floats), key=floats.count) if floats else None
+    (folder / "config.json").write_text(json.dumps(config_to_dict(model.config, written), indent=2, sort_keys=True))
 
 
 def save_folder(model: MgmForCausalLM, folder: Path, state: dict[str, torch.Tensor] | None = None,
