@@ -86,7 +86,7 @@ def check_config(cfg: DictConfig) -> tuple[dict, Hardware]:
 
 # `+key=value` overrides that add keys something reads (everything else a `+` adds would be ignored)
 ADDABLE_KEYS = ("callbacks.", "data.global_batch_size", "model.llm.", "model.vision.", "model.text.",
-                "model.config_overrides", "hydra.")
+                "model.config_overrides", "model.tokenizer_kind", "model.tokenizer_legacy", "hydra.")
 
 
 def _check_values(cfg: DictConfig) -> None:

@@ -1,0 +1,34 @@
+"""The GPU suite's plan runs on the CPU (`--dry-run`, tiny model): every check gives its row, the report gets a
+dated table with the command and a JSON beside it, and a failing check is a row, not the end of the suite."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vlm_finetune import bench, suite
+
+pytestmark = pytest.mark.slow
+
+
+def test_dry_run_gives_every_row_and_writes_the_report(tmp_path):
+    report = tmp_path / "benchmarks.md"
+    report.write_text("# Benchmarks\n\nearlier entry\n")
+    status = bench.main(["suite", "--dry-run", "--report", str(report), "--work-dir", str(tmp_path / "work")])
+    text = report.read_text()
+    assert text.startswith("# Benchmarks\n\nearlier entry")  # appended
+    assert "python -m vlm_finetune.bench suite --dry-run" in text and "CPU dry run, no GPU figures" in text
+    rows = json.loads(next(tmp_path.glob("suite-*.json")).read_text())["rows"]
+    checks = {(r["check"], r["status"]) for r in rows}
+    assert {("side by side", "ok"), ("planner", "skipped"), ("round trip", "ok"), ("monitor", "skipped")} <= checks
+    ours = [r for r in rows if r["case"].startswith("ours:")]
+    assert len(ours) == 3 and all(r["status"] == "ok" and r["figures"]["tokens_per_s"] > 0 for r in ours)
+    trip = next(r for r in rows if r["check"] == "round trip")
+    assert trip["figures"]["reloaded_equal"] is True and trip["figures"]["max_lora_b"] > 0
+    assert all(r["figures"]["predicted_gib"] > 0 for r in rows if r["check"] == "planner")
+    assert status == 0
+
+
+def test_a_failing_check_is_a_row(tmp_path):
+    row = suite.measure_ours(suite.Workload("broken", 96, 56, ["model=no_such_model"]), "cpu", 2, 120)
+    assert row.status == "failed" and row.case == "ours: broken" and row.note
