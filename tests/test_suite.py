@@ -22,7 +22,7 @@ def test_dry_run_gives_every_row_and_writes_the_report(tmp_path):
     checks = {(r["check"], r["status"]) for r in rows}
     assert {("side by side", "ok"), ("planner", "skipped"), ("round trip", "ok"), ("monitor", "skipped")} <= checks
     ours = [r for r in rows if r["case"].startswith("ours:")]
-    assert len(ours) == 3 and all(r["status"] == "ok" and r["figures"]["tokens_per_s"] > 0 for r in ours)
+    assert len(ours) == 4 and all(r["status"] == "ok" and r["figures"]["tokens_per_s"] > 0 for r in ours)
     trip = next(r for r in rows if r["check"] == "round trip")
     assert trip["figures"]["reloaded_equal"] is True and trip["figures"]["max_lora_b"] > 0
     assert all(r["figures"]["predicted_gib"] > 0 for r in rows if r["check"] == "planner")

@@ -4,6 +4,7 @@ runs this project's step (forward, backward, AdamW) on one device and reports pe
 docs/benchmarks.md."""
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import subprocess
@@ -43,11 +44,14 @@ def bench_ours(overrides: list[str], seq: int, image_px: int, steps: int, device
     if is_auto(checkpointing):  # as train() does: the fewest layers the memory plan says fit
         checkpointing = resolve_activation_checkpointing(cfg)
     model, plan = build_trainable_model(family, cfg.model, parse_trainability(cfg.train), cfg.lora, policy,
-                                        checkpointed_layers=checkpointing, device=device)
+                                        checkpointed_layers=checkpointing, device=device,
+                                        checkpoint_scope=cfg.speed.checkpoint_scope)
     model = model.to(device)
     model.train()
     set_frozen_eval(model, plan)
     autocast = torch.autocast(device, dtype=dtype, enabled=mixed)
+    offload = (torch.autograd.graph.save_on_cpu(pin_memory=device == "cuda") if cfg.speed.offload_activations
+               else contextlib.nullcontext())
     build_s = time.time() - started
     trainable, total = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -65,7 +69,7 @@ def bench_ours(overrides: list[str], seq: int, image_px: int, steps: int, device
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            with autocast:
+            with autocast, offload:
                 loss_sum, count = batch_loss_sum(family, model, batch, loss_settings)
             (loss_sum / max(count, 1)).backward()
             optimizer.step()

@@ -1,6 +1,7 @@
 """The family-agnostic LightningModule: exact per-token loss, frozen parts kept frozen, generation-based eval."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -73,7 +74,7 @@ def batch_loss_sum(family: Family, model: nn.Module, batch: dict, loss: LossSett
 class VLMModule(L.LightningModule):
     def __init__(self, model: nn.Module, family: Family, processor, plan: TrainablePlan, optimizer_factory: Callable,
                  optimizer: OptimizerSettings, scheduler_factory: Callable | None, loss: LossSettings,
-                 evaluation: EvalSettings, question_types: list[str] = ()):
+                 evaluation: EvalSettings, question_types: list[str] = (), offload_activations: bool = False):
         """`optimizer_factory(param_groups)` and `scheduler_factory(optimizer, total_steps)` come from the
         `optimizer` and `scheduler` config groups (Hydra `_partial_`); no scheduler factory: a constant rate."""
         super().__init__()
@@ -85,6 +86,7 @@ class VLMModule(L.LightningModule):
         self.optimizer_settings = optimizer
         self.scheduler_factory = scheduler_factory
         self.loss_settings = loss
+        self.offload_activations = offload_activations
         self.max_new_tokens = evaluation.max_new_tokens
         self.generate_in_validation = evaluation.generate
         self.val_accuracy = AnswerExactMatch()
@@ -137,6 +139,12 @@ class VLMModule(L.LightningModule):
     def _loss_sum(self, batch: dict) -> tuple[torch.Tensor, int]:
         return batch_loss_sum(self.family, self.model, batch, self.loss_settings)
 
+    def _saved_activations(self):
+        """speed.offload_activations: what autograd saves for backward waits in (pinned) host memory."""
+        if not self.offload_activations:
+            return contextlib.nullcontext()
+        return torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
+
     def _count_data_events(self, batch: dict) -> None:
         for key in self.data_counts:
             self.data_counts[key] += int(batch.get(key, 0))
@@ -150,7 +158,8 @@ class VLMModule(L.LightningModule):
         if batch.get("empty"):
             loss_sum = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
         else:
-            loss_sum, _ = self._loss_sum(batch)
+            with self._saved_activations():
+                loss_sum, _ = self._loss_sum(batch)
         # Lightning divides by `accumulate` and DDP averages over ranks: undo both so the step's gradient
         # is d(sum of every supervised token's loss)/d(theta) / (supervised tokens of the global step).
         scale = accumulate * world / max(step_tokens, 1.0) * loss_rescale(self.trainer.strategy, accumulate)

@@ -60,7 +60,9 @@ def workloads(dry_run: bool) -> list[Workload]:
         tiny = ["model=tiny_glm4v", "hardware=cpu"]
         return [Workload("lean", 96, 56, [*tiny, "model.activation_checkpointing=true"]),
                 Workload("fast", 96, 56, [*tiny, "model.activation_checkpointing=false"]),
-                Workload("vit-trained", 96, 112, [*tiny, "model.activation_checkpointing=true", "train.vision=full"])]
+                Workload("vit-trained", 96, 112, [*tiny, "model.activation_checkpointing=true", "train.vision=full"]),
+                Workload("selective", 96, 56, [*tiny, "model.activation_checkpointing=true",
+                                               "speed.checkpoint_scope=mlp"])]
     return [
         Workload("8k memory-lean", 8192, 672, [*GPU_BASE, "model.activation_checkpointing=true", "loss.impl=liger"],
                  "<= 22.5 GiB, >= 9,000 tok/s"),
@@ -72,6 +74,12 @@ def workloads(dry_run: bool) -> list[Workload]:
                                                         "train.vision=full", "model.max_image_size=1344"],
                  "<= 24 GiB, >= 5,000 tok/s"),
         Workload("2k all checkpointed", 2048, 672, [*GPU_BASE, "model.activation_checkpointing=true"]),
+        # speed options (the planner models whole-layer checkpointing without offload: its rows for these two
+        # say how far that is from what they hold)
+        Workload("8k selective (MLP) checkpointing", 8192, 672, [*GPU_BASE, "model.activation_checkpointing=true",
+                                                                 "speed.checkpoint_scope=mlp"]),
+        Workload("8k activations offloaded", 8192, 672, [*GPU_BASE, "model.activation_checkpointing=true",
+                                                         "speed.offload_activations=true"], "<= 22.5 GiB"),
     ]
 
 

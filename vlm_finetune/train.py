@@ -204,7 +204,8 @@ def _train(cfg: DictConfig, callbacks: list | None, modes: dict, hardware: Hardw
     policy = weights_policy(cfg.precision.name, cfg.trainer.strategy)
     _resolve_auto(cfg, family, None, processor, hardware)  # checkpointing auto -> the fewest layers that fit
     model, plan = build_trainable_model(family, cfg.model, modes, cfg.lora, policy,
-                                        checkpointed_layers=cfg.model.activation_checkpointing)
+                                        checkpointed_layers=cfg.model.activation_checkpointing,
+                                        checkpoint_scope=cfg.speed.checkpoint_scope)
     _resolve_auto(cfg, family, model, processor, hardware)  # micro-batch auto -> real steps on the GPU
     trainable, total = count_parameters(model)
 
@@ -220,7 +221,8 @@ def _train(cfg: DictConfig, callbacks: list | None, modes: dict, hardware: Hardw
     scheduler = hydra.utils.instantiate(cfg.scheduler.factory) if cfg.scheduler.factory else None
     module = VLMModule(model, family, processor, plan, hydra.utils.instantiate(cfg.optimizer.optimizer),
                        OptimizerSettings.from_config(cfg.optimizer), scheduler, LossSettings.from_config(cfg.loss),
-                       EvalSettings.from_config(cfg.eval), question_types=list(data_stats.get("question_types", [])))
+                       EvalSettings.from_config(cfg.eval), question_types=list(data_stats.get("question_types", [])),
+                       offload_activations=bool(cfg.speed.offload_activations))
 
     configured = [hydra.utils.instantiate(c) for c in (cfg.callbacks or {}).values() if c]
     strategy = build_strategy(cfg, family, hardware)

@@ -140,16 +140,27 @@ def decoder_layers(model: nn.Module, family: Family) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, tuple(family.decoder_layer_classes))]
 
 
-def apply_activation_checkpointing(model: nn.Module, family: Family, value: Any) -> int:
+CHECKPOINT_SCOPES = ("layer", "mlp")
+
+
+def apply_activation_checkpointing(model: nn.Module, family: Family, value: Any, scope: str = "layer") -> int:
     """Checkpoint the first N decoder layers (`value` as `checkpointed_layer_count` reads it; "auto" must be
     resolved first) for every family and every strategy: transformers' per-layer flag, with non-reentrant
     checkpoints (which work inside FSDP units and under ZeRO-3). With any layer checkpointed the vision
-    blocks are checkpointed too, as the planner assumes. Returns N."""
+    blocks are checkpointed too, as the planner assumes. `scope="mlp"` (selective checkpointing) recomputes
+    only each chosen layer's MLP and keeps its attention outputs: more memory than whole layers, less
+    recompute. Returns N."""
     layers = decoder_layers(model, family)
     count = checkpointed_layer_count(value, len(layers))
     if count == "auto":
         raise ConfigError("model.activation_checkpointing=auto must be resolved from the memory plan before the "
                           "model is set up (train() does it; vlm_finetune.autotune)")
+    if scope not in CHECKPOINT_SCOPES:
+        raise ConfigError(f"model.checkpoint_scope={scope!r}: use layer (whole decoder layers) or mlp (only their MLP)")
+    if scope == "mlp":
+        for layer in layers[:count]:
+            checkpoint_forward(_mlp_of(layer, family))
+        return count
     if count:
         if not hasattr(model, "gradient_checkpointing_enable"):
             raise ConfigError(f"model.activation_checkpointing={value!r}: the {family.name} model "
@@ -161,9 +172,31 @@ def apply_activation_checkpointing(model: nn.Module, family: Family, value: Any)
     return sum(1 for layer in layers if layer.gradient_checkpointing)
 
 
+def checkpoint_forward(module: nn.Module) -> None:
+    """Recompute `module`'s forward in backward instead of keeping what it saves (non-reentrant checkpoint).
+    The module's own forward is wrapped in place: its parameter names, and the children PEFT later swaps in
+    for LoRA, are untouched."""
+    forward = module.forward
+
+    def checkpointed(*args, **kwargs):
+        if not (module.training and torch.is_grad_enabled()):
+            return forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    module.forward = checkpointed
+
+
+def _mlp_of(layer: nn.Module, family: Family) -> nn.Module:
+    mlp = getattr(layer, "mlp", None)
+    if not isinstance(mlp, nn.Module):
+        raise ConfigError(f"model.checkpoint_scope=mlp: the {family.name} decoder layer {type(layer).__name__} has "
+                          "no `mlp` module; use model.checkpoint_scope=layer")
+    return mlp
+
+
 def build_trainable_model(family: Family, model_cfg: Any, modes: dict[Part, Mode], lora_cfg: Any,
-                          policy: WeightsPolicy, checkpointed_layers: Any = 0, device: str | None = None
-                          ) -> tuple[nn.Module, TrainablePlan]:
+                          policy: WeightsPolicy, checkpointed_layers: Any = 0, device: str | None = None,
+                          checkpoint_scope: str = "layer") -> tuple[nn.Module, TrainablePlan]:
     """Build (or load) the model, checkpoint its first `checkpointed_layers` decoder layers, apply the
     trainability plan and keep trainables in float32 when the precision policy asks: the one recipe the
     run, the planner (`device="meta"`) and the benchmark share."""
@@ -172,7 +205,7 @@ def build_trainable_model(family: Family, model_cfg: Any, modes: dict[Part, Mode
     if device == "meta" and any(p.device.type != "meta" for p in model.parameters()):
         raise ConfigError(f"model family {family.name!r} did not build on the meta device; "
                           "the planner loads no weights")
-    apply_activation_checkpointing(model, family, checkpointed_layers)
+    apply_activation_checkpointing(model, family, checkpointed_layers, checkpoint_scope)
     plan = plan_trainability(family, model, modes, model_cfg, lora_cfg)
     if device == "meta":
         with torch.device("meta"):
