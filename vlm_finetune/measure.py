@@ -20,7 +20,7 @@ from vlm_finetune.io import write_atomic
 from vlm_finetune.models import get_family, parse_trainability
 from vlm_finetune.module import batch_loss_sum
 from vlm_finetune.precision import weights_policy
-from vlm_finetune.trainability import build_trainable_model, count_parameters, set_frozen_eval, unwrap
+from vlm_finetune.trainability import build_trainable_model, compile_regions, count_parameters, set_frozen_eval, unwrap
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BASELINE = ROOT.parent / "shared" / "bench" / "glm4v_baseline.py"
@@ -46,6 +46,8 @@ def bench_ours(overrides: list[str], seq: int, image_px: int, steps: int, device
     model, plan = build_trainable_model(family, cfg.model, parse_trainability(cfg.train), cfg.lora, policy,
                                         checkpointed_layers=checkpointing, device=device,
                                         checkpoint_scope=cfg.speed.checkpoint_scope)
+    if cfg.speed.compile:
+        compile_regions(model, family)
     model = model.to(device)
     model.train()
     set_frozen_eval(model, plan)

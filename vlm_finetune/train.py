@@ -34,7 +34,7 @@ from vlm_finetune.precision import WeightsPolicy, check_precision, weights_polic
 from vlm_finetune.resume import open_resume_checkpoint, restore_csv_rows, resume_parts
 from vlm_finetune.rundir import RunFolderLock, finished_metrics, sweep_checkpoint_leftovers
 from vlm_finetune.strategies import build_strategy, check_combination, checkpoint_is_folder, set_zero3_leaves
-from vlm_finetune.trainability import build_trainable_model, count_parameters
+from vlm_finetune.trainability import build_trainable_model, compile_regions, count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +206,8 @@ def _train(cfg: DictConfig, callbacks: list | None, modes: dict, hardware: Hardw
     model, plan = build_trainable_model(family, cfg.model, modes, cfg.lora, policy,
                                         checkpointed_layers=cfg.model.activation_checkpointing,
                                         checkpoint_scope=cfg.speed.checkpoint_scope)
+    if cfg.speed.compile:
+        compile_regions(model, family)
     _resolve_auto(cfg, family, model, processor, hardware)  # micro-batch auto -> real steps on the GPU
     trainable, total = count_parameters(model)
 

@@ -194,6 +194,18 @@ def _mlp_of(layer: nn.Module, family: Family) -> nn.Module:
     return mlp
 
 
+def compile_regions(model: nn.Module, family: Family) -> int:
+    """Regional compilation (speed.compile=true): each decoder layer and vision block is compiled on its own
+    (`nn.Module.compile`, in place: parameter names and LoRA layers inside stay as they are). Layers of one
+    class share their compiled code, so compile time grows with the kinds of layers, not their number.
+    Returns how many modules were compiled."""
+    classes = tuple(family.decoder_layer_classes) + tuple(family.vision_block_classes)
+    blocks = [m for m in unwrap(model).modules() if isinstance(m, classes)]
+    for block in blocks:
+        block.compile(dynamic=None)
+    return len(blocks)
+
+
 def build_trainable_model(family: Family, model_cfg: Any, modes: dict[Part, Mode], lora_cfg: Any,
                           policy: WeightsPolicy, checkpointed_layers: Any = 0, device: str | None = None,
                           checkpoint_scope: str = "layer") -> tuple[nn.Module, TrainablePlan]:
