@@ -86,3 +86,40 @@ def test_regional_compile_gives_the_same_loss_and_gradients(tmp_path):
     assert loss_b == pytest.approx(loss_a, abs=1e-4)
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-4)
+
+
+def test_attention_backends_are_checked_and_the_math_kernel_gives_the_same_step(tmp_path):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from vlm_finetune.config import attention_backends
+    from vlm_finetune.errors import ConfigError
+    from vlm_finetune.train import check_config
+
+    assert attention_backends(["cudnn", "flash"]) == (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION)
+    with pytest.raises(ConfigError, match="'flash2' is not an SDPA backend"):
+        check_config(compose_cfg(["speed.attention_backends=[flash2]"], tmp_path))
+    (loss_a, grads_a) = _step("tiny_glm4v", tmp_path, 0)
+    with sdpa_kernel([SDPBackend.MATH]):  # another kernel: the same step up to float32 rounding
+        (loss_b, grads_b) = _step("tiny_glm4v", tmp_path, 0)
+    assert loss_b == pytest.approx(loss_a, rel=1e-6)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6)
+
+
+def test_a_run_with_offloading_and_chosen_kernels_logs_the_losses_of_a_run_without(shared_run, tmp_path):
+    import csv
+
+    from conftest import FAST
+    from vlm_finetune.train import train
+
+    def losses(run_dir):
+        with open(run_dir / "csv" / "metrics.csv") as handle:
+            return [float(r["train_loss"]) for r in csv.DictReader(handle) if r.get("train_loss")]
+
+    overrides = FAST + ["trainer.log_every_n_steps=1", "speed.offload_activations=true",
+                        "speed.attention_backends=[math]", "model.activation_checkpointing=true",
+                        "speed.checkpoint_scope=mlp"]
+    train(compose_cfg(overrides, tmp_path / "run"))
+    reference = losses(shared_run[2]["run_dir"])
+    assert len(reference) == 4
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "run")), torch.tensor(reference), rtol=1e-5, atol=1e-5)

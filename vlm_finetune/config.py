@@ -91,6 +91,22 @@ def remote_code_as_asked(model_cfg: Any, asked: bool, source: str) -> Any:
     return model_cfg
 
 
+ATTENTION_BACKENDS = ("cudnn", "flash", "efficient", "math")
+
+
+def attention_backends(names: Any) -> tuple:
+    """speed.attention_backends ([cudnn, flash, ...], best first; null = PyTorch's own choice) as SDPA backends."""
+    from torch.nn.attention import SDPBackend
+
+    members = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    unknown = [n for n in (names or []) if str(n) not in members]
+    if unknown:
+        raise ConfigError(f"speed.attention_backends: {unknown[0]!r} is not an SDPA backend; use some of "
+                          f"{list(ATTENTION_BACKENDS)}, best first (Hopper: [cudnn, flash, efficient])")
+    return tuple(members[str(n)] for n in (names or []))
+
+
 LOSS_IMPLS = ("chunked", "plain", "liger")
 
 

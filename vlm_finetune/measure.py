@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from vlm_finetune.autotune import resolve_activation_checkpointing, synthetic_batch
-from vlm_finetune.config import LossSettings, compose, is_auto
+from vlm_finetune.config import LossSettings, attention_backends, compose, is_auto
 from vlm_finetune.io import write_atomic
 from vlm_finetune.models import get_family, parse_trainability
 from vlm_finetune.module import batch_loss_sum
@@ -52,8 +52,19 @@ def bench_ours(overrides: list[str], seq: int, image_px: int, steps: int, device
     model.train()
     set_frozen_eval(model, plan)
     autocast = torch.autocast(device, dtype=dtype, enabled=mixed)
-    offload = (torch.autograd.graph.save_on_cpu(pin_memory=device == "cuda") if cfg.speed.offload_activations
-               else contextlib.nullcontext())
+    backends = list(attention_backends(cfg.speed.attention_backends))
+
+    def step_contexts() -> contextlib.ExitStack:
+        """speed.offload_activations and speed.attention_backends, as the LightningModule applies them."""
+        stack = contextlib.ExitStack()
+        if cfg.speed.offload_activations:
+            stack.enter_context(torch.autograd.graph.save_on_cpu(pin_memory=device == "cuda"))
+        if backends:
+            from torch.nn.attention import sdpa_kernel
+
+            stack.enter_context(sdpa_kernel(backends, set_priority=True))
+        return stack
+
     build_s = time.time() - started
     trainable, total = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -71,7 +82,7 @@ def bench_ours(overrides: list[str], seq: int, image_px: int, steps: int, device
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            with autocast, offload:
+            with autocast, step_contexts():
                 loss_sum, count = batch_loss_sum(family, model, batch, loss_settings)
             (loss_sum / max(count, 1)).backward()
             optimizer.step()

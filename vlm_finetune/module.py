@@ -74,7 +74,8 @@ def batch_loss_sum(family: Family, model: nn.Module, batch: dict, loss: LossSett
 class VLMModule(L.LightningModule):
     def __init__(self, model: nn.Module, family: Family, processor, plan: TrainablePlan, optimizer_factory: Callable,
                  optimizer: OptimizerSettings, scheduler_factory: Callable | None, loss: LossSettings,
-                 evaluation: EvalSettings, question_types: list[str] = (), offload_activations: bool = False):
+                 evaluation: EvalSettings, question_types: list[str] = (), offload_activations: bool = False,
+                 attention_backends: tuple = ()):
         """`optimizer_factory(param_groups)` and `scheduler_factory(optimizer, total_steps)` come from the
         `optimizer` and `scheduler` config groups (Hydra `_partial_`); no scheduler factory: a constant rate."""
         super().__init__()
@@ -87,6 +88,7 @@ class VLMModule(L.LightningModule):
         self.scheduler_factory = scheduler_factory
         self.loss_settings = loss
         self.offload_activations = offload_activations
+        self.attention_backends = tuple(attention_backends)  # SDPBackend members, best first; () = PyTorch's choice
         self.max_new_tokens = evaluation.max_new_tokens
         self.generate_in_validation = evaluation.generate
         self.val_accuracy = AnswerExactMatch()
@@ -140,10 +142,16 @@ class VLMModule(L.LightningModule):
         return batch_loss_sum(self.family, self.model, batch, self.loss_settings)
 
     def _saved_activations(self):
-        """speed.offload_activations: what autograd saves for backward waits in (pinned) host memory."""
-        if not self.offload_activations:
-            return contextlib.nullcontext()
-        return torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
+        """speed.offload_activations: what autograd saves for backward waits in (pinned) host memory;
+        speed.attention_backends: the SDPA kernels both towers and the LLM may use, in order of preference."""
+        stack = contextlib.ExitStack()
+        if self.offload_activations:
+            stack.enter_context(torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda"))
+        if self.attention_backends:
+            from torch.nn.attention import sdpa_kernel
+
+            stack.enter_context(sdpa_kernel(list(self.attention_backends), set_priority=True))
+        return stack
 
     def _count_data_events(self, batch: dict) -> None:
         for key in self.data_counts:

@@ -20,7 +20,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from vlm_finetune.adapters import AdapterSaver
 from vlm_finetune.autotune import check_auto_options, resolve_activation_checkpointing, search_micro_batch
 from vlm_finetune.checkpointing import CHECKPOINT_DIR
-from vlm_finetune.config import EvalSettings, LossSettings, OptimizerSettings, hydra_overrides, is_auto
+from vlm_finetune.config import (
+    EvalSettings,
+    LossSettings,
+    OptimizerSettings,
+    attention_backends,
+    hydra_overrides,
+    is_auto,
+)
 from vlm_finetune.data.datamodule import VLMDataModule, build_datasets, check_samples_fit
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.hardware import Hardware, env_global_rank, preflight, resolve
@@ -76,6 +83,7 @@ def check_config(cfg: DictConfig) -> tuple[dict, Hardware]:
         raise ConfigError(f"trainer.accumulate_grad_batches={acc!r} must be a positive integer")
     _check_values(cfg)
     loss = LossSettings.from_config(cfg.loss)
+    attention_backends(cfg.speed.attention_backends)
     if loss.impl == "liger":
         if hardware.accelerator != "gpu":
             raise ConfigError("loss.impl=liger needs a CUDA GPU (Triton kernels); use loss.impl=chunked")
@@ -224,7 +232,8 @@ def _train(cfg: DictConfig, callbacks: list | None, modes: dict, hardware: Hardw
     module = VLMModule(model, family, processor, plan, hydra.utils.instantiate(cfg.optimizer.optimizer),
                        OptimizerSettings.from_config(cfg.optimizer), scheduler, LossSettings.from_config(cfg.loss),
                        EvalSettings.from_config(cfg.eval), question_types=list(data_stats.get("question_types", [])),
-                       offload_activations=bool(cfg.speed.offload_activations))
+                       offload_activations=bool(cfg.speed.offload_activations),
+                       attention_backends=attention_backends(cfg.speed.attention_backends))
 
     configured = [hydra.utils.instantiate(c) for c in (cfg.callbacks or {}).values() if c]
     strategy = build_strategy(cfg, family, hardware)
