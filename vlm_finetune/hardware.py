@@ -26,6 +26,7 @@ class Hardware:
     num_nodes: int
     gpu_memory_gib: float  # per device; 0 on the CPU
     supports_bf16: bool
+    host_memory_gib: float = 0.0  # per node; 0: unknown
 
     @property
     def world_size(self) -> int:
@@ -51,17 +52,26 @@ def detect() -> Found:
     return Found(count, names, round(memory, 1), bool(torch.cuda.is_bf16_supported()))
 
 
+def this_host_memory_gib() -> float:
+    """Physical memory of this machine, GiB."""
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        return 0.0
+
+
 def resolve(hw_cfg: Any, found: Found | None = None) -> Hardware:
-    """The profile with `auto` fields filled in from this machine."""
+    """The profile with `auto` fields (and a null host memory: this machine's) filled in from this machine."""
+    host = float(hw_cfg.host_memory_gib) if hw_cfg.host_memory_gib else this_host_memory_gib()
     if hw_cfg.accelerator != "auto":
         return Hardware(str(hw_cfg.name), str(hw_cfg.accelerator), int(hw_cfg.devices), int(hw_cfg.num_nodes),
-                        float(hw_cfg.gpu_memory_gib), bool(hw_cfg.supports_bf16))
+                        float(hw_cfg.gpu_memory_gib), bool(hw_cfg.supports_bf16), host)
     found = found or detect()
     if found.gpus == 0:
-        return Hardware("auto(cpu)", "cpu", 1, 1, 0.0, True)
+        return Hardware("auto(cpu)", "cpu", 1, 1, 0.0, True, host)
     devices = found.gpus if str(hw_cfg.devices) == "auto" else int(hw_cfg.devices)
     return Hardware(f"auto({devices}x {found.gpu_names[0]})", "gpu", devices, int(hw_cfg.num_nodes),
-                    found.min_gpu_memory_gib, found.bf16)
+                    found.min_gpu_memory_gib, found.bf16, host)
 
 
 def preflight(hardware: Hardware, precision: str, found: Found | None = None) -> None:

@@ -30,6 +30,7 @@ from vlm_finetune.errors import ConfigError
 from vlm_finetune.hardware import resolve
 from vlm_finetune.memory.activations import decoder_layer_bytes_per_token, vision_block_bytes_per_patch
 from vlm_finetune.memory.count import ModelCount, ParamGroup, count_model
+from vlm_finetune.memory.load import plan_load
 from vlm_finetune.memory.report import GiB, MemoryPlan, Row
 from vlm_finetune.memory.search import fewest_checkpointed_layers, largest_micro_batch
 from vlm_finetune.models import get_family
@@ -191,6 +192,7 @@ def plan_memory(overrides: list[str], seq: int | None = None, image_px: int | No
                      "parameter, frozen weights included")
     result = build(micro_batch, checkpointed)
     result.notes = notes
+    result.load = plan_load(count, hardware.devices, hardware.host_memory_gib)
     return result
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass, field
+from typing import Any
 
 GiB = 2**30
 USABLE_FRACTION = 0.97  # of the profile's nominal GPU memory (driver reservations, ECC); an estimate
@@ -46,6 +47,7 @@ class MemoryPlan:
     suggestions: list[Suggestion] = field(default_factory=list)
     parameters: int = 0  # of the model as configured (LoRA included), counted on the meta device
     trainable_parameters: int = 0
+    load: Any = None  # memory.load.LoadPlan: host memory per node while the model loads
 
     def total(self, category: str | None = None, where: str = "gpu") -> int:
         return sum(row.bytes for row in self.rows
@@ -98,6 +100,8 @@ class MemoryPlan:
         for row in cpu:
             lines.append(f"{'cpu memory':<12} {row.item:<62} {row.bytes / GiB:>11.2f}")
         lines += ["", f"verdict: {self.verdict} ({self.peak_bytes / GiB:.2f} GiB of {self.budget_bytes / GiB:.2f} GiB)"]
+        if self.load is not None:
+            lines += self.load.render()
         lines += [f"note: {note}" for note in self.notes]
         if self.fits is False:
             if self.suggestions:

@@ -1,0 +1,41 @@
+"""The planner plans the load too: every rank on a node holds the whole model in host memory before the strategy
+shards it, so a node needs ranks x model bytes; the rows carry their own verdict against the profile's host
+memory (the MGM-8x7B on six 4090s report: six copies of the MoE before the first step)."""
+from __future__ import annotations
+
+from conftest import compose_cfg
+from vlm_finetune.memory.planner import plan_memory
+from vlm_finetune.memory.report import GiB
+from vlm_finetune.models import get_family, parse_trainability
+from vlm_finetune.precision import weights_policy
+from vlm_finetune.trainability import build_trainable_model
+
+
+def test_mgm_8x7b_on_six_4090s_does_not_load_and_says_why():
+    plan = plan_memory(["model=mgm_8x7b", "trainer=zero3", "hardware=6x4090", "precision=bf16-mixed"])
+    load = plan.load
+    assert load.ranks_per_node == 6 and load.host_memory_gib == 256
+    assert 47.0e9 * 2 < load.bytes_per_rank < 48.5e9 * 2  # 47.5 B parameters in bf16 (+ float32 LoRA)
+    assert load.host_bytes == 6 * load.bytes_per_rank and load.fits is False
+    text = plan.render()
+    assert "load (host memory per node): 6 rank(s)" in text and "the load is what does not fit" in text
+    roomy = plan_memory(["model=mgm_8x7b", "trainer=zero3", "hardware=6x4090", "precision=bf16-mixed",
+                         "hardware.host_memory_gib=2048"])
+    assert roomy.load.fits is True and roomy.load.verdict == "FITS"
+
+
+def test_the_load_bytes_per_rank_are_the_built_models_bytes(tmp_path):
+    cfg = compose_cfg([], tmp_path)
+    plan = plan_memory([])
+    family = get_family(cfg.model.family)
+    model, _ = build_trainable_model(family, cfg.model, parse_trainability(cfg.train), cfg.lora,
+                                     weights_policy(cfg.precision.name))
+    built = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert plan.load.bytes_per_rank == built
+    assert plan.load.ranks_per_node == 1 and plan.load.fits is True  # hardware=cpu: this machine's memory
+    assert plan.load.host_memory_gib > 1  # null in the cpu profile: this machine's memory, detected
+
+
+def test_glm4v_9b_loads_on_one_a6000_workstation():
+    plan = plan_memory(["model=glm4v_9b", "hardware=1xa6000", "precision=bf16-mixed"])
+    assert plan.load.fits is True and plan.load.bytes_per_rank < 25 * GiB
