@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from vlm_finetune.data.grouping import IMAGE_WEIGHT
 from vlm_finetune.data.images import load_rgb
 from vlm_finetune.data.sample import IMAGE_PLACEHOLDER, Message, Sample
 from vlm_finetune.errors import DataError
@@ -169,6 +170,11 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def lengths(self) -> list[int]:
+        """data.group_by_length's proxy, from the records alone (no image is read): characters of the
+        messages plus a fixed weight per image."""
+        return [sum(len(m.content) for m in r.messages) + IMAGE_WEIGHT * len(r.image_paths) for r in self.records]
 
     def __getitem__(self, i: int) -> Sample:
         record = self.records[i]

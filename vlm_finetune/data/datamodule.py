@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
+from vlm_finetune.data.grouping import LengthGroupedSampler, sample_lengths
 from vlm_finetune.data.sample import IGNORE_INDEX, Sample, SampleTooLong
 from vlm_finetune.errors import ConfigError, DataError
 
@@ -288,6 +289,10 @@ class VLMDataModule(L.LightningDataModule):
 
     def _sampler(self, dataset: Dataset, shuffle: bool):
         trainer = self.trainer
+        if shuffle and self.data_cfg.group_by_length:
+            world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+            return LengthGroupedSampler(sample_lengths(self.train_samples), self.micro_batch_size, self.seed,
+                                        rank, world)
         if trainer is not None and trainer.world_size > 1:
             return DistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
                                       shuffle=shuffle, seed=self.seed, drop_last=shuffle)
