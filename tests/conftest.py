@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,12 +23,35 @@ def _asset_cache(tmp_path_factory):
     cache = tmp_path_factory.mktemp("vlm_cache")
     old = os.environ.get("VLM_FINETUNE_CACHE")
     os.environ["VLM_FINETUNE_CACHE"] = str(cache)
+    # anything JIT-compiled by a run under test goes to a folder of this session (never ~/.cache, where a
+    # lock left by a killed compile would stall later runs); test_accumulation checks CPU ZeRO compiles nothing
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(tmp_path_factory.mktemp("torch_extensions"))
     torch.set_num_threads(min(2, torch.get_num_threads()))
     yield cache
     if old is None:
         os.environ.pop("VLM_FINETUNE_CACHE", None)
     else:
         os.environ["VLM_FINETUNE_CACHE"] = old
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(args: list[str], timeout: float, cwd: str | Path = ROOT, env: dict | None = None,
+            module: str = "vlm_finetune") -> subprocess.CompletedProcess:
+    """`python -m vlm_finetune ARGS` in a process group of its own. On a timeout the whole group is killed
+    (a multi-rank run's other ranks too, which would otherwise outlive the test and load the machine), and
+    the test fails with what the run printed."""
+    process = subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"python -m {module} {' '.join(args)} did not end within {timeout:.0f} s\n"
+                             f"stdout: {stdout[-2000:]}\nstderr: {stderr[-3000:]}") from None
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def compose_cfg(overrides: list[str] = (), output_dir: str | Path = "/tmp/vlm_finetune_test"):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import compose_cfg
+from conftest import compose_cfg, run_cli
 from vlm_finetune.models import get_family
 from vlm_finetune.train import train
 
@@ -58,8 +58,6 @@ def test_nf4_under_zero2_on_two_cpu_ranks_trains_and_saves_the_adapter(tmp_path)
     """The recommended multi-GPU QLoRA layout (each rank holds the 4-bit base, ZeRO-2 shards the rest),
     rehearsed on two CPU processes."""
     import os
-    import subprocess
-    import sys
 
     from safetensors.torch import load_file
 
@@ -67,8 +65,7 @@ def test_nf4_under_zero2_on_two_cpu_ranks_trains_and_saves_the_adapter(tmp_path)
     args = ["precision=nf4", "trainer=zero2", "hardware=cpu", "hardware.devices=2", "trainer.max_steps=6",
             "data.num_train=128", "data.num_val=8", "data.micro_batch_size=8", "trainer.enable_progress_bar=false",
             "trainer.val_every_n_steps=null", f"hydra.run.dir={tmp_path}"]
-    result = subprocess.run([sys.executable, "-m", "vlm_finetune", *args], cwd=root, capture_output=True, text=True,
-                            timeout=600, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    result = run_cli(args, timeout=600, cwd=root, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     tensors = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     lora_b = [v for k, v in tensors.items() if "lora_B" in k]

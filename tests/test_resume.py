@@ -15,7 +15,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import FAST, compose_cfg
+from conftest import FAST, compose_cfg, run_cli
 from vlm_finetune.checkpointing import CheckpointError, load_checkpoint_file
 from vlm_finetune.io import save_torch_atomic as save_atomic
 from vlm_finetune.train import train
@@ -89,7 +89,7 @@ def test_kill_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path):
         sys.path.insert(0, {str(ROOT / 'tests')!r})
         import torch
         import vlm_finetune.checkpointing as ckpt
-        from conftest import FAST, compose_cfg
+        from conftest import FAST, compose_cfg, run_cli
         from vlm_finetune.train import train
 
         real_save, calls = torch.save, []
@@ -290,8 +290,7 @@ def test_multi_rank_run_stopped_and_resumed_equals_uninterrupted(tmp_path, _asse
     env = dict(os.environ, VLM_FINETUNE_CACHE=str(_asset_cache))
 
     def run(run_dir, *extra):
-        result = subprocess.run([sys.executable, "-m", "vlm_finetune", *common, *extra, f"hydra.run.dir={run_dir}"],
-                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        result = run_cli([*common, *extra, f"hydra.run.dir={run_dir}"], timeout=600, env=env)
         assert result.returncode == 0, result.stderr[-3000:]
         return result.stdout
 

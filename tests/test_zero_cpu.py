@@ -10,15 +10,13 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import compose_cfg
+from conftest import compose_cfg, run_cli
 from vlm_finetune.models import get_family
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,8 +32,7 @@ MODELS = {"tiny_glm4v": "glm4v", "tiny_mgm": "mgm", "tiny_mgm_moe": "mgm"}
 def _run(run_dir: Path, model: str, trainer: str) -> Path:
     extra = ["trainer.stage3_param_persistence_threshold=0"] if trainer.startswith("zero3") else []
     args = [f"model={model}", f"trainer={trainer}", *COMMON, *extra, f"hydra.run.dir={run_dir}"]
-    result = subprocess.run([sys.executable, "-m", "vlm_finetune", *args], cwd=ROOT, capture_output=True, text=True,
-                            timeout=600, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    result = run_cli(args, timeout=600, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     assert result.returncode == 0, result.stderr[-4000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["global_step"] == STEPS and "val_accuracy" in metrics, metrics
@@ -113,8 +110,7 @@ def test_planner_bytes_per_rank_equal_what_deepspeed_holds(model, trainer, preci
             f"+callbacks.probe.path={probe}", f"hydra.run.dir={tmp_path / 'run'}"]
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join([str(ROOT / "tests"),
                                                                                os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, "-m", "vlm_finetune", *args], cwd=ROOT, capture_output=True, text=True,
-                            timeout=600, env=env)
+    result = run_cli(args, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     plan = plan_memory(overrides)
     for rank in (0, 1):

@@ -154,7 +154,8 @@ def cpu_deepspeed_strategy(config: dict):
         def setup_distributed(self) -> None:  # without the check that devices are GPU indices
             reset_seed()
             self.set_world_ranks()
-            self._init_deepspeed_distributed()
+            with _without_shm_comm_op():
+                self._init_deepspeed_distributed()
 
         @property
         def root_device(self):
@@ -162,6 +163,25 @@ def cpu_deepspeed_strategy(config: dict):
             return torch.device("cpu", self.local_rank)
 
     return CPUDeepSpeedStrategy(config=config, process_group_backend="gloo", exclude_frozen_parameters=True)
+
+
+@contextlib.contextmanager
+def _without_shm_comm_op() -> Iterator[None]:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (`deepspeed_shm_comm`) into
+    ~/.cache/torch_extensions when its communicator starts. Every rank waits on one lock file while one rank
+    compiles; a process killed during the compile leaves that lock behind, and every later CPU run waits on
+    it forever (and on CPUs without AVX2/AVX-512 the kernel itself can hang its peers). The rehearsal needs
+    none of it: without the op DeepSpeed reduces through torch.distributed (gloo), with the same numbers."""
+    import importlib
+
+    # by module name: the attribute `deepspeed.comm.torch` is the torch package that deepspeed.comm re-exports
+    ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
+    original = ds_comm_torch.build_shm_op
+    ds_comm_torch.build_shm_op = lambda: None
+    try:
+        yield
+    finally:
+        ds_comm_torch.build_shm_op = original
 
 
 # -- the configured strategy ---------------------------------------------------------------------------------
