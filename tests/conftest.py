@@ -11,6 +11,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+import vlm_finetune.config  # noqa: F401  (registers the resolvers conf/train.yaml uses)
+
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 # fast settings for tiny runs in tests (the default run's recipe is longer)
 FAST = ["trainer.max_steps=4", "data.num_train=64", "data.num_val=8", "data.micro_batch_size=4",

@@ -16,7 +16,7 @@ from conftest import compose_cfg, run_cli
 from vlm_finetune.data.conversations import ConversationDataset, load_conversations
 from vlm_finetune.data.datamodule import Collator, EncodedDataset
 from vlm_finetune.loss import full_logits_cross_entropy_sum
-from vlm_finetune.models import get_family
+from vlm_finetune.models.registry import get_family
 from vlm_finetune.train import train
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ from conftest import compose_cfg
 from vlm_finetune.data.shapes import ShapesDataset
 from vlm_finetune.hardware import Hardware
 from vlm_finetune.memory.planner import plan_memory
-from vlm_finetune.models import FAMILIES, get_family, parse_trainability
+from vlm_finetune.models.registry import FAMILIES, get_family, parse_trainability
 from vlm_finetune.precision import weights_policy
 from vlm_finetune.strategies import build_strategy
 from vlm_finetune.trainability import build_trainable_model, decoder_layers, unwrap

@@ -27,7 +27,7 @@ def test_cpu_bench_runs_both_and_appends_report(tmp_path):
 
 def test_make_batch_has_exact_length_and_supervision(tmp_path):
     from conftest import compose_cfg
-    from vlm_finetune.models import get_family
+    from vlm_finetune.models.registry import get_family
 
     cfg = compose_cfg([], tmp_path)
     processor = get_family("glm4v").load_processor(cfg.model)

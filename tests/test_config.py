@@ -59,6 +59,11 @@ def test_default_trainability_and_override(tmp_path):
     ("train.llm=qlora", "train.llm='qlora' is not a trainability mode"),
     ("precision=fp16-mixed", "fp16-mixed needs a GPU"),
     ("data.micro_batch_size=0", "data.micro_batch_size=0 must be a positive integer"),
+    # values that would otherwise fail only once the model is built (or never)
+    ("lora.r=0", "lora.r=0 must be a positive integer"),
+    ("optimizer.lr=-1e-4", "optimizer.lr=-0.0001 must be a positive number"),
+    ("trainer.max_steps=-1", "trainer.max_steps=-1 must be 0 or a positive"),
+    ("data.truncation=trunc", "data.truncation='trunc': use truncate or drop"),
 ])
 def test_bad_options_raise_config_error(override, needle, tmp_path):
     cfg = compose_cfg([override], tmp_path)

@@ -14,8 +14,8 @@ from vlm_finetune.data.datamodule import Collator, EncodedDataset, StepWindowLoa
 from vlm_finetune.data.sample import Message, Sample
 from vlm_finetune.data.shapes import ShapesDataset
 from vlm_finetune.errors import DataError
-from vlm_finetune.models import get_family
 from vlm_finetune.models.glm4v.processor import IGNORE_INDEX, SampleTooLong
+from vlm_finetune.models.registry import get_family
 
 
 @pytest.fixture(scope="module")

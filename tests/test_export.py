@@ -15,7 +15,7 @@ from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTo
 
 from vlm_finetune.data.datamodule import Collator, EncodedDataset
 from vlm_finetune.data.shapes import ShapesDataset
-from vlm_finetune.models import get_family
+from vlm_finetune.models.registry import get_family
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")

@@ -49,7 +49,7 @@ def test_strategy_trains_and_round_trips_adapter(trainer, tmp_path):
 
     adapter = _train_and_check_adapter(tmp_path / trainer, [f"trainer={trainer}"])
     from conftest import compose_cfg
-    from vlm_finetune.models import get_family
+    from vlm_finetune.models.registry import get_family
 
     cfg = compose_cfg([], tmp_path)
     base = AutoModelForImageTextToText.from_pretrained(get_family("glm4v").checkpoint_folder(cfg.model))
@@ -65,7 +65,7 @@ def test_mgm_strategy_trains_and_round_trips_adapter(model, trainer, tmp_path):
 
     adapter = _train_and_check_adapter(tmp_path / f"{model}-{trainer}", [f"model={model}", f"trainer={trainer}"])
     from conftest import compose_cfg
-    from vlm_finetune.models import get_family
+    from vlm_finetune.models.registry import get_family
 
     cfg = compose_cfg([f"model={model}"], tmp_path)
     reloaded = PeftModel.from_pretrained(get_family("mgm").build_model(cfg.model), adapter)

@@ -70,9 +70,17 @@ def imports_of(path: Path, modules: dict[str, Path]) -> list[tuple[str, int, boo
 
 
 def import_graph() -> dict[str, set[str]]:
+    """Module -> the modules importing it runs: what it names and the packages above them (importing a.b.c
+    runs a/__init__ and a/b/__init__ first)."""
     modules = package_modules()
-    return {name: {target for target, _, _ in imports_of(path, modules) if target != name}
-            for name, path in modules.items()}
+    graph = {}
+    for name, path in modules.items():
+        edges = set()
+        for target, _, _ in imports_of(path, modules):
+            parts = target.split(".")
+            edges |= {".".join(parts[:k]) for k in range(1, len(parts) + 1)} & modules.keys()
+        graph[name] = edges - {name}
+    return graph
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:

@@ -162,8 +162,8 @@ def test_largest_fitting_micro_batch_and_accumulation_keep_the_global_batch():
 def test_checkpointing_only_the_first_n_layers_saves_memory_in_between(tmp_path):
     """model.activation_checkpointing=N checkpoints the first N decoder layers: autograd keeps less for
     backward than with none checkpointed and more than with all."""
-    from vlm_finetune.models import get_family
     from vlm_finetune.models.glm4v.family import GLM4V
+    from vlm_finetune.models.registry import get_family
     from vlm_finetune.trainability import apply_activation_checkpointing
 
     def saved_bytes(value):

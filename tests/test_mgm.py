@@ -14,11 +14,11 @@ from safetensors.torch import load_file, save_file
 from conftest import FAST, compose_cfg
 from vlm_finetune.data.sample import Message, Sample
 from vlm_finetune.errors import ConfigError
-from vlm_finetune.models import get_family
 from vlm_finetune.models.mgm import checkpoint
 from vlm_finetune.models.mgm.modeling import IMAGE_TOKEN_INDEX, MgmForCausalLM
 from vlm_finetune.models.mgm.processor import MgmImages
 from vlm_finetune.models.mgm.templates import get_template
+from vlm_finetune.models.registry import get_family
 
 MGM = get_family("mgm")
 
@@ -447,6 +447,7 @@ def test_planner_bytes_are_exact_for_tiny_mgm_moe(tmp_path):
 
 @pytest.mark.slow
 def test_planner_mgm_8x7b_on_six_4090s_gives_a_verdict_and_a_fitting_suggestion(capsys):
+    from vlm_finetune.memory import planner
     from vlm_finetune.memory.suggest import plan_with_suggestions as plan_memory
     from vlm_finetune.plan import main
 
@@ -461,7 +462,7 @@ def test_planner_mgm_8x7b_on_six_4090s_gives_a_verdict_and_a_fitting_suggestion(
     assert plan.suggestions
     first = plan.suggestions[0]
     assert first.command in out
-    again = plan_memory(first.overrides, suggest=False)
+    again = planner.plan_memory(first.overrides)
     assert again.fits is True
 
 

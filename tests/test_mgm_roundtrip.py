@@ -22,10 +22,10 @@ import pytest
 import torch
 
 from conftest import compose_cfg
-from vlm_finetune.models import get_family
 from vlm_finetune.models.mgm import checkpoint
 from vlm_finetune.models.mgm.assets import ensure_tokenizer_folder
 from vlm_finetune.models.mgm.modeling import MgmForCausalLM
+from vlm_finetune.models.registry import get_family
 
 MGM = get_family("mgm")
 ROOT = Path(__file__).resolve().parent.parent

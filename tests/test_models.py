@@ -6,7 +6,7 @@ import torch
 
 from conftest import compose_cfg
 from vlm_finetune.errors import ConfigError
-from vlm_finetune.models import get_family
+from vlm_finetune.models.registry import get_family
 
 
 # GLM-4.5V is published as 106 B; the transformers model built from its config has 104.4 B

@@ -7,6 +7,7 @@ import torch
 
 from conftest import compose_cfg
 from vlm_finetune.errors import ConfigError
+from vlm_finetune.memory import planner
 from vlm_finetune.memory.activations import decoder_layer_bytes_per_token, vision_block_bytes_per_patch
 from vlm_finetune.memory.report import GiB
 from vlm_finetune.memory.suggest import plan_with_suggestions as plan_memory
@@ -108,7 +109,7 @@ def test_vision_block_activation_model_matches_autograd():
 def test_parameter_gradient_optimizer_bytes_are_exact_for_the_tiny_model(precision, dtype, tmp_path):
     """The planner (meta device, nothing loaded) gives the bytes of a really built tiny GLM-4V: parameters as
     loaded and made trainable, gradients of the trainable ones, and AdamW's two states after a real step."""
-    from vlm_finetune.models import get_family, parse_trainability
+    from vlm_finetune.models.registry import get_family, parse_trainability
     from vlm_finetune.trainability import apply_trainability, keep_trainables_fp32, plan_trainability
 
     overrides = [f"precision={precision}"]
@@ -161,7 +162,7 @@ def test_glm4v_9b_on_one_a6000_does_not_fit_and_every_suggestion_fits_by_its_own
     assert kinds[0].startswith("smaller micro-batch")  # one GPU: sharding cannot help, so it is not offered
     for suggestion in plan.suggestions:
         assert suggestion.command in out
-        again = plan_memory(suggestion.overrides, suggest=False)
+        again = planner.plan_memory(suggestion.overrides)
         assert again.fits is True and again.peak_bytes == suggestion.plan.peak_bytes
     smaller = plan.suggestions[0].overrides  # same global batch: micro-batch x accumulation = 32
     mbs = int(next(o for o in smaller if o.startswith("data.micro_batch_size=")).split("=")[1])
@@ -192,10 +193,13 @@ def test_activation_checkpointing_auto_takes_the_fewest_layers_that_fit():
 
 
 def test_planner_errors_name_the_fix():
-    from vlm_finetune.models import Family, register_family
+    from vlm_finetune.models.base import Family
+    from vlm_finetune.models.glm4v.family import Glm4vFamily
+    from vlm_finetune.models.registry import register_family
 
-    class NoDims(Family):
+    class NoDims(Glm4vFamily):  # a family that does not declare memory_dims (Family's default answers)
         name = "no_memory_dims"
+        memory_dims = Family.memory_dims
 
     register_family(NoDims())
     with pytest.raises(ConfigError, match="does not declare memory_dims"):

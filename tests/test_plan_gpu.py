@@ -40,11 +40,11 @@ def measure(overrides: list[str], seq: int, image: int) -> dict:
     (4096, 1344, ["model.activation_checkpointing=true", "train.vision=full", "model.max_image_size=1344"]),
 ])
 def test_planned_peak_is_within_10_percent_of_the_measured_peak(seq, image, extra):
+    from vlm_finetune.memory.planner import plan_memory
     from vlm_finetune.memory.report import GiB
-    from vlm_finetune.memory.suggest import plan_with_suggestions as plan_memory
 
     overrides = BASE + extra
-    plan = plan_memory(overrides, seq=seq, image_px=image, suggest=False)
+    plan = plan_memory(overrides, seq=seq, image_px=image)
     result = measure(overrides, seq, image)
     assert not result.get("err"), result
     print(f"seq {seq} image {image} {extra}: planned {plan.allocated_bytes / GiB:.2f} GiB, measured "
@@ -55,11 +55,11 @@ def test_planned_peak_is_within_10_percent_of_the_measured_peak(seq, image, extr
 def test_checkpointing_auto_is_faster_than_full_within_the_budget():
     """At 16384 tokens on one H100 the plan checkpoints only some layers; that run is faster than
     checkpointing every layer and its measured peak stays within the budget."""
+    from vlm_finetune.memory.planner import plan_memory
     from vlm_finetune.memory.report import GiB
-    from vlm_finetune.memory.suggest import plan_with_suggestions as plan_memory
 
     seq = 16384
-    plan = plan_memory(BASE + ["model.activation_checkpointing=auto"], seq=seq, image_px=672, suggest=False)
+    plan = plan_memory(BASE + ["model.activation_checkpointing=auto"], seq=seq, image_px=672)
     n = plan.checkpointed_layers
     assert 0 < n < plan.num_layers, n
     partial = measure(BASE + [f"model.activation_checkpointing={n}"], seq, 672)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import compose_cfg, run_cli
-from vlm_finetune.models import get_family
+from vlm_finetune.models.registry import get_family
 from vlm_finetune.train import train
 
 bnb = pytest.importorskip("bitsandbytes", reason="precision=nf4 needs bitsandbytes (pip install -e '.[test]')")

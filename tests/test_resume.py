@@ -184,7 +184,7 @@ def test_incompatible_checkpoint_names_the_differences(tmp_path):
 
 
 def test_a_checkpoint_of_other_settings_stops_the_run_before_any_weight_loads(tmp_path, monkeypatch):
-    from vlm_finetune.models import get_family
+    from vlm_finetune.models.registry import get_family
 
     run_dir = tmp_path / "run"
     _checkpointed_run(run_dir)

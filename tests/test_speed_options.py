@@ -9,7 +9,7 @@ import torch
 from conftest import compose_cfg
 from vlm_finetune.config import LossSettings
 from vlm_finetune.data.shapes import ShapesDataset
-from vlm_finetune.models import get_family, parse_trainability
+from vlm_finetune.models.registry import get_family, parse_trainability
 from vlm_finetune.module import batch_loss_sum
 from vlm_finetune.precision import weights_policy
 from vlm_finetune.trainability import build_trainable_model, decoder_layers, unwrap

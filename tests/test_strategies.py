@@ -14,7 +14,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStr
 from conftest import CONF_DIR, compose_cfg
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.hardware import Found, Hardware, preflight, resolve
-from vlm_finetune.models import get_family
+from vlm_finetune.models.registry import get_family
 from vlm_finetune.strategies import build_strategy, deepspeed_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,7 +12,7 @@ from transformers import AutoModelForImageTextToText
 from conftest import FAST, compose_cfg
 from vlm_finetune.data.datamodule import Collator, EncodedDataset
 from vlm_finetune.data.shapes import ShapesDataset
-from vlm_finetune.models import get_family
+from vlm_finetune.models.registry import get_family
 from vlm_finetune.trainability import apply_trainability, plan_trainability, unwrap
 
 # First train_loss values of the seeded run in conftest.shared_run (torch 2.13 CPU, fp32). A change in

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import compose_cfg, run_cli
-from vlm_finetune.models import get_family
+from vlm_finetune.models.registry import get_family
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]

@@ -11,9 +11,10 @@ install_early()  # before the slow imports: an early SLURM warning must not kill
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from vlm_finetune.config import CONF_DIR  # noqa: E402  (registers the resolvers conf/train.yaml uses)
 from vlm_finetune.errors import ConfigError, DataError  # noqa: E402
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONFIG_DIR = str(CONF_DIR)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

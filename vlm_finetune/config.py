@@ -8,8 +8,28 @@ from pathlib import Path
 from typing import Any
 
 from vlm_finetune.errors import ConfigError
+from vlm_finetune.hardware import env_global_rank
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def register_resolvers() -> None:
+    """`${vlm_rank_zero:x}`: x on the process of global rank 0 (launcher's RANK / SLURM_PROCID), else null;
+    `${vlm_rank_zero_file:path}`: path on rank 0, else os.devnull. conf/train.yaml uses them so that only
+    rank 0 of a multi-process job writes Hydra's config copy and log file. Done on import: whatever composes
+    conf/ (the entry points, `compose` below, the tests) imports this module first."""
+    import os
+
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("vlm_rank_zero"):
+        OmegaConf.register_new_resolver("vlm_rank_zero", lambda value: value if env_global_rank() == 0 else None)
+    if not OmegaConf.has_resolver("vlm_rank_zero_file"):
+        OmegaConf.register_new_resolver("vlm_rank_zero_file",
+                                        lambda path: path if env_global_rank() == 0 else os.devnull)
+
+
+register_resolvers()
 
 
 def is_auto(value: Any) -> bool:

@@ -24,7 +24,7 @@ from vlm_finetune.adapters import load_adapter
 from vlm_finetune.config import parse_overrides, remote_code_as_asked
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.io import atomic_folder
-from vlm_finetune.models import get_family
+from vlm_finetune.models.registry import get_family
 from vlm_finetune.precision import PRECISIONS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

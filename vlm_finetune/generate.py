@@ -16,7 +16,7 @@ from vlm_finetune.config import compose, group_options, parse_overrides, remote_
 from vlm_finetune.data.images import load_rgb
 from vlm_finetune.data.sample import IMAGE_PLACEHOLDER, Message, Sample
 from vlm_finetune.errors import ConfigError
-from vlm_finetune.models import get_family
+from vlm_finetune.models.registry import get_family
 from vlm_finetune.trainability import unwrap
 
 

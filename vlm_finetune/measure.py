@@ -4,7 +4,6 @@ runs this project's step (forward, backward, AdamW) on one device and reports pe
 docs/benchmarks.md."""
 from __future__ import annotations
 
-import contextlib
 import json
 import statistics
 import subprocess
@@ -17,8 +16,8 @@ import torch
 from vlm_finetune.autotune import resolve_activation_checkpointing, synthetic_batch
 from vlm_finetune.config import LossSettings, attention_backends, compose, is_auto
 from vlm_finetune.io import write_atomic
-from vlm_finetune.models import get_family, parse_trainability
-from vlm_finetune.module import batch_loss_sum
+from vlm_finetune.models.registry import get_family, parse_trainability
+from vlm_finetune.module import batch_loss_sum, step_contexts
 from vlm_finetune.precision import weights_policy
 from vlm_finetune.trainability import build_trainable_model, compile_regions, count_parameters, set_frozen_eval, unwrap
 
@@ -52,18 +51,7 @@ def bench_ours(overrides: list[str], seq: int, image_px: int, steps: int, device
     model.train()
     set_frozen_eval(model, plan)
     autocast = torch.autocast(device, dtype=dtype, enabled=mixed)
-    backends = list(attention_backends(cfg.speed.attention_backends))
-
-    def step_contexts() -> contextlib.ExitStack:
-        """speed.offload_activations and speed.attention_backends, as the LightningModule applies them."""
-        stack = contextlib.ExitStack()
-        if cfg.speed.offload_activations:
-            stack.enter_context(torch.autograd.graph.save_on_cpu(pin_memory=device == "cuda"))
-        if backends:
-            from torch.nn.attention import sdpa_kernel
-
-            stack.enter_context(sdpa_kernel(backends, set_priority=True))
-        return stack
+    backends = attention_backends(cfg.speed.attention_backends)
 
     build_s = time.time() - started
     trainable, total = count_parameters(model)
@@ -82,7 +70,7 @@ def bench_ours(overrides: list[str], seq: int, image_px: int, steps: int, device
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            with autocast, step_contexts():
+            with autocast, step_contexts(bool(cfg.speed.offload_activations), backends, device == "cuda"):
                 loss_sum, count = batch_loss_sum(family, model, batch, loss_settings)
             (loss_sum / max(count, 1)).backward()
             optimizer.step()

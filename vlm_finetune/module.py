@@ -62,6 +62,20 @@ def warmup_cosine_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(int(warmup_steps), total_steps, float(min_ratio)))
 
 
+def step_contexts(offload_activations: bool, attention_backends: tuple, on_gpu: bool) -> contextlib.ExitStack:
+    """What a training step's forward runs under: speed.offload_activations (what autograd saves for backward
+    waits in host memory, pinned on GPUs) and speed.attention_backends (the SDPA kernels both towers and the
+    LLM may use, best first). One per step: `with step_contexts(...):`."""
+    stack = contextlib.ExitStack()
+    if offload_activations:
+        stack.enter_context(torch.autograd.graph.save_on_cpu(pin_memory=on_gpu))
+    if attention_backends:
+        from torch.nn.attention import sdpa_kernel
+
+        stack.enter_context(sdpa_kernel(list(attention_backends), set_priority=True))
+    return stack
+
+
 def batch_loss_sum(family: Family, model: nn.Module, batch: dict, loss: LossSettings) -> tuple[torch.Tensor, int]:
     """(sum of next-token CE over supervised tokens, their count) of one micro-batch: the family gives
     the final hidden states and the output projection, the loss never builds full logits."""
@@ -141,17 +155,8 @@ class VLMModule(L.LightningModule):
     def _loss_sum(self, batch: dict) -> tuple[torch.Tensor, int]:
         return batch_loss_sum(self.family, self.model, batch, self.loss_settings)
 
-    def _saved_activations(self):
-        """speed.offload_activations: what autograd saves for backward waits in (pinned) host memory;
-        speed.attention_backends: the SDPA kernels both towers and the LLM may use, in order of preference."""
-        stack = contextlib.ExitStack()
-        if self.offload_activations:
-            stack.enter_context(torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda"))
-        if self.attention_backends:
-            from torch.nn.attention import sdpa_kernel
-
-            stack.enter_context(sdpa_kernel(list(self.attention_backends), set_priority=True))
-        return stack
+    def _saved_activations(self) -> contextlib.ExitStack:
+        return step_contexts(self.offload_activations, self.attention_backends, self.device.type == "cuda")
 
     def _count_data_events(self, batch: dict) -> None:
         for key in self.data_counts:

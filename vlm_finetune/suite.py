@@ -176,7 +176,7 @@ def round_trip(case: str, overrides: list[str], run_dir: Path, dry_run: bool, ti
                    seconds=time.time() - started)
     check = ("import json, sys, torch; from pathlib import Path; from omegaconf import OmegaConf; "
              "from safetensors.torch import load_file; from vlm_finetune.adapters import load_adapter; "
-             "from vlm_finetune.models import get_family; run = Path(sys.argv[1]); "
+             "from vlm_finetune.models.registry import get_family; run = Path(sys.argv[1]); "
              "cfg = OmegaConf.load(run / 'config.yaml'); family = get_family(cfg.model.family); "
              "model = load_adapter(family.build_model(cfg.model), run / 'adapter'); "
              "saved = load_file(str(run / 'adapter' / 'adapter_model.safetensors')); "

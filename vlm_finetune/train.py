@@ -34,7 +34,7 @@ from vlm_finetune.hardware import Hardware, env_global_rank, preflight, resolve
 from vlm_finetune.io import write_atomic
 from vlm_finetune.memory.monitor import MemoryMonitor
 from vlm_finetune.memory.oom import handle_oom
-from vlm_finetune.models import get_family, parse_trainability
+from vlm_finetune.models.registry import get_family, parse_trainability
 from vlm_finetune.module import VLMModule
 from vlm_finetune.plots import plot_training_curves
 from vlm_finetune.precision import WeightsPolicy, check_precision, weights_policy

@@ -33,8 +33,8 @@ from vlm_finetune.memory.count import ModelCount, ParamGroup, count_model
 from vlm_finetune.memory.load import plan_load
 from vlm_finetune.memory.report import GiB, MemoryPlan, Row
 from vlm_finetune.memory.search import fewest_checkpointed_layers, largest_micro_batch
-from vlm_finetune.models import get_family
 from vlm_finetune.models.base import Mode, Part, parse_trainability
+from vlm_finetune.models.registry import get_family
 from vlm_finetune.precision import WeightsPolicy, check_precision, weights_policy
 from vlm_finetune.strategies import check_combination
 from vlm_finetune.trainability import checkpointed_layer_count

@@ -14,12 +14,12 @@ SUGGESTION_ORDER = ("shard", "micro_batch", "checkpointing", "offload", "nf4", "
 
 
 def plan_with_suggestions(overrides: list[str], seq: int | None = None, image_px: int | None = None,
-                          images: int = 1, cfg: Any = None, suggest: bool = True) -> MemoryPlan:
-    """The plan of `overrides` (planner.plan_memory) with, when it does not fit, the changes that make it fit
-    (none with `suggest=False`)."""
+                          images: int = 1, cfg: Any = None) -> MemoryPlan:
+    """The plan of `overrides` (planner.plan_memory) with, when it does not fit, the changes that make it
+    fit."""
     cfg = cfg if cfg is not None else compose(list(overrides))
     plan = plan_memory(overrides, seq, image_px, images, cfg=cfg)
-    if suggest and plan.fits is False:
+    if plan.fits is False:
         seq, image_px = sample_geometry(cfg, seq, image_px)
         plan.suggestions = suggestions(list(overrides), plan, seq, image_px, images, cfg)
     return plan

@@ -1,23 +1,2 @@
-"""Model families and their registry: `get_family(model.family)` is how generic code finds one."""
-from vlm_finetune.errors import ConfigError
-from vlm_finetune.models.base import Family, Mode, Part, parse_trainability
-from vlm_finetune.models.glm4v.family import GLM4V
-from vlm_finetune.models.mgm.family import MGM
-
-FAMILIES: dict[str, Family] = {family.name: family for family in (GLM4V, MGM)}
-
-
-def register_family(family: Family) -> Family:
-    """Add a family (a plug-in, or a test's) under its name."""
-    FAMILIES[family.name] = family
-    return family
-
-
-def get_family(name: str) -> Family:
-    try:
-        return FAMILIES[name]
-    except KeyError:
-        raise ConfigError(f"model.family={name!r} is unknown; known families: {sorted(FAMILIES)}") from None
-
-
-__all__ = ["FAMILIES", "Family", "Mode", "Part", "get_family", "parse_trainability", "register_family"]
+"""Model families: `base` (the Family interface), `registry` (get_family), one sub-package per family. The
+package itself imports nothing, so importing any part of it pulls in no other part."""

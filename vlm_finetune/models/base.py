@@ -2,6 +2,7 @@
 trainability vocabulary (Part, Mode), the processor protocol and the `Family` base class."""
 from __future__ import annotations
 
+import abc
 import enum
 from pathlib import Path
 from typing import Any, Protocol
@@ -77,9 +78,10 @@ class FamilyProcessor(Protocol):
         ...
 
 
-class Family:
-    """What a model family declares to the framework. Subclasses implement the abstract methods; the
-    optional hooks have working defaults here, so generic code calls them without probing."""
+class Family(abc.ABC):
+    """What a model family declares to the framework. Subclasses implement the abstract methods (a family
+    missing one cannot be created); the optional hooks have working defaults here, so generic code calls
+    them without probing."""
 
     name: str = ""
     #: batch keys the model's forward and generate take (the rest of a batch is for the loss and metrics)
@@ -87,53 +89,54 @@ class Family:
 
     # -- structure ----------------------------------------------------------------------------------
     @property
+    @abc.abstractmethod
     def decoder_layer_classes(self) -> tuple[type[nn.Module], ...]:
         """Module classes of the LLM decoder layers (FSDP units, activation checkpointing)."""
-        raise NotImplementedError
 
     @property
+    @abc.abstractmethod
     def vision_block_classes(self) -> tuple[type[nn.Module], ...]:
         """Module classes of the vision towers' blocks (FSDP units)."""
-        raise NotImplementedError
 
     @property
     def zero3_leaf_classes(self) -> tuple[type[nn.Module], ...]:
         """Modules DeepSpeed ZeRO-3 must gather whole (MoE blocks, whose experts fire data-dependently)."""
         return ()
 
+    @abc.abstractmethod
     def part_module_names(self, model: nn.Module) -> dict[Part, list[str]]:
         """Qualified module names (in the unwrapped model) that make up each part."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def lora_target_pattern(self, part: Part, model_cfg: Any, lora_cfg: Any) -> str | None:
         """A regex over module names selecting the linear layers that take LoRA in this part (None: no
         module takes LoRA, e.g. when only `lora_target_parameters` do)."""
-        raise NotImplementedError
 
     def lora_target_parameters(self, part: Part, model_cfg: Any, lora_cfg: Any) -> list[str]:
         """Parameters that take LoRA directly (PEFT's target_parameters: fused MoE expert tensors)."""
         return []
 
     # -- builders -----------------------------------------------------------------------------------
+    @abc.abstractmethod
     def build_model(self, model_cfg: Any, dtype: torch.dtype = torch.float32, device: str | None = None,
                     quantization: str | None = None) -> nn.Module:
         """The model of `model_cfg`: a checkpoint folder loaded, or built from its config with random
         weights. `device="meta"` builds the structure only (no weight file read: the planner counts on
         it); `quantization="nf4"` loads the LLM's linear layers in 4-bit. Activation checkpointing is not
         the builder's business (trainability.apply_activation_checkpointing)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def load_processor(self, model_cfg: Any, truncation: str = "truncate") -> FamilyProcessor:
-        raise NotImplementedError
+        """The processor that turns Samples into this family's inputs (`truncation`: data.truncation)."""
 
     # -- forward ------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def hidden_states(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Final hidden states (batch, seq, hidden) before the output projection."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def output_embedding(self, model: nn.Module) -> nn.Module:
         """The output projection (lm_head) module of the unwrapped model."""
-        raise NotImplementedError
 
     # -- planner and export -------------------------------------------------------------------------
     def memory_dims(self, model_cfg: Any, image_size: int) -> dict[str, int]:
