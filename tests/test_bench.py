@@ -15,7 +15,7 @@ def test_cpu_bench_runs_both_and_appends_report(tmp_path):
     report.write_text("# Benchmarks\n\nearlier entry\n")
     ours, base = bench.main(["--seq", "96", "--image", "56", "--steps", "3", "--report", str(report)])
     assert ours["err"] is None and ours["tokens_per_s"] > 0 and ours["params_train_m"] > 0, ours
-    assert ours["model"] == "tiny_glm4v" and ours["loss_impl"] == "chunked"
+    assert ours["model"] == "tiny_glm41v" and ours["loss_impl"] == "chunked"
     assert base.get("err") is None, base
     assert base["tokens_per_s"] > 0 and base["seq"] == 96
     text = report.read_text()

@@ -21,7 +21,7 @@ def _options(group: str) -> list[str]:
 def test_every_group_has_options():
     expected = {"data", "experiment", "hardware", "lora", "model", "optimizer", "precision", "scheduler", "trainer"}
     assert expected <= set(GROUPS)
-    assert {"tiny_glm4v", "glm4v_9b", "glm45v"} <= set(_options("model"))
+    assert {"tiny_glm41v", "glm41v_9b", "glm45v"} <= set(_options("model"))
     assert {"32-true", "bf16-mixed", "bf16-true", "fp16-mixed"} <= set(_options("precision"))
     assert {"single", "ddp"} <= set(_options("trainer"))
     assert {"adamw", "sgd"} <= set(_options("optimizer"))

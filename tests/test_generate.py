@@ -29,7 +29,7 @@ def test_answer_is_what_validation_generates(shared_run, tmp_path, _asset_cache)
 
     got = answer(image, question, run_dir=objects["run_dir"], max_new_tokens=6)
     assert got == expected and got  # a non-empty answer, the same tokens
-    result = subprocess.run([sys.executable, "-m", "vlm_finetune.generate", "model=tiny_glm4v",
+    result = subprocess.run([sys.executable, "-m", "vlm_finetune.generate", "model=tiny_glm41v",
                              f"adapter={objects['run_dir'] / 'adapter'}", f"image={image}", f"prompt={question}",
                              "max_new_tokens=6"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, VLM_FINETUNE_CACHE=str(_asset_cache)))
@@ -39,7 +39,7 @@ def test_answer_is_what_validation_generates(shared_run, tmp_path, _asset_cache)
 
 def test_bad_inputs_fail_with_the_fix(tmp_path):
     (tmp_path / "not_an_image.png").write_text("hello")
-    result = subprocess.run([sys.executable, "-m", "vlm_finetune.generate", "model=tiny_glm4v",
+    result = subprocess.run([sys.executable, "-m", "vlm_finetune.generate", "model=tiny_glm41v",
                              f"image={tmp_path / 'not_an_image.png'}", "prompt=what?"], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "cannot be read as an image" in result.stderr

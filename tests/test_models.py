@@ -10,14 +10,14 @@ from vlm_finetune.models.registry import get_family
 
 
 # GLM-4.5V is published as 106 B; the transformers model built from its config has 104.4 B
-@pytest.mark.parametrize("name,billions,low,high", [("glm4v_9b", 10.34, 10.2, 10.5), ("glm45v", 104.4, 100, 110)])
+@pytest.mark.parametrize("name,billions,low,high", [("glm41v_9b", 10.34, 10.2, 10.5), ("glm45v", 104.4, 100, 110)])
 def test_real_size_builds_on_meta_with_expected_size(name, billions, low, high, tmp_path):
     cfg = compose_cfg([f"model={name}", "model.activation_checkpointing=false"], tmp_path)
     model = get_family("glm4v").build_model(cfg.model, dtype=torch.bfloat16, device="meta")
     total = sum(p.numel() for p in model.parameters())
     assert low * 1e9 < total < high * 1e9, total / 1e9
     assert all(p.device.type == "meta" for p in model.parameters())  # nothing allocated
-    if name == "glm4v_9b":
+    if name == "glm41v_9b":
         # released GLM-4.1V rotary settings are in place (without them the rotary split fails)
         assert model.config.text_config.rope_parameters["mrope_section"] == [8, 12, 12]
         names = {n for n, _ in model.named_modules()}

@@ -135,13 +135,13 @@ def test_parameter_gradient_optimizer_bytes_are_exact_for_the_tiny_model(precisi
     assert params > 0 and grads > 0 and states == 2 * grads
 
 
-BENCH = ["model=glm4v_9b", "precision=bf16-mixed", "train.projector=frozen", "hardware=1xh100",
+BENCH = ["model=glm41v_9b", "precision=bf16-mixed", "train.projector=frozen", "hardware=1xh100",
          "data.micro_batch_size=1", "model.liger_kernels=true"]
 
 
 @pytest.mark.parametrize("extra,measured_gib", [([], 24.31), (["loss.chunk_size=512"], 24.16),
                                                 (["model.liger_kernels=false"], 24.74)])
-def test_glm4v_9b_plan_matches_the_h100_benchmark_it_was_calibrated_on(extra, measured_gib):
+def test_glm41v_9b_plan_matches_the_h100_benchmark_it_was_calibrated_on(extra, measured_gib):
     """docs/benchmarks.md, one H100: GLM-4.1V-9B, LoRA r=16, frozen ViT, one 672 px image, 8192 tokens,
     every layer checkpointed. The planner's peak allocated is within 2% of each measured figure."""
     plan = plan_memory(BENCH + extra, seq=8192, image_px=672)
@@ -149,10 +149,10 @@ def test_glm4v_9b_plan_matches_the_h100_benchmark_it_was_calibrated_on(extra, me
     assert plan.fits and plan.checkpointed_layers == 40 and plan.tokens == 8192
 
 
-def test_glm4v_9b_on_one_a6000_does_not_fit_and_every_suggestion_fits_by_its_own_plan(capsys):
-    """`python -m vlm_finetune.plan model=glm4v_9b trainer=single hardware=1xa6000` (float32 base, micro-batch
+def test_glm41v_9b_on_one_a6000_does_not_fit_and_every_suggestion_fits_by_its_own_plan(capsys):
+    """`python -m vlm_finetune.plan model=glm41v_9b trainer=single hardware=1xa6000` (float32 base, micro-batch
     32): a verdict with a breakdown and suggestions, cheapest first, each of which fits when planned anew."""
-    overrides = ["model=glm4v_9b", "trainer=single", "hardware=1xa6000"]
+    overrides = ["model=glm41v_9b", "trainer=single", "hardware=1xa6000"]
     assert main(overrides) == 0
     out = capsys.readouterr().out
     assert "verdict: DOES NOT FIT" in out and "parameters   llm frozen float32" in out

@@ -36,6 +36,6 @@ def test_the_load_bytes_per_rank_are_the_built_models_bytes(tmp_path):
     assert plan.load.host_memory_gib > 1  # null in the cpu profile: this machine's memory, detected
 
 
-def test_glm4v_9b_loads_on_one_a6000_workstation():
-    plan = plan_memory(["model=glm4v_9b", "hardware=1xa6000", "precision=bf16-mixed"])
+def test_glm41v_9b_loads_on_one_a6000_workstation():
+    plan = plan_memory(["model=glm41v_9b", "hardware=1xa6000", "precision=bf16-mixed"])
     assert plan.load.fits is True and plan.load.bytes_per_rank < 25 * GiB

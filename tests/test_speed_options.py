@@ -45,7 +45,7 @@ def _assert_same(reference, other):
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["tiny_glm4v", "tiny_mgm_moe"])
+@pytest.mark.parametrize("name", ["tiny_glm41v", "tiny_mgm_moe"])
 def test_selective_checkpointing_gives_the_same_loss_and_gradients_and_recomputes_only_the_mlp(name, tmp_path):
     calls = {"mlp": 0, "attention": 0}
 
@@ -67,7 +67,7 @@ def test_selective_checkpointing_gives_the_same_loss_and_gradients_and_recompute
 
 
 def test_activation_offloading_gives_the_same_loss_and_gradients(tmp_path):
-    _assert_same(_step("tiny_glm4v", tmp_path, 0), _step("tiny_glm4v", tmp_path, 0, offload=True))
+    _assert_same(_step("tiny_glm41v", tmp_path, 0), _step("tiny_glm41v", tmp_path, 0, offload=True))
 
 
 @pytest.mark.slow
@@ -78,8 +78,8 @@ def test_regional_compile_gives_the_same_loss_and_gradients(tmp_path):
 
     counters.clear()
     compiled = []
-    reference = _step("tiny_glm4v", tmp_path, 0)
-    other = _step("tiny_glm4v", tmp_path, 0, hooks=lambda model, family: compiled.append(compile_regions(model, family)))
+    reference = _step("tiny_glm41v", tmp_path, 0)
+    other = _step("tiny_glm41v", tmp_path, 0, hooks=lambda model, family: compiled.append(compile_regions(model, family)))
     assert compiled == [4]  # 2 decoder layers + 2 vision blocks
     assert counters["frames"]["ok"] > 0  # dynamo really compiled frames (no silent eager fallback)
     (loss_a, grads_a), (loss_b, grads_b) = reference, other
@@ -98,9 +98,9 @@ def test_attention_backends_are_checked_and_the_math_kernel_gives_the_same_step(
     assert attention_backends(["cudnn", "flash"]) == (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION)
     with pytest.raises(ConfigError, match="'flash2' is not an SDPA backend"):
         check_config(compose_cfg(["speed.attention_backends=[flash2]"], tmp_path))
-    (loss_a, grads_a) = _step("tiny_glm4v", tmp_path, 0)
+    (loss_a, grads_a) = _step("tiny_glm41v", tmp_path, 0)
     with sdpa_kernel([SDPBackend.MATH]):  # another kernel: the same step up to float32 rounding
-        (loss_b, grads_b) = _step("tiny_glm4v", tmp_path, 0)
+        (loss_b, grads_b) = _step("tiny_glm41v", tmp_path, 0)
     assert loss_b == pytest.approx(loss_a, rel=1e-6)
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6)

@@ -40,7 +40,7 @@ def _logits(model, batch):
 def test_run_folder_contents(shared_run):
     cfg, metrics, objects = shared_run
     run_dir = objects["run_dir"]
-    assert (run_dir / "config.yaml").is_file() and "tiny_glm4v" in (run_dir / "config.yaml").read_text()
+    assert (run_dir / "config.yaml").is_file() and "tiny_glm41v" in (run_dir / "config.yaml").read_text()
     assert (run_dir / "csv" / "metrics.csv").is_file()
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     saved = json.loads((run_dir / "metrics.json").read_text())

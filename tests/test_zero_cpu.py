@@ -26,7 +26,7 @@ COMMON = ["hardware=cpu", "hardware.devices=2", "precision=32-true", f"trainer.m
           "data.num_train=256", "data.num_val=8", "data.micro_batch_size=8", "data.val_batch_size=4",
           "lora.dropout=0.0", "optimizer=sgd", "optimizer.lr=0.2", "scheduler=constant", "trainer.val_every_n_steps=3", "trainer.enable_progress_bar=false",
           "trainer.log_every_n_steps=1"]
-MODELS = {"tiny_glm4v": "glm4v", "tiny_mgm": "mgm", "tiny_mgm_moe": "mgm"}
+MODELS = {"tiny_glm41v": "glm4v", "tiny_mgm": "mgm", "tiny_mgm_moe": "mgm"}
 
 
 def _run(run_dir: Path, model: str, trainer: str) -> Path:
@@ -55,7 +55,7 @@ def ddp_adapters(tmp_path_factory):
 
 
 @pytest.mark.parametrize("model,trainer", [
-    ("tiny_glm4v", "zero3_offload"),  # zero2 and zero3 on GLM: test_accumulation.py
+    ("tiny_glm41v", "zero3_offload"),  # zero2 and zero3 on GLM: test_accumulation.py
     ("tiny_mgm", "zero2"), ("tiny_mgm", "zero3"),
     ("tiny_mgm_moe", "zero2"), ("tiny_mgm_moe", "zero3"),
 ])
@@ -90,11 +90,11 @@ def test_zero_on_cpu_ranks_trains_the_ddp_adapter_and_it_reloads(model, trainer,
 
 
 @pytest.mark.parametrize("model,trainer,precision,extra", [
-    ("tiny_glm4v", "zero2", "bf16-mixed", []),
-    ("tiny_glm4v", "zero2", "32-true", []),
-    ("tiny_glm4v", "zero3", "bf16-mixed", []),  # small parameters kept whole as well as partitioned
-    ("tiny_glm4v", "zero3", "32-true", []),
-    ("tiny_glm4v", "zero3", "bf16-mixed", ["trainer.stage3_param_persistence_threshold=0"]),
+    ("tiny_glm41v", "zero2", "bf16-mixed", []),
+    ("tiny_glm41v", "zero2", "32-true", []),
+    ("tiny_glm41v", "zero3", "bf16-mixed", []),  # small parameters kept whole as well as partitioned
+    ("tiny_glm41v", "zero3", "32-true", []),
+    ("tiny_glm41v", "zero3", "bf16-mixed", ["trainer.stage3_param_persistence_threshold=0"]),
     ("tiny_mgm_moe", "zero3", "bf16-mixed", []),
 ])
 def test_planner_bytes_per_rank_equal_what_deepspeed_holds(model, trainer, precision, extra, tmp_path):

@@ -1,7 +1,7 @@
 """Side-by-side benchmark: this project's training step against the plain transformers + peft recipe
 (`python -m vlm_finetune.bench suite` runs every GPU check instead: vlm_finetune/suite.py).
 
-    python -m vlm_finetune.bench model=glm4v_9b --seq 8192 --image 672 --baseline-liger 1 [hydra overrides]
+    python -m vlm_finetune.bench model=glm41v_9b --seq 8192 --image 672 --baseline-liger 1 [hydra overrides]
 
 Both run real training steps (forward, backward, AdamW step) of the same model size, sequence length
 and image size, with random weights built from the config, in one invocation on one device: first the
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> tuple[dict, dict] | int:
     if device == "cpu":
         print("vlm_finetune.bench: no GPU here: running the tiny model on the CPU; GPU memory and real-size "
               "throughput figures need a GPU.", flush=True)
-        overrides = [o for o in overrides if not o.startswith("model=")] + ["model=tiny_glm4v"]
+        overrides = [o for o in overrides if not o.startswith("model=")] + ["model=tiny_glm41v"]
         args.baseline_liger = 0  # Liger's kernels are Triton: GPU only
     else:
         # our GPU recipe: bf16 frozen base, float32 LoRA master weights, bf16 autocast; LoRA only, as the baseline

@@ -1,4 +1,4 @@
-"""`python -m vlm_finetune.generate model=tiny_glm4v adapter=outputs/.../adapter image=cat.png prompt="What is this?"`
+"""`python -m vlm_finetune.generate model=tiny_glm41v adapter=outputs/.../adapter image=cat.png prompt="What is this?"`
 
 Answers one question about one image, greedily, with the base model (a `conf/model` name; `model_path=` for a
 local checkpoint folder) and, if given, a trained adapter folder. `run_dir=<run>` takes the model and the

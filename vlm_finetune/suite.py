@@ -32,7 +32,7 @@ from vlm_finetune.memory.planner import plan_memory
 ROOT = Path(__file__).resolve().parent.parent
 GiB = 2**30
 # the recipe the goals are stated for (bench.main adds the first two on a GPU)
-GPU_BASE = ["precision=bf16-mixed", "train.projector=frozen", "model=glm4v_9b", "data.micro_batch_size=1",
+GPU_BASE = ["precision=bf16-mixed", "train.projector=frozen", "model=glm41v_9b", "data.micro_batch_size=1",
             "hardware=auto", "model.liger_kernels=true"]
 
 
@@ -57,7 +57,7 @@ class Row:
 
 def workloads(dry_run: bool) -> list[Workload]:
     if dry_run:  # the same plan, tiny: 96 tokens, a 56 px image
-        tiny = ["model=tiny_glm4v", "hardware=cpu"]
+        tiny = ["model=tiny_glm41v", "hardware=cpu"]
         return [Workload("lean", 96, 56, [*tiny, "model.activation_checkpointing=true"]),
                 Workload("fast", 96, 56, [*tiny, "model.activation_checkpointing=false"]),
                 Workload("vit-trained", 96, 112, [*tiny, "model.activation_checkpointing=true", "train.vision=full"]),
@@ -152,8 +152,8 @@ def planner_row(work: Workload, measured: Row) -> Row:
 
 def strategy_runs(dry_run: bool) -> list[tuple[str, list[str]]]:
     if dry_run:
-        return [("tiny_glm4v single", ["model=tiny_glm4v", "trainer=single", "hardware=cpu"])]
-    runs = [(f"tiny_glm4v {t}", ["model=tiny_glm4v", f"trainer={t}"])
+        return [("tiny_glm41v single", ["model=tiny_glm41v", "trainer=single", "hardware=cpu"])]
+    runs = [(f"tiny_glm41v {t}", ["model=tiny_glm41v", f"trainer={t}"])
             for t in ("single", "fsdp", "zero2", "zero3", "zero3_offload")]
     return runs + [("tiny_mgm fsdp", ["model=tiny_mgm", "trainer=fsdp"]),
                    ("tiny_mgm_moe zero3", ["model=tiny_mgm_moe", "trainer=zero3"])]

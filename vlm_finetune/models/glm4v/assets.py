@@ -53,7 +53,7 @@ def ensure_tiny_checkpoint(cache_dir: str | os.PathLike, text: dict, vision: dic
     """A complete tiny GLM-4V checkpoint folder (config, seeded random weights, tokenizer, processor)."""
     spec = {"kind": "tiny-glm4v", "text": dict(text), "vision": dict(vision), "image_size": image_size,
             "max_image_size": max_image_size, "vocab_size": vocab_size, "init_seed": init_seed, "version": 2}
-    target = Path(cache_dir) / f"tiny_glm4v-{fingerprint(spec)}"
+    target = Path(cache_dir) / f"tiny_glm41v-{fingerprint(spec)}"
 
     def write(folder: Path) -> None:
         import torch

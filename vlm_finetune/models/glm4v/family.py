@@ -19,7 +19,7 @@ LLM_LORA_PATTERN = (r".*language_model\.layers\.\d+\."
 VISION_LORA_PATTERN = r".*visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(gate_proj|up_proj|down_proj))"
 # the connector that maps ViT features into the LLM's embedding space
 PROJECTOR_MODULES = ("model.visual.downsample", "model.visual.merger")
-PRESETS = ("tiny", "glm4v_9b", "glm45v")
+PRESETS = ("tiny", "glm41v_9b", "glm45v")
 # QLoRA quantises the LLM's linear layers only: vision tower, projector (inside `model.visual`) and head stay
 # in bf16. transformers matches these from the start of a module name, or as its suffix.
 NF4_SKIP_MODULES = ["model.visual", "visual", "lm_head"]
@@ -28,7 +28,7 @@ NF4_SKIP_MODULES = ["model.visual", "visual", "lm_head"]
 def _real_size_config(preset: str, tokenizer, overrides: dict | None):
     from transformers import Glm4vConfig, Glm4vMoeConfig
 
-    config = Glm4vConfig() if preset == "glm4v_9b" else Glm4vMoeConfig()
+    config = Glm4vConfig() if preset == "glm41v_9b" else Glm4vMoeConfig()
     # released GLM-4.1V / 4.5V values that the default config lacks; without them the rotary split fails
     config.text_config.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0,
                                           "mrope_section": [8, 12, 12], "partial_rotary_factor": 0.5}
