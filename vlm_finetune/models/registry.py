@@ -2,9 +2,10 @@
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.models.base import Family, Mode, Part, parse_trainability
 from vlm_finetune.models.glm4v.family import GLM4V
+from vlm_finetune.models.glm4v_orig.family import GLM4V_ORIG
 from vlm_finetune.models.mgm.family import MGM
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (GLM4V, MGM)}
+FAMILIES: dict[str, Family] = {family.name: family for family in (GLM4V, GLM4V_ORIG, MGM)}
 
 
 def register_family(family: Family) -> Family:

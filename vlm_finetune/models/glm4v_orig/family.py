@@ -1,0 +1,155 @@
+"""The original GLM-4V-9B family adapter: GLM-4 decoder (transformers' `GlmModel`), EVA2-CLIP tower, GLU adapter;
+released folders (`model.path`) load without running their Python files and merged exports write them back."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlm_finetune.errors import ConfigError
+from vlm_finetune.models.base import Family, Part
+from vlm_finetune.models.glm4v_orig import assets, checkpoint
+from vlm_finetune.models.glm4v_orig.modeling import EvaTransformerLayer, Glm4vOrigConfig, Glm4vOrigForCausalLM
+from vlm_finetune.models.glm4v_orig.processor import Glm4vOrigProcessor
+from vlm_finetune.models.glm4v_orig.tokenizer import load_tokenizer
+
+# LLM linear layers per `lora.llm_modules`: the released recipe's `query_key_value` is q/k/v here
+LLM_LORA = {"qkv": r"self_attn\.(q_proj|k_proj|v_proj)", "attention": r"self_attn\.(q_proj|k_proj|v_proj|o_proj)",
+            "mlp": r"mlp\.(gate_up_proj|down_proj)",
+            "all": r"self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_up_proj|down_proj)"}
+VISION_LORA_PATTERN = r".*vision\.transformer\.layers\.\d+\.(attention\.(query_key_value|dense)|mlp\.(fc1|fc2))"
+
+
+class Glm4vOrigFamily(Family):
+    name = "glm4v_orig"
+    input_keys = ("input_ids", "attention_mask", "pixel_values")
+
+    @property
+    def decoder_layer_classes(self) -> tuple[type[nn.Module], ...]:
+        from transformers.models.glm.modeling_glm import GlmDecoderLayer
+
+        return (GlmDecoderLayer,)
+
+    @property
+    def vision_block_classes(self) -> tuple[type[nn.Module], ...]:
+        return (EvaTransformerLayer,)
+
+    # -- folders and configs --------------------------------------------------------------------------
+    def checkpoint_folder(self, model_cfg: Any) -> Path | None:
+        """`model.path`, the tiny folder made on first use, or None (real size from the config)."""
+        if model_cfg.get("path"):
+            folder = Path(str(model_cfg.path)).expanduser()
+            if not (folder / "config.json").is_file():
+                raise ConfigError(f"model.path={folder} has no config.json; point it at a GLM-4V-9B folder "
+                                  "(config.json, *.safetensors + index, tokenizer.model, tokenizer_config.json)")
+            return folder
+        if str(model_cfg.get("preset", "")).startswith("tiny"):
+            return assets.ensure_tiny_checkpoint(model_cfg.cache_dir, model_cfg)
+        return None
+
+    def tokenizer_folder(self, model_cfg: Any) -> Path:
+        folder = self.checkpoint_folder(model_cfg)
+        if folder is not None:
+            return folder
+        raw = assets.released_config(assets.plain_dict(model_cfg.get("config")))
+        return assets.ensure_tokenizer_folder(model_cfg.cache_dir, int(model_cfg.vocab_size),
+                                              int(raw["vision_config"]["image_size"]))
+
+    def build_config(self, model_cfg: Any) -> Glm4vOrigConfig:
+        folder = self.checkpoint_folder(model_cfg)
+        if folder is not None:
+            return checkpoint.read_config(folder)
+        # real size, random weights: the locally made tokenizer's special ids stand in for the released ones
+        tokenizer = load_tokenizer(self.tokenizer_folder(model_cfg))
+        raw = assets.released_config(assets.plain_dict(model_cfg.get("config")), assets.tokenizer_ids(tokenizer))
+        return checkpoint.config_from_dict(raw, model_cfg.get("initializer_range"))
+
+    # -- builders -------------------------------------------------------------------------------------
+    def load_processor(self, model_cfg: Any, truncation: str = "truncate") -> Glm4vOrigProcessor:
+        folder = self.tokenizer_folder(model_cfg)
+        cfg = self.build_config(model_cfg)
+        return Glm4vOrigProcessor(load_tokenizer(folder), cfg.vision.image_size, cfg.vision.patch_tokens,
+                                  stop_token=str(model_cfg.get("stop_token") or "<|user|>"), truncation=truncation,
+                                  tokenizer_folder=folder)
+
+    def build_model(self, model_cfg: Any, dtype: torch.dtype = torch.float32, device: str | None = None,
+                    quantization: str | None = None) -> nn.Module:
+        if quantization:
+            raise ConfigError(f"precision={quantization}: 4-bit loading is not wired for model.family=glm4v_orig "
+                              "yet; use bf16-mixed")
+        if model_cfg.get("liger_kernels"):
+            raise ConfigError("model.liger_kernels=true is not wired for GLM-4V-9B; set it to false")
+        folder = self.checkpoint_folder(model_cfg)
+        if device is not None and str(device) == "meta":  # the planner: structure only, no weights read
+            with torch.device("meta"):
+                model = Glm4vOrigForCausalLM(self.build_config(model_cfg)).to(dtype)
+        elif folder is not None:
+            model = checkpoint.load_folder(folder, dtype=dtype, device=device or "cpu")
+        else:
+            previous = torch.get_default_dtype()
+            torch.set_default_dtype(dtype if dtype.is_floating_point else torch.float32)
+            try:
+                with torch.device(device or "cpu"):
+                    torch.manual_seed(int(model_cfg.get("init_seed", 0)))
+                    model = Glm4vOrigForCausalLM(self.build_config(model_cfg))
+            finally:
+                torch.set_default_dtype(previous)
+        model.set_attn_implementation(str(model_cfg.get("attn_implementation", "sdpa")))
+        return model
+
+    # -- structure ------------------------------------------------------------------------------------
+    def part_module_names(self, model: nn.Module) -> dict[Part, list[str]]:
+        return {Part.VISION: ["vision"], Part.PROJECTOR: ["projector"], Part.LLM: ["model", "lm_head"]}
+
+    def lora_target_pattern(self, part: Part, model_cfg: Any, lora_cfg: Any) -> str | None:
+        custom = (lora_cfg.get("targets") or {}).get(part.value)
+        if custom:
+            return str(custom)
+        if part is Part.VISION:
+            return VISION_LORA_PATTERN
+        if part is not Part.LLM:
+            raise ConfigError(f"train.{part.value}=lora is not supported for GLM-4V-9B; use frozen or full")
+        scope = str(lora_cfg.get("llm_modules", "all") or "all")
+        if scope not in LLM_LORA:
+            raise ConfigError(f"lora.llm_modules={scope!r}: use one of {sorted(LLM_LORA)} for GLM-4V-9B "
+                              "(qkv is the released recipe's query_key_value)")
+        return r".*model\.layers\.\d+\.(" + LLM_LORA[scope] + ")"
+
+    def hidden_states(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model.forward_hidden(batch["input_ids"], batch.get("attention_mask"), batch.get("pixel_values"))
+
+    def output_embedding(self, model: nn.Module) -> nn.Module:
+        return model.lm_head
+
+    # -- planner and export ---------------------------------------------------------------------------
+    def memory_dims(self, model_cfg: Any, image_size: int) -> dict:
+        """Sizes for the memory planner (keys in models/base.py). The geometry is fixed by the config (every
+        image is squashed to vision_config.image_size): 6401 ViT tokens (80 x 80 patches + cls) and 1602 LLM
+        rows at 1120 px, whatever `image_size`. A trainable adapter saves, per image, the conv input (the
+        ViT's patch tokens) and the GLU's inputs: four of width hidden and four of the ffn width per row."""
+        cfg = self.build_config(model_cfg)
+        text, vision = cfg.text_config, cfg.vision
+        heads, kv_heads, head_dim = int(text.num_attention_heads), int(text.num_key_value_heads), int(text.head_dim)
+        rows, glu_width = vision.patch_tokens, int(text.hidden_size) + int(text.intermediate_size)
+        return {
+            "hidden": int(text.hidden_size), "layers": int(text.num_hidden_layers),
+            "intermediate": int(text.intermediate_size), "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+            "q_dim": heads * head_dim, "kv_dim": kv_heads * head_dim, "vocab": int(text.vocab_size),
+            "rotary_dim": head_dim // 2,
+            "vision_layers": vision.num_hidden_layers, "vision_hidden": vision.hidden_size,
+            "vision_intermediate": vision.intermediate_size, "vision_heads": vision.num_heads,
+            "vision_patches_per_image": vision.num_positions, "image_tokens_per_image": cfg.image_tokens,
+            "image_side": vision.image_size,
+            "vision_extra_saved_elements_per_image": vision.grid**2 * vision.hidden_size + rows * 4 * glu_width,
+        }
+
+    def save_merged(self, model: nn.Module, folder: Path, processor: Glm4vOrigProcessor) -> None:
+        """The released layout: config.json (chatglm), sharded safetensors + index, tokenizer.model and
+        tokenizer_config.json: a drop-in GLM-4V-9B folder."""
+        checkpoint.write_weights(model, Path(folder))
+        processor.save_pretrained(str(folder))
+
+
+GLM4V_ORIG = Glm4vOrigFamily()
