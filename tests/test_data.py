@@ -75,7 +75,9 @@ def test_multi_turn_masks_every_user_turn(processor):
     enc = processor.encode(sample)
     sup = enc.labels[enc.labels != IGNORE_INDEX].tolist()
     tok = processor.tokenizer
-    expected = (tok("green", add_special_tokens=False)["input_ids"] + [processor.eos_token_id]
+    # a reply is supervised with the token that ends it: the next turn's role token, or the final <|endoftext|>
+    # (GLM-4.1V's chat template puts nothing between a reply and the next turn; see test_glm41v_template.py)
+    expected = (tok("green", add_special_tokens=False)["input_ids"] + [processor.special_ids["<|user|>"]]
                 + tok("yes", add_special_tokens=False)["input_ids"] + [processor.eos_token_id])
     assert sup == expected
 
