@@ -185,6 +185,20 @@ def to_released(state: dict[str, torch.Tensor], cfg: Glm4vOrigConfig) -> dict[st
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def released_name(name: str) -> str:
+    """The released name of one module tensor (q / k / v name their fused query_key_value)."""
+    match = re.match(r"^model\.layers\.(\d+)\.self_attn\.[qkv]_proj\.(weight|bias)$", name)
+    if match:
+        return f"transformer.encoder.layers.{match.group(1)}.self_attention.query_key_value.{match.group(2)}"
+    inverse = {v: k for k, v in _RENAMES.items()}
+    if name.startswith("model.layers."):
+        layer, rest = name[len("model.layers."):].split(".", 1)
+        return f"transformer.encoder.layers.{layer}.{inverse.get(rest, rest)}"
+    if name.startswith(("vision.", "projector.")):
+        return "transformer.vision." + name.split(".", 1)[1]
+    return {v: k for k, v in _TOP.items()}.get(name, name)
+
+
 class MissingKeys(ConfigError):
     def __init__(self, missing: list[str], unexpected: list[str], folder: Path | None = None):
         self.missing, self.unexpected = missing, unexpected
@@ -234,7 +248,8 @@ def load_folder(folder: Path, dtype: torch.dtype = torch.float32, device: str | 
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise MissingKeys(missing, unexpected, folder)
+        raise MissingKeys(sorted({released_name(k) for k in missing}), sorted({released_name(k) for k in unexpected}),
+                          folder)
     model.to_empty(device=device)
     with torch.no_grad():
         for name, target in model.state_dict(keep_vars=True).items():

@@ -306,7 +306,7 @@ class Glm4vOrigForCausalLM(nn.Module):
         position = self.positions(input_ids, mask)
         out = self.model(inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=mask,
                          position_ids=position, use_cache=True)
-        cache, last, position = out.past_key_values, out.last_hidden_state[:, -1], position[:, -1:]
+        cache, last, position = out.cache, out.last_hidden_state[:, -1], position[:, -1:]
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         new = []
         for _ in range(max_new_tokens):
@@ -323,8 +323,8 @@ class Glm4vOrigForCausalLM(nn.Module):
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             position = position + 1
             out = self.model(inputs_embeds=self.model.embed_tokens(token[:, None]), attention_mask=mask,
-                             position_ids=position, past_key_values=cache, use_cache=True)
-            cache, last = out.past_key_values, out.last_hidden_state[:, -1]
+                             position_ids=position, cache=cache, use_cache=True)
+            cache, last = out.cache, out.last_hidden_state[:, -1]
         return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
