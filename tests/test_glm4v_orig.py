@@ -226,3 +226,24 @@ def test_released_names_round_trip_and_fuse_back(loaded):
     back = checkpoint.to_released(model.state_dict(), cfg)
     assert set(back) == set(s)
     assert all(torch.equal(back[k], s[k]) for k in s)
+
+
+def test_checkpointing_recomputes_decoder_and_vit_layers_with_the_same_gradients():
+    cfg = checkpoint.config_from_dict(assets.released_config(TINY))
+    torch.manual_seed(0)
+    model = Glm4vOrigForCausalLM(cfg).train()
+    rows = cfg.vision.patch_tokens
+    ids = torch.tensor([[102, 104, 107, 120, *[100] * rows, 121, 60, 61]])
+    images = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(6))
+
+    def grads():
+        model.zero_grad()
+        model(ids, torch.ones_like(ids), images).logsumexp(-1).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.gradient_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in [*model.vision.transformer.layers, *model.model.layers])
+    recomputed = grads()
+    assert plain.keys() == recomputed.keys() and "vision.transformer.layers.0.mlp.fc1.weight" in plain
+    assert all(torch.allclose(plain[n], recomputed[n], atol=1e-6) for n in plain)

@@ -91,9 +91,10 @@ class Glm4vOrigFamily(Family):
             previous = torch.get_default_dtype()
             torch.set_default_dtype(dtype if dtype.is_floating_point else torch.float32)
             try:
-                with torch.device(device or "cpu"):
-                    torch.manual_seed(int(model_cfg.get("init_seed", 0)))
-                    model = Glm4vOrigForCausalLM(self.build_config(model_cfg))
+                config = self.build_config(model_cfg)
+                with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
+                    torch.manual_seed(int(model_cfg.get("init_seed", 0)))  # the caller's random state untouched
+                    model = Glm4vOrigForCausalLM(config)
             finally:
                 torch.set_default_dtype(previous)
         model.set_attn_implementation(str(model_cfg.get("attn_implementation", "sdpa")))

@@ -126,7 +126,13 @@ class VisionMLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU
 
 
-class EvaTransformerLayer(nn.Module):
+def _checkpointing_layer_base() -> type[nn.Module]:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return GradientCheckpointingLayer
+
+
+class EvaTransformerLayer(_checkpointing_layer_base()):
     """x + LN(Attn(x)), then + LN(MLP(x)): the norms inside the residual, after the sublayer (the released
     names: `input_layernorm` normalises the attention output, `post_attention_layernorm` the MLP output)."""
 
@@ -328,7 +334,16 @@ class Glm4vOrigForCausalLM(nn.Module):
         return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        """The decoder layers (transformers' flag) and the ViT layers (recomputed when the tower trains)."""
+        import functools
+
+        from torch.utils.checkpoint import checkpoint
+
+        kwargs = dict(gradient_checkpointing_kwargs or {"use_reentrant": False})
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        for layer in self.vision.transformer.layers:
+            layer.gradient_checkpointing = True
+            layer._gradient_checkpointing_func = functools.partial(checkpoint, **kwargs)
 
 
 def _all_ranks_done(done_here: bool, synced: bool, device: torch.device) -> bool:
