@@ -46,15 +46,17 @@ def check_auto_options(cfg: Any, hardware: Any) -> None:
                           "(or a number of layers) on the CPU")
 
 
-def resolve_activation_checkpointing(cfg: Any, overrides: list[str] | None = None) -> int | None:
-    """For `model.activation_checkpointing=auto`, the fewest checkpointed layers whose planned peak fits the
-    hardware budget (all when none fits); None when it is not auto."""
+def resolve_activation_checkpointing(cfg: Any, overrides: list[str] | None = None) -> tuple[int, str] | None:
+    """For `model.activation_checkpointing=auto`, (layers, scope) of the plan with the least recompute whose
+    planned peak fits the hardware budget: whole layers or only their MLPs (selective), unless the command
+    line fixes `speed.checkpoint_scope`; every whole layer when nothing fits. None when it is not auto."""
     if not is_auto(cfg.model.activation_checkpointing):
         return None
     plan = plan_memory(list(overrides or []), cfg=cfg)
-    print(f"vlm_finetune: activation checkpointing auto: {plan.checkpointed_layers} of {plan.num_layers} decoder "
-          f"layers (planned peak {plan.peak_bytes / 2**30:.1f} GiB of {plan.budget_bytes / 2**30:.1f} GiB)", flush=True)
-    return int(plan.checkpointed_layers)
+    what = "decoder layers" if plan.checkpoint_scope == "layer" else "decoder layers' MLPs (selective)"
+    print(f"vlm_finetune: activation checkpointing auto: {plan.checkpointed_layers} of {plan.num_layers} {what} "
+          f"(planned peak {plan.peak_bytes / 2**30:.1f} GiB of {plan.budget_bytes / 2**30:.1f} GiB)", flush=True)
+    return int(plan.checkpointed_layers), plan.checkpoint_scope
 
 
 def largest_fitting(step: Callable[[int], None], limit: int) -> int:

@@ -39,12 +39,11 @@ def bench_ours(overrides: list[str], seq: int, image_px: int, steps: int, device
     dtype, mixed = policy.load_dtype, policy.mixed
     loss_settings = LossSettings.from_config(cfg.loss)
     started = time.time()
-    checkpointing = cfg.model.activation_checkpointing
-    if is_auto(checkpointing):  # as train() does: the fewest layers the memory plan says fit
-        checkpointing = resolve_activation_checkpointing(cfg)
+    checkpointing, scope = cfg.model.activation_checkpointing, cfg.speed.checkpoint_scope
+    if is_auto(checkpointing):  # as train() does: the plan with the least recompute that fits
+        checkpointing, scope = resolve_activation_checkpointing(cfg, overrides)
     model, plan = build_trainable_model(family, cfg.model, parse_trainability(cfg.train), cfg.lora, policy,
-                                        checkpointed_layers=checkpointing, device=device,
-                                        checkpoint_scope=cfg.speed.checkpoint_scope)
+                                        checkpointed_layers=checkpointing, device=device, checkpoint_scope=scope)
     if cfg.speed.compile:
         compile_regions(model, family)
     model = model.to(device)

@@ -157,10 +157,10 @@ def _resolve_auto(cfg: DictConfig, family, model, processor, hardware: Hardware)
     """`auto` options become numbers in the run's config (and so in its config.yaml): checkpointed layers
     from the memory plan, before the model is built; the micro-batch from real steps, after."""
     if model is None:
-        layers = resolve_activation_checkpointing(cfg, hydra_overrides())
-        if layers is not None:
+        chosen = resolve_activation_checkpointing(cfg, hydra_overrides())
+        if chosen is not None:
             with open_dict(cfg):
-                cfg.model.activation_checkpointing = layers
+                cfg.model.activation_checkpointing, cfg.speed.checkpoint_scope = chosen
     elif is_auto(cfg.data.micro_batch_size):  # real steps on this GPU; the global batch stays the same
         micro, accumulate = search_micro_batch(cfg, family, model, processor, hardware)
         with open_dict(cfg):

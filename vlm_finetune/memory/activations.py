@@ -5,7 +5,8 @@ from __future__ import annotations
 
 
 def decoder_layer_bytes_per_token(dims: dict, act_bytes: int, liger: bool, llm_trains: bool, moe_layer: bool,
-                                  lora_rank: int = 0, lora_linears: int = 0, llm_full: bool = False) -> float:
+                                  lora_rank: int = 0, lora_linears: int = 0, llm_full: bool = False,
+                                  mlp_recomputed: bool = False, mlp_lora_linears: int = 0) -> float:
     """Bytes autograd keeps for backward per token in one decoder layer (pre-norm GLM-style layer: four
     RMSNorms, attention with q/k/v/o, gated MLP), at `act_bytes` per activation element.
 
@@ -18,7 +19,11 @@ def decoder_layer_bytes_per_token(dims: dict, act_bytes: int, liger: bool, llm_t
     top-k routed experts (each a copy of the token's input and its gated MLP) and the shared experts.
     Each LoRA-adapted linear keeps lora_A's output (rank values); rotary keeps its cos/sin per layer. A fully
     trained LLM (float32 norm weights under mixed precision) also keeps each norm's normalised input and
-    casts the float32 norm output once per reading linear (q, k, v): six more hidden-sized tensors."""
+    casts the float32 norm output once per reading linear (q, k, v): six more hidden-sized tensors.
+    With the MLP recomputed in backward (selective checkpointing, `speed.checkpoint_scope=mlp`) the layer
+    keeps the MLP's input (the checkpoint's input; the same tensor as the MLP linears' input when the LLM
+    trains), one more hidden-sized tensor at the checkpoint's boundary, and nothing from inside the MLP:
+    neither its activations nor its LoRA linears' `lora_A` outputs."""
     hidden, q_dim, kv_dim = dims["hidden"], dims["q_dim"], dims["kv_dim"]
     heads = dims["heads"]
     if liger:
@@ -45,7 +50,35 @@ def decoder_layer_bytes_per_token(dims: dict, act_bytes: int, liger: bool, llm_t
         mlp = 4 * experts + routed * (hidden * act_bytes + gated_mlp(width)) + shared * gated_mlp(width)
     else:
         mlp = gated_mlp(dims["intermediate"])
+    if mlp_recomputed:
+        # the checkpoint's input (counted in linear_inputs when the LLM trains) and one hidden-sized tensor
+        # autograd saves at the checkpoint's boundary (seen with saved_tensors_hooks, tests/test_plan.py)
+        mlp = (1 if llm_trains else 2) * hidden * act_bytes
+        lora -= mlp_lora_linears * lora_rank * act_bytes
     return norms + attention + linear_inputs + mlp + lora
+
+
+def mlp_bytes_per_token(dims: dict, act_bytes: int, liger: bool, llm_trains: bool, moe_layer: bool) -> float:
+    """What one MLP (or MoE block) keeps per token: the working set of its recompute in backward."""
+    full = decoder_layer_bytes_per_token(dims, act_bytes, liger, llm_trains, moe_layer)
+    return full - decoder_layer_bytes_per_token(dims, act_bytes, liger, llm_trains, moe_layer, mlp_recomputed=True)
+
+
+def recompute_flops_per_token(dims: dict, scope: str, seq: int, moe_layer: bool) -> float:
+    """Forward FLOPs per token that one checkpointed layer runs again in backward: the whole layer (scope
+    `layer`: projections, causal attention over `seq` tokens, MLP) or only its MLP (scope `mlp`). What
+    `activation_checkpointing=auto` minimises among the plans that fit."""
+    hidden, q_dim, kv_dim = dims["hidden"], dims["q_dim"], dims["kv_dim"]
+    if moe_layer:
+        width = (dims["experts_per_token"] + dims.get("shared_experts", 0)) * dims["moe_intermediate"]
+        mlp = 6 * hidden * width + 2 * hidden * dims["experts"]
+    else:
+        mlp = 6 * hidden * dims["intermediate"]
+    if scope == "mlp":
+        return float(mlp)
+    projections = 2 * hidden * (2 * q_dim + 2 * kv_dim)
+    attention = 2 * q_dim * seq  # QK^T and AV, causal: half of 2 x 2 x seq x q_dim
+    return float(projections + attention + mlp)
 
 
 def vision_block_bytes_per_patch(dims: dict, act_bytes: int, full: bool = True) -> float:

@@ -32,6 +32,7 @@ class ModelCount:
     largest_fetch_numel: int     # largest module ZeRO-3 gathers at once (a leaf MoE block, or one weight)
     quantizable_numel: int       # frozen linear weights nf4 would quantise (LLM, not lm_head)
     lora_linears_per_layer: int = 0  # LoRA-adapted linears in one decoder layer
+    mlp_lora_linears_per_layer: int = 0  # of those, inside its MLP (freed by selective checkpointing)
 
 
 def count_model(cfg: Any, family: Family, policy: WeightsPolicy, persistence_threshold: int = 0) -> ModelCount:
@@ -105,9 +106,10 @@ def _count(model: torch.nn.Module, plan: TrainablePlan, family: Family, persiste
             clean = _clean_name(name)
             if part_for(clean) == "llm" and "lm_head" not in clean and not module.weight.requires_grad:
                 quantizable += module.weight.numel()
-    lora_linears = 0
+    lora_names: list[str] = []
     for module in model.modules():
         if isinstance(module, tuple(family.decoder_layer_classes)):
-            lora_linears = sum(1 for child, _ in module.named_modules() if child.endswith("lora_A"))
+            lora_names = [child for child, _ in module.named_modules() if child.endswith("lora_A")]
             break
-    return ModelCount(list(groups.values()), units, trainable_units, fetch, quantizable, lora_linears)
+    return ModelCount(list(groups.values()), units, trainable_units, fetch, quantizable, len(lora_names),
+                      sum(1 for name in lora_names if name.startswith("mlp.")))

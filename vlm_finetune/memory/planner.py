@@ -28,16 +28,21 @@ import torch
 from vlm_finetune.config import LossSettings, compose, is_auto
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.hardware import resolve
-from vlm_finetune.memory.activations import decoder_layer_bytes_per_token, vision_block_bytes_per_patch
+from vlm_finetune.memory.activations import (
+    decoder_layer_bytes_per_token,
+    mlp_bytes_per_token,
+    recompute_flops_per_token,
+    vision_block_bytes_per_patch,
+)
 from vlm_finetune.memory.count import ModelCount, ParamGroup, count_model
 from vlm_finetune.memory.load import plan_load
 from vlm_finetune.memory.report import GiB, MemoryPlan, Row
-from vlm_finetune.memory.search import fewest_checkpointed_layers, largest_micro_batch
+from vlm_finetune.memory.search import fastest_checkpointing, largest_micro_batch
 from vlm_finetune.models.base import Mode, Part, parse_trainability
 from vlm_finetune.models.registry import get_family
 from vlm_finetune.precision import WeightsPolicy, check_precision, weights_policy
 from vlm_finetune.strategies import check_combination
-from vlm_finetune.trainability import checkpointed_layer_count
+from vlm_finetune.trainability import CHECKPOINT_SCOPES, checkpointed_layer_count
 
 # --- calibrated / estimated constants (see the module docstring; the usable fraction of a GPU is in report) --
 CUDA_CONTEXT_BYTES = int(0.6 * GiB)   # CUDA context + cuBLAS/cuDNN workspaces: outside the allocator's count
@@ -163,25 +168,32 @@ def plan_memory(overrides: list[str], seq: int | None = None, image_px: int | No
     inputs = plan_inputs(cfg, dims, count, modes, hardware.world_size, policy)
     num_layers = inputs.num_layers
     checkpointed = checkpointed_layer_count(cfg.model.get("activation_checkpointing"), num_layers)
+    scope = str(cfg.speed.checkpoint_scope)
     notes: list[str] = []
 
-    def build(batch_size: int, checkpointed_layers: int) -> MemoryPlan:
+    def build(batch_size: int, checkpointed_layers: int, scope: str = scope) -> MemoryPlan:
         tokens = seq * batch_size
-        rows, phase = plan_rows(inputs, tokens, batch_size, images, checkpointed_layers)
+        rows, phase = plan_rows(inputs, tokens, batch_size, images, checkpointed_layers, scope)
         return MemoryPlan(list(overrides), rows, hardware.name, hardware.world_size, hardware.gpu_memory_gib, phase,
                           checkpointed_layers, num_layers, batch_size, tokens, list(notes),
                           parameters=sum(group.numel for group in count.groups),
-                          trainable_parameters=inputs.trainable_numel)
+                          trainable_parameters=inputs.trainable_numel, checkpoint_scope=scope)
 
     if micro_batch is None:
         micro_batch = largest_micro_batch(
-            lambda size: build(size, num_layers if checkpointed == "auto" else checkpointed))
+            lambda size: build(size, num_layers if checkpointed == "auto" else checkpointed,
+                               "layer" if checkpointed == "auto" else scope))
         notes.append(f"data.micro_batch_size=auto: a GPU search with real steps picks it at run time; the plan "
                      f"assumes {micro_batch}, the largest the model predicts fits")
     if checkpointed == "auto":
-        checkpointed = fewest_checkpointed_layers(lambda layers: build(micro_batch, layers), num_layers)
-        notes.append(f"model.activation_checkpointing=auto: {checkpointed} of {num_layers} decoder layers "
-                     "checkpointed, the fewest that fit the budget")
+        # both scopes unless the command line fixes one: the fastest plan that fits (least recompute)
+        asked = any(o.split("=", 1)[0].lstrip("+~") == "speed.checkpoint_scope" for o in overrides)
+        checkpointed, scope = fastest_checkpointing(lambda layers, s: build(micro_batch, layers, s), num_layers,
+                                                    (scope,) if asked else CHECKPOINT_SCOPES,
+                                                    lambda s: _recompute_cost(inputs, s, seq))
+        what = "decoder layers checkpointed" if scope == "layer" else "decoder layers' MLPs recomputed (selective)"
+        notes.append(f"model.activation_checkpointing=auto: {checkpointed} of {num_layers} {what}, the plan with "
+                     "the least recompute that fits the budget")
     if precision == "nf4" and not cfg.model.get("path"):
         notes.append("precision=nf4 quantises a checkpoint folder: set model.path (a model built from its config "
                      "has no weights to quantise)")
@@ -190,19 +202,27 @@ def plan_memory(overrides: list[str], seq: int | None = None, image_px: int | No
     if count.trainable_unit_numels and strategy == "fsdp":
         notes.append("FSDP (use_orig_params) keeps a float32 gradient for whole units that hold a trainable "
                      "parameter, frozen weights included")
-    result = build(micro_batch, checkpointed)
+    result = build(micro_batch, checkpointed, scope)
     result.notes = notes
     result.load = plan_load(count, hardware.devices, hardware.host_memory_gib)
     return result
 
 
-def plan_rows(inputs: PlanInputs, tokens: int, micro_batch: int, images: int, checkpointed_layers: int
-              ) -> tuple[list[Row], str]:
+def _recompute_cost(inputs: PlanInputs, scope: str, seq: int) -> float:
+    """Forward FLOPs per token one checkpointed layer of this scope runs again (the larger of dense and MoE)."""
+    moe = int(inputs.dims.get("moe_layers", 0))
+    kinds = ([False] if inputs.num_layers > moe else []) + ([True] if moe else [])
+    return max(recompute_flops_per_token(inputs.dims, scope, seq, kind) for kind in kinds)
+
+
+def plan_rows(inputs: PlanInputs, tokens: int, micro_batch: int, images: int, checkpointed_layers: int,
+              scope: str = "layer") -> tuple[list[Row], str]:
     """Every row of one build and the name of the phase that peaks (LLM backward, or the forward of a
     frozen vision tower when that is larger than everything the LLM's backward holds)."""
     rows = parameter_rows(inputs) + optimizer_rows(inputs) + strategy_rows(inputs)
     static = sum(row.bytes for row in rows if row.where == "gpu")
-    dynamic_rows = activation_rows(inputs, tokens, micro_batch, images, checkpointed_layers) + loss_rows(inputs, tokens)
+    dynamic_rows = (activation_rows(inputs, tokens, micro_batch, images, checkpointed_layers, scope)
+                    + loss_rows(inputs, tokens))
     dynamic = sum(row.bytes for row in dynamic_rows)
     patches = _patches(inputs, micro_batch, images)
     vision_forward = 0
@@ -323,9 +343,11 @@ def strategy_rows(inputs: PlanInputs) -> list[Row]:
     return []
 
 
-def activation_rows(inputs: PlanInputs, tokens: int, micro_batch: int, images: int, checkpointed_layers: int
-                    ) -> list[Row]:
-    """What the LLM and a trained vision tower hold at the LLM's backward."""
+def activation_rows(inputs: PlanInputs, tokens: int, micro_batch: int, images: int, checkpointed_layers: int,
+                    scope: str = "layer") -> list[Row]:
+    """What the LLM and a trained vision tower hold at the LLM's backward. Scope `layer` checkpoints the first
+    `checkpointed_layers` whole decoder layers (and the vision blocks); scope `mlp` recomputes only those
+    layers' MLPs and keeps the rest of each layer (the vision blocks are not checkpointed)."""
     dims, act_bytes, modes = inputs.dims, inputs.act_bytes, inputs.modes
     llm_trains = modes[Part.LLM] is not Mode.FROZEN
     vision_trains = modes[Part.VISION] is not Mode.FROZEN
@@ -343,14 +365,27 @@ def activation_rows(inputs: PlanInputs, tokens: int, micro_batch: int, images: i
     kept_moe = min(kept, moe_layers)
     kept_dense = kept - kept_moe
     saved = kept_dense * per_dense + kept_moe * per_moe
-    boundaries = checkpointed_layers * tokens * hidden * act_bytes
-    recompute = max(per_dense if dense_layers else 0, per_moe) if checkpointed_layers else 0
     width = max(dims.get("intermediate", 0), dims.get("experts_per_token", 0) * dims.get("moe_intermediate", 0))
     backward_working = tokens * 2 * width * act_bytes  # the gradient of the layer's largest MLP output in backward
-    rows = [Row("activations", f"LLM saved, {kept} layers not checkpointed", int(saved)),
-            Row("activations", f"LLM checkpoint boundaries, {checkpointed_layers} layers", int(boundaries)),
-            Row("activations", "LLM recompute of one checkpointed layer", int(recompute)),
-            Row("activations", "LLM backward working set (gradients in flight)", int(backward_working))]
+    rows = [Row("activations", f"LLM saved, {kept} layers not checkpointed", int(saved))]
+    if scope == "mlp":
+        # the selective layers keep all but their MLP's insides; the recompute is one MLP's working set
+        ckpt_moe = moe_layers - kept_moe
+        selective = [decoder_layer_bytes_per_token(dims, act_bytes, inputs.liger, llm_trains, moe, *lora,
+                                                   mlp_recomputed=True,
+                                                   mlp_lora_linears=inputs.count.mlp_lora_linears_per_layer) * tokens
+                     for moe in (False, bool(moe_layers))]
+        held = (checkpointed_layers - ckpt_moe) * selective[0] + ckpt_moe * selective[1]
+        recompute = max(mlp_bytes_per_token(dims, act_bytes, inputs.liger, llm_trains, moe) * tokens
+                        for moe in ([False] if dense_layers else []) + ([True] if moe_layers else []))
+        rows += [Row("activations", f"LLM kept by {checkpointed_layers} layers with the MLP recomputed", int(held)),
+                 Row("activations", "LLM recompute of one MLP", int(recompute) if checkpointed_layers else 0)]
+    else:
+        boundaries = checkpointed_layers * tokens * hidden * act_bytes
+        recompute = max(per_dense if dense_layers else 0, per_moe) if checkpointed_layers else 0
+        rows += [Row("activations", f"LLM checkpoint boundaries, {checkpointed_layers} layers", int(boundaries)),
+                 Row("activations", "LLM recompute of one checkpointed layer", int(recompute))]
+    rows.append(Row("activations", "LLM backward working set (gradients in flight)", int(backward_working)))
 
     image_tokens = int(dims["image_tokens_per_image"])
     patches = _patches(inputs, micro_batch, images)
@@ -365,7 +400,7 @@ def activation_rows(inputs: PlanInputs, tokens: int, micro_batch: int, images: i
     if vision_trains:
         block = vision_block_bytes_per_patch(dims, act_bytes, modes[Part.VISION] is Mode.FULL) * patches
         depth = int(dims["vision_layers"])
-        if checkpointed_layers:
+        if checkpointed_layers and scope == "layer":
             vision = depth * patches * dims["vision_hidden"] * act_bytes + block
             label = f"ViT trained: {depth} block boundaries + one block recompute, {patches} patches"
         else:

@@ -48,6 +48,7 @@ class MemoryPlan:
     parameters: int = 0  # of the model as configured (LoRA included), counted on the meta device
     trainable_parameters: int = 0
     load: Any = None  # memory.load.LoadPlan: host memory per node while the model loads
+    checkpoint_scope: str = "layer"  # what the checkpointed layers recompute: the whole layer, or its MLP
 
     def total(self, category: str | None = None, where: str = "gpu") -> int:
         return sum(row.bytes for row in self.rows
@@ -85,7 +86,8 @@ class MemoryPlan:
                  (f"GPU(s), {self.gpu_memory_gib:g} GiB each " if self.gpu_memory_gib > 0 else "CPU process(es) ") +
                  f"(budget {self.budget_bytes / GiB:.2f} GiB usable); micro-batch {self.micro_batch_size} x "
                  f"{self.tokens // max(self.micro_batch_size, 1)} tokens; {self.checkpointed_layers} of "
-                 f"{self.num_layers} decoder layers checkpointed",
+                 f"{self.num_layers} decoder layers checkpointed"
+                 + (" (MLP only: speed.checkpoint_scope=mlp)" if self.checkpoint_scope == "mlp" else ""),
                  f"model: {self.parameters / 1e9:.2f} B parameters ({self.parameters:,}), "
                  f"{self.trainable_parameters:,} trainable; built on the meta device, no weight loaded", "",
                  f"{'category':<12} {'item':<62} {'GiB per GPU':>11}", "-" * 87]

@@ -41,3 +41,19 @@ def fewest_checkpointed_layers(plan_for: Callable[[int], Any], num_layers: int) 
         else:
             high = middle
     return low
+
+
+def fastest_checkpointing(plan_for: Callable[[int, str], Any], num_layers: int, scopes: tuple[str, ...],
+                          cost_per_layer: Callable[[str], float]) -> tuple[int, str]:
+    """(layers, scope) of the plan that fits with the least recompute: for each scope the fewest layers that
+    fit, then the scope whose layers x recompute cost is smallest (no layer at all costs nothing). When no
+    plan fits: every layer, whole (the leanest)."""
+    fitting = []
+    for scope in scopes:
+        layers = fewest_checkpointed_layers(lambda n, scope=scope: plan_for(n, scope), num_layers)
+        if plan_for(layers, scope).fits is not False:
+            fitting.append((layers * cost_per_layer(scope) if layers else 0.0, layers, scope))
+    if not fitting:
+        return num_layers, "layer" if "layer" in scopes else scopes[0]
+    _, layers, scope = min(fitting, key=lambda item: item[0])
+    return layers, ("layer" if layers == 0 and "layer" in scopes else scope)
