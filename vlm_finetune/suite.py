@@ -74,8 +74,8 @@ def workloads(dry_run: bool) -> list[Workload]:
                                                         "train.vision=full", "model.max_image_size=1344"],
                  "<= 24 GiB, >= 5,000 tok/s"),
         Workload("2k all checkpointed", 2048, 672, [*GPU_BASE, "model.activation_checkpointing=true"]),
-        # speed options (the planner models whole-layer checkpointing without offload: its rows for these two
-        # say how far that is from what they hold)
+        # speed options (the planner models whole-layer and selective checkpointing, not offloading: its row
+        # for the offloaded run says how far that is from what it holds)
         Workload("8k selective (MLP) checkpointing", 8192, 672, [*GPU_BASE, "model.activation_checkpointing=true",
                                                                  "speed.checkpoint_scope=mlp"]),
         Workload("8k activations offloaded", 8192, 672, [*GPU_BASE, "model.activation_checkpointing=true",
