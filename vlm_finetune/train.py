@@ -14,11 +14,13 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vlm_finetune.adapters import AdapterSaver
 from vlm_finetune.autotune import check_auto_options, resolve_activation_checkpointing, search_micro_batch
+from vlm_finetune.callbacks import StepProgressBar
 from vlm_finetune.checkpointing import CHECKPOINT_DIR
 from vlm_finetune.config import (
     EvalSettings,
@@ -246,6 +248,8 @@ def _train(cfg: DictConfig, callbacks: list | None, modes: dict, hardware: Hardw
     own = [saver] + ([resumer] if resumer is not None else [])
     if _wants_monitor(cfg, hardware, list(callbacks or []) + configured):
         own.append(MemoryMonitor(run_dir))  # memory.csv / memory.png per phase; history for OOM snapshots
+    if cfg.trainer.enable_progress_bar and not any(isinstance(c, ProgressBar) for c in configured + (callbacks or [])):
+        own.append(StepProgressBar())  # optimizer steps out of max_steps, supervised tokens/s, padding fraction
     trainer = _build_trainer(cfg, run_dir, configured + list(callbacks or []) + own, strategy, hardware, policy,
                              plugins)
     if earlier_rows:

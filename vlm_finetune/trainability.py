@@ -96,14 +96,18 @@ def set_frozen_eval(model: nn.Module, plan: TrainablePlan) -> None:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total); PEFT's frozen originals of modules_to_save count once."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """(trainable, total); PEFT's frozen originals of modules_to_save count once. A parameter that ZeRO-3 has
+    partitioned (an empty placeholder on each rank) counts its whole size (`ds_numel`)."""
+    trainable = sum(_logical_numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(_logical_numel(p) for n, p in model.named_parameters() if "original_module" not in n)
     return trainable, total
 
 
 def _logical_numel(param: torch.Tensor) -> int:
-    """Elements of the weight a parameter stands for: a 4-bit (bitsandbytes) weight packs two per byte."""
+    """Elements of the weight a parameter stands for: a 4-bit (bitsandbytes) weight packs two per byte; a
+    ZeRO-3-partitioned one holds none of them on this rank."""
+    if hasattr(param, "ds_numel"):
+        return int(param.ds_numel)
     quant_state = getattr(param, "quant_state", None)
     shape = getattr(quant_state, "shape", None)
     return int(torch.Size(shape).numel()) if shape is not None else param.numel()
