@@ -93,7 +93,8 @@ class PatchEmbedding(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.proj(images.to(self.proj.weight.dtype)).flatten(2).transpose(1, 2)  # row-major grid
         x = torch.cat([self.cls_embedding.expand(x.shape[0], -1, -1), x], dim=1)
-        return x + self.position_embedding.weight.unsqueeze(0)  # the whole table: no interpolation
+        # the whole table, no interpolation; called as a module so that ZeRO-3 gathers its weight
+        return x + self.position_embedding(torch.arange(x.shape[1], device=x.device)).unsqueeze(0)
 
 
 class VisionAttention(nn.Module):
