@@ -10,12 +10,20 @@ from typing import Callable
 import lightning as L
 import torch
 import torchmetrics
+from PIL import Image
 from torch import nn
 
 from vlm_finetune.config import EvalSettings, LossSettings, OptimizerSettings
+from vlm_finetune.data.sample import IMAGE_PLACEHOLDER, Message, Sample
 from vlm_finetune.loss import token_loss_sum
 from vlm_finetune.models.base import Family, Part
-from vlm_finetune.strategies import clip_gradients, head_weight, loss_rescale, needs_synced_generation
+from vlm_finetune.strategies import (
+    clip_gradients,
+    head_weight,
+    loss_rescale,
+    needs_synced_generation,
+    runs_vision_every_step,
+)
 from vlm_finetune.trainability import TrainablePlan, count_parameters, set_frozen_eval, unwrap
 
 log = logging.getLogger(__name__)
@@ -76,6 +84,52 @@ def step_contexts(offload_activations: bool, attention_backends: tuple, on_gpu: 
     return stack
 
 
+class VisionInEveryStep:
+    """Runs the family's vision path on a text-only micro-batch too, where the images would have run (right
+    after the token embedding), on the inputs of one small blank image made by the family's processor, and
+    adds its features times 0 to the embeddings: the loss and every gradient stay exactly what they were (the
+    vision path's gradients are 0 on this rank), but every rank gathers and releases the same parameters in
+    the same order, forward and backward. The blank image never enters the sequence (no placeholder tokens,
+    no positions, no attention)."""
+
+    def __init__(self, family: Family, processor):
+        self.family, self.processor = family, processor
+        self._inputs: dict | None = None
+
+    def blank_image_inputs(self) -> dict:
+        if self._inputs is None:
+            sample = Sample([Message("user", f"{IMAGE_PLACEHOLDER}\n."), Message("assistant", ".")],
+                            [Image.new("RGB", (56, 56))])
+            batch = self.processor.collate([self.processor.encode(sample)])
+            self._inputs = {k: batch[k] for k in self.family.image_keys}
+        return self._inputs
+
+    def needed(self, batch: dict) -> bool:
+        return bool(self.family.image_keys) and not any(k in batch for k in self.family.image_keys)
+
+    @contextlib.contextmanager
+    def around(self, base: nn.Module, batch: dict):
+        if not self.needed(batch):
+            yield
+            return
+        embedding = self.family.input_embedding(base)
+
+        def run_vision(module, args, output):
+            dtype = output.dtype
+            inputs = {k: v.to(output.device, dtype if v.is_floating_point() else v.dtype)
+                      for k, v in self.blank_image_inputs().items()}
+            features = self.family.image_features(base, inputs)
+            if features is None:
+                return output
+            return output + features.sum().to(dtype) * 0.0
+
+        handle = embedding.register_forward_hook(run_vision)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
 def batch_loss_sum(family: Family, model: nn.Module, batch: dict, loss: LossSettings) -> tuple[torch.Tensor, int]:
     """(sum of next-token CE over supervised tokens, their count) of one micro-batch: the family gives
     the final hidden states and the output projection, the loss never builds full logits."""
@@ -119,6 +173,7 @@ class VLMModule(L.LightningModule):
         self._step_loss = 0.0
         self.data_counts = {"num_truncated": 0, "num_dropped_too_long": 0, "num_bad_records": 0}
         self.last_validation_step = -1
+        self.vision_in_every_step = VisionInEveryStep(family, processor)  # used under ZeRO-3 and FSDP
         # checkpoints hold the trainable weights only (the frozen base comes from the model folder)
         self.strict_loading = False
 
@@ -153,6 +208,9 @@ class VLMModule(L.LightningModule):
 
     # -- loss -------------------------------------------------------------------------------------
     def _loss_sum(self, batch: dict) -> tuple[torch.Tensor, int]:
+        if self._trainer is not None and runs_vision_every_step(self.trainer.strategy):
+            with self.vision_in_every_step.around(unwrap(self.model), batch):
+                return batch_loss_sum(self.family, self.model, batch, self.loss_settings)
         return batch_loss_sum(self.family, self.model, batch, self.loss_settings)
 
     def _saved_activations(self) -> contextlib.ExitStack:

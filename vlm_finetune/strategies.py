@@ -245,6 +245,13 @@ def needs_synced_generation(strategy: Any) -> bool:
     return strategy is not None and is_zero3(strategy) and strategy.world_size > 1
 
 
+def runs_vision_every_step(strategy: Any) -> bool:
+    """Under multi-rank ZeRO-3 and FSDP the vision tower's parameters are gathered collectively when it runs:
+    a rank whose micro-batch is text-only must run it too (module.VisionInEveryStep), else the gathers of
+    the ranks go out of step (gloo's "collective mismatch", or a hang)."""
+    return strategy is not None and (is_zero3(strategy) or is_fsdp(strategy)) and strategy.world_size > 1
+
+
 def clip_gradients(module: Any, optimizer: Any, value: float | None, algorithm: str | None) -> None:
     """Gradient clipping that sees every shard: FSDP's root module computes the global norm."""
     strategy = module.trainer.strategy

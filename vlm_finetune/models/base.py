@@ -138,6 +138,18 @@ class Family(abc.ABC):
     def output_embedding(self, model: nn.Module) -> nn.Module:
         """The output projection (lm_head) module of the unwrapped model."""
 
+    # batch keys of image inputs: a micro-batch holding none of them is text-only
+    image_keys: tuple[str, ...] = ()
+
+    def image_features(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The vision path (tower and projector) run on the image inputs of `batch` (`image_keys`): what takes
+        the image positions' place in the LLM's input. None: the family has no vision path of its own."""
+        return None
+
+    def input_embedding(self, model: nn.Module) -> nn.Module:
+        """The token embedding of the unwrapped model (it runs before the vision path in the forward)."""
+        return model.get_input_embeddings()
+
     # -- planner and export -------------------------------------------------------------------------
     def memory_dims(self, model_cfg: Any, image_size: int) -> dict[str, int]:
         """Architecture sizes for the memory planner (`python -m vlm_finetune.plan`), read from the config

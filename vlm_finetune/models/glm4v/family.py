@@ -238,5 +238,11 @@ class Glm4vFamily(Family):
     def output_embedding(self, model: nn.Module) -> nn.Module:
         return model.lm_head
 
+    image_keys = ("pixel_values", "image_grid_thw")
+
+    def image_features(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True)
+        return torch.cat(out.pooler_output)
+
 
 GLM4V = Glm4vFamily()

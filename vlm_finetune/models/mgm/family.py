@@ -261,6 +261,14 @@ class MgmFamily(Family):
     def output_embedding(self, model: nn.Module) -> nn.Module:
         return model.lm_head
 
+    image_keys = ("images", "images_aux")
+
+    def image_features(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model.encode_images(batch["images"], batch["images_aux"])
+
+    def input_embedding(self, model: nn.Module) -> nn.Module:
+        return model.model.embed_tokens
+
 
 MGM = MgmFamily()
 
