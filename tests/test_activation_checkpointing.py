@@ -15,7 +15,7 @@ from vlm_finetune.strategies import build_strategy
 from vlm_finetune.trainability import build_trainable_model, decoder_layers, unwrap
 
 # a tiny model of every registered family (MoE and dense LLMs); each has 2 decoder layers
-TINY = {"tiny_glm41v": "glm4v", "tiny_mgm": "mgm", "tiny_mgm_moe": "mgm"}
+TINY = {"tiny_glm41v": "glm4v", "tiny_glm4v": "glm4v_orig", "tiny_mgm": "mgm", "tiny_mgm_moe": "mgm"}
 GPU = Hardware("test-gpu", "gpu", 1, 1, 80.0, True)
 
 

@@ -341,7 +341,7 @@ class Glm4vOrigForCausalLM(nn.Module):
         from torch.utils.checkpoint import checkpoint
 
         kwargs = dict(gradient_checkpointing_kwargs or {"use_reentrant": False})
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         for layer in self.vision.transformer.layers:
             layer.gradient_checkpointing = True
             layer._gradient_checkpointing_func = functools.partial(checkpoint, **kwargs)
