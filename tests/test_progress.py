@@ -130,3 +130,21 @@ def test_parameter_counts_and_bar_under_zero3(tmp_path):
     assert recipe == [expected], out[-3000:]
     assert len(module) == 2 and set(module) == {expected}, out[-3000:]  # each rank logs its count
     assert re.search(r"Step\b.*\b2/2\b.*tok/s=[\d.]+.*pad=0\.\d{3}", out), out[-3000:]
+
+
+def test_resumed_run_bar_starts_at_the_checkpoint_step(varied_data, tmp_path):
+    class StartPosition(L.Callback):  # the bar as the first batch of the resumed run starts
+        seen = None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            bar = trainer.progress_bar_callback
+            if self.seen is None:
+                self.seen = (bar.train_progress_bar.n, bar.train_progress_bar.total, trainer.global_step)
+
+    overrides = COMMON + _data(varied_data) + ["checkpoint.every_n_steps=1"]
+    train(compose_cfg(overrides + ["trainer.max_steps=2"], tmp_path))
+    start = StartPosition()
+    _, objects = train(compose_cfg(overrides + ["trainer.max_steps=3", "resume=auto"], tmp_path), callbacks=[start])
+    assert start.seen == (2, 3, 2)
+    bar = objects["trainer"].progress_bar_callback
+    assert bar.train_progress_bar.n == 3 and [s["step"] for s in bar.steps] == [3]
