@@ -49,22 +49,29 @@ def ensure_processor_folder(cache_dir: str | os.PathLike, vocab_size: int, image
 
 
 def ensure_tiny_checkpoint(cache_dir: str | os.PathLike, text: dict, vision: dict, image_size: int,
-                           max_image_size: int, vocab_size: int, init_seed: int) -> Path:
-    """A complete tiny GLM-4V checkpoint folder (config, seeded random weights, tokenizer, processor)."""
-    spec = {"kind": "tiny-glm4v", "text": dict(text), "vision": dict(vision), "image_size": image_size,
-            "max_image_size": max_image_size, "vocab_size": vocab_size, "init_seed": init_seed, "version": 2}
-    target = Path(cache_dir) / f"tiny_glm41v-{fingerprint(spec)}"
+                           max_image_size: int, vocab_size: int, init_seed: int, moe: bool = False) -> Path:
+    """A complete tiny GLM-4V checkpoint folder (config, seeded random weights, tokenizer, processor):
+    GLM-4.1V, or with `moe` GLM-4.5V (`Glm4vMoeForConditionalGeneration`: routed experts + a shared one)."""
+    spec = {"kind": "tiny-glm4v-moe" if moe else "tiny-glm4v", "text": dict(text), "vision": dict(vision),
+            "image_size": image_size, "max_image_size": max_image_size, "vocab_size": vocab_size,
+            "init_seed": init_seed, "version": 2}
+    target = Path(cache_dir) / f"{'tiny_glm45v' if moe else 'tiny_glm41v'}-{fingerprint(spec)}"
 
     def write(folder: Path) -> None:
         import torch
-        from transformers import AutoImageProcessor, AutoTokenizer, Glm4vForConditionalGeneration
+        from transformers import (
+            AutoImageProcessor,
+            AutoTokenizer,
+            Glm4vForConditionalGeneration,
+            Glm4vMoeForConditionalGeneration,
+        )
 
         processor_folder = ensure_processor_folder(cache_dir, vocab_size, image_size, max_image_size)
         tokenizer = AutoTokenizer.from_pretrained(processor_folder)
-        config = tiny_config(tokenizer, text, vision, image_size)
+        config = tiny_config(tokenizer, text, vision, image_size, moe=moe)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
-            model = Glm4vForConditionalGeneration(config)
+            model = (Glm4vMoeForConditionalGeneration if moe else Glm4vForConditionalGeneration)(config)
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         AutoImageProcessor.from_pretrained(processor_folder).save_pretrained(folder)
@@ -82,10 +89,10 @@ def special_token_ids(tokenizer) -> dict[str, int]:
     }
 
 
-def tiny_config(tokenizer, text: dict, vision: dict, image_size: int):
-    from transformers import Glm4vConfig
+def tiny_config(tokenizer, text: dict, vision: dict, image_size: int, moe: bool = False):
+    from transformers import Glm4vConfig, Glm4vMoeConfig
 
-    config = Glm4vConfig()
+    config = Glm4vMoeConfig() if moe else Glm4vConfig()
     head_dim = text["hidden_size"] // text["num_attention_heads"]
     rotary_half = head_dim // 4  # partial_rotary_factor 0.5, then halves: the M-RoPE sections must sum to this
     t = rotary_half // 4

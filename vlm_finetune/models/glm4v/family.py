@@ -13,13 +13,19 @@ from vlm_finetune.models.base import Family, Part
 from vlm_finetune.models.glm4v import assets
 from vlm_finetune.models.glm4v.processor import Glm4vProcessor
 
-# LLM linear layers of a GLM-4.1V decoder layer (see shared/reference/glm4v.md)
-LLM_LORA_PATTERN = (r".*language_model\.layers\.\d+\."
-                    r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_up_proj|down_proj))")
+# LLM linear layers of a GLM-4.1V decoder layer (see shared/reference/glm4v.md), per `lora.llm_modules`
+ATTENTION = r"self_attn\.(q_proj|k_proj|v_proj|o_proj)"
+DENSE_MLP = r"mlp\.(gate_up_proj|down_proj)"
+LLM_LORA_PATTERN = r".*language_model\.layers\.\d+\.(" + ATTENTION + "|" + DENSE_MLP + ")"
+# GLM-4.5V's MoE blocks: LoRA on the routed experts' fused 3-D tensors (PEFT's target_parameters). Its dense
+# first layer and shared expert (gate_proj / up_proj / down_proj linears) take none: PEFT (0.21) reads those
+# names in a glm4v_moe model as the pre-v5 expert linears and moves any such target onto the fused experts.
+EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+LLM_SCOPES = ("attention", "mlp", "experts", "all")
 VISION_LORA_PATTERN = r".*visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(gate_proj|up_proj|down_proj))"
 # the connector that maps ViT features into the LLM's embedding space
 PROJECTOR_MODULES = ("model.visual.downsample", "model.visual.merger")
-PRESETS = ("tiny", "glm41v_9b", "glm45v")
+PRESETS = ("tiny", "tiny_moe", "glm41v_9b", "glm45v")
 # QLoRA quantises the LLM's linear layers only: vision tower, projector (inside `model.visual`) and head stay
 # in bf16. transformers matches these from the start of a module name, or as its suffix.
 NF4_SKIP_MODULES = ["model.visual", "visual", "lm_head"]
@@ -39,6 +45,14 @@ def _real_size_config(preset: str, tokenizer, overrides: dict | None):
     for key, value in assets.special_token_ids(tokenizer).items():
         setattr(config, key, value)
     return config
+
+
+def _llm_scope(lora_cfg: Any) -> str:
+    scope = str(lora_cfg.get("llm_modules", "all") or "all")
+    if scope not in LLM_SCOPES:
+        raise ConfigError(f"lora.llm_modules={scope!r}: use attention, mlp (dense MLP, or GLM-4.5V's experts), "
+                          "experts or all")
+    return scope
 
 
 def apply_liger_kernels(model: nn.Module) -> None:
@@ -86,10 +100,11 @@ class Glm4vFamily(Family):
                 raise ConfigError(f"model.path={folder} has no config.json; point it at a checkpoint folder "
                                   "(config.json, *.safetensors, tokenizer and preprocessor files)")
             return folder
-        if model_cfg.preset == "tiny":
+        if model_cfg.preset in ("tiny", "tiny_moe"):  # tiny GLM-4.1V, or tiny GLM-4.5V (MoE)
             return assets.ensure_tiny_checkpoint(model_cfg.cache_dir, model_cfg.text, model_cfg.vision,
                                                  model_cfg.image_size, model_cfg.max_image_size,
-                                                 model_cfg.vocab_size, model_cfg.init_seed)
+                                                 model_cfg.vocab_size, model_cfg.init_seed,
+                                                 moe=model_cfg.preset == "tiny_moe")
         if model_cfg.preset not in PRESETS:
             raise ConfigError(f"model.preset={model_cfg.preset!r} is unknown for glm4v; use one of {PRESETS}")
         return None  # real size from config, random weights
@@ -221,15 +236,35 @@ class Glm4vFamily(Family):
             Part.LLM: ["model.language_model", "lm_head"],
         }
 
-    def lora_target_pattern(self, part: Part, model_cfg: Any, lora_cfg: Any) -> str:
+    def lora_target_pattern(self, part: Part, model_cfg: Any, lora_cfg: Any) -> str | None:
         custom = (lora_cfg.get("targets") or {}).get(part.value)
         if custom:
             return str(custom)
-        if part is Part.LLM:
-            return LLM_LORA_PATTERN
         if part is Part.VISION:
             return VISION_LORA_PATTERN
-        raise ConfigError(f"train.{part.value}=lora is not supported for GLM-4V; use frozen or full")
+        if part is not Part.LLM:
+            raise ConfigError(f"train.{part.value}=lora is not supported for GLM-4V; use frozen or full")
+        scope, moe = _llm_scope(lora_cfg), self.is_moe(model_cfg)
+        if scope == "experts" and not moe:
+            raise ConfigError("lora.llm_modules=experts needs an MoE model (glm45v, tiny_glm45v); use mlp")
+        if moe:  # attention linears; the experts through lora_target_parameters
+            return r".*language_model\.layers\.\d+\." + ATTENTION if scope in ("attention", "all") else None
+        return {"attention": r".*language_model\.layers\.\d+\." + ATTENTION,
+                "mlp": r".*language_model\.layers\.\d+\." + DENSE_MLP}.get(scope, LLM_LORA_PATTERN)
+
+    def lora_target_parameters(self, part: Part, model_cfg: Any, lora_cfg: Any) -> list[str]:
+        """GLM-4.5V's fused expert tensors, when `lora.llm_modules` is mlp, experts or all."""
+        if part is not Part.LLM or (lora_cfg.get("targets") or {}).get(part.value):
+            return []
+        if self.is_moe(model_cfg) and _llm_scope(lora_cfg) in ("mlp", "experts", "all"):
+            return list(EXPERT_PARAMETERS)
+        return []
+
+    def is_moe(self, model_cfg: Any) -> bool:
+        """GLM-4.5V (Glm4vMoe), read from the preset or, for a folder, from its config."""
+        if not model_cfg.get("path") and model_cfg.get("preset") in PRESETS:
+            return model_cfg.preset in ("tiny_moe", "glm45v")
+        return getattr(self.build_config(model_cfg), "model_type", "") == "glm4v_moe"
 
     def hidden_states(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k in self.input_keys}
