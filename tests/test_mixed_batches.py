@@ -47,12 +47,16 @@ def mixed_data(tmp_path_factory):
             {"from": "human", "value": f"<image>\nDescribe picture {i}."}, {"from": "gpt", "value": answer}]})
     assert all("image" not in records[i] for i in text_first) and all("image" in records[i] for i in image_first)
     (folder / "train.json").write_text(json.dumps(records))
-    (folder / "val.json").write_text(json.dumps(records[:2]))
+    # validation: rank 0 a text-only prompt, rank 1 one with an image (loss, then greedy generation)
+    first_text = next(r for r in records if "image" not in r)
+    first_image = next(r for r in records if "image" in r)
+    (folder / "val.json").write_text(json.dumps([first_text, first_image]))
     return folder
 
 
 def _overrides(data, micro: int, accumulate: int, steps: int, model: str = "tiny_glm41v") -> list[str]:
-    return COMMON + [f"model={model}", f"data.path={data / 'train.json'}", f"data.val_path={data / 'val.json'}",
+    common = [o for o in COMMON if not o.startswith("eval.generate")] + ["eval.generate=true", "eval.max_new_tokens=3"]
+    return common + [f"model={model}", f"data.path={data / 'train.json'}", f"data.val_path={data / 'val.json'}",
                      f"data.micro_batch_size={micro}", f"trainer.accumulate_grad_batches={accumulate}",
                      f"trainer.max_steps={steps}", f"seed={SEED}"]
 
@@ -62,7 +66,8 @@ def _overrides(data, micro: int, accumulate: int, steps: int, model: str = "tiny
 @pytest.mark.parametrize("model", ["tiny_glm41v", "tiny_mgm"])
 def test_text_only_and_image_micro_batches_under_zero3_match_one_process(mixed_data, tmp_path, model):
     """4 steps of 2 ranks x 2 micro-batches x accumulation 2 under ZeRO-3 (every parameter partitioned) end
-    with the adapter and the logged losses of one process with 8 x 1."""
+    with the adapter and the logged losses of one process with 8 x 1; the final validation (a text-only
+    prompt on one rank, an image on the other; loss and generation) gives the same loss."""
     single = {}
     for name, steps in (("init", 0), ("8x1", 4)):
         single[name] = tmp_path / name
@@ -77,6 +82,9 @@ def test_text_only_and_image_micro_batches_under_zero3_match_one_process(mixed_d
     _assert_same_updates(_adapter(run_dir), _adapter(single["8x1"]), _adapter(single["init"]))
     torch.testing.assert_close(torch.tensor(_losses(run_dir)), torch.tensor(_losses(single["8x1"])),
                                rtol=1e-5, atol=1e-6)
+    ranks, one = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, single["8x1"]))
+    assert ranks["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
+    assert "val_accuracy" in ranks and "val_accuracy" in one  # generation ran on both ranks
 
 
 @pytest.mark.parametrize("model,family_name", [("tiny_glm41v", "glm4v"), ("tiny_mgm", "mgm")])

@@ -104,24 +104,31 @@ class VisionInEveryStep:
             self._inputs = {k: batch[k] for k in self.family.image_keys}
         return self._inputs
 
+    def run(self, base: nn.Module, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        """The vision path on the blank image (image tensors in `dtype`, as a batch's are)."""
+        inputs = {k: v.to(device, dtype if v.is_floating_point() else v.dtype)
+                  for k, v in self.blank_image_inputs().items()}
+        return self.family.image_features(base, inputs)
+
     def needed(self, batch: dict) -> bool:
         return bool(self.family.image_keys) and not any(k in batch for k in self.family.image_keys)
 
     @contextlib.contextmanager
-    def around(self, base: nn.Module, batch: dict):
+    def around(self, base: nn.Module, batch: dict, once: bool = False):
+        """While inside, a text-only `batch`'s forward runs the vision path; `once`: in the first forward only
+        (generation: the images run in the prefill, not in the decoding steps)."""
         if not self.needed(batch):
             yield
             return
         embedding = self.family.input_embedding(base)
+        fired = []
 
         def run_vision(module, args, output):
-            dtype = output.dtype
-            inputs = {k: v.to(output.device, dtype if v.is_floating_point() else v.dtype)
-                      for k, v in self.blank_image_inputs().items()}
-            features = self.family.image_features(base, inputs)
-            if features is None:
+            if once and fired:
                 return output
-            return output + features.sum().to(dtype) * 0.0
+            fired.append(True)
+            features = self.run(base, output.dtype, output.device)
+            return output if features is None else output + features.sum().to(output.dtype) * 0.0
 
         handle = embedding.register_forward_hook(run_vision)
         try:
@@ -300,10 +307,18 @@ class VLMModule(L.LightningModule):
         for key, value in inputs.items():  # image tensors in the weights' dtype
             if torch.is_tensor(value) and value.is_floating_point():
                 inputs[key] = value.to(dtype)
-        synced = needs_synced_generation(self.trainer.strategy if self._trainer is not None else None)
-        output = base.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
-                               eos_token_id=self.processor.eos_token_id, pad_token_id=self.processor.pad_token_id,
-                               synced_gpus=synced)
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        synced = needs_synced_generation(strategy)
+        every_rank = contextlib.nullcontext()
+        if runs_vision_every_step(strategy) and self.vision_in_every_step.needed(inputs):
+            if self.family.images_encoded_before_generation:  # where the image ranks run it
+                self.vision_in_every_step.run(base, dtype, self.device)
+            else:
+                every_rank = self.vision_in_every_step.around(base, inputs, once=True)
+        with every_rank:
+            output = base.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                   eos_token_id=self.processor.eos_token_id,
+                                   pad_token_id=self.processor.pad_token_id, synced_gpus=synced)
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
         return [self.processor.decode(row) for row in new_tokens]
 

@@ -140,6 +140,9 @@ class Family(abc.ABC):
 
     # batch keys of image inputs: a micro-batch holding none of them is text-only
     image_keys: tuple[str, ...] = ()
+    # whether the model's generate() runs the vision path before the first forward (transformers' multimodal
+    # models) rather than inside it, after the token embedding
+    images_encoded_before_generation: bool = False
 
     def image_features(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """The vision path (tower and projector) run on the image inputs of `batch` (`image_keys`): what takes

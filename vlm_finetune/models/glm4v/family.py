@@ -274,6 +274,7 @@ class Glm4vFamily(Family):
         return model.lm_head
 
     image_keys = ("pixel_values", "image_grid_thw")
+    images_encoded_before_generation = True
 
     def image_features(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         out = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True)
