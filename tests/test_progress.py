@@ -89,7 +89,7 @@ def test_bar_counts_optimizer_steps_and_shows_tokens_and_padding(varied_data, tm
         assert (shown["supervised_tokens"], shown["padded"], shown["positions"]) == (tokens, padded, positions)
         assert shown["padding_fraction"] == pytest.approx(padded / positions, rel=1e-12)
         assert shown["tokens_per_second"] == pytest.approx(tokens / shown["seconds"], rel=1e-12)
-        assert shown["seconds"] == pytest.approx(end - start, abs=0.05)  # the step's wall time
+        assert shown["seconds"] == pytest.approx(end - start, abs=0.1)  # the step's wall time
     # the first epoch's two steps saw every sample once: their supervised tokens are the data's
     processor = objects["processor"]
     samples = objects["datamodule"].train_samples
