@@ -223,6 +223,10 @@ def build_trainable_model(family: Family, model_cfg: Any, modes: dict[Part, Mode
                           "the planner loads no weights")
     apply_activation_checkpointing(model, family, checkpointed_layers, checkpoint_scope)
     plan = plan_trainability(family, model, modes, model_cfg, lora_cfg)
+    if policy.quantization and plan.lora_parameters:
+        raise ConfigError(f"lora.llm_modules={lora_cfg.get('llm_modules', 'all')} puts LoRA on the MoE experts "
+                          f"({', '.join(plan.lora_parameters)}), which precision={policy.quantization} holds in 4-bit "
+                          "(dequantised one expert at a time, no LoRA on them); set lora.llm_modules=attention")
     if device == "meta":
         with torch.device("meta"):
             model = apply_trainability(model, plan, lora_cfg)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from vlm_finetune.models import moe_nf4
 from vlm_finetune.models.base import Family, parse_trainability
 from vlm_finetune.precision import WeightsPolicy
 from vlm_finetune.trainability import TrainablePlan, build_trainable_model
@@ -33,6 +34,10 @@ class ModelCount:
     quantizable_numel: int       # frozen linear weights nf4 would quantise (LLM, not lm_head)
     lora_linears_per_layer: int = 0  # LoRA-adapted linears in one decoder layer
     mlp_lora_linears_per_layer: int = 0  # of those, inside its MLP (freed by selective checkpointing)
+    quantizable_dtype: torch.dtype | None = None  # the dtype of those frozen linear weights
+    expert_numel: int = 0  # frozen fused 3-D MoE expert weights of the LLM, which nf4 quantises per expert
+    expert_nf4_bytes: int = 0  # what they hold once quantised (models/moe_nf4.py: codes, absmax, code books)
+    expert_dtype: torch.dtype | None = None
 
 
 def count_model(cfg: Any, family: Family, policy: WeightsPolicy, persistence_threshold: int = 0) -> ModelCount:
@@ -90,7 +95,7 @@ def _count(model: torch.nn.Module, plan: TrainablePlan, family: Family, persiste
     unit_classes = tuple(family.decoder_layer_classes) + tuple(family.vision_block_classes)
     leaf_classes = tuple(family.zero3_leaf_classes)
     units, trainable_units, fetch = [], [], 0
-    quantizable = 0
+    quantizable, quantizable_dtype = 0, None
     for name, module in model.named_modules():
         if isinstance(module, unit_classes):
             params = list(module.parameters())
@@ -106,10 +111,15 @@ def _count(model: torch.nn.Module, plan: TrainablePlan, family: Family, persiste
             clean = _clean_name(name)
             if part_for(clean) == "llm" and "lm_head" not in clean and not module.weight.requires_grad:
                 quantizable += module.weight.numel()
+                quantizable_dtype = module.weight.dtype
+    experts = [weight for name, module in moe_nf4.expert_modules(model) if part_for(_clean_name(name)) == "llm"
+               for weight in (module._parameters[t] for t in moe_nf4.EXPERT_TENSORS) if not weight.requires_grad]
     lora_names: list[str] = []
     for module in model.modules():
         if isinstance(module, tuple(family.decoder_layer_classes)):
             lora_names = [child for child, _ in module.named_modules() if child.endswith("lora_A")]
             break
     return ModelCount(list(groups.values()), units, trainable_units, fetch, quantizable, len(lora_names),
-                      sum(1 for name in lora_names if name.startswith("mlp.")))
+                      sum(1 for name in lora_names if name.startswith("mlp.")), quantizable_dtype,
+                      sum(w.numel() for w in experts), sum(moe_nf4.nf4_bytes(*w.shape) for w in experts),
+                      experts[0].dtype if experts else None)

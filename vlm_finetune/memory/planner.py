@@ -266,10 +266,16 @@ def parameter_rows(inputs: PlanInputs) -> list[Row]:
         size = _element_size(dtype)
         numel = group.numel
         label = f"{group.part} {group.kind} {str(dtype).removeprefix('torch.')}"
+        count = inputs.count
         if inputs.precision == "nf4" and group.part == "llm" and group.kind == "frozen":
-            quantized = min(inputs.count.quantizable_numel, numel)
-            rows.append(Row("parameters", "llm frozen nf4 (4-bit, double-quantised)",
-                            int(quantized * NF4_BYTES_PER_PARAM)))
+            quantized = min(count.quantizable_numel, numel) if group.dtype == count.quantizable_dtype else 0
+            if quantized:
+                rows.append(Row("parameters", "llm frozen nf4 (4-bit, double-quantised)",
+                                int(quantized * NF4_BYTES_PER_PARAM)))
+            if count.expert_numel and group.dtype == count.expert_dtype:  # fused MoE experts, per expert
+                rows.append(Row("parameters", "llm frozen experts nf4 (4-bit per expert, fp32 absmax per 64)",
+                                count.expert_nf4_bytes))
+                quantized += count.expert_numel
             numel -= quantized
         if inputs.shards_parameters:
             # ZeRO-3 partitions every parameter; those below the persistence threshold are also kept whole

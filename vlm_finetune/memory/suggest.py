@@ -64,6 +64,8 @@ def _candidates(overrides: list[str], plan: MemoryPlan, cfg: Any) -> list[tuple[
         if shards_parameters:  # 4-bit weights cannot be sharded
             unsharded = "zero2" if plan.world_size > 1 else "single"
             tries = [_replace(_replace(overrides, "precision", "nf4"), "trainer", unsharded)]
+        # 4-bit MoE experts take no LoRA: where the plan refuses that, LoRA on attention only
+        tries += [_replace(t, "lora.llm_modules", "attention") for t in tries]
         out.append(("nf4", "4-bit base (QLoRA)", tries))
     bigger = []
     for name in _hardware_profiles():

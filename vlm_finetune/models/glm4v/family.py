@@ -12,6 +12,7 @@ from vlm_finetune.errors import ConfigError
 from vlm_finetune.models.base import Family, Part
 from vlm_finetune.models.glm4v import assets
 from vlm_finetune.models.glm4v.processor import Glm4vProcessor
+from vlm_finetune.models.moe_nf4 import quantize_experts_nf4
 
 # LLM linear layers of a GLM-4.1V decoder layer (see shared/reference/glm4v.md), per `lora.llm_modules`
 ATTENTION = r"self_attn\.(q_proj|k_proj|v_proj|o_proj)"
@@ -177,6 +178,8 @@ class Glm4vFamily(Family):
                     extra["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
                 model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, attn_implementation=attn,
                                                                     **extra)
+                if quantization == "nf4":  # GLM-4.5V's fused 3-D experts, which bitsandbytes' loader leaves
+                    quantize_experts_nf4(model.model.language_model)
         else:
             if quantization:
                 raise ConfigError(f"precision={quantization} loads a checkpoint folder in 4-bit; set model.path "

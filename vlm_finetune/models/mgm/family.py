@@ -13,6 +13,7 @@ from vlm_finetune.models.base import Family, Part
 from vlm_finetune.models.mgm import assets, checkpoint
 from vlm_finetune.models.mgm.modeling import CLIP_L_336, CONVNEXT, ConvNeXtBlock, MgmConfig, MgmForCausalLM
 from vlm_finetune.models.mgm.processor import MgmImages, MgmProcessor
+from vlm_finetune.models.moe_nf4 import quantize_experts_nf4
 
 PROJECTOR_MODULES = ("model.mm_projector", "model.vlm_uni_query_projector", "model.vlm_uni_aux_projector",
                      "model.vlm_uni_val_projector")
@@ -163,6 +164,7 @@ class MgmFamily(Family):
         model.config.vision_config._attn_implementation = attn
         if quantization == "nf4" and not on_meta:
             quantize_linear_nf4(model.model.layers)
+            quantize_experts_nf4(model.model.layers, device=_quantization_device())  # Mixtral's fused experts
         if model_cfg.get("liger_kernels"):
             raise ConfigError("model.liger_kernels=true is not wired for MGM yet; set it to false")
         return model
@@ -273,14 +275,18 @@ class MgmFamily(Family):
 MGM = MgmFamily()
 
 
+def _quantization_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def quantize_linear_nf4(root: nn.Module) -> int:
     """QLoRA's frozen base: every nn.Linear under `root` (the decoder layers) becomes a bitsandbytes 4-bit
     layer (nf4, double-quantised statistics, bf16 compute), quantised on the device it will run on. Vision
-    towers, projectors, embeddings, head and MoE experts (fused 3-D weights, not nn.Linear) stay as they are.
+    towers, projectors, embeddings and head stay as they are (MoE experts, fused 3-D weights: moe_nf4).
     Returns how many layers were quantised."""
     import bitsandbytes as bnb
 
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = _quantization_device()
     count = 0
     for module in list(root.modules()):
         for name, child in list(module.named_children()):
