@@ -151,3 +151,17 @@ def test_tiny_glm45v_default_recipe_learns_within_five_minutes(tmp_path):
     assert metrics["val_accuracy"] >= 0.9, metrics  # chance is 0.25
     assert metrics["global_step"] == 1500
     assert elapsed < 420, elapsed  # 5 minutes on 2 cores is the bound; slack for a loaded CI machine
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_nf4_under_zero2_on_two_cpu_ranks(tmp_path):
+    """The QLoRA layout on two CPU ranks: each holds the 4-bit base (experts 4-bit per expert), ZeRO-2 shards the rest."""
+    args = ["model=tiny_glm45v", "precision=nf4", "lora.llm_modules=attention", "trainer=zero2", "hardware=cpu",
+            "hardware.devices=2", "trainer.max_steps=4", "data.num_train=64", "data.num_val=8",
+            "data.micro_batch_size=4", "trainer.enable_progress_bar=false", "trainer.val_every_n_steps=null",
+            "eval.generate=false", f"hydra.run.dir={tmp_path}"]
+    result = run_cli(args, timeout=600, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    lora_b = [v for k, v in _trained(tmp_path).items() if "lora_B" in k]
+    assert len(lora_b) == 8 and max(float(v.abs().max()) for v in lora_b) > 0  # q, k, v, o of both layers
