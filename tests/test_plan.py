@@ -235,15 +235,18 @@ def test_activation_checkpointing_auto_takes_the_plan_with_the_least_recompute_t
 def test_planner_errors_name_the_fix():
     from vlm_finetune.models.base import Family
     from vlm_finetune.models.glm4v.family import Glm4vFamily
-    from vlm_finetune.models.registry import register_family
+    from vlm_finetune.models.registry import FAMILIES, register_family
 
     class NoDims(Glm4vFamily):  # a family that does not declare memory_dims (Family's default answers)
         name = "no_memory_dims"
         memory_dims = Family.memory_dims
 
     register_family(NoDims())
-    with pytest.raises(ConfigError, match="does not declare memory_dims"):
-        plan_memory(["model.family=no_memory_dims"])
+    try:
+        with pytest.raises(ConfigError, match="does not declare memory_dims"):
+            plan_memory(["model.family=no_memory_dims"])
+    finally:
+        FAMILIES.pop("no_memory_dims")  # the registry is shared: tests that walk every family come later
     with pytest.raises(ConfigError, match="activation_checkpointing='some'"):
         plan_memory(["model.activation_checkpointing=some"])
     with pytest.raises(ConfigError, match="do not compose"):

@@ -92,3 +92,61 @@ def vision_block_bytes_per_patch(dims: dict, act_bytes: int, full: bool = True) 
     norm_side = (2 + 3) * hidden if full else 2 * hidden
     return (2 * (hidden * 4 + 4) + (norm_side + 3 * hidden + 2 * hidden + 2 * hidden) * act_bytes
             + 4 * dims["vision_heads"] + 4 * intermediate * act_bytes)
+
+
+def eva_block_bytes_per_patch(dims: dict, act_bytes: int, full: bool, lora_linears: tuple[str, ...],
+                              lora_rank: int, eager: bool, patches_per_image: int, norm_bytes: int = 4) -> float:
+    """Bytes an EVA2-CLIP block (GLM-4V-9B's tower: fused query_key_value, dense, post-sublayer LayerNorms,
+    fc1 -> exact GELU -> fc2) keeps per patch when the tower trains. Both LayerNorms keep their input and its
+    mean and rstd at `norm_bytes` (4: CUDA autocast runs layer_norm in float32; CPU autocast keeps bf16, 2);
+    GELU keeps its input. A linear keeps its input when it
+    trains (all of them when `full`, else those LoRA adapts, plus rank values of lora_A's output). SDPA
+    keeps q, k, v, its output and a float32 logsumexp per head; the eager path (`attn_implementation=eager`)
+    keeps q, k, v and the attention matrix of every head over the image's patches twice: the float32
+    softmax output and its bf16 copy that multiplies v."""
+    hidden, intermediate, heads = dims["vision_hidden"], dims["vision_intermediate"], dims["vision_heads"]
+    widths = {"attention.query_key_value": hidden, "attention.dense": hidden, "mlp.fc1": hidden,
+              "mlp.fc2": intermediate}
+    trained = list(widths) if full else [name for name in widths if name in lora_linears]
+    linear_inputs = sum(widths[name] for name in trained) * act_bytes
+    lora = 0 if full else len([name for name in widths if name in lora_linears]) * lora_rank * act_bytes
+    norms = 2 * (hidden + 2) * norm_bytes
+    if eager:
+        attention = 3 * hidden * act_bytes + heads * patches_per_image * (4 + act_bytes)
+    else:
+        attention = 4 * hidden * act_bytes + 4 * heads
+    return linear_inputs + lora + norms + attention + intermediate * act_bytes
+
+
+def eager_attention_matrix_bytes(dims: dict, patches_per_image: int, act_bytes: int) -> int:
+    """One head-stacked (heads x L x L) vision attention matrix of one image at `act_bytes` per element."""
+    return int(dims["vision_heads"]) * patches_per_image ** 2 * act_bytes
+
+
+def trained_vision_rows(dims: dict, act_bytes: int, full: bool, lora_linears: tuple[str, ...], lora_rank: int,
+                        images: int, checkpointed: bool) -> list[tuple[str, int]]:
+    """(label, bytes) of what a trained vision tower holds at the LLM's backward for `images` images: every
+    block's saved activations, or (checkpointed) each block's input plus one block's recompute. The eager
+    attention matrices get a row of their own, so that a plan shows them."""
+    per_image = int(dims["vision_patches_per_image"])
+    patches = per_image * images
+    eager = bool(dims.get("vision_eager_attention"))
+    if dims.get("vision_post_norm"):  # EVA2-CLIP blocks (GLM-4V-9B)
+        block = eva_block_bytes_per_patch(dims, act_bytes, full, lora_linears, lora_rank, eager, per_image) * patches
+    else:
+        block = vision_block_bytes_per_patch(dims, act_bytes, full) * patches
+    # the eager attention matrices: the float32 softmax output and its copy in the compute dtype
+    matrices = eager_attention_matrix_bytes(dims, per_image, 4 + act_bytes) * images if eager else 0
+    depth = int(dims["vision_layers"])
+    if checkpointed:
+        vision, held = depth * patches * dims["vision_hidden"] * act_bytes + block - matrices, 1
+        label = f"ViT trained: {depth} block boundaries + one block recompute, {patches} patches"
+    else:
+        vision, held = depth * (block - matrices), depth
+        label = f"ViT trained: {depth} blocks saved, {patches} patches"
+    rows = [(label, int(vision))]
+    if matrices:
+        one = eager_attention_matrix_bytes(dims, per_image, 2) / 2**30
+        rows.append((f"ViT eager attention: {held} x {images} matrices of {one:.2f} GiB (bf16) + fp32 softmax",
+                     int(held * matrices)))
+    return rows

@@ -38,6 +38,7 @@ class ModelCount:
     expert_numel: int = 0  # frozen fused 3-D MoE expert weights of the LLM, which nf4 quantises per expert
     expert_nf4_bytes: int = 0  # what they hold once quantised (models/moe_nf4.py: codes, absmax, code books)
     expert_dtype: torch.dtype | None = None
+    vision_lora_linears: tuple[str, ...] = ()  # LoRA-adapted linears in one vision block (their names in it)
 
 
 def count_model(cfg: Any, family: Family, policy: WeightsPolicy, persistence_threshold: int = 0) -> ModelCount:
@@ -119,7 +120,10 @@ def _count(model: torch.nn.Module, plan: TrainablePlan, family: Family, persiste
         if isinstance(module, tuple(family.decoder_layer_classes)):
             lora_names = [child for child, _ in module.named_modules() if child.endswith("lora_A")]
             break
+    vision_lora = next(([child.removesuffix(".lora_A") for child, _ in module.named_modules()
+                         if child.endswith("lora_A")]
+                        for module in model.modules() if isinstance(module, tuple(family.vision_block_classes))), [])
     return ModelCount(list(groups.values()), units, trainable_units, fetch, quantizable, len(lora_names),
                       sum(1 for name in lora_names if name.startswith("mlp.")), quantizable_dtype,
                       sum(w.numel() for w in experts), sum(moe_nf4.nf4_bytes(*w.shape) for w in experts),
-                      experts[0].dtype if experts else None)
+                      experts[0].dtype if experts else None, tuple(vision_lora))

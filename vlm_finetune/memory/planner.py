@@ -30,9 +30,10 @@ from vlm_finetune.errors import ConfigError
 from vlm_finetune.hardware import resolve
 from vlm_finetune.memory.activations import (
     decoder_layer_bytes_per_token,
+    eager_attention_matrix_bytes,
     mlp_bytes_per_token,
     recompute_flops_per_token,
-    vision_block_bytes_per_patch,
+    trained_vision_rows,
 )
 from vlm_finetune.memory.count import ModelCount, ParamGroup, count_model
 from vlm_finetune.memory.load import plan_load
@@ -229,10 +230,19 @@ def plan_rows(inputs: PlanInputs, tokens: int, micro_batch: int, images: int, ch
     if inputs.modes[Part.VISION] is Mode.FROZEN:
         # a frozen tower saves nothing; its peak is one block's forward working set, before the LLM runs
         width = 3 * inputs.dims["vision_hidden"] + 3 * inputs.dims["vision_intermediate"]
-        vision_forward = int(patches * width * inputs.act_bytes)
+        forward_rows = [Row("activations", f"frozen ViT forward working set, {patches} patches",
+                            int(patches * width * inputs.act_bytes))]
+        if inputs.dims.get("vision_eager_attention"):
+            # scores, their float32 softmax and its copy in the compute dtype, for every image at once
+            matrix = eager_attention_matrix_bytes(inputs.dims, int(inputs.dims["vision_patches_per_image"]), 1)
+            count = images * micro_batch
+            forward_rows.append(Row("activations", f"frozen ViT eager vision attention, one block: {count} x "
+                                    f"{_gib(matrix * 2)} GiB (bf16) matrices, 3 copies",
+                                    int(count * matrix * (4 + 2 * inputs.act_bytes))))
+        vision_forward = sum(row.bytes for row in forward_rows)
     phase = "LLM backward"
     if vision_forward > dynamic:
-        dynamic_rows = [Row("activations", f"frozen ViT forward working set, {patches} patches", vision_forward)]
+        dynamic_rows = forward_rows
         phase = "vision forward"
     allocated = static + max(dynamic, vision_forward)
     multi_gpu = inputs.world > 1
@@ -394,26 +404,23 @@ def activation_rows(inputs: PlanInputs, tokens: int, micro_batch: int, images: i
     rows.append(Row("activations", "LLM backward working set (gradients in flight)", int(backward_working)))
 
     image_tokens = int(dims["image_tokens_per_image"])
-    patches = _patches(inputs, micro_batch, images)
     rows.append(Row("activations", f"image tokens ({image_tokens * images * micro_batch} into the LLM)",
                     int(image_tokens * images * micro_batch * hidden * act_bytes)))
     extra = int(dims.get("vision_extra_saved_elements_per_image", 0))
     if extra and (vision_trains or modes[Part.PROJECTOR] is not Mode.FROZEN):
         # trainable modules between the towers and the LLM that save more than the image tokens (the label
         # names the one family that declares it)
-        rows.append(Row("activations", f"patch info mining saved for backward, {images * micro_batch} image(s)",
+        rows.append(Row("activations", f"vision-to-LLM modules saved for backward, {images * micro_batch} image(s)",
                         int(extra * images * micro_batch * act_bytes)))
     if vision_trains:
-        block = vision_block_bytes_per_patch(dims, act_bytes, modes[Part.VISION] is Mode.FULL) * patches
-        depth = int(dims["vision_layers"])
-        if checkpointed_layers and scope == "layer":
-            vision = depth * patches * dims["vision_hidden"] * act_bytes + block
-            label = f"ViT trained: {depth} block boundaries + one block recompute, {patches} patches"
-        else:
-            vision = depth * block
-            label = f"ViT trained: {depth} blocks saved, {patches} patches"
-        rows.append(Row("activations", label, int(vision)))
+        rows += [Row("activations", label, size) for label, size in trained_vision_rows(
+            dims, act_bytes, modes[Part.VISION] is Mode.FULL, inputs.count.vision_lora_linears, inputs.lora_rank,
+            images * micro_batch, bool(checkpointed_layers and scope == "layer"))]
     return rows
+
+
+def _gib(value: float) -> str:
+    return f"{value / GiB:.2f}"
 
 
 def loss_rows(inputs: PlanInputs, tokens: int) -> list[Row]:

@@ -144,6 +144,8 @@ class Glm4vOrigFamily(Family):
             "vision_patches_per_image": vision.num_positions, "image_tokens_per_image": cfg.image_tokens,
             "image_side": vision.image_size,
             "vision_extra_saved_elements_per_image": vision.grid**2 * vision.hidden_size + rows * 4 * glu_width,
+            "vision_post_norm": 1,  # EVA2-CLIP blocks (memory.activations.eva_block_bytes_per_patch)
+            "vision_eager_attention": int(str(model_cfg.get("attn_implementation", "sdpa")) == "eager"),
         }
 
     def save_merged(self, model: nn.Module, folder: Path, processor: Glm4vOrigProcessor) -> None:
