@@ -25,9 +25,9 @@ import torch
 
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.io import atomic_folder
+from vlm_finetune.models._sharded import INDEX_FILE, write_shards, written_dtype
 from vlm_finetune.models.glm4v_orig.modeling import Glm4vOrigConfig, Glm4vOrigForCausalLM, VisionSettings
 
-INDEX_FILE = "model.safetensors.index.json"
 IGNORED = ("transformer.rotary_pos_emb.inv_freq",)  # a buffer some exports hold; recomputed here
 VISION_FIELDS = ("hidden_size", "num_hidden_layers", "num_heads", "intermediate_size", "patch_size", "image_size",
                  "in_channels", "layer_norm_eps", "scaling_factor")
@@ -285,24 +285,13 @@ def write_weights(model: Glm4vOrigForCausalLM, folder: Path, state: dict[str, to
                   max_shard_bytes: int = 4 * 1024**3, dtype: torch.dtype | None = None,
                   num_shards: int | None = None) -> None:
     """config.json, `model-0000i-of-0000n.safetensors` and the index (always, as the released folder has)."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     state = model.state_dict() if state is None else state
     released = to_released({k: v.detach().to("cpu", dtype=dtype or v.dtype) for k, v in state.items()},
                            model.config)
-    shards = plan_shards(released, max_shard_bytes, num_shards)
-    weight_map, total = {}, 0
-    for i, names in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: released[k] for k in names}, str(folder / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in names})
-        total += sum(released[k].numel() * released[k].element_size() for k in names)
-    (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                indent=2))
-    floats = [t.dtype for t in released.values() if t.is_floating_point()]
-    written = max(set(floats), key=floats.count) if floats else None
-    (folder / "config.json").write_text(json.dumps(config_to_dict(model.config, written), indent=2, sort_keys=True))
+    write_shards(released, folder, plan_shards(released, max_shard_bytes, num_shards))
+    config = config_to_dict(model.config, written_dtype(released))
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def save_folder(model: Glm4vOrigForCausalLM, folder: Path, state: dict[str, torch.Tensor] | None = None,

@@ -17,6 +17,7 @@ from torch import nn
 
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.io import atomic_folder
+from vlm_finetune.models._sharded import INDEX_FILE, write_shards, written_dtype
 from vlm_finetune.models.mgm.modeling import (
     ARCHITECTURES,
     BACKBONES,
@@ -352,7 +353,6 @@ def load_folder(folder: Path, dtype: torch.dtype = torch.float32, device: str | 
 # the multimodal keys: MGM's loader reads CLIP, ConvNeXt and the mining projectors only from the shards that hold
 # a `vlm_uni` / `vision_stages` key, and loads CLIP strictly; so they all go into one shard, never split
 MULTIMODAL_PREFIXES = ("model.vision_tower.", "model.vision_tower_aux.", "model.vlm_uni_", "model.mm_projector.")
-INDEX_FILE = "model.safetensors.index.json"
 
 
 def plan_shards(released: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
@@ -380,23 +380,12 @@ def write_weights(model: MgmForCausalLM, folder: Path, state: dict[str, torch.Te
                   max_shard_bytes: int = 4 * 1024**3, dtype: torch.dtype | None = None) -> None:
     """config.json, safetensors in the released layout and always model.safetensors.index.json (MGM's loader
     reads it), written into an existing folder. One shard is `model.safetensors`."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     state = model.state_dict() if state is None else state
     released = to_released({k: v.detach().to("cpu", dtype=dtype or v.dtype) for k, v in state.items()}, model.config)
-    shards = plan_shards(released, max_shard_bytes)
-    weight_map, total = {}, 0
-    for i, names in enumerate(shards, 1):
-        fname = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: released[k] for k in names}, str(folder / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in names})
-        total += sum(released[k].numel() * released[k].element_size() for k in names)
-    (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                indent=2))
-    floats = [t.dtype for t in released.values() if t.is_floating_point()]
-    written = max(set(floats), key=floats.count) if floats else None
-    (folder / "config.json").write_text(json.dumps(config_to_dict(model.config, written), indent=2, sort_keys=True))
+    write_shards(released, folder, plan_shards(released, max_shard_bytes), single_name="model.safetensors")
+    config = config_to_dict(model.config, written_dtype(released))
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def save_folder(model: MgmForCausalLM, folder: Path, state: dict[str, torch.Tensor] | None = None,
