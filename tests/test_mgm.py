@@ -440,7 +440,7 @@ def test_planner_bytes_are_exact_for_tiny_mgm_moe(tmp_path):
     assert plan.total("parameters") == params
     assert plan.total("gradients") == sum(p.numel() * 4 for p in trainable)
     assert plan.total("optimizer") == 2 * plan.total("gradients")
-    mining = next(r for r in plan.rows if r.item.startswith("patch info mining"))
+    mining = next(r for r in plan.rows if r.item.startswith("vision-to-LLM modules"))
     # 16 CLIP tokens x 16 aux cells x (3 x 120 + 2 x 64) elements per image, 32 images, float32
     assert mining.bytes == 16 * 16 * (3 * 120 + 2 * 64) * 32 * 4
 
@@ -454,7 +454,7 @@ def test_planner_mgm_8x7b_on_six_4090s_gives_a_verdict_and_a_fitting_suggestion(
     overrides = ["model=mgm_8x7b", "trainer=zero3", "hardware=6x4090"]
     assert main(overrides) == 0
     out = capsys.readouterr().out
-    assert "verdict: DOES NOT FIT" in out and "parameters   llm frozen" in out and "patch info mining" in out
+    assert "verdict: DOES NOT FIT" in out and "parameters   llm frozen" in out and "vision-to-LLM modules" in out
     plan = plan_memory(overrides)
     assert 46.5e9 < plan.parameters < 47.6e9 and f"model: {plan.parameters / 1e9:.2f} B parameters" in out
     gathered = next(r for r in plan.rows if r.item.startswith("ZeRO-3 gathered"))

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlm_finetune.models._decode import decode, stop_ids
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # special tokens of the released tokenizer, in id order after the BPE ranks (151329 ... 151342)
@@ -305,34 +307,24 @@ class Glm4vOrigForCausalLM(nn.Module):
         """Greedy (or sampled) decoding of a left-padded batch with the decoder's KV cache; new tokens take the
         position after the last one (the released model continues from the unexpanded count the same way).
         `synced_gpus`: every rank decodes until all are done (ZeRO-3 gathers parameters collectively)."""
-        if do_sample and temperature <= 0:
-            raise ValueError(f"temperature={temperature} must be > 0 when sampling; use do_sample=False for greedy")
-        stops = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
-                             device=input_ids.device, dtype=torch.long)
         mask = attention_mask.clone()
         position = self.positions(input_ids, mask)
         out = self.model(inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=mask,
                          position_ids=position, use_cache=True)
-        cache, last, position = out.cache, out.last_hidden_state[:, -1], position[:, -1:]
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        new = []
-        for _ in range(max_new_tokens):
-            logits = self.lm_head(last).float()
-            if do_sample:
-                token = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
-            else:
-                token = logits.argmax(-1)
-            token = torch.where(done, torch.full_like(token, pad_token_id), token)
-            new.append(token)
-            done |= torch.isin(token, stops)
-            if _all_ranks_done(bool(done.all()), synced_gpus, done.device):
-                break
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            position = position + 1
-            out = self.model(inputs_embeds=self.model.embed_tokens(token[:, None]), attention_mask=mask,
-                             position_ids=position, cache=cache, use_cache=True)
-            cache, last = out.cache, out.last_hidden_state[:, -1]
-        return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
+        state = {"cache": out.cache, "mask": mask, "position": position[:, -1:]}
+
+        def step(token: torch.Tensor) -> torch.Tensor:
+            state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(token.shape[0], 1)], dim=1)
+            state["position"] = state["position"] + 1
+            out = self.model(inputs_embeds=self.model.embed_tokens(token[:, None]), attention_mask=state["mask"],
+                             position_ids=state["position"], cache=state["cache"], use_cache=True)
+            state["cache"] = out.cache
+            return out.last_hidden_state[:, -1]
+
+        new = decode(out.last_hidden_state[:, -1], self.lm_head, step, max_new_tokens,
+                     stop_ids(eos_token_id, input_ids.device), pad_token_id, do_sample, temperature, generator,
+                     synced_gpus)
+        return torch.cat([input_ids, new], dim=1)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """The decoder layers (transformers' flag) and the ViT layers (recomputed when the tower trains)."""
@@ -346,10 +338,3 @@ class Glm4vOrigForCausalLM(nn.Module):
             layer.gradient_checkpointing = True
             layer._gradient_checkpointing_func = functools.partial(checkpoint, **kwargs)
 
-
-def _all_ranks_done(done_here: bool, synced: bool, device: torch.device) -> bool:
-    if not synced or not torch.distributed.is_initialized():
-        return done_here
-    pending = torch.tensor([0.0 if done_here else 1.0], device=device)
-    torch.distributed.all_reduce(pending)
-    return float(pending) == 0.0

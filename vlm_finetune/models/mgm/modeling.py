@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlm_finetune.models._decode import decode, stop_ids
+
 IMAGE_TOKEN_INDEX = -200
 
 # LLM backbones by MGM model_type (mgm/model/language_model/*.py)
@@ -376,45 +378,26 @@ class MgmForCausalLM(nn.Module):
         softmax(logits / temperature) (`generator` makes it reproducible). Returns prompt + new ids.
         `synced_gpus`: every rank keeps decoding (padding its finished rows) until all ranks are done, as
         DeepSpeed ZeRO-3 needs: each forward gathers parameters collectively."""
-        if do_sample and temperature <= 0:
-            raise ValueError(f"temperature={temperature} must be > 0 when sampling; use do_sample=False for greedy")
-        stops = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
-                             device=input_ids.device, dtype=torch.long)
         embeds = self.embed(input_ids, images, images_aux)
         mask = attention_mask.clone()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
-        cache, last = out.past_key_values, out.last_hidden_state[:, -1]
-        position = positions[:, -1:]
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        new = []
-        for _ in range(max_new_tokens):
-            logits = self.lm_head(last).float()
-            if do_sample:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-            else:
-                token = logits.argmax(-1)
-            token = torch.where(done, torch.full_like(token, pad_token_id), token)
-            new.append(token)
-            done |= torch.isin(token, stops)
-            if _all_ranks_done(bool(done.all()), synced_gpus, done.device):
-                break
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            position = position + 1
-            out = self.model(inputs_embeds=self.model.embed_tokens(token[:, None]), attention_mask=mask,
-                             position_ids=position, past_key_values=cache, use_cache=True)
-            cache, last = out.past_key_values, out.last_hidden_state[:, -1]
-        return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
+        state = {"cache": out.past_key_values, "mask": mask, "position": positions[:, -1:]}
+
+        def step(token: torch.Tensor) -> torch.Tensor:
+            state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(token.shape[0], 1)], dim=1)
+            state["position"] = state["position"] + 1
+            out = self.model(inputs_embeds=self.model.embed_tokens(token[:, None]), attention_mask=state["mask"],
+                             position_ids=state["position"], past_key_values=state["cache"], use_cache=True)
+            state["cache"] = out.past_key_values
+            return out.last_hidden_state[:, -1]
+
+        new = decode(out.last_hidden_state[:, -1], self.lm_head, step, max_new_tokens,
+                     stop_ids(eos_token_id, input_ids.device), pad_token_id, do_sample, temperature, generator,
+                     synced_gpus)
+        return torch.cat([input_ids, new], dim=1)
 
     # -- conveniences the framework uses --------------------------------------------------------
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
 
-
-def _all_ranks_done(done_here: bool, synced: bool, device: torch.device) -> bool:
-    if not synced or not torch.distributed.is_initialized():
-        return done_here
-    pending = torch.tensor([0.0 if done_here else 1.0], device=device)
-    torch.distributed.all_reduce(pending)
-    return float(pending) == 0.0

@@ -1,0 +1,47 @@
+"""The decoding loop the natively written families share (MGM, GLM-4V-9B): greedy or sampled tokens from the
+last hidden state, finished rows padded, stop ids, and ranks kept in step under ZeRO-3."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def stop_ids(eos_token_id: int | list[int] | None, device: torch.device) -> torch.Tensor:
+    return torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
+                        device=device, dtype=torch.long)
+
+
+def decode(last: torch.Tensor, lm_head: torch.nn.Module, step: Callable[[torch.Tensor], torch.Tensor],
+           max_new_tokens: int, stops: torch.Tensor, pad_token_id: int, do_sample: bool = False,
+           temperature: float = 1.0, generator: torch.Generator | None = None,
+           synced_gpus: bool = False) -> torch.Tensor:
+    """New tokens (batch, n) from the prompt's last hidden state `last`; `step(tokens)` runs the decoder on one
+    new token per row (the caller's closure keeps the cache, mask and positions) and returns the next last
+    hidden state. `synced_gpus`: every rank keeps decoding (padding finished rows) until all ranks are done,
+    as DeepSpeed ZeRO-3 needs (each forward gathers parameters collectively)."""
+    if do_sample and temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0 when sampling; use do_sample=False for greedy")
+    done = torch.zeros(last.shape[0], dtype=torch.bool, device=last.device)
+    new = []
+    for _ in range(max_new_tokens):
+        logits = lm_head(last).float()
+        if do_sample:
+            token = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
+        else:
+            token = logits.argmax(-1)
+        token = torch.where(done, torch.full_like(token, pad_token_id), token)
+        new.append(token)
+        done |= torch.isin(token, stops)
+        if _all_ranks_done(bool(done.all()), synced_gpus, done.device):
+            break
+        last = step(token)
+    return torch.stack(new, dim=1)
+
+
+def _all_ranks_done(done_here: bool, synced: bool, device: torch.device) -> bool:
+    if not synced or not torch.distributed.is_initialized():
+        return done_here
+    pending = torch.tensor([0.0 if done_here else 1.0], device=device)
+    torch.distributed.all_reduce(pending)
+    return float(pending) == 0.0
