@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_plan import _saved_bytes
 
 from vlm_finetune.memory.activations import eager_attention_matrix_bytes, eva_block_bytes_per_patch
 from vlm_finetune.memory.report import GiB
@@ -17,20 +18,6 @@ SEED = ["model=glm4v_9b", "hardware=1xa6000", "precision=bf16-mixed", "data.micr
 OFFICIAL = SEED + ["train.vision=lora", "lora.r=8", "lora.llm_modules=qkv",
                    r"lora.targets.vision=.*vision\.transformer\.layers\.\d+\.attention\.query_key_value",
                    "model.attn_implementation=eager", "model.activation_checkpointing=false"]
-
-
-def _saved_bytes(fn, exclude: set[int]) -> int:
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in exclude:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
 
 
 @pytest.mark.parametrize("eager", [False, True])

@@ -39,6 +39,24 @@ def decode(last: torch.Tensor, lm_head: torch.nn.Module, step: Callable[[torch.T
     return torch.stack(new, dim=1)
 
 
+def cached_step(model: torch.nn.Module, cache, mask: torch.Tensor, position: torch.Tensor,
+                cache_arg: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`step` for `decode`: one new token per row through `model` (a decoder taking `inputs_embeds`), the mask
+    grown by one column, the position advanced by one, the KV cache passed as `cache_arg` and read back from
+    the output attribute of that name."""
+    state = {"cache": cache, "mask": mask, "position": position}
+
+    def step(token: torch.Tensor) -> torch.Tensor:
+        state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(token.shape[0], 1)], dim=1)
+        state["position"] = state["position"] + 1
+        out = model(inputs_embeds=model.embed_tokens(token[:, None]), attention_mask=state["mask"],
+                    position_ids=state["position"], use_cache=True, **{cache_arg: state["cache"]})
+        state["cache"] = getattr(out, cache_arg)
+        return out.last_hidden_state[:, -1]
+
+    return step
+
+
 def _all_ranks_done(done_here: bool, synced: bool, device: torch.device) -> bool:
     if not synced or not torch.distributed.is_initialized():
         return done_here

@@ -154,6 +154,17 @@ class Family(abc.ABC):
         return model.get_input_embeddings()
 
     # -- planner and export -------------------------------------------------------------------------
+    @staticmethod
+    def user_folder(model_cfg: Any, expected: str) -> Path | None:
+        """`model.path` when set (a folder with a config.json; else a ConfigError naming `expected`, what such
+        a folder holds), None when it is not set."""
+        if not model_cfg.get("path"):
+            return None
+        folder = Path(str(model_cfg.path)).expanduser()
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"model.path={folder} has no config.json; point it at {expected}")
+        return folder
+
     def memory_dims(self, model_cfg: Any, image_size: int) -> dict[str, int]:
         """Architecture sizes for the memory planner (`python -m vlm_finetune.plan`), read from the config
         without building the model. Keys (ints):

@@ -95,11 +95,9 @@ class Glm4vFamily(Family):
     # -- folders ----------------------------------------------------------------------------------
     def checkpoint_folder(self, model_cfg: Any) -> Path | None:
         """The folder the model loads from: `model.path`, or the tiny checkpoint made on first use."""
-        if model_cfg.get("path"):
-            folder = Path(str(model_cfg.path)).expanduser()
-            if not (folder / "config.json").is_file():
-                raise ConfigError(f"model.path={folder} has no config.json; point it at a checkpoint folder "
-                                  "(config.json, *.safetensors, tokenizer and preprocessor files)")
+        folder = self.user_folder(model_cfg, "a checkpoint folder (config.json, *.safetensors, tokenizer and "
+                                              "preprocessor files)")
+        if folder is not None:
             return folder
         if model_cfg.preset in ("tiny", "tiny_moe"):  # tiny GLM-4.1V, or tiny GLM-4.5V (MoE)
             return assets.ensure_tiny_checkpoint(model_cfg.cache_dir, model_cfg.text, model_cfg.vision,

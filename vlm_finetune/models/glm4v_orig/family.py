@@ -39,11 +39,9 @@ class Glm4vOrigFamily(Family):
     # -- folders and configs --------------------------------------------------------------------------
     def checkpoint_folder(self, model_cfg: Any) -> Path | None:
         """`model.path`, the tiny folder made on first use, or None (real size from the config)."""
-        if model_cfg.get("path"):
-            folder = Path(str(model_cfg.path)).expanduser()
-            if not (folder / "config.json").is_file():
-                raise ConfigError(f"model.path={folder} has no config.json; point it at a GLM-4V-9B folder "
-                                  "(config.json, *.safetensors + index, tokenizer.model, tokenizer_config.json)")
+        folder = self.user_folder(model_cfg, "a GLM-4V-9B folder (config.json, *.safetensors + index, "
+                                              "tokenizer.model, tokenizer_config.json)")
+        if folder is not None:
             return folder
         if str(model_cfg.get("preset", "")).startswith("tiny"):
             return assets.ensure_tiny_checkpoint(model_cfg.cache_dir, model_cfg)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlm_finetune.models._decode import decode, stop_ids
+from vlm_finetune.models._decode import cached_step, decode, stop_ids
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -311,16 +311,7 @@ class Glm4vOrigForCausalLM(nn.Module):
         position = self.positions(input_ids, mask)
         out = self.model(inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=mask,
                          position_ids=position, use_cache=True)
-        state = {"cache": out.cache, "mask": mask, "position": position[:, -1:]}
-
-        def step(token: torch.Tensor) -> torch.Tensor:
-            state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(token.shape[0], 1)], dim=1)
-            state["position"] = state["position"] + 1
-            out = self.model(inputs_embeds=self.model.embed_tokens(token[:, None]), attention_mask=state["mask"],
-                             position_ids=state["position"], cache=state["cache"], use_cache=True)
-            state["cache"] = out.cache
-            return out.last_hidden_state[:, -1]
-
+        step = cached_step(self.model, out.cache, mask, position[:, -1:], "cache")
         new = decode(out.last_hidden_state[:, -1], self.lm_head, step, max_new_tokens,
                      stop_ids(eos_token_id, input_ids.device), pad_token_id, do_sample, temperature, generator,
                      synced_gpus)

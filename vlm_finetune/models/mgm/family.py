@@ -100,11 +100,9 @@ class MgmFamily(Family):
         return cfg
 
     def checkpoint_folder(self, model_cfg: Any) -> Path | None:
-        if model_cfg.get("path"):
-            folder = Path(str(model_cfg.path)).expanduser()
-            if not (folder / "config.json").is_file():
-                raise ConfigError(f"model.path={folder} has no config.json; point it at an MGM checkpoint folder "
-                                  "(config.json, *.safetensors[.index.json], tokenizer files)")
+        folder = self.user_folder(model_cfg, "an MGM checkpoint folder (config.json, *.safetensors[.index.json], "
+                                              "tokenizer files)")
+        if folder is not None:
             return folder
         if str(model_cfg.get("preset", "")).startswith("tiny"):
             return assets.ensure_tiny_checkpoint(model_cfg.cache_dir, model_cfg, self.config_from_options)

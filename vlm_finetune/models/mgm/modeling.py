@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlm_finetune.models._decode import decode, stop_ids
+from vlm_finetune.models._decode import cached_step, decode, stop_ids
 
 IMAGE_TOKEN_INDEX = -200
 
@@ -382,16 +382,7 @@ class MgmForCausalLM(nn.Module):
         mask = attention_mask.clone()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
-        state = {"cache": out.past_key_values, "mask": mask, "position": positions[:, -1:]}
-
-        def step(token: torch.Tensor) -> torch.Tensor:
-            state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(token.shape[0], 1)], dim=1)
-            state["position"] = state["position"] + 1
-            out = self.model(inputs_embeds=self.model.embed_tokens(token[:, None]), attention_mask=state["mask"],
-                             position_ids=state["position"], past_key_values=state["cache"], use_cache=True)
-            state["cache"] = out.past_key_values
-            return out.last_hidden_state[:, -1]
-
+        step = cached_step(self.model, out.past_key_values, mask, positions[:, -1:], "past_key_values")
         new = decode(out.last_hidden_state[:, -1], self.lm_head, step, max_new_tokens,
                      stop_ids(eos_token_id, input_ids.device), pad_token_id, do_sample, temperature, generator,
                      synced_gpus)
