@@ -77,3 +77,17 @@ def test_skip_mode_counts_bad_records(tmp_path, _asset_cache):
                    "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}"], ROOT, _asset_cache)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((run_dir / "metrics.json").read_text())["skipped_bad_records"] == 1
+
+
+def test_a_plus_key_that_nothing_reads_stops_before_weights_load(tmp_path, _asset_cache):
+    """`+data.pathh=...` (a misspelling added with '+') would be ignored silently: it is refused at once."""
+    run_dir = tmp_path / "run"
+    result = _run(["+data.pathh=/x/train.json", f"hydra.run.dir={run_dir}"], ROOT, _asset_cache, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "+data.pathh=/x/train.json adds a key that nothing reads" in result.stderr
+    assert not run_dir.exists()  # the refused start left nothing behind
+    # a '+' key something reads is accepted (the run stops later, at a check that needs the value)
+    result = _run(["+model.config_overrides={}", "data.micro_batch_size=0", f"hydra.run.dir={run_dir}"], ROOT,
+                  _asset_cache, timeout=120)
+    assert result.returncode == 2 and "adds a key" not in result.stderr
+    assert "data.micro_batch_size=0 must be a positive integer" in result.stderr
