@@ -18,7 +18,7 @@ LAYERS = [
              "vlm_finetune.memory.suggest", "vlm_finetune.memory.oom")),
     ("training", ("vlm_finetune.module", "vlm_finetune.strategies", "vlm_finetune.checkpointing", "vlm_finetune.resume",
                   "vlm_finetune.adapters", "vlm_finetune.callbacks", "vlm_finetune.memory", "vlm_finetune.trainability",
-                  "vlm_finetune.loss", "vlm_finetune.data.datamodule", "vlm_finetune.plots")),
+                  "vlm_finetune.loss", "vlm_finetune.data.datamodule", "vlm_finetune.plots", "vlm_finetune.watchdog")),
     ("models", ("vlm_finetune.models", "vlm_finetune.data")),
     ("utilities", ("vlm_finetune.io", "vlm_finetune.rundir", "vlm_finetune.precision", "vlm_finetune.config", "vlm_finetune.hardware",
                    "vlm_finetune.errors", "vlm_finetune.signals", "vlm_finetune.data.sample",

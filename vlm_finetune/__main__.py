@@ -22,6 +22,7 @@ def main(cfg: DictConfig) -> float | None:
     from vlm_finetune.memory.oom import TrainingOutOfMemory
     from vlm_finetune.rundir import remove_created
     from vlm_finetune.train import train
+    from vlm_finetune.watchdog import RunHung
 
     try:
         metrics, _ = train(cfg)
@@ -34,6 +35,9 @@ def main(cfg: DictConfig) -> float | None:
     except TrainingOutOfMemory as err:  # the report is in the run folder
         print(f"vlm_finetune: error: {err}", file=sys.stderr, flush=True)
         sys.exit(TrainingOutOfMemory.exit_code)
+    except RunHung as err:  # a collective timed out: the message names the rank and the step
+        print(f"vlm_finetune: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(RunHung.exit_code)
     if metrics.get("stop_signal"):  # stopped on request (SIGTERM): saved, but not finished
         sys.exit(128 + int(metrics["stop_signal"]))
     return metrics.get("val_accuracy")  # the value Hydra sweepers optimise

@@ -6,6 +6,7 @@ weights for saving, the output head's weight for the loss, and which runs resume
 from __future__ import annotations
 
 import contextlib
+from datetime import timedelta
 from typing import Any, Iterator
 
 import torch
@@ -100,12 +101,14 @@ def build_strategy(cfg: Any, family: Family, hardware: Hardware):
     check_combination(t, hardware, precision)
     if t.strategy == "single":
         return "auto"
+    timeout = collective_timeout(t)
     if t.strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
         backend = "nccl" if hardware.accelerator == "gpu" else "gloo"
         # LoRA leaves most parameters frozen: no unused-parameter search, gradients as bucket views
-        return DDPStrategy(process_group_backend=backend, find_unused_parameters=False, gradient_as_bucket_view=True)
+        return DDPStrategy(process_group_backend=backend, find_unused_parameters=False, gradient_as_bucket_view=True,
+                           timeout=timeout)
     if t.strategy == "fsdp":
         from lightning.pytorch.strategies import FSDPStrategy
 
@@ -121,6 +124,7 @@ def build_strategy(cfg: Any, family: Family, hardware: Hardware):
             use_orig_params=True,
             limit_all_gathers=True,
             state_dict_type="full",
+            timeout=timeout,
         )
     on_gpu = hardware.accelerator == "gpu"
     config = deepspeed_config(t, precision, int(t.accumulate_grad_batches), int(cfg.data.micro_batch_size), on_gpu)
@@ -128,11 +132,19 @@ def build_strategy(cfg: Any, family: Family, hardware: Hardware):
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
         # checkpoints hold the trained weights and their optimizer partitions; the frozen base comes from the model
-        return DeepSpeedStrategy(config=config, exclude_frozen_parameters=True)
-    return cpu_deepspeed_strategy(config)
+        return DeepSpeedStrategy(config=config, exclude_frozen_parameters=True, timeout=timeout)
+    return cpu_deepspeed_strategy(config, timeout)
 
 
-def cpu_deepspeed_strategy(config: dict):
+def collective_timeout(trainer_cfg: Any) -> timedelta:
+    """The process groups' timeout: `trainer.collective_timeout_s` (watchdog.RunWatchdog uses the same)."""
+    seconds = trainer_cfg.get("collective_timeout_s", 600)
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
+        raise ConfigError(f"trainer.collective_timeout_s={seconds!r} must be a positive number of seconds")
+    return timedelta(seconds=float(seconds))
+
+
+def cpu_deepspeed_strategy(config: dict, timeout: timedelta | None = None):
     """DeepSpeed ZeRO on CPU processes (DeepSpeed's CPU accelerator, gloo): the same partitioning, gathers,
     leaf modules and adapter consolidation as on GPUs, so a sharded configuration can be rehearsed with a
     tiny model on a laptop or in CI. Lightning allows DeepSpeed on CUDA only; this subclass lifts that check."""
@@ -162,7 +174,8 @@ def cpu_deepspeed_strategy(config: dict):
             # Lightning hands DeepSpeed the device index as its device rank; give CPU devices the local rank
             return torch.device("cpu", self.local_rank)
 
-    return CPUDeepSpeedStrategy(config=config, process_group_backend="gloo", exclude_frozen_parameters=True)
+    return CPUDeepSpeedStrategy(config=config, process_group_backend="gloo", exclude_frozen_parameters=True,
+                                timeout=timeout or timedelta(minutes=10))
 
 
 @contextlib.contextmanager

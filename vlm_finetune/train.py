@@ -42,8 +42,15 @@ from vlm_finetune.plots import plot_training_curves
 from vlm_finetune.precision import WeightsPolicy, check_precision, weights_policy
 from vlm_finetune.resume import open_resume_checkpoint, restore_csv_rows, resume_parts
 from vlm_finetune.rundir import RunFolderLock, finished_metrics, sweep_checkpoint_leftovers
-from vlm_finetune.strategies import build_strategy, check_combination, checkpoint_is_folder, set_zero3_leaves
+from vlm_finetune.strategies import (
+    build_strategy,
+    check_combination,
+    checkpoint_is_folder,
+    collective_timeout,
+    set_zero3_leaves,
+)
 from vlm_finetune.trainability import build_trainable_model, compile_regions, count_parameters
+from vlm_finetune.watchdog import RunHung, RunWatchdog, hung_message, is_collective_failure
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +119,10 @@ def _check_values(cfg: DictConfig) -> None:
     if not isinstance(cfg.trainer.max_steps, int) or cfg.trainer.max_steps < 0:
         raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps!r} must be 0 or a positive number of "
                           "optimizer steps")
+    collective_timeout(cfg.trainer)
+    grace = cfg.trainer.get("stop_grace_s", 20)
+    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or grace < 0:
+        raise ConfigError(f"trainer.stop_grace_s={grace!r} must be 0 or a positive number of seconds")
     if cfg.data.truncation not in ("truncate", "drop"):
         raise ConfigError(f"data.truncation={cfg.data.truncation!r}: use truncate or drop")
     added = [o for o in (hydra_overrides() or []) if o.startswith("+") and not o.startswith("++")]
@@ -246,6 +257,11 @@ def _train(cfg: DictConfig, callbacks: list | None, modes: dict, hardware: Hardw
     saver = AdapterSaver(run_dir / "adapter", plan, processor,
                          interrupted=lambda: resumer is not None and resumer.preempted)
     own = [saver] + ([resumer] if resumer is not None else [])
+    # a rank stuck in a collective, or a stop signal the main thread cannot take (it is inside C++), ends
+    # the run within trainer.collective_timeout_s / trainer.stop_grace_s
+    watchdog = RunWatchdog(collective_timeout(cfg.trainer).total_seconds(), float(cfg.trainer.get("stop_grace_s", 20)),
+                           resumer.stop_signals if resumer is not None else ())
+    own.append(watchdog)
     if _wants_monitor(cfg, hardware, list(callbacks or []) + configured):
         own.append(MemoryMonitor(run_dir))  # memory.csv / memory.png per phase; history for OOM snapshots
     if cfg.trainer.enable_progress_bar and not any(isinstance(c, ProgressBar) for c in configured + (callbacks or [])):
@@ -261,6 +277,11 @@ def _train(cfg: DictConfig, callbacks: list | None, modes: dict, hardware: Hardw
                     weights_only=not checkpoint_is_folder(cfg.trainer) if ckpt_path else None)
     except torch.OutOfMemoryError as err:  # report (phase, sizes, snapshot, planner's advice), no partial files
         raise handle_oom(err, run_dir, trainer, hydra_overrides()) from err
+    except RuntimeError as err:  # the process group's timeout (or a lost peer) came before the watchdog
+        if hardware.world_size < 2 or not is_collective_failure(err):
+            raise
+        raise RunHung(hung_message(trainer.global_rank, watchdog.where, "saw a collective fail: "
+                                   + str(err).strip().splitlines()[0][:200])) from err
     objects = {"module": module, "trainer": trainer, "datamodule": datamodule, "run_dir": run_dir,
                "processor": processor, "plan": plan, "family": family}
     if resumer is not None and resumer.preempted:
