@@ -76,7 +76,7 @@ class StepProgressBar(TQDMProgressBar):
                            batch_idx: int) -> None:
         if isinstance(batch, dict) and not batch.get("empty") and "labels" in batch:
             labels = batch["labels"]
-            mask = batch.get("attention_mask")
+            mask = batch.get("padding_mask", batch.get("attention_mask"))  # packed rows: no attention mask
             self._counts[0] += int((labels != IGNORE_INDEX).sum())
             self._counts[1] += int((mask == 0).sum()) if mask is not None else 0
             self._counts[2] += int(labels.numel())

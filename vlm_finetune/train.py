@@ -31,6 +31,7 @@ from vlm_finetune.config import (
     is_auto,
 )
 from vlm_finetune.data.datamodule import VLMDataModule, build_datasets, check_samples_fit
+from vlm_finetune.data.packing import pack_length
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.hardware import Hardware, env_global_rank, preflight, resolve
 from vlm_finetune.io import write_atomic
@@ -123,6 +124,9 @@ def _check_values(cfg: DictConfig) -> None:
     grace = cfg.trainer.get("stop_grace_s", 20)
     if isinstance(grace, bool) or not isinstance(grace, (int, float)) or grace < 0:
         raise ConfigError(f"trainer.stop_grace_s={grace!r} must be 0 or a positive number of seconds")
+    if pack_length(cfg.data) and not get_family(cfg.model.family).supports_packing:
+        raise ConfigError(f"data.packing=true is not supported for model.family={cfg.model.family} yet; "
+                          "use data.packing=false (data.group_by_length=true also cuts padding)")
     if cfg.data.truncation not in ("truncate", "drop"):
         raise ConfigError(f"data.truncation={cfg.data.truncation!r}: use truncate or drop")
     added = [o for o in (hydra_overrides() or []) if o.startswith("+") and not o.startswith("++")]

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
 from vlm_finetune.data.grouping import LengthGroupedSampler, sample_lengths
+from vlm_finetune.data.packing import collate_packed, pack_length
 from vlm_finetune.data.sample import IGNORE_INDEX, Sample, SampleTooLong
 from vlm_finetune.errors import ConfigError, DataError
 
@@ -117,9 +118,12 @@ class EncodedDataset(Dataset):
 
 
 class Collator:
-    def __init__(self, processor, evaluation: bool = False):
+    """Encoded samples -> a batch: padded rows, or (training with `pack_length`) packed rows (data/packing.py)."""
+
+    def __init__(self, processor, evaluation: bool = False, pack_length: int | None = None):
         self.processor = processor
         self.evaluation = evaluation
+        self.pack_length = pack_length
 
     def __call__(self, items: list) -> dict[str, Any]:
         bad = sum(1 for x in items if x is BAD_SAMPLE)
@@ -128,7 +132,8 @@ class Collator:
         if not kept:
             return {"empty": True, "num_dropped_too_long": dropped, "num_bad_records": bad}
         if not self.evaluation:
-            batch = self.processor.collate(kept)
+            batch = collate_packed(self.processor, kept, self.pack_length) if self.pack_length else \
+                self.processor.collate(kept)
             batch["num_truncated"] = sum(e.truncated for e in kept)
         else:
             # a repeated sample (ranks' shares evened out) runs like the others, so that collectives stay in
@@ -306,7 +311,8 @@ class VLMDataModule(L.LightningDataModule):
         batches = ResumableBatchSampler(self._sampler(dataset, True), self.micro_batch_size, drop_last=True)
         # the loader's own generator draws its per-epoch worker seed: without it each new epoch's iterator
         # takes a number from torch's global generator and moves the dropout that follows (exact resume)
-        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=Collator(self.processor),
+        loader = DataLoader(dataset, batch_sampler=batches,
+                            collate_fn=Collator(self.processor, pack_length=pack_length(self.data_cfg)),
                             num_workers=int(self.data_cfg.get("num_workers", 0)), persistent_workers=False,
                             generator=torch.Generator().manual_seed(self.seed))
         if len(loader) < self.accumulate:

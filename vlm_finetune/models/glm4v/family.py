@@ -269,6 +269,8 @@ class Glm4vFamily(Family):
 
     def hidden_states(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k in self.input_keys}
+        if "pack_segments" in batch:  # packed rows (data/packing.py): each sample's own M-RoPE positions
+            inputs["position_ids"] = packed_positions(model.model, batch)
         return model.model(**inputs, use_cache=False).last_hidden_state
 
     def output_embedding(self, model: nn.Module) -> nn.Module:
@@ -280,6 +282,28 @@ class Glm4vFamily(Family):
     def image_features(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         out = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True)
         return torch.cat(out.pooler_output)
+
+
+def packed_positions(model: nn.Module, batch: dict) -> torch.Tensor:
+    """(4, rows, length) positions of packed rows, as transformers' GLM-4V takes them for packing: the 1-D
+    positions restarting at each sample (from which the block-diagonal mask is built), then the three M-RoPE
+    rows of each sample computed by the model's `get_rope_index` on that sample alone (with its own images)."""
+    ids, types, text = batch["input_ids"], batch["mm_token_type_ids"], batch["position_ids"]
+    grids = batch.get("image_grid_thw")
+    out = torch.empty((4, *ids.shape), dtype=torch.long, device=ids.device)
+    out[0] = text
+    image = 0
+    for r, segments in enumerate(batch["pack_segments"]):
+        start = 0
+        for length, images in segments:
+            span = slice(start, start + length)
+            grid = grids[image:image + images] if images else None
+            rope, _ = model.get_rope_index(ids[r:r + 1, span], types[r:r + 1, span], grid, None,
+                                           attention_mask=torch.ones_like(ids[r:r + 1, span]))
+            out[1:, r, span] = rope[:, 0]
+            image, start = image + images, start + length
+        out[1:, r, start:] = text[r, start:]  # the row's padding
+    return out
 
 
 GLM4V = Glm4vFamily()

@@ -25,6 +25,8 @@ VISION_LORA_PATTERN = r".*vision\.transformer\.layers\.\d+\.(attention\.(query_k
 class Glm4vOrigFamily(Family):
     name = "glm4v_orig"
     input_keys = ("input_ids", "attention_mask", "pixel_values")
+    # its image tokens share one position and its modeling takes no per-sample positions yet
+    supports_packing = False
 
     @property
     def decoder_layer_classes(self) -> tuple[type[nn.Module], ...]:

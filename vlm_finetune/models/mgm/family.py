@@ -255,8 +255,10 @@ class MgmFamily(Family):
         processor.save_pretrained(str(folder))
 
     def hidden_states(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        # packed rows (data/packing.py) come without attention_mask: positions restarting per sample give the
+        # backbone its block-diagonal mask
         return model.forward_hidden(batch["input_ids"], batch.get("attention_mask"), batch.get("images"),
-                                    batch.get("images_aux"))
+                                    batch.get("images_aux"), batch.get("position_ids"))
 
     def output_embedding(self, model: nn.Module) -> nn.Module:
         return model.lm_head
