@@ -1,5 +1,6 @@
 """Side-by-side benchmark: this project's training step against the plain transformers + peft recipe
-(`python -m vlm_finetune.bench suite` runs every GPU check instead: vlm_finetune/suite.py).
+(`python -m vlm_finetune.bench suite` runs every GPU check instead: vlm_finetune/suite.py; `... bench data`
+compares padded, length-grouped and packed micro-batches on the CPU: vlm_finetune/databench.py).
 
     python -m vlm_finetune.bench model=glm41v_9b --seq 8192 --image 672 --baseline-liger 1 [hydra overrides]
 
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from vlm_finetune import suite
+from vlm_finetune import databench, suite
 from vlm_finetune.measure import DEFAULT_BASELINE, ROOT, append_report, bench_ours, make_batch, run_baseline
 
 __all__ = ["DEFAULT_BASELINE", "bench_ours", "main", "make_batch", "render", "run_baseline"]
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> tuple[dict, dict] | int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["suite"]:  # every GPU check in one command (vlm_finetune/suite.py)
         return suite.main(argv[1:])
+    if argv[:1] == ["data"]:  # padded, length-grouped and packed micro-batches on the CPU (vlm_finetune/databench.py)
+        return databench.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m vlm_finetune.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq", type=int, default=2048)
