@@ -54,7 +54,7 @@ def test_first_fit_rows_keep_order_and_fill_earlier_rows():
         first_fit_rows([9], 8)
 
 
-@pytest.mark.parametrize("model", ["tiny_glm41v", "tiny_mgm", "tiny_mgm_moe"])
+@pytest.mark.parametrize("model", ["tiny_glm41v", "tiny_mgm", "tiny_mgm_moe", "tiny_glm4v"])
 def test_packed_and_padded_runs_train_the_same_adapter(varied, tmp_path, model):
     runs = {}
     for packed in (False, True):
@@ -106,8 +106,6 @@ def test_collate_packed_restarts_positions_and_masks_each_first_token():
 def test_packing_is_checked_before_weights_load(tmp_path):
     with pytest.raises(ConfigError, match="must be at least data.max_length"):
         check_config(compose_cfg(["data.packing=true", "data.pack_length=64"], tmp_path))
-    with pytest.raises(ConfigError, match="not supported for model.family=glm4v_orig"):
-        check_config(compose_cfg(["model=tiny_glm4v", "data.packing=true"], tmp_path))
 
 
 def test_a_packed_length_grouped_run_stopped_at_step_5_resumes_to_the_uninterrupted_one(varied, tmp_path):

@@ -124,9 +124,7 @@ def _check_values(cfg: DictConfig) -> None:
     grace = cfg.trainer.get("stop_grace_s", 20)
     if isinstance(grace, bool) or not isinstance(grace, (int, float)) or grace < 0:
         raise ConfigError(f"trainer.stop_grace_s={grace!r} must be 0 or a positive number of seconds")
-    if pack_length(cfg.data) and not get_family(cfg.model.family).supports_packing:
-        raise ConfigError(f"data.packing=true is not supported for model.family={cfg.model.family} yet; "
-                          "use data.packing=false (data.group_by_length=true also cuts padding)")
+    pack_length(cfg.data)  # data.packing's row length fits every sample
     if cfg.data.truncation not in ("truncate", "drop"):
         raise ConfigError(f"data.truncation={cfg.data.truncation!r}: use truncate or drop")
     added = [o for o in (hydra_overrides() or []) if o.startswith("+") and not o.startswith("++")]

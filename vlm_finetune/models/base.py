@@ -86,8 +86,6 @@ class Family(abc.ABC):
     name: str = ""
     #: batch keys the model's forward and generate take (the rest of a batch is for the loss and metrics)
     input_keys: tuple[str, ...] = ()
-    #: `data.packing` (several samples per row, positions restarting per sample) works with this family
-    supports_packing: bool = True
 
     # -- structure ----------------------------------------------------------------------------------
     @property

@@ -25,8 +25,6 @@ VISION_LORA_PATTERN = r".*vision\.transformer\.layers\.\d+\.(attention\.(query_k
 class Glm4vOrigFamily(Family):
     name = "glm4v_orig"
     input_keys = ("input_ids", "attention_mask", "pixel_values")
-    # its image tokens share one position and its modeling takes no per-sample positions yet
-    supports_packing = False
 
     @property
     def decoder_layer_classes(self) -> tuple[type[nn.Module], ...]:
@@ -119,7 +117,8 @@ class Glm4vOrigFamily(Family):
         return r".*model\.layers\.\d+\.(" + LLM_LORA[scope] + ")"
 
     def hidden_states(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model.forward_hidden(batch["input_ids"], batch.get("attention_mask"), batch.get("pixel_values"))
+        return model.forward_hidden(batch["input_ids"], batch.get("attention_mask"), batch.get("pixel_values"),
+                                    batch.get("pack_segments"))
 
     def output_embedding(self, model: nn.Module) -> nn.Module:
         return model.lm_head

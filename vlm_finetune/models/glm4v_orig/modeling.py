@@ -289,10 +289,35 @@ class Glm4vOrigForCausalLM(nn.Module):
         return image_positions(input_ids, attention_mask, self.config.boi_token_id, self.config.eoi_token_id)
 
     def forward_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                       pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+                       pixel_values: torch.Tensor | None = None,
+                       pack_segments: list[list[tuple[int, int]]] | None = None) -> torch.Tensor:
+        """Final hidden states of a padded batch, or of packed rows (`pack_segments`: each row's sample lengths,
+        data/packing.py): then each sample takes its own positions and attends only to itself."""
         embeds = self.embed(input_ids, pixel_values)
-        return self.model(inputs_embeds=embeds, attention_mask=attention_mask,
-                          position_ids=self.positions(input_ids, attention_mask), use_cache=False).last_hidden_state
+        if pack_segments is not None:
+            positions, attention_mask = self.packed_positions_and_mask(input_ids, pack_segments)
+        else:
+            positions = self.positions(input_ids, attention_mask)
+        return self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions,
+                          use_cache=False).last_hidden_state
+
+    def packed_positions_and_mask(self, input_ids: torch.Tensor, segments: list[list[tuple[int, int]]]
+                                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions restarting per sample (its image patches sharing one, as in a padded batch) and the
+        block-diagonal causal mask as a (rows, 1, L, L) boolean: the shared image positions repeat, so the
+        samples' boundaries cannot be read back from the positions as transformers does for other models."""
+        rows, length = input_ids.shape
+        positions = torch.zeros_like(input_ids)
+        mask = torch.zeros((rows, 1, length, length), dtype=torch.bool, device=input_ids.device)
+        for r, row in enumerate(segments):
+            start = 0
+            for n in [n for n, _ in row] + [length - sum(n for n, _ in row)]:  # the samples, then the padding
+                if n:
+                    positions[r, start:start + n] = self.positions(input_ids[r:r + 1, start:start + n], None)[0]
+                    mask[r, 0, start:start + n, start:start + n] = torch.ones((n, n), dtype=torch.bool,
+                                                                              device=input_ids.device).tril()
+                start += n
+        return positions, mask
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
