@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from vlm_finetune import bench
 from vlm_finetune.databench import SECTION, replace_section, summarise, write_conversations
 
@@ -35,6 +37,7 @@ def test_the_section_is_replaced_and_the_rest_kept(tmp_path):
     assert "keep me" in text and "second" in text and "first" not in text and text.count(SECTION) == 1
 
 
+@pytest.mark.slow
 def test_one_invocation_measures_padded_and_packed_runs(tmp_path):
     report = tmp_path / "benchmarks.md"
     results = bench.main(["data", "--samples", "16", "--steps", "3", "--micro-batch", "4", "--modes",
