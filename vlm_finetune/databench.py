@@ -13,7 +13,8 @@ process of its own (so that one mode's memory does not carry into the next):
 Per mode it reports supervised tokens per second, the padding fraction, the spread of step times, the
 positions each micro-batch computes (rows x width: what activation memory scales with) and the peak
 resident memory of each step (sampled every 5 ms), from step 2 on (step 1 warms up). The table goes into
-docs/benchmarks.md under its own heading (replaced on each run; other sections kept).
+docs/benchmarks.md under its own heading (replaced on each run; other sections kept). Each run uses one CPU
+thread (`hardware.cpu_threads=N` after the options changes it), so that step times stay steady on a shared CPU.
 """
 from __future__ import annotations
 
@@ -135,7 +136,7 @@ def run_mode(mode: str, data: Path, work: Path, steps: int, micro: int, override
     args = ["data=conversations", f"data.path={data}", f"data.val_path={data.parent / 'val.json'}",
             *MODEL, f"data.micro_batch_size={micro}", f"trainer.max_steps={steps}",
             "trainer.val_every_n_steps=null", "eval.generate=false", "trainer.enable_progress_bar=false",
-            "checkpoint.every_n_steps=null", "hardware.cpu_threads=2", *MODES[mode], *overrides,
+            "checkpoint.every_n_steps=null", "hardware.cpu_threads=1", *MODES[mode], *overrides,
             "+callbacks.databench._target_=vlm_finetune.databench.StepStats", f"+callbacks.databench.out={stats}",
             f"hydra.run.dir={work / mode}"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
