@@ -30,3 +30,39 @@ def written_dtype(released: dict[str, torch.Tensor]) -> torch.dtype | None:
     """The floating dtype most of the weights hold (what config.json's torch_dtype should say)."""
     floats = [t.dtype for t in released.values() if t.is_floating_point()]
     return max(set(floats), key=floats.count) if floats else None
+
+
+class ShardReader:
+    """The tensors of a checkpoint's safetensors files, memory-mapped and read one at a time (`get`), with
+    every key name known before any tensor is read (`names`)."""
+
+    def __init__(self, files: list[Path]):
+        from safetensors import safe_open
+
+        self._handles = [safe_open(str(path), framework="pt", device="cpu") for path in files]
+        self._where = {name: handle for handle in self._handles for name in handle.keys()}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._where[name].get_tensor(name)
+
+
+def stream_into(model: torch.nn.Module, sources: dict[str, list[str]], assemble, reader: ShardReader,
+                skip: set[str] = frozenset()) -> None:
+    """For each state-dict tensor of `model` (whole, or partitioned by ZeRO-3's zero.Init), read the released
+    tensors `sources[name]` names, `assemble(name, tensors)` them into one and copy it in; only that tensor is
+    ever whole in memory. `skip`: names that are not read (a tied head). Shapes are checked (ValueError)."""
+    from vlm_finetune.models._partitioned import copy_into, logical_shape
+
+    for name, target in model.state_dict(keep_vars=True).items():
+        if name in skip or name not in sources:
+            continue
+        value = assemble(name, [reader.get(s) for s in sources[name]])
+        if tuple(value.shape) != logical_shape(target):
+            raise ValueError(f"{name} has shape {tuple(value.shape)} in the checkpoint, the model expects "
+                             f"{logical_shape(target)}")
+        copy_into(target, value.to(target.dtype))
+        del value
