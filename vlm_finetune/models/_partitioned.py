@@ -48,8 +48,9 @@ _SKIP_INIT = []  # non-empty while a checkpoint's weights are about to replace t
 
 @contextlib.contextmanager
 def skipped_init() -> Iterator[None]:
-    """While inside, `whole_for_init` gathers nothing: a model built to be loaded keeps its initialisation
-    partitioned (writes into the empty placeholders do nothing), which saves a gather per module."""
+    """While inside (with `initialised_whole`), a model built to be loaded skips transformers' initialisation
+    and `whole_for_init` gathers nothing: writes into the empty placeholders do nothing, and no gather per
+    module is spent on weights that the checkpoint replaces."""
     _SKIP_INIT.append(True)
     try:
         yield
@@ -71,6 +72,9 @@ def initialised_whole() -> Iterator[None]:
     original = PreTrainedModel._initialize_weights
 
     def gathered(self, module, is_custom_code: bool = False):
+        if _SKIP_INIT:  # the checkpoint's weights replace these; an init can index an empty placeholder
+            module._is_hf_initialized = True
+            return None
         own = list(module.parameters(recurse=False)) + [b for b in module.buffers(recurse=False) if b is not None]
         with whole_for_init(own):
             return original(self, module, is_custom_code)

@@ -17,7 +17,7 @@ from torch import nn
 
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.io import atomic_folder
-from vlm_finetune.models._partitioned import partitioning_active, skipped_init, unpartitioned
+from vlm_finetune.models._partitioned import initialised_whole, partitioning_active, skipped_init, unpartitioned
 from vlm_finetune.models._sharded import INDEX_FILE, ShardReader, stream_into, write_shards, written_dtype
 from vlm_finetune.models.mgm.modeling import (
     ARCHITECTURES,
@@ -351,8 +351,10 @@ def load_folder(folder: Path, dtype: torch.dtype = torch.float32, device: str | 
     reader = _reader(folder)
     sources = released_sources(reader.names, cfg)
     partitioned = partitioning_active()
-    if partitioned:
-        with skipped_init():
+    if partitioned:  # no initialisation (torch's nor transformers'), no random numbers drawn: LoRA's come next
+        from transformers.initialization import no_init_weights
+
+        with torch.random.fork_rng(devices=[]), no_init_weights(), initialised_whole(), skipped_init():
             model = MgmForCausalLM(cfg)
     else:
         with torch.device("meta"):
