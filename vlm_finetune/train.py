@@ -49,7 +49,7 @@ from vlm_finetune.strategies import (
     is_zero3_config,
     set_zero3_leaves,
 )
-from vlm_finetune.trainability import build_trainable_model, compile_regions, count_parameters
+from vlm_finetune.trainability import build_trainable_model, compile_regions, count_parameters, partition_counts
 
 log = logging.getLogger(__name__)
 
@@ -211,9 +211,14 @@ def _model_builder(cfg: DictConfig, family, modes: dict, policy: WeightsPolicy):
         model, plan = build_trainable_model(family, cfg.model, modes, cfg.lora, policy,
                                             checkpointed_layers=cfg.model.activation_checkpointing,
                                             checkpoint_scope=cfg.speed.checkpoint_scope, device=device)
-        if expected_plan is not None and plan != expected_plan:
-            raise RuntimeError(f"the model built under ZeRO-3 has another trainability plan than its structure: "
-                               f"{plan} != {expected_plan}")
+        if expected_plan is not None:  # built inside zero.Init (VLMModule.configure_model)
+            if plan != expected_plan:
+                raise RuntimeError(f"the model built under ZeRO-3 has another trainability plan than its "
+                                   f"structure: {plan} != {expected_plan}")
+            held, whole = partition_counts(model)
+            if env_global_rank() == 0:
+                print(f"vlm_finetune: ZeRO-3: built partitioned; this rank holds {held:,} of the base's {whole:,} "
+                      "parameters", flush=True)
         if device != "meta":
             if cfg.speed.compile:
                 compile_regions(model, family)

@@ -105,6 +105,12 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def partition_counts(model: nn.Module) -> tuple[int, int]:
+    """(elements this rank holds, elements of the whole) over the ZeRO-3-partitioned parameters."""
+    params = [p for p in model.parameters() if is_partitioned(p)]
+    return sum(p.ds_tensor.numel() for p in params), sum(int(p.ds_numel) for p in params)
+
+
 def _logical_numel(param: torch.Tensor) -> int:
     """Elements of the weight a parameter stands for: a 4-bit (bitsandbytes) weight packs two per byte; a
     ZeRO-3-partitioned one holds none of them on this rank."""

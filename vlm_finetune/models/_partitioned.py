@@ -75,7 +75,10 @@ def initialised_whole() -> Iterator[None]:
         if _SKIP_INIT:  # the checkpoint's weights replace these; an init can index an empty placeholder
             module._is_hf_initialized = True
             return None
-        own = list(module.parameters(recurse=False)) + [b for b in module.buffers(recurse=False) if b is not None]
+        # its own tensors and those of its leaf children (a CLIP embedding initialises its Conv2d's weight):
+        # never a container's, which would gather a whole decoder layer or model on every rank
+        leaves = [module] + [child for child in module.children() if not any(True for _ in child.children())]
+        own = [t for m in leaves for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)) if t is not None]
         with whole_for_init(own):
             return original(self, module, is_custom_code)
 
