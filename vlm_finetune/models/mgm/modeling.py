@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlm_finetune.models._partitioned import whole_for_init
 from vlm_finetune.models._decode import cached_step, decode, stop_ids
+from vlm_finetune.models._partitioned import whole_for_init
 
 IMAGE_TOKEN_INDEX = -200
 
