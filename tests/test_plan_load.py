@@ -27,13 +27,18 @@ def test_mgm_8x7b_on_six_4090s_does_not_load_whole_and_says_why():
 
 def test_mgm_8x7b_under_zero3_loads_partitioned():
     """ZeRO-3 builds MGM inside zero.Init: on GPUs the partitions are made on the GPU, the host holds the
-    largest tensor (one fused expert stack of a layer, 8 x 28672 x 4096 in bf16) as read and as gathered."""
-    plan = plan_memory(["model=mgm_8x7b", "trainer=zero3", "hardware=6x4090", "precision=bf16-mixed"])
+    largest tensor (one fused expert stack of a layer, 8 x 28672 x 4096 in bf16) as read and as gathered.
+    A fully trained projector beside a bf16 base is still built whole (trainability.builds_partitioned)."""
+    whole = plan_memory(["model=mgm_8x7b", "trainer=zero3", "hardware=6x4090", "precision=bf16-mixed"]).load
+    assert not whole.partitioned and whole.fits is False
+    plan = plan_memory(["model=mgm_8x7b", "trainer=zero3", "hardware=6x4090", "precision=bf16-mixed",
+                        "train.projector=frozen"])
     load = plan.load
     assert load.partitioned and load.fits is True
     assert load.bytes_per_rank == 2 * (8 * 2 * 14336 * 4096 * 2)
     assert "its partition, one tensor whole at a time" in plan.render()
-    offload = plan_memory(["model=mgm_8x7b", "trainer=zero3_offload", "hardware=6x4090", "precision=bf16-mixed"])
+    offload = plan_memory(["model=mgm_8x7b", "trainer=zero3_offload", "hardware=6x4090", "precision=bf16-mixed",
+                           "train.projector=frozen"])
     assert 47.0e9 * 2 / 6 < offload.load.bytes_per_rank - 2 * (8 * 2 * 14336 * 4096 * 2) < 48.5e9 * 2 / 6
 
 

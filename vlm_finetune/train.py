@@ -49,7 +49,13 @@ from vlm_finetune.strategies import (
     is_zero3_config,
     set_zero3_leaves,
 )
-from vlm_finetune.trainability import build_trainable_model, compile_regions, count_parameters, partition_counts
+from vlm_finetune.trainability import (
+    build_trainable_model,
+    builds_partitioned,
+    compile_regions,
+    count_parameters,
+    partition_counts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +251,8 @@ def _train(cfg: DictConfig, callbacks: list | None, modes: dict, hardware: Hardw
     build = _model_builder(cfg, family, modes, policy)
     # ZeRO-3: the model is built in VLMModule.configure_model, inside DeepSpeed's partitioned initialisation,
     # so no rank holds it whole; until then its structure on the meta device gives the plan and the counts
-    partitioned = is_zero3_config(cfg.trainer) and family.builds_partitioned and not is_auto(cfg.data.micro_batch_size)
+    partitioned = builds_partitioned(family, is_zero3_config(cfg.trainer), modes, policy,
+                                     is_auto(cfg.data.micro_batch_size))
     model, plan = build(device="meta") if partitioned else build()
     _resolve_auto(cfg, family, model, processor, hardware)  # micro-batch auto -> real steps on the GPU
     trainable, total = count_parameters(model)
