@@ -1,5 +1,5 @@
 """The planner plans the load too: every rank on a node holds the whole model in host memory before the strategy
-shards it, so a node needs ranks x model bytes; the rows carry their own verdict against the profile's host
+shards it, so a node needs ranks x model bytes (ZeRO-3 builds MGM partitioned instead); the rows carry their own verdict against the profile's host
 memory (the MGM-8x7B on six 4090s report: six copies of the MoE before the first step)."""
 from __future__ import annotations
 
@@ -11,17 +11,35 @@ from vlm_finetune.precision import weights_policy
 from vlm_finetune.trainability import build_trainable_model
 
 
-def test_mgm_8x7b_on_six_4090s_does_not_load_and_says_why():
-    plan = plan_memory(["model=mgm_8x7b", "trainer=zero3", "hardware=6x4090", "precision=bf16-mixed"])
+def test_mgm_8x7b_on_six_4090s_does_not_load_whole_and_says_why():
+    plan = plan_memory(["model=mgm_8x7b", "trainer=zero2", "hardware=6x4090", "precision=bf16-mixed"])
     load = plan.load
-    assert load.ranks_per_node == 6 and load.host_memory_gib == 256
+    assert load.ranks_per_node == 6 and load.host_memory_gib == 256 and not load.partitioned
     assert 47.0e9 * 2 < load.bytes_per_rank < 48.5e9 * 2  # 47.5 B parameters in bf16 (+ float32 LoRA)
     assert load.host_bytes == 6 * load.bytes_per_rank and load.fits is False
     text = plan.render()
     assert "load (host memory per node): 6 rank(s)" in text and "the load is what does not fit" in text
-    roomy = plan_memory(["model=mgm_8x7b", "trainer=zero3", "hardware=6x4090", "precision=bf16-mixed",
+    assert "or trainer=zero3" in text
+    roomy = plan_memory(["model=mgm_8x7b", "trainer=zero2", "hardware=6x4090", "precision=bf16-mixed",
                          "hardware.host_memory_gib=2048"])
     assert roomy.load.fits is True and roomy.load.verdict == "FITS"
+
+
+def test_mgm_8x7b_under_zero3_loads_partitioned():
+    """ZeRO-3 builds MGM inside zero.Init: on GPUs the partitions are made on the GPU, the host holds the
+    largest tensor (one fused expert stack of a layer, 8 x 28672 x 4096 in bf16) as read and as gathered.
+    A fully trained projector beside a bf16 base is still built whole (trainability.builds_partitioned)."""
+    whole = plan_memory(["model=mgm_8x7b", "trainer=zero3", "hardware=6x4090", "precision=bf16-mixed"]).load
+    assert not whole.partitioned and whole.fits is False
+    plan = plan_memory(["model=mgm_8x7b", "trainer=zero3", "hardware=6x4090", "precision=bf16-mixed",
+                        "train.projector=frozen"])
+    load = plan.load
+    assert load.partitioned and load.fits is True
+    assert load.bytes_per_rank == 2 * (8 * 2 * 14336 * 4096 * 2)
+    assert "its partition, one tensor whole at a time" in plan.render()
+    offload = plan_memory(["model=mgm_8x7b", "trainer=zero3_offload", "hardware=6x4090", "precision=bf16-mixed",
+                           "train.projector=frozen"])
+    assert 47.0e9 * 2 / 6 < offload.load.bytes_per_rank - 2 * (8 * 2 * 14336 * 4096 * 2) < 48.5e9 * 2 / 6
 
 
 def test_the_load_bytes_per_rank_are_the_built_models_bytes(tmp_path):

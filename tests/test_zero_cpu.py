@@ -3,13 +3,15 @@ MGM-MoE train under ZeRO-2, ZeRO-3 (every parameter partitioned, MoE blocks as l
 with offload, validate with generation (ranks decode in step; at step 3 inside `fit` and at the end
 outside it, where the engine is set up again for evaluation), and save a normal PEFT adapter that
 equals the one DDP trains from the same data and reloads with PeftModel.from_pretrained.
-SGD, so that the comparison is not at the mercy of Adam's normalisation of near-zero gradients.
+SGD, so that the comparison is not at the mercy of Adam's normalisation of near-zero gradients. Under ZeRO-3,
+MGM is built inside zero.Init (each rank holds half of it from the start, LoRA added unpartitioned).
 And the memory planner's parameter and optimizer bytes per rank equal the tensors DeepSpeed holds."""
 from __future__ import annotations
 
 import csv
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,13 @@ def _run(run_dir: Path, model: str, trainer: str) -> Path:
     args = [f"model={model}", f"trainer={trainer}", *COMMON, *extra, f"hydra.run.dir={run_dir}"]
     result = run_cli(args, timeout=600, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     assert result.returncode == 0, result.stderr[-4000:]
+    built = re.search(r"ZeRO-3: built partitioned; this rank holds ([\d,]+) of the base's ([\d,]+)", result.stdout)
+    if trainer.startswith("zero3") and get_family(MODELS[model]).builds_partitioned:
+        # MGM is built inside zero.Init: rank 0 never held more than its half (and its padding)
+        held, whole = (int(g.replace(",", "")) for g in built.groups())
+        assert whole > 100_000 and whole / 2 <= held <= whole / 2 + 1000, (held, whole)
+    else:
+        assert built is None
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["global_step"] == STEPS and "val_accuracy" in metrics, metrics
     with open(run_dir / "csv" / "metrics.csv") as handle:

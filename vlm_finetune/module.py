@@ -150,11 +150,14 @@ class VLMModule(L.LightningModule):
     def __init__(self, model: nn.Module, family: Family, processor, plan: TrainablePlan, optimizer_factory: Callable,
                  optimizer: OptimizerSettings, scheduler_factory: Callable | None, loss: LossSettings,
                  evaluation: EvalSettings, question_types: list[str] = (), offload_activations: bool = False,
-                 attention_backends: tuple = ()):
+                 attention_backends: tuple = (), build_model: Callable[[], nn.Module] | None = None):
         """`optimizer_factory(param_groups)` and `scheduler_factory(optimizer, total_steps)` come from the
-        `optimizer` and `scheduler` config groups (Hydra `_partial_`); no scheduler factory: a constant rate."""
+        `optimizer` and `scheduler` config groups (Hydra `_partial_`); no scheduler factory: a constant rate.
+        `build_model`: the model is built in `configure_model` (under ZeRO-3 inside DeepSpeed's partitioned
+        initialisation); `model` is then its structure on the meta device until fit starts."""
         super().__init__()
         self.model = model
+        self._build_model = build_model
         self.family = family
         self.processor = processor
         self.plan = plan
@@ -183,6 +186,12 @@ class VLMModule(L.LightningModule):
         self.vision_in_every_step = VisionInEveryStep(family, processor)  # used under ZeRO-3 and FSDP
         # checkpoints hold the trainable weights only (the frozen base comes from the model folder)
         self.strict_loading = False
+
+    def configure_model(self) -> None:
+        """Lightning calls this inside the strategy's model-construction context (ZeRO-3: `zero.Init`)."""
+        if self._build_model is not None:
+            self.model = self._build_model()
+            self._build_model = None
 
     # -- modes ------------------------------------------------------------------------------------
     def train(self, mode: bool = True):

@@ -48,9 +48,16 @@ from vlm_finetune.strategies import (
     check_combination,
     checkpoint_is_folder,
     collective_timeout,
+    is_zero3_config,
     set_zero3_leaves,
 )
-from vlm_finetune.trainability import build_trainable_model, compile_regions, count_parameters
+from vlm_finetune.trainability import (
+    build_trainable_model,
+    builds_partitioned,
+    compile_regions,
+    count_parameters,
+    partition_counts,
+)
 from vlm_finetune.watchdog import RunHung, RunWatchdog, hung_message, is_collective_failure
 
 log = logging.getLogger(__name__)
@@ -211,6 +218,29 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
             lock.release()
 
 
+def _model_builder(cfg: DictConfig, family, modes: dict, policy: WeightsPolicy):
+    """`build(device=None, expected_plan=None) -> (model, plan)`: the model with its trainability plan, compiled
+    regions and ZeRO-3 leaf modules, as configured; `device="meta"`: the structure only."""
+    def build(device: str | None = None, expected_plan=None):
+        model, plan = build_trainable_model(family, cfg.model, modes, cfg.lora, policy,
+                                            checkpointed_layers=cfg.model.activation_checkpointing,
+                                            checkpoint_scope=cfg.speed.checkpoint_scope, device=device)
+        if expected_plan is not None:  # built inside zero.Init (VLMModule.configure_model)
+            if plan != expected_plan:
+                raise RuntimeError(f"the model built under ZeRO-3 has another trainability plan than its "
+                                   f"structure: {plan} != {expected_plan}")
+            held, whole = partition_counts(model)
+            if env_global_rank() == 0:
+                print(f"vlm_finetune: ZeRO-3: built partitioned; this rank holds {held:,} of the base's {whole:,} "
+                      "parameters", flush=True)
+        if device != "meta":
+            if cfg.speed.compile:
+                compile_regions(model, family)
+            set_zero3_leaves(model, family, cfg.trainer)
+        return model, plan
+    return build
+
+
 def _train(cfg: DictConfig, callbacks: list | None, modes: dict, hardware: Hardware, run_dir: Path,
            started: float) -> tuple[dict, dict]:
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -226,11 +256,12 @@ def _train(cfg: DictConfig, callbacks: list | None, modes: dict, hardware: Hardw
 
     policy = weights_policy(cfg.precision.name, cfg.trainer.strategy)
     _resolve_auto(cfg, family, None, processor, hardware)  # checkpointing auto -> the fewest layers that fit
-    model, plan = build_trainable_model(family, cfg.model, modes, cfg.lora, policy,
-                                        checkpointed_layers=cfg.model.activation_checkpointing,
-                                        checkpoint_scope=cfg.speed.checkpoint_scope)
-    if cfg.speed.compile:
-        compile_regions(model, family)
+    build = _model_builder(cfg, family, modes, policy)
+    # ZeRO-3: the model is built in VLMModule.configure_model, inside DeepSpeed's partitioned initialisation,
+    # so no rank holds it whole; until then its structure on the meta device gives the plan and the counts
+    partitioned = builds_partitioned(family, is_zero3_config(cfg.trainer), modes, policy,
+                                     is_auto(cfg.data.micro_batch_size))
+    model, plan = build(device="meta") if partitioned else build()
     _resolve_auto(cfg, family, model, processor, hardware)  # micro-batch auto -> real steps on the GPU
     trainable, total = count_parameters(model)
 
@@ -248,11 +279,11 @@ def _train(cfg: DictConfig, callbacks: list | None, modes: dict, hardware: Hardw
                        OptimizerSettings.from_config(cfg.optimizer), scheduler, LossSettings.from_config(cfg.loss),
                        EvalSettings.from_config(cfg.eval), question_types=list(data_stats.get("question_types", [])),
                        offload_activations=bool(cfg.speed.offload_activations),
-                       attention_backends=attention_backends(cfg.speed.attention_backends))
+                       attention_backends=attention_backends(cfg.speed.attention_backends),
+                       build_model=(lambda: build(expected_plan=plan)[0]) if partitioned else None)
 
     configured = [hydra.utils.instantiate(c) for c in (cfg.callbacks or {}).values() if c]
     strategy = build_strategy(cfg, family, hardware)
-    set_zero3_leaves(model, family, cfg.trainer)
     resumer, ckpt_path, plugins, earlier_rows = resume_parts(cfg, run_dir, module, hardware.world_size, resume_path,
                                                              resume_checkpoint)
     # a run stopped by a signal writes no adapter: what it trained so far is in the checkpoint

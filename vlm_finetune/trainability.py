@@ -2,6 +2,7 @@
 things done to a freshly built model before training: activation checkpointing, float32 trainables."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from vlm_finetune.config import is_auto
 from vlm_finetune.errors import ConfigError
+from vlm_finetune.models._partitioned import initialised_whole, is_partitioned, partitioning_active, unpartitioned
 from vlm_finetune.models.base import Family, Mode, Part
 from vlm_finetune.precision import WeightsPolicy
 
@@ -103,6 +105,12 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def partition_counts(model: nn.Module) -> tuple[int, int]:
+    """(elements this rank holds, elements of the whole) over the ZeRO-3-partitioned parameters."""
+    params = [p for p in model.parameters() if is_partitioned(p)]
+    return sum(p.ds_tensor.numel() for p in params), sum(int(p.ds_numel) for p in params)
+
+
 def _logical_numel(param: torch.Tensor) -> int:
     """Elements of the weight a parameter stands for: a 4-bit (bitsandbytes) weight packs two per byte; a
     ZeRO-3-partitioned one holds none of them on this rank."""
@@ -117,9 +125,11 @@ def keep_trainables_fp32(model: nn.Module) -> None:
     """Mixed precision with a half-precision frozen base: trainable parameters (LoRA, full parts) are
     kept in float32 as master weights, and PEFT's casting of activations up to the adapter's float32
     is turned off, so under autocast the adapters compute in bf16/fp16 instead of holding float32
-    copies of every layer input (on GLM-4.1V-9B at 8k tokens that is about 0.5 GiB less peak memory)."""
+    copies of every layer input (on GLM-4.1V-9B at 8k tokens that is about 0.5 GiB less peak memory).
+    A ZeRO-3-partitioned parameter (a fully trained part built under zero.Init) is left to DeepSpeed, whose
+    optimizer holds its float32 master partition."""
     for param in model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
+        if param.requires_grad and param.dtype != torch.float32 and not is_partitioned(param):
             param.data = param.data.float()
     for module in model.modules():
         if hasattr(module, "_cast_input_dtype"):
@@ -210,14 +220,30 @@ def compile_regions(model: nn.Module, family: Family) -> int:
     return len(blocks)
 
 
+def builds_partitioned(family: Family, zero3: bool, modes: dict[Part, Mode], policy: WeightsPolicy,
+                       auto_micro_batch: bool) -> bool:
+    """Whether the run builds the model inside DeepSpeed's zero.Init (VLMModule.configure_model): under ZeRO-3,
+    for a family that can (`Family.builds_partitioned`), unless the micro-batch is searched with real steps on a
+    whole model, or a fully trained part meets a half-precision base (PEFT's copy of a partitioned module for
+    `modules_to_save` then computes in mixed dtypes: not solved yet, so those runs build whole as before)."""
+    full_in_half = policy.load_dtype != torch.float32 and any(m is Mode.FULL for m in modes.values())
+    return zero3 and family.builds_partitioned and not auto_micro_batch and not full_in_half
+
+
 def build_trainable_model(family: Family, model_cfg: Any, modes: dict[Part, Mode], lora_cfg: Any,
                           policy: WeightsPolicy, checkpointed_layers: Any = 0, device: str | None = None,
                           checkpoint_scope: str = "layer") -> tuple[nn.Module, TrainablePlan]:
     """Build (or load) the model, checkpoint its first `checkpointed_layers` decoder layers, apply the
     trainability plan and keep trainables in float32 when the precision policy asks: the one recipe the
-    run, the planner (`device="meta"`) and the benchmark share."""
+    run, the planner (`device="meta"`) and the benchmark share.
+
+    Inside DeepSpeed's `zero.Init` (ZeRO-3: `VLMModule.configure_model`) the base is built partitioned, each
+    module's weights initialised whole and split at once, and the LoRA layers are added as ordinary modules
+    (the engine partitions them when it starts): the weights equal those of an unpartitioned build."""
     quantization = policy.quantization if device != "meta" else None
-    model = family.build_model(model_cfg, dtype=policy.load_dtype, device=device, quantization=quantization)
+    partitioned = device != "meta" and partitioning_active()
+    with initialised_whole() if partitioned else contextlib.nullcontext():
+        model = family.build_model(model_cfg, dtype=policy.load_dtype, device=device, quantization=quantization)
     if device == "meta" and any(p.device.type != "meta" for p in model.parameters()):
         raise ConfigError(f"model family {family.name!r} did not build on the meta device; "
                           "the planner loads no weights")
@@ -227,11 +253,8 @@ def build_trainable_model(family: Family, model_cfg: Any, modes: dict[Part, Mode
         raise ConfigError(f"lora.llm_modules={lora_cfg.get('llm_modules', 'all')} puts LoRA on the MoE experts "
                           f"({', '.join(plan.lora_parameters)}), which precision={policy.quantization} holds in 4-bit "
                           "(dequantised one expert at a time, no LoRA on them); set lora.llm_modules=attention")
-    if device == "meta":
-        with torch.device("meta"):
-            model = apply_trainability(model, plan, lora_cfg)
-    else:
+    with torch.device("meta") if device == "meta" else unpartitioned():
         model = apply_trainability(model, plan, lora_cfg)
-    if policy.keep_trainables_fp32:
-        keep_trainables_fp32(model)
+        if policy.keep_trainables_fp32:
+            keep_trainables_fp32(model)
     return model, plan

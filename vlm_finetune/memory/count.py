@@ -39,6 +39,7 @@ class ModelCount:
     expert_nf4_bytes: int = 0  # what they hold once quantised (models/moe_nf4.py: codes, absmax, code books)
     expert_dtype: torch.dtype | None = None
     vision_lora_linears: tuple[str, ...] = ()  # LoRA-adapted linears in one vision block (their names in it)
+    largest_tensor_bytes: int = 0  # the largest parameter: what a partitioned load holds whole at once
 
 
 def count_model(cfg: Any, family: Family, policy: WeightsPolicy, persistence_threshold: int = 0) -> ModelCount:
@@ -126,4 +127,5 @@ def _count(model: torch.nn.Module, plan: TrainablePlan, family: Family, persiste
     return ModelCount(list(groups.values()), units, trainable_units, fetch, quantizable, len(lora_names),
                       sum(1 for name in lora_names if name.startswith("mlp.")), quantizable_dtype,
                       sum(w.numel() for w in experts), sum(moe_nf4.nf4_bytes(*w.shape) for w in experts),
-                      experts[0].dtype if experts else None, tuple(vision_lora))
+                      experts[0].dtype if experts else None, tuple(vision_lora),
+                      max((p.numel() * p.element_size() for p in model.parameters()), default=0))

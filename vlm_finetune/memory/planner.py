@@ -43,7 +43,7 @@ from vlm_finetune.models.base import Mode, Part, parse_trainability
 from vlm_finetune.models.registry import get_family
 from vlm_finetune.precision import WeightsPolicy, check_precision, weights_policy
 from vlm_finetune.strategies import check_combination
-from vlm_finetune.trainability import CHECKPOINT_SCOPES, checkpointed_layer_count
+from vlm_finetune.trainability import CHECKPOINT_SCOPES, builds_partitioned, checkpointed_layer_count
 
 # --- calibrated / estimated constants (see the module docstring; the usable fraction of a GPU is in report) --
 CUDA_CONTEXT_BYTES = int(0.6 * GiB)   # CUDA context + cuBLAS/cuDNN workspaces: outside the allocator's count
@@ -205,7 +205,10 @@ def plan_memory(overrides: list[str], seq: int | None = None, image_px: int | No
                      "parameter, frozen weights included")
     result = build(micro_batch, checkpointed, scope)
     result.notes = notes
-    result.load = plan_load(count, hardware.devices, hardware.host_memory_gib)
+    partitioned = builds_partitioned(family, stage == 3, modes, policy, is_auto(cfg.data.micro_batch_size))
+    on_host = hardware.accelerator != "gpu" or bool(cfg.trainer.get("offload_parameters"))
+    result.load = plan_load(count, hardware.devices, hardware.host_memory_gib, hardware.world_size, partitioned,
+                            on_host)
     return result
 
 

@@ -30,3 +30,69 @@ def written_dtype(released: dict[str, torch.Tensor]) -> torch.dtype | None:
     """The floating dtype most of the weights hold (what config.json's torch_dtype should say)."""
     floats = [t.dtype for t in released.values() if t.is_floating_point()]
     return max(set(floats), key=floats.count) if floats else None
+
+
+# safetensors' dtype names
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+class ShardReader:
+    """The tensors of a checkpoint's safetensors files, read one at a time (`get`) with positioned reads, every
+    key name known from the files' headers before any tensor is read (`names`). Not memory-mapped: the pages of
+    a mapped file that a read touches count in the process's resident size until it is unmapped, so a rank
+    reading a 90 GB checkpoint through a map would look (and be accounted) as large as the checkpoint."""
+
+    def __init__(self, files: list[Path]):
+        self._where: dict[str, tuple[Path, dict, int]] = {}
+        for path in files:
+            with open(path, "rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(size))
+            header.pop("__metadata__", None)
+            for name, entry in header.items():
+                self._where[name] = (Path(path), entry, 8 + size)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._where[name][1]["shape"])
+
+    def get(self, name: str) -> torch.Tensor:
+        path, entry, data_start = self._where[name]
+        begin, end = entry["data_offsets"]
+        if entry["dtype"] not in _DTYPES:
+            raise ValueError(f"{path}: {name} has dtype {entry['dtype']}, which this reader does not know")
+        buffer = bytearray(end - begin)
+        with open(path, "rb", buffering=0) as handle:
+            handle.seek(data_start + begin)
+            view, done = memoryview(buffer), 0
+            while done < len(buffer):
+                got = handle.readinto(view[done:])
+                if not got:
+                    raise ValueError(f"{path} ends inside tensor {name}")
+                done += got
+        if not buffer:
+            return torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+        return torch.frombuffer(buffer, dtype=_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+
+def stream_into(model: torch.nn.Module, sources: dict[str, list[str]], assemble, reader: ShardReader,
+                skip: set[str] = frozenset()) -> None:
+    """For each state-dict tensor of `model` (whole, or partitioned by ZeRO-3's zero.Init), read the released
+    tensors `sources[name]` names, `assemble(name, tensors)` them into one and copy it in; only that tensor is
+    ever whole in memory. `skip`: names that are not read (a tied head). Shapes are checked (ValueError)."""
+    from vlm_finetune.models._partitioned import copy_into, logical_shape
+
+    for name, target in model.state_dict(keep_vars=True).items():
+        if name in skip or name not in sources:
+            continue
+        value = assemble(name, [reader.get(s) for s in sources[name]])
+        if tuple(value.shape) != logical_shape(target):
+            raise ValueError(f"{name} has shape {tuple(value.shape)} in the checkpoint, the model expects "
+                             f"{logical_shape(target)}")
+        copy_into(target, value.to(target.dtype))
+        del value

@@ -143,6 +143,10 @@ class Family(abc.ABC):
     # whether the model's generate() runs the vision path before the first forward (transformers' multimodal
     # models) rather than inside it, after the token embedding
     images_encoded_before_generation: bool = False
+    # whether build_model works inside DeepSpeed's zero.Init (ZeRO-3 then builds the model partitioned, in
+    # VLMModule.configure_model, and streams a folder's tensors into each rank's partition); otherwise each rank
+    # builds the whole model and DeepSpeed partitions it when its engine starts
+    builds_partitioned: bool = False
 
     def image_features(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """The vision path (tower and projector) run on the image inputs of `batch` (`image_keys`): what takes

@@ -17,7 +17,8 @@ from torch import nn
 
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.io import atomic_folder
-from vlm_finetune.models._sharded import INDEX_FILE, write_shards, written_dtype
+from vlm_finetune.models._partitioned import initialised_whole, partitioning_active, skipped_init, unpartitioned
+from vlm_finetune.models._sharded import INDEX_FILE, ShardReader, stream_into, write_shards, written_dtype
 from vlm_finetune.models.mgm.modeling import (
     ARCHITECTURES,
     BACKBONES,
@@ -233,29 +234,8 @@ def to_released(state: dict[str, torch.Tensor], cfg: MgmConfig) -> dict[str, tor
 
 def from_released(state: dict[str, torch.Tensor], cfg: MgmConfig) -> dict[str, torch.Tensor]:
     """Released key names -> this model's state dict (fuses Mixtral's per-expert Linears)."""
-    if cfg.backbone != "mixtral":
-        return dict(state)
-    out, experts = {}, {}
-    for name, tensor in state.items():
-        match = _EXPERT.match(name)
-        if match:
-            layer, e, w = match.groups()
-            experts.setdefault(layer, {}).setdefault(int(e), {})[w] = tensor
-        elif ".block_sparse_moe.gate.weight" in name:
-            out[name.replace(".block_sparse_moe.", ".mlp.")] = tensor
-        else:
-            out[name] = tensor
-    n_experts = int(cfg.text_config.num_local_experts)
-    for layer, by_expert in experts.items():
-        complete = [e for e in range(n_experts) if set(by_expert.get(e, {})) == {"w1", "w2", "w3"}]
-        if len(complete) != n_experts:
-            missing = [f"{layer}.block_sparse_moe.experts.{e}.{w}.weight" for e in range(n_experts)
-                       for w in ("w1", "w2", "w3") if w not in by_expert.get(e, {})]
-            raise MissingKeys(missing, [])
-        out[f"{layer}.mlp.experts.gate_up_proj"] = torch.stack(
-            [torch.cat([by_expert[e]["w1"], by_expert[e]["w3"]], dim=0) for e in range(n_experts)])
-        out[f"{layer}.mlp.experts.down_proj"] = torch.stack([by_expert[e]["w2"] for e in range(n_experts)])
-    return out
+    sources = released_sources(list(state), cfg)
+    return {name: assemble(name, [state[s] for s in names]) for name, names in sources.items()}
 
 
 class MissingKeys(ConfigError):
@@ -293,18 +273,57 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 def read_state(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    """Every tensor of the folder at once (tests and tools; `load_folder` reads them one at a time)."""
+    reader = _reader(folder)
+    return {name: reader.get(name) for name in reader.names}
 
-    state = {}
-    for path in _weight_files(folder):
+
+def _reader(folder: Path) -> ShardReader:
+    files = _weight_files(folder)
+    for path in files:
         if not path.is_file():
             raise ConfigError(f"{path} is named in model.safetensors.index.json but does not exist")
-        state.update(load_file(str(path)))
-    return state
+    return ShardReader(files)
+
+
+def released_sources(names: list[str], cfg: MgmConfig) -> dict[str, list[str]]:
+    """This model's state-dict names -> the released tensors each is made of (`assemble` joins them): the
+    name-level `from_released`, so that the keys are checked before any tensor is read."""
+    if cfg.backbone != "mixtral":
+        return {name: [name] for name in names}
+    out, experts = {}, {}
+    for name in names:
+        match = _EXPERT.match(name)
+        if match:
+            layer, e, w = match.groups()
+            experts.setdefault(layer, {}).setdefault(int(e), {})[w] = name
+        elif ".block_sparse_moe.gate.weight" in name:
+            out[name.replace(".block_sparse_moe.", ".mlp.")] = [name]
+        else:
+            out[name] = [name]
+    n_experts = int(cfg.text_config.num_local_experts)
+    for layer, by_expert in experts.items():
+        missing = [f"{layer}.block_sparse_moe.experts.{e}.{w}.weight" for e in range(n_experts)
+                   for w in ("w1", "w2", "w3") if w not in by_expert.get(e, {})]
+        if missing:
+            raise MissingKeys(missing, [])
+        out[f"{layer}.mlp.experts.gate_up_proj"] = [by_expert[e][w] for e in range(n_experts) for w in ("w1", "w3")]
+        out[f"{layer}.mlp.experts.down_proj"] = [by_expert[e]["w2"] for e in range(n_experts)]
+    return out
+
+
+def assemble(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The released tensors `released_sources` lists for `name`, as this model holds them."""
+    if name.endswith("mlp.experts.gate_up_proj"):  # [w1; w3] per expert, stacked over experts
+        return torch.stack([torch.cat(tensors[i:i + 2], dim=0) for i in range(0, len(tensors), 2)])
+    if name.endswith("mlp.experts.down_proj"):
+        return torch.stack(tensors)
+    return tensors[0]
 
 
 def _restore_buffers(model: nn.Module, device) -> None:
-    """Non-persistent buffers are not in checkpoints; after `to_empty` they hold garbage: recompute them."""
+    """Non-persistent buffers are not in checkpoints; after `to_empty` they hold garbage (under ZeRO-3's
+    zero.Init, the init's dtype): recompute them."""
     for module in model.modules():
         names = [n for n in getattr(module, "_non_persistent_buffers_set", ()) if n in module._buffers]
         if not names:
@@ -323,30 +342,41 @@ def _restore_buffers(model: nn.Module, device) -> None:
 
 def load_folder(folder: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
                 ) -> MgmForCausalLM:
-    """Build the model on the meta device, then place every tensor of the checkpoint (strict)."""
+    """Check the checkpoint's key names against the model (strict), then read its tensors one at a time from
+    the memory-mapped shards into the model: built on the meta device and placed on `device`, or, inside
+    DeepSpeed's zero.Init (ZeRO-3), built partitioned (in the init's dtype) and filled partition by partition.
+    Either way one tensor at a time is whole in memory besides the model (or this rank's partition of it)."""
     folder = Path(folder)
     cfg = read_config(folder)
-    with torch.device("meta"):
-        model = MgmForCausalLM(cfg).to(dtype)
-    state = from_released(read_state(folder), cfg)
+    reader = _reader(folder)
+    sources = released_sources(reader.names, cfg)
+    partitioned = partitioning_active()
+    if partitioned:  # no initialisation (torch's nor transformers'), no random numbers drawn: LoRA's come next
+        from transformers.initialization import no_init_weights
+
+        with torch.random.fork_rng(devices=[]), no_init_weights(), initialised_whole(), skipped_init():
+            model = MgmForCausalLM(cfg)
+    else:
+        with torch.device("meta"):
+            model = MgmForCausalLM(cfg).to(dtype)
     expected = set(model.state_dict())
-    if cfg.tie_word_embeddings:
-        expected.discard("lm_head.weight")
-        state.pop("lm_head.weight", None)  # some exports keep the tied copy; it is the same tensor
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    skip = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    expected -= skip
+    for name in skip:
+        sources.pop(name, None)  # some exports keep the tied copy; it is the same tensor
+    missing, unexpected = sorted(expected - set(sources)), sorted(set(sources) - expected)
     if missing or unexpected:
         raise MissingKeys(missing, unexpected, folder)
-    model.to_empty(device=device)
-    with torch.no_grad():
-        for name, target in list(model.state_dict(keep_vars=True).items()):
-            if name in state:
-                if tuple(state[name].shape) != tuple(target.shape):
-                    raise ConfigError(f"MGM checkpoint {folder}: {name} has shape {tuple(state[name].shape)}, "
-                                      f"config.json implies {tuple(target.shape)}")
-                target.copy_(state[name])
+    if not partitioned:
+        model.to_empty(device=device)
+    try:
+        stream_into(model, sources, assemble, reader, skip)
+    except ValueError as err:
+        raise ConfigError(f"MGM checkpoint {folder}: {err}; check that config.json belongs to these weights") from err
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    _restore_buffers(model, device)  # after the cast: rotary frequencies stay float32, as transformers keeps them
+    with unpartitioned():
+        _restore_buffers(model, device)  # after the cast: rotary frequencies stay float32, as transformers keeps them
     return model
 
 

@@ -37,6 +37,7 @@ VISION_LORA_PATTERN = (r".*vision_tower\.vision_tower\.vision_model\.encoder\.la
 
 class MgmFamily(Family):
     name = "mgm"
+    builds_partitioned = True
     input_keys = ("input_ids", "attention_mask", "images", "images_aux")
 
     @property

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm_finetune.models._decode import cached_step, decode, stop_ids
+from vlm_finetune.models._partitioned import whole_for_init
 
 IMAGE_TOKEN_INDEX = -200
 
@@ -293,7 +294,8 @@ class MgmForCausalLM(nn.Module):
         self.model.mm_projector = build_projector(config.mm_projector_type, c, text.hidden_size)
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         # as transformers initialises a causal LM's head (PyTorch's default would be ~half as wide)
-        nn.init.normal_(self.lm_head.weight, std=float(getattr(text, "initializer_range", 0.02)))
+        with whole_for_init([self.lm_head.weight]):  # under ZeRO-3's zero.Init the Linear is already partitioned
+            nn.init.normal_(self.lm_head.weight, std=float(getattr(text, "initializer_range", 0.02)))
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -1,0 +1,147 @@
+"""Measure the host memory a run's model takes on each rank: a model of about 1.6 GB in float32 in many small
+layers (tiny_mgm_moe widened and deepened through overrides), written once in MGM's released layout by the
+family's writer (the cached tiny folder), then trained for a few steps from that folder under trainer=single
+and under trainer=zero3 on two CPU ranks. Each rank records its resident size before the run (VmRSS, after
+the imports) and its peak at the end (VmHWM); the growth is compared with the model's bytes and with the
+planner's load row, and the two adapters with each other. Two peaks: when training starts (the load: model
+built or read, the ZeRO engine set up) and over the whole run (training steps included).
+
+    python scripts/load_memory.py [--layers 30] [--out /tmp/load_memory]
+
+It needs about 6 GB of memory and some minutes on two cores; it prints one JSON summary and exits non-zero when
+a check fails (zero3 growth <= 0.7 x the model per rank at the load and over the run, planner within 20 % of
+the load, adapters equal)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = str(ROOT / "conf")
+
+
+def model_overrides(layers: int) -> list[str]:
+    return ["model=tiny_mgm_moe", f"model.llm.num_hidden_layers={layers}", "model.llm.hidden_size=512",
+            "model.llm.intermediate_size=1024", "model.llm.num_local_experts=8", "model.llm.num_attention_heads=8",
+            "model.llm.num_key_value_heads=4", "model.llm.head_dim=64",
+            # the usual initialisation: tiny_mgm_moe's 0.1 over 30 layers of 512 makes a chaotic network, in which
+            # the float rounding of two ranks' sums grows into different updates
+            "model.llm.initializer_range=0.02"]
+
+
+def run_overrides(layers: int, steps: int) -> list[str]:
+    return [*model_overrides(layers), "precision=32-true", f"trainer.max_steps={steps}", "data.num_train=32",
+            "data.num_val=2", "data.micro_batch_size=1", "data.val_batch_size=1",
+            "eval.generate=false", "lora.dropout=0.0", "optimizer=sgd", "optimizer.lr=0.2", "scheduler=constant",
+            "trainer.enable_progress_bar=false", "memory.monitor=false",
+            # without it the MoE forward keeps its (gathered) expert weights for backward, layer after layer
+            "model.activation_checkpointing=true"]
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def rank_main(out: Path, overrides: list[str]) -> None:
+    """One rank (Lightning starts the others by running this same command line again)."""
+    from hydra import compose, initialize_config_dir
+
+    import vlm_finetune.train as recipe  # noqa: F401  (every import made before the baseline)
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    import lightning as L
+
+    class AtLoad(L.Callback):
+        """The peak when training starts: the model built or loaded (and, under ZeRO-3, the engine set up)."""
+        peak = 0
+
+        def on_fit_start(self, trainer, pl_module) -> None:
+            AtLoad.peak = _status("VmHWM")
+
+    before = _status("VmRSS")
+    recipe.train(cfg, callbacks=[AtLoad()])
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "rss_before": before, "peak_at_load": AtLoad.peak,
+                                                      "peak": _status("VmHWM")}))
+
+
+def _run(out: Path, overrides: list[str]) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, __file__, "--rank", str(out), "--", *overrides, f"output_dir={out / 'run'}"]
+    # glibc would keep freed blocks of up to 32 MB (its dynamic mmap threshold) in its heap: every gathered or read
+    # tensor is mapped and unmapped instead, so that the resident size is what the process holds
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576")
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500, env=env)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stderr[-4000:]}")
+    return [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("/tmp/load_memory"))
+    args = parser.parse_args()
+    import torch
+    from safetensors.torch import load_file
+
+    from vlm_finetune.config import compose
+    from vlm_finetune.memory.planner import plan_memory
+    from vlm_finetune.models.registry import get_family
+
+    base = run_overrides(args.layers, args.steps)
+    cfg = compose(base)
+    folder = get_family(cfg.model.family).checkpoint_folder(cfg.model)  # written once by the family's writer
+    model_bytes = json.loads((folder / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    zero3 = [*base, "trainer=zero3", "hardware=cpu", "hardware.devices=2",
+             # DeepSpeed's working buffers sized for a model of this size, not for the defaults' billions
+             "trainer.stage3_param_persistence_threshold=0", "trainer.stage3_prefetch_bucket_size=1e6",
+             "trainer.stage3_max_live_parameters=2e7", "trainer.reduce_bucket_size=1e7"]
+    single = [*base, "trainer=single", "hardware=cpu", "trainer.accumulate_grad_batches=2"]  # the same 2 samples
+    summary: dict = {"model_bytes": model_bytes, "folder": str(folder)}
+    for name, overrides in (("single", single), ("zero3", zero3)):
+        ranks = _run(args.out / name, overrides)
+        at_load = [r["peak_at_load"] - r["rss_before"] for r in ranks]
+        growth = [r["peak"] - r["rss_before"] for r in ranks]
+        planned = plan_memory(overrides).load
+        summary[name] = {"load_growth_per_rank": at_load,
+                         "load_growth_over_model": [round(g / model_bytes, 3) for g in at_load],
+                         "run_growth_per_rank": growth,
+                         "run_growth_over_model": [round(g / model_bytes, 3) for g in growth],
+                         "plan_host_bytes_per_node": planned.host_bytes,
+                         "plan_over_measured_load": round(planned.host_bytes / sum(at_load), 3)}
+    adapters = [load_file(str(args.out / n / "run" / "adapter" / "adapter_model.safetensors"))
+                for n in ("single", "zero3")]
+    summary["adapter_max_rel_diff"] = max(float((adapters[0][k] - adapters[1][k]).abs().max())
+                                          / max(float(adapters[0][k].abs().max()), 1e-8) for k in adapters[0])
+    summary["adapter_same_keys"] = set(adapters[0]) == set(adapters[1])
+    checks = {
+        "zero3 load growth <= 0.7 x model on each rank": max(summary["zero3"]["load_growth_over_model"]) <= 0.7,
+        "zero3 run growth <= 0.7 x model on each rank": max(summary["zero3"]["run_growth_over_model"]) <= 0.7,
+        "planner host row within 20 % of the load (zero3)": abs(summary["zero3"]["plan_over_measured_load"] - 1) <= 0.2,
+        "planner host row within 20 % of the load (single)":
+            abs(summary["single"]["plan_over_measured_load"] - 1) <= 0.2,
+        # the order of the sums differs (2 ranks, or 2 accumulated micro-batches) and 30 layers carry it on
+        "adapters equal (1e-3 of each tensor's largest value)": summary["adapter_same_keys"]
+        and summary["adapter_max_rel_diff"] <= 1e-3,
+    }
+    summary["checks"] = checks
+    print(json.dumps(summary, indent=2, default=str))
+    del torch
+    sys.exit(0 if all(checks.values()) else 1)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--rank":
+        rank_main(Path(sys.argv[2]), sys.argv[4:])
+    else:
+        main()

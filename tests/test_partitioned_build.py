@@ -1,0 +1,116 @@
+"""Building under DeepSpeed's zero.Init (ZeRO-3's partitioned construction) gives the weights of an ordinary build:
+from its config (every initialisation written into whole parameters, the same random numbers in the same order)
+and from a released folder (streamed one tensor at a time, the keys checked strictly), and LoRA added after it
+is the LoRA of an ordinary build. One process (world size 1, gloo): the code paths, not the memory; the memory
+is measured on two ranks by scripts/load_memory.py and the split by tests/test_zero_cpu.py."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import compose_cfg
+from vlm_finetune.errors import ConfigError
+from vlm_finetune.models._sharded import ShardReader
+from vlm_finetune.models.mgm import checkpoint
+from vlm_finetune.models.mgm.modeling import MgmForCausalLM
+from vlm_finetune.models.registry import get_family, parse_trainability
+from vlm_finetune.precision import weights_policy
+from vlm_finetune.strategies import _without_shm_comm_op
+from vlm_finetune.trainability import build_trainable_model
+
+MGM = get_family("mgm")
+
+
+@pytest.fixture(scope="module")
+def zero_init():
+    """A one-rank process group and `deepspeed.zero.Init` for it (ZeRO-3 config, float32)."""
+    deepspeed = pytest.importorskip("deepspeed")
+    import torch.distributed as dist
+
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000), RANK="0", WORLD_SIZE="1",
+               LOCAL_RANK="0")
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    started = not dist.is_initialized()
+    with _without_shm_comm_op():  # no JIT-compiled shared-memory op (strategies.py says why)
+        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    config = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
+    # no `dtype=`: DeepSpeed then takes it from the config (float32 here), as under Lightning
+    yield lambda: deepspeed.zero.Init(config_dict_or_path=config)
+    if started:
+        dist.destroy_process_group()
+    for key, value in saved.items():  # later tests in this process must not look launched by torchrun
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _whole(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    import deepspeed
+
+    out = {}
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param]):
+            out[name] = param.detach().clone()
+    return out
+
+
+def test_built_from_config_under_zero_init_equals_the_ordinary_build(zero_init):
+    config = MGM.config_from_options(compose_cfg(["model=tiny_mgm_moe"]).model)
+    torch.manual_seed(3)
+    plain = dict(MgmForCausalLM(config).named_parameters())
+    from vlm_finetune.models._partitioned import initialised_whole
+
+    torch.manual_seed(3)
+    with zero_init(), initialised_whole():
+        partitioned = MgmForCausalLM(config)
+    assert all(hasattr(p, "ds_id") for p in partitioned.parameters())
+    whole = _whole(partitioned)
+    assert whole.keys() == plain.keys()
+    for name, value in whole.items():
+        assert torch.equal(value, plain[name].detach()), name
+
+
+def test_folder_and_lora_under_zero_init_equal_the_ordinary_load(zero_init, tmp_path):
+    cfg = compose_cfg(["model=tiny_mgm_moe", "lora.llm_modules=attention"], tmp_path)
+    modes, policy = parse_trainability(cfg.train), weights_policy("32-true", "deepspeed")
+    torch.manual_seed(5)
+    plain, plan = build_trainable_model(MGM, cfg.model, modes, cfg.lora, policy)
+    torch.manual_seed(5)
+    with zero_init():
+        partitioned, partitioned_plan = build_trainable_model(MGM, cfg.model, modes, cfg.lora, policy)
+    assert partitioned_plan == plan
+    base = [p for n, p in partitioned.named_parameters() if "lora_" not in n and not p.requires_grad]
+    assert base and all(hasattr(p, "ds_id") for p in base)  # the frozen base: partitioned as it was built
+    lora = [p for n, p in partitioned.named_parameters() if "lora_" in n]
+    assert lora and not any(hasattr(p, "ds_id") for p in lora)  # LoRA: ordinary, the engine partitions it
+    whole, reference = _whole(partitioned), dict(plain.named_parameters())
+    assert whole.keys() == reference.keys()
+    for name, value in whole.items():
+        assert torch.equal(value, reference[name].detach()), name
+
+
+def test_shard_reader_reads_each_tensor_as_saved(tmp_path):
+    tensors = {"a": torch.randn(3, 4), "b": torch.arange(5), "c": torch.randn(2, 2).bfloat16(),
+               "d": torch.tensor([True, False]), "e": torch.zeros(0, 3)}
+    save_file(tensors, str(tmp_path / "x.safetensors"))
+    reader = ShardReader([tmp_path / "x.safetensors"])
+    assert sorted(reader.names) == sorted(tensors)
+    for name, value in tensors.items():
+        got = reader.get(name)
+        assert got.dtype == value.dtype and torch.equal(got, value), name
+
+
+def test_a_missing_expert_is_named_before_any_tensor_is_read(tmp_path):
+    config = MGM.config_from_options(compose_cfg(["model=tiny_mgm_moe"]).model)
+    folder = tmp_path / "moe"
+    checkpoint.save_folder(MgmForCausalLM(config), folder)
+    state = load_file(str(folder / "model.safetensors"))
+    del state["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(ConfigError, match=r"1 missing key\(s\): model\.layers\.1\.block_sparse_moe\.experts\.2\.w3"):
+        checkpoint.load_folder(folder)
