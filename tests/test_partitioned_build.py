@@ -40,6 +40,12 @@ def zero_init():
     config = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
     # no `dtype=`: DeepSpeed then takes it from the config (float32 here), as under Lightning
     yield lambda: deepspeed.zero.Init(config_dict_or_path=config)
+    # zero.Init swaps torch.nn.functional.linear for its ZeRO-3 version for the rest of the process (DeepSpeed's
+    # "mem_efficient_linear"; a training process keeps it): later tests in this process need torch's own
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as patched
+
+    if hasattr(patched, "linear_bk"):
+        torch.nn.functional.linear = patched.linear_bk
     if started:
         dist.destroy_process_group()
     for key, value in saved.items():  # later tests in this process must not look launched by torchrun
