@@ -70,3 +70,28 @@ def shared_run(tmp_path_factory):
     cfg = compose_cfg(FAST + ["trainer.log_every_n_steps=1"], run_dir)
     metrics, objects = train(cfg)
     return cfg, metrics, objects
+
+
+def write_conversation_file(folder: Path, answer_words: list[int], text_only, prompt: str = "Name {i} things.",
+                            colour: tuple[int, int] = (30, 20)) -> Path:
+    """A train.json of one conversation per entry of `answer_words` (answers of that many words) and a val.json
+    of its first two; `text_only(i)` says which have no image, the others get a 56x56 image coloured by `i`."""
+    import json
+
+    from PIL import Image
+
+    words = "red green blue yellow circle square triangle diamond one two three four".split()
+    records = []
+    for i, n_words in enumerate(answer_words):
+        answer = " ".join(words[(i + k) % len(words)] for k in range(n_words))
+        if text_only(i):
+            records.append({"conversations": [{"from": "human", "value": prompt.format(i=i)},
+                                              {"from": "gpt", "value": answer}]})
+            continue
+        Image.new("RGB", (56, 56), (colour[0] * i, 200 - colour[1] * i, 90)).save(folder / f"{i}.png")
+        records.append({"image": f"{i}.png", "conversations": [
+            {"from": "human", "value": f"<image>\nDescribe picture {i}."}, {"from": "gpt", "value": answer}]})
+    (folder / "train.json").write_text(json.dumps(records))
+    (folder / "val.json").write_text(json.dumps(records[:2]))
+    return folder
+

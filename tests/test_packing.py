@@ -4,20 +4,16 @@ and 3). Packed and padded runs draw the same samples for each step (packing chan
 micro-batch, not what is in it), so their adapters and logged losses are compared directly."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from PIL import Image
 from test_accumulation import COMMON, _adapter, _losses
 
-from conftest import compose_cfg
+from conftest import compose_cfg, write_conversation_file
 from vlm_finetune.data.packing import PADDING_MASK, SEGMENTS, collate_packed, first_fit_rows
 from vlm_finetune.data.sample import IGNORE_INDEX
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.train import check_config, train
 
-WORDS = "red green blue yellow circle square triangle diamond one two three four".split()
 ANSWER_WORDS = [1, 30, 3, 12, 2, 25, 6, 1, 18, 4, 9, 2]  # replies of very different lengths
 PACK = 192
 
@@ -26,19 +22,7 @@ PACK = 192
 def varied(tmp_path_factory):
     """12 conversations, every third text-only, the rest with one small image."""
     folder = tmp_path_factory.mktemp("packing")
-    records = []
-    for i, n_words in enumerate(ANSWER_WORDS):
-        answer = " ".join(WORDS[(i + k) % len(WORDS)] for k in range(n_words))
-        if i % 3 == 2:
-            records.append({"conversations": [{"from": "human", "value": f"Name {i} things."},
-                                              {"from": "gpt", "value": answer}]})
-            continue
-        Image.new("RGB", (56, 56), (20 * i, 200 - 15 * i, 90)).save(folder / f"{i}.png")
-        records.append({"image": f"{i}.png", "conversations": [
-            {"from": "human", "value": f"<image>\nDescribe picture {i}."}, {"from": "gpt", "value": answer}]})
-    (folder / "train.json").write_text(json.dumps(records))
-    (folder / "val.json").write_text(json.dumps(records[:2]))
-    return folder
+    return write_conversation_file(folder, ANSWER_WORDS, lambda i: i % 3 == 2, colour=(20, 15))
 
 
 def _overrides(data, model: str, packed: bool) -> list[str]:

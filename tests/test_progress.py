@@ -3,21 +3,18 @@ supervised tokens per second and the padding fraction of each step's micro-batch
 printed at the start are the same under ZeRO-3 as in one process."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
 
 import lightning as L
 import pytest
-from PIL import Image
 
-from conftest import compose_cfg, run_cli
+from conftest import compose_cfg, run_cli, write_conversation_file
 from vlm_finetune.callbacks import StepProgressBar
 from vlm_finetune.data.sample import IGNORE_INDEX
 from vlm_finetune.train import train
 
-WORDS = "red green blue yellow circle square triangle diamond one two three four".split()
 ANSWER_WORDS = [1, 60, 3, 25, 2, 40, 8, 14]  # very different lengths: the micro-batches hold padding
 COMMON = ["eval.generate=false", "trainer.log_every_n_steps=1", "data=conversations", "data.max_length=512",
           "lora.dropout=0.0", "data.micro_batch_size=2", "trainer.accumulate_grad_batches=2",
@@ -27,19 +24,7 @@ COMMON = ["eval.generate=false", "trainer.log_every_n_steps=1", "data=conversati
 def write_conversations(folder, text_only: bool = True):
     """8 conversations of very different lengths (the micro-batches hold padding); with `text_only`, every
     second one has no image."""
-    records = []
-    for i, n_words in enumerate(ANSWER_WORDS):
-        answer = " ".join(WORDS[(i + k) % len(WORDS)] for k in range(n_words))
-        if text_only and i % 2:
-            records.append({"conversations": [{"from": "human", "value": f"Say {i} things."},
-                                              {"from": "gpt", "value": answer}]})
-            continue
-        Image.new("RGB", (56, 56), (30 * i, 200 - 20 * i, 90)).save(folder / f"{i}.png")
-        records.append({"image": f"{i}.png", "conversations": [
-            {"from": "human", "value": f"<image>\nDescribe picture {i}."}, {"from": "gpt", "value": answer}]})
-    (folder / "train.json").write_text(json.dumps(records))
-    (folder / "val.json").write_text(json.dumps(records[:2]))
-    return folder
+    return write_conversation_file(folder, ANSWER_WORDS, lambda i: text_only and i % 2 == 1, prompt="Say {i} things.")
 
 
 @pytest.fixture(scope="module")
