@@ -54,23 +54,57 @@ def rank_main(out: Path, overrides: list[str]) -> None:
     from hydra import compose, initialize_config_dir
 
     import vlm_finetune.train as recipe  # noqa: F401  (every import made before the baseline)
+    from vlm_finetune.module import VLMModule
+    # what the run imports lazily (the strategy, the engine, the model's code): code, not the model
+    import deepspeed  # noqa: F401
+    import lightning.pytorch.strategies.deepspeed  # noqa: F401
+    import peft  # noqa: F401
+    import transformers.models.mixtral.modeling_mixtral  # noqa: F401
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     import lightning as L
 
+    trace: list[tuple[str, int, int]] = []  # (where, resident, peak so far) in bytes
+
+    def mark(where: str) -> None:
+        trace.append((where, _status("VmRSS"), _status("VmHWM")))
+
     class AtLoad(L.Callback):
         """The peak when training starts: the model built or loaded (and, under ZeRO-3, the engine set up)."""
         peak = 0
 
+        def setup(self, trainer, pl_module, stage) -> None:
+            mark("setup (before configure_model)")
+
         def on_fit_start(self, trainer, pl_module) -> None:
             AtLoad.peak = _status("VmHWM")
+            mark("fit start")
 
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            mark(f"batch {batch_idx} start")
+
+        def on_before_backward(self, trainer, pl_module, loss) -> None:
+            mark("before backward")
+
+        def on_after_backward(self, trainer, pl_module) -> None:
+            mark("after backward")
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            mark(f"batch {batch_idx} end")
+
+    built = VLMModule.configure_model
+
+    def configure_model(module) -> None:
+        built(module)
+        mark("model built (configure_model)")
+
+    VLMModule.configure_model = configure_model
     before = _status("VmRSS")
     recipe.train(cfg, callbacks=[AtLoad()])
     rank = int(os.environ.get("LOCAL_RANK", 0))
     (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "rss_before": before, "peak_at_load": AtLoad.peak,
-                                                      "peak": _status("VmHWM")}))
+                                                      "peak": _status("VmHWM"), "trace": trace}))
 
 
 def _run(out: Path, overrides: list[str]) -> list[dict]:
@@ -90,6 +124,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("/tmp/load_memory"))
+    parser.add_argument("--trace", action="store_true", help="print each rank's resident size at each phase")
     args = parser.parse_args()
     import torch
     from safetensors.torch import load_file
@@ -105,7 +140,8 @@ def main() -> None:
     zero3 = [*base, "trainer=zero3", "hardware=cpu", "hardware.devices=2",
              # DeepSpeed's working buffers sized for a model of this size, not for the defaults' billions
              "trainer.stage3_param_persistence_threshold=0", "trainer.stage3_prefetch_bucket_size=1e6",
-             "trainer.stage3_max_live_parameters=2e7", "trainer.reduce_bucket_size=1e7"]
+             "trainer.stage3_max_live_parameters=2e7", "trainer.stage3_max_reuse_distance=2e7",
+             "trainer.reduce_bucket_size=1e7"]
     single = [*base, "trainer=single", "hardware=cpu", "trainer.accumulate_grad_batches=2"]  # the same 2 samples
     summary: dict = {"model_bytes": model_bytes, "folder": str(folder)}
     for name, overrides in (("single", single), ("zero3", zero3)):
@@ -113,6 +149,11 @@ def main() -> None:
         at_load = [r["peak_at_load"] - r["rss_before"] for r in ranks]
         growth = [r["peak"] - r["rss_before"] for r in ranks]
         planned = plan_memory(overrides).load
+        if args.trace:
+            for r in ranks:
+                for where, rss, hwm in r["trace"]:
+                    print(f"{name} rank {r['rank']} {where:32s} resident +{(rss - r['rss_before']) / 2**20:7.0f} MiB"
+                          f"  peak +{(hwm - r['rss_before']) / 2**20:7.0f} MiB", file=sys.stderr)
         summary[name] = {"load_growth_per_rank": at_load,
                          "load_growth_over_model": [round(g / model_bytes, 3) for g in at_load],
                          "run_growth_per_rank": growth,
