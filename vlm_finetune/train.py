@@ -35,6 +35,7 @@ from vlm_finetune.data.packing import pack_length
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.hardware import Hardware, env_global_rank, preflight, resolve
 from vlm_finetune.io import write_atomic
+from vlm_finetune.memory.host import HostMemoryRelease, release_freed, steady_heap
 from vlm_finetune.memory.monitor import MemoryMonitor
 from vlm_finetune.memory.oom import handle_oom
 from vlm_finetune.models.registry import get_family, parse_trainability
@@ -196,6 +197,16 @@ def _wants_monitor(cfg: DictConfig, hardware: Hardware, callbacks: list) -> bool
     return wanted and not any(isinstance(c, MemoryMonitor) for c in callbacks)
 
 
+def _host_release(cfg: DictConfig, hardware: Hardware) -> str:
+    """memory.release_host resolved: off | load (after the build and the engine's setup) | step (also every step)."""
+    setting = cfg.memory.get("release_host", "auto")
+    if setting is False:
+        return "off"
+    host_weights = hardware.accelerator == "cpu" or bool(cfg.trainer.get("offload_optimizer")) \
+        or bool(cfg.trainer.get("offload_parameters"))
+    return "step" if setting is True or host_weights else "load"
+
+
 def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
     """Run one training as configured. Returns (final metrics, objects: module, trainer, datamodule, run_dir).
     The run folder is locked for the run's life (one run per folder); a run that already finished there is
@@ -203,6 +214,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
     started = time.time()
     _quiet_known_noise()
     modes, hardware = check_config(cfg)
+    if _host_release(cfg, hardware) != "off":
+        steady_heap()  # before anything loads: freed blocks of 1 MiB or more go back to the system
     run_dir = Path(cfg.output_dir)
     if cfg.resume == "auto" and (done := finished_metrics(run_dir, int(cfg.trainer.max_steps))) is not None:
         print(f"vlm_finetune: the run in {run_dir} already finished at step {done['global_step']} (metrics.json); "
@@ -218,7 +231,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
             lock.release()
 
 
-def _model_builder(cfg: DictConfig, family, modes: dict, policy: WeightsPolicy):
+def _model_builder(cfg: DictConfig, family, modes: dict, policy: WeightsPolicy, hardware: Hardware):
     """`build(device=None, expected_plan=None) -> (model, plan)`: the model with its trainability plan, compiled
     regions and ZeRO-3 leaf modules, as configured; `device="meta"`: the structure only."""
     def build(device: str | None = None, expected_plan=None):
@@ -237,6 +250,8 @@ def _model_builder(cfg: DictConfig, family, modes: dict, policy: WeightsPolicy):
             if cfg.speed.compile:
                 compile_regions(model, family)
             set_zero3_leaves(model, family, cfg.trainer)
+            if _host_release(cfg, hardware) != "off":
+                release_freed()  # what building and loading freed
         return model, plan
     return build
 
@@ -256,7 +271,7 @@ def _train(cfg: DictConfig, callbacks: list | None, modes: dict, hardware: Hardw
 
     policy = weights_policy(cfg.precision.name, cfg.trainer.strategy)
     _resolve_auto(cfg, family, None, processor, hardware)  # checkpointing auto -> the fewest layers that fit
-    build = _model_builder(cfg, family, modes, policy)
+    build = _model_builder(cfg, family, modes, policy, hardware)
     # ZeRO-3: the model is built in VLMModule.configure_model, inside DeepSpeed's partitioned initialisation,
     # so no rank holds it whole; until then its structure on the meta device gives the plan and the counts
     partitioned = builds_partitioned(family, is_zero3_config(cfg.trainer), modes, policy,
@@ -295,6 +310,8 @@ def _train(cfg: DictConfig, callbacks: list | None, modes: dict, hardware: Hardw
     watchdog = RunWatchdog(collective_timeout(cfg.trainer).total_seconds(), float(cfg.trainer.get("stop_grace_s", 20)),
                            resumer.stop_signals if resumer is not None else ())
     own.append(watchdog)
+    if (release := _host_release(cfg, hardware)) != "off":
+        own.append(HostMemoryRelease(every_step=release == "step"))
     if _wants_monitor(cfg, hardware, list(callbacks or []) + configured):
         own.append(MemoryMonitor(run_dir))  # memory.csv / memory.png per phase; history for OOM snapshots
     if cfg.trainer.enable_progress_bar and not any(isinstance(c, ProgressBar) for c in configured + (callbacks or [])):
