@@ -73,6 +73,7 @@ def deepspeed_config(trainer_cfg: Any, precision: str, accumulate: int, micro_ba
             "stage3_param_persistence_threshold": int(float(trainer_cfg.stage3_param_persistence_threshold)),
             "stage3_max_live_parameters": int(float(trainer_cfg.stage3_max_live_parameters)),
             "stage3_max_reuse_distance": int(float(trainer_cfg.stage3_max_reuse_distance)),
+            "stage3_use_all_reduce_for_fetch_params": bool(trainer_cfg.stage3_use_all_reduce_for_fetch_params),
             # the adapter is gathered by us on save; never write a 16-bit copy of the whole model
             "stage3_gather_16bit_weights_on_model_save": False,
         })
