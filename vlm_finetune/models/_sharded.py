@@ -7,7 +7,41 @@ from pathlib import Path
 
 import torch
 
+from vlm_finetune.errors import ConfigError
+
 INDEX_FILE = "model.safetensors.index.json"
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder: those its index names, or the one `model.safetensors`.
+    ConfigError for a folder of pickled weights or none."""
+    folder = Path(folder)
+    index = folder / INDEX_FILE
+    if index.is_file():
+        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if (folder / "pytorch_model.bin.index.json").is_file() or (folder / "pytorch_model.bin").is_file():
+        raise ConfigError(f"{folder} holds pytorch_model.bin weights; convert them to safetensors first "
+                          "(python -c \"from safetensors.torch import save_file; ...\") "
+                          "- pickled weights are not loaded")
+    raise ConfigError(f"{folder} has no model.safetensors or {INDEX_FILE} (pickled .bin weights are not loaded; "
+                      "convert them to safetensors first)")
+
+
+def folder_reader(folder: Path) -> "ShardReader":
+    """A `ShardReader` over the folder's weight files, each checked to exist."""
+    files = weight_files(folder)
+    for path in files:
+        if not path.is_file():
+            raise ConfigError(f"{path} is named in {INDEX_FILE} but does not exist")
+    return ShardReader(files)
+
+
+def show_keys(keys: list[str]) -> str:
+    """The first keys of a list, and how many there are."""
+    return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
 
 
 def write_shards(released: dict[str, torch.Tensor], folder: Path, shards: list[list[str]],

@@ -25,7 +25,7 @@ import torch
 
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.io import atomic_folder
-from vlm_finetune.models._sharded import INDEX_FILE, write_shards, written_dtype
+from vlm_finetune.models._sharded import INDEX_FILE, weight_files, write_shards, written_dtype
 from vlm_finetune.models.glm4v_orig.modeling import Glm4vOrigConfig, Glm4vOrigForCausalLM, VisionSettings
 
 IGNORED = ("transformer.rotary_pos_emb.inv_freq",)  # a buffer some exports hold; recomputed here
@@ -214,16 +214,6 @@ class MissingKeys(ConfigError):
 
 
 # -- folders -----------------------------------------------------------------------------------------
-def weight_files(folder: Path) -> list[Path]:
-    index = folder / INDEX_FILE
-    if index.is_file():
-        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    if (folder / "model.safetensors").is_file():
-        return [folder / "model.safetensors"]
-    raise ConfigError(f"{folder} has no {INDEX_FILE} or model.safetensors (pickled .bin weights are not loaded; "
-                      "convert them to safetensors first)")
-
-
 def read_state(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

@@ -18,7 +18,7 @@ from torch import nn
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.io import atomic_folder
 from vlm_finetune.models._partitioned import initialised_whole, partitioning_active, skipped_init, unpartitioned
-from vlm_finetune.models._sharded import INDEX_FILE, ShardReader, stream_into, write_shards, written_dtype
+from vlm_finetune.models._sharded import folder_reader, show_keys, stream_into, write_shards, written_dtype
 from vlm_finetune.models.mgm.modeling import (
     ARCHITECTURES,
     BACKBONES,
@@ -242,14 +242,11 @@ class MissingKeys(ConfigError):
     def __init__(self, missing: list[str], unexpected: list[str], folder: Path | None = None):
         self.missing, self.unexpected = missing, unexpected
 
-        def show(keys):
-            return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
-
         parts = []
         if missing:
-            parts.append(f"{len(missing)} missing key(s): {show(missing)}")
+            parts.append(f"{len(missing)} missing key(s): {show_keys(missing)}")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {show(unexpected)}")
+            parts.append(f"{len(unexpected)} unexpected key(s): {show_keys(unexpected)}")
         where = f" in {folder}" if folder else ""
         super().__init__(f"MGM checkpoint{where} does not match the model its config.json describes: "
                          + "; ".join(parts)
@@ -257,33 +254,10 @@ class MissingKeys(ConfigError):
 
 
 # -- reading and writing folders ---------------------------------------------------------------------
-def _weight_files(folder: Path) -> list[Path]:
-    index = folder / INDEX_FILE
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [folder / f for f in sorted(set(weight_map.values()))]
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return [single]
-    if (folder / "pytorch_model.bin.index.json").is_file() or (folder / "pytorch_model.bin").is_file():
-        raise ConfigError(f"{folder} holds pytorch_model.bin weights; convert them to safetensors first "
-                          "(python -c \"from safetensors.torch import save_file; ...\") "
-                          "- pickled weights are not loaded")
-    raise ConfigError(f"{folder} has no model.safetensors or model.safetensors.index.json")
-
-
 def read_state(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the folder at once (tests and tools; `load_folder` reads them one at a time)."""
-    reader = _reader(folder)
+    reader = folder_reader(folder)
     return {name: reader.get(name) for name in reader.names}
-
-
-def _reader(folder: Path) -> ShardReader:
-    files = _weight_files(folder)
-    for path in files:
-        if not path.is_file():
-            raise ConfigError(f"{path} is named in model.safetensors.index.json but does not exist")
-    return ShardReader(files)
 
 
 def released_sources(names: list[str], cfg: MgmConfig) -> dict[str, list[str]]:
@@ -348,7 +322,7 @@ def load_folder(folder: Path, dtype: torch.dtype = torch.float32, device: str | 
     Either way one tensor at a time is whole in memory besides the model (or this rank's partition of it)."""
     folder = Path(folder)
     cfg = read_config(folder)
-    reader = _reader(folder)
+    reader = folder_reader(folder)
     sources = released_sources(reader.names, cfg)
     partitioned = partitioning_active()
     if partitioned:  # no initialisation (torch's nor transformers'), no random numbers drawn: LoRA's come next
