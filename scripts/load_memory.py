@@ -54,15 +54,15 @@ def _status(field: str) -> int:
 
 def rank_main(out: Path, overrides: list[str]) -> None:
     """One rank (Lightning starts the others by running this same command line again)."""
-    from hydra import compose, initialize_config_dir
-
-    import vlm_finetune.train as recipe  # noqa: F401  (every import made before the baseline)
-    from vlm_finetune.module import VLMModule
     # what the run imports lazily (the strategy, the engine, the model's code): code, not the model
     import deepspeed  # noqa: F401
     import lightning.pytorch.strategies.deepspeed  # noqa: F401
     import peft  # noqa: F401
     import transformers.models.mixtral.modeling_mixtral  # noqa: F401
+    from hydra import compose, initialize_config_dir
+
+    import vlm_finetune.train as recipe  # noqa: F401  (every import made before the baseline)
+    from vlm_finetune.module import VLMModule
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)

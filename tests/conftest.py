@@ -95,3 +95,46 @@ def write_conversation_file(folder: Path, answer_words: list[int], text_only, pr
     (folder / "val.json").write_text(json.dumps(records[:2]))
     return folder
 
+
+@pytest.fixture(scope="module")
+def zero_init():
+    """A one-rank process group and `deepspeed.zero.Init` for it (ZeRO-3 config, float32)."""
+    deepspeed = pytest.importorskip("deepspeed")
+    import torch.distributed as dist
+
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000), RANK="0", WORLD_SIZE="1",
+               LOCAL_RANK="0")
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    started = not dist.is_initialized()
+    from vlm_finetune.strategies import _without_shm_comm_op
+
+    with _without_shm_comm_op():  # no JIT-compiled shared-memory op (strategies.py says why)
+        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    config = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
+    # no `dtype=`: DeepSpeed then takes it from the config (float32 here), as under Lightning
+    yield lambda: deepspeed.zero.Init(config_dict_or_path=config)
+    # zero.Init swaps torch.nn.functional.linear for its ZeRO-3 version for the rest of the process (DeepSpeed's
+    # "mem_efficient_linear"; a training process keeps it): later tests in this process need torch's own
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as patched
+
+    if hasattr(patched, "linear_bk"):
+        torch.nn.functional.linear = patched.linear_bk
+    if started:
+        dist.destroy_process_group()
+    for key, value in saved.items():  # later tests in this process must not look launched by torchrun
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def whole_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter of a (partitioned) model, gathered and copied."""
+    import deepspeed
+
+    out = {}
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param]):
+            out[name] = param.detach().clone()
+    return out

@@ -274,7 +274,7 @@ def _train(cfg: DictConfig, callbacks: list | None, modes: dict, hardware: Hardw
     build = _model_builder(cfg, family, modes, policy, hardware)
     # ZeRO-3: the model is built in VLMModule.configure_model, inside DeepSpeed's partitioned initialisation,
     # so no rank holds it whole; until then its structure on the meta device gives the plan and the counts
-    partitioned = builds_partitioned(family, is_zero3_config(cfg.trainer), modes, policy,
+    partitioned = builds_partitioned(family, cfg.model, is_zero3_config(cfg.trainer), modes, policy,
                                      is_auto(cfg.data.micro_batch_size))
     model, plan = build(device="meta") if partitioned else build()
     _resolve_auto(cfg, family, model, processor, hardware)  # micro-batch auto -> real steps on the GPU

@@ -220,14 +220,14 @@ def compile_regions(model: nn.Module, family: Family) -> int:
     return len(blocks)
 
 
-def builds_partitioned(family: Family, zero3: bool, modes: dict[Part, Mode], policy: WeightsPolicy,
+def builds_partitioned(family: Family, model_cfg: Any, zero3: bool, modes: dict[Part, Mode], policy: WeightsPolicy,
                        auto_micro_batch: bool) -> bool:
     """Whether the run builds the model inside DeepSpeed's zero.Init (VLMModule.configure_model): under ZeRO-3,
     for a family that can (`Family.builds_partitioned`), unless the micro-batch is searched with real steps on a
     whole model, or a fully trained part meets a half-precision base (PEFT's copy of a partitioned module for
     `modules_to_save` then computes in mixed dtypes: not solved yet, so those runs build whole as before)."""
     full_in_half = policy.load_dtype != torch.float32 and any(m is Mode.FULL for m in modes.values())
-    return zero3 and family.builds_partitioned and not auto_micro_batch and not full_in_half
+    return zero3 and family.can_build_partitioned(model_cfg) and not auto_micro_batch and not full_in_half
 
 
 def build_trainable_model(family: Family, model_cfg: Any, modes: dict[Part, Mode], lora_cfg: Any,

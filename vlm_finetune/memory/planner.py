@@ -205,7 +205,8 @@ def plan_memory(overrides: list[str], seq: int | None = None, image_px: int | No
                      "parameter, frozen weights included")
     result = build(micro_batch, checkpointed, scope)
     result.notes = notes
-    partitioned = builds_partitioned(family, stage == 3, modes, policy, is_auto(cfg.data.micro_batch_size))
+    partitioned = builds_partitioned(family, cfg.model, stage == 3, modes, policy,
+                                     is_auto(cfg.data.micro_batch_size))
     on_host = hardware.accelerator != "gpu" or bool(cfg.trainer.get("offload_parameters"))
     result.load = plan_load(count, hardware.devices, hardware.host_memory_gib, hardware.world_size, partitioned,
                             on_host)

@@ -148,6 +148,10 @@ class Family(abc.ABC):
     # builds the whole model and DeepSpeed partitions it when its engine starts
     builds_partitioned: bool = False
 
+    def can_build_partitioned(self, model_cfg: Any) -> bool:
+        """`builds_partitioned` for this model configuration (a family may build some of its models whole)."""
+        return self.builds_partitioned
+
     def image_features(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """The vision path (tower and projector) run on the image inputs of `batch` (`image_keys`): what takes
         the image positions' place in the LLM's input. None: the family has no vision path of its own."""

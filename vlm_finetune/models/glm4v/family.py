@@ -9,8 +9,10 @@ import torch
 from torch import nn
 
 from vlm_finetune.errors import ConfigError
+from vlm_finetune.models._partitioned import partitioning_active
 from vlm_finetune.models.base import Family, Part
 from vlm_finetune.models.glm4v import assets
+from vlm_finetune.models.glm4v.partitioned import build_from_config, load_folder_partitioned
 from vlm_finetune.models.glm4v.processor import Glm4vProcessor
 from vlm_finetune.models.moe_nf4 import quantize_experts_nf4
 
@@ -71,6 +73,11 @@ def apply_liger_kernels(model: nn.Module) -> None:
 class Glm4vFamily(Family):
     name = "glm4v"
     input_keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+    builds_partitioned = True
+
+    def can_build_partitioned(self, model_cfg: Any) -> bool:
+        # the original GLM-4V-9B through its own modelling code (trust_remote_code) is loaded whole
+        return not model_cfg.get("trust_remote_code", False)
 
     @property
     def decoder_layer_classes(self) -> tuple[type[nn.Module], ...]:
@@ -157,7 +164,12 @@ class Glm4vFamily(Family):
 
                     return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=True)
                 return AutoModelForImageTextToText.from_config(config, dtype=dtype)
-        if folder is not None:
+        if partitioning_active():  # ZeRO-3's zero.Init (can_build_partitioned): no rank holds the whole model
+            config = self.build_config(model_cfg)
+            config._attn_implementation = attn
+            model = load_folder_partitioned(folder, config, dtype) if folder is not None else \
+                build_from_config(config, dtype)
+        elif folder is not None:
             trust = bool(model_cfg.get("trust_remote_code", False))
             if trust:
                 from transformers import AutoModelForCausalLM
