@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -120,6 +121,13 @@ def test_two_cpu_ranks_under_zero_train_the_single_process_adapter(single_runs, 
             "trainer.accumulate_grad_batches=2", f"hydra.run.dir={run_dir}", *extra]
     result = run_cli(args, timeout=600, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     assert result.returncode == 0, result.stderr[-3000:]
+    # under ZeRO-3 the model is built inside zero.Init from the folder, each rank holding half of the base
+    built = re.search(r"ZeRO-3: built partitioned; this rank holds ([\d,]+) of the base's ([\d,]+)", result.stdout)
+    if trainer == "zero3":
+        held, whole = (int(g.replace(",", "")) for g in built.groups())
+        assert whole / 2 <= held <= whole / 2 + 1000, (held, whole)
+    else:
+        assert built is None
     torch.testing.assert_close(torch.tensor(_losses(run_dir)), torch.tensor(_losses(single_runs["single"])),
                                rtol=1e-5, atol=1e-6)
     got, want, init = _trained(run_dir), _trained(single_runs["single"]), _trained(single_runs["init"])
