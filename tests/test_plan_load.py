@@ -20,9 +20,24 @@ def test_mgm_8x7b_on_six_4090s_does_not_load_whole_and_says_why():
     text = plan.render()
     assert "load (host memory per node): 6 rank(s)" in text and "the load is what does not fit" in text
     assert "or trainer=zero3" in text
+    assert "overall (the step on each GPU, the load in host memory): DOES NOT FIT: neither the step nor the load" \
+        in text
     roomy = plan_memory(["model=mgm_8x7b", "trainer=zero2", "hardware=6x4090", "precision=bf16-mixed",
                          "hardware.host_memory_gib=2048"])
     assert roomy.load.fits is True and roomy.load.verdict == "FITS"
+    assert roomy.overall == "DOES NOT FIT: the step does not fit"
+
+
+def test_the_overall_verdict_names_the_load_when_only_the_load_does_not_fit():
+    """MGM-8x7B in nf4 on one A6000: the step fits in 48 GB, but the bf16 checkpoint is read whole in host
+    memory before it is quantised (88 GiB), which a 64 GB workstation cannot hold."""
+    args = ["model=mgm_8x7b", "hardware=1xa6000", "trainer=single", "precision=nf4", "lora.llm_modules=attention",
+            "data.micro_batch_size=16", "trainer.accumulate_grad_batches=2"]
+    assert plan_memory(args).overall == "FITS: the step and the load both fit"
+    small = plan_memory([*args, "hardware.host_memory_gib=64"])
+    assert small.fits is True and small.load.fits is False
+    assert small.overall == "DOES NOT FIT: the load does not fit"
+    assert "overall (the step on each GPU, the load in host memory): DOES NOT FIT: the load" in small.render()
 
 
 def test_mgm_8x7b_under_zero3_loads_partitioned():

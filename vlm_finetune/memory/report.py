@@ -80,6 +80,18 @@ class MemoryPlan:
             return "NO GPU BUDGET (hardware profile has no GPU)"
         return "FITS" if self.fits else "DOES NOT FIT"
 
+    @property
+    def overall(self) -> str:
+        """The verdict on the step and the load together (the load row's verdict, the step's)."""
+        step, load = self.fits, None if self.load is None else self.load.fits
+        if load is None:
+            return self.verdict
+        if step and load:
+            return "FITS: the step and the load both fit"
+        if step is False and load is False:
+            return "DOES NOT FIT: neither the step nor the load fits"
+        return "DOES NOT FIT: " + ("the load does not fit" if step else "the step does not fit")
+
     def render(self) -> str:
         lines = [f"vlm_finetune.plan: {' '.join(self.overrides) or '(defaults)'}",
                  f"hardware {self.hardware}: {self.world_size} " +
@@ -104,6 +116,8 @@ class MemoryPlan:
         lines += ["", f"verdict: {self.verdict} ({self.peak_bytes / GiB:.2f} GiB of {self.budget_bytes / GiB:.2f} GiB)"]
         if self.load is not None:
             lines += self.load.render()
+            if self.fits is not None and self.load.fits is not None:
+                lines.append(f"overall (the step on each GPU, the load in host memory): {self.overall}")
         lines += [f"note: {note}" for note in self.notes]
         if self.fits is False:
             if self.suggestions:
