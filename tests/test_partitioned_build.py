@@ -77,3 +77,14 @@ def test_a_missing_expert_is_named_before_any_tensor_is_read(tmp_path):
     save_file(state, str(folder / "model.safetensors"))
     with pytest.raises(ConfigError, match=r"1 missing key\(s\): model\.layers\.1\.block_sparse_moe\.experts\.2\.w3"):
         checkpoint.load_folder(folder)
+
+
+def test_a_tiny_folder_first_made_inside_zero_init_holds_whole_weights(zero_init, tmp_path):
+    """A run whose tiny folder is not cached yet may first ask for it while the model is built under zero.Init:
+    the folder is still written from an ordinary model, never from empty partition placeholders."""
+    cfg = compose_cfg(["model=tiny_mgm", f"model.cache_dir={tmp_path}"], tmp_path)
+    with zero_init():
+        folder = MGM.checkpoint_folder(cfg.model)
+    state = load_file(str(folder / "model.safetensors"))
+    assert tuple(state["model.embed_tokens.weight"].shape) == (cfg.model.vocab_size, cfg.model.llm.hidden_size)
+    assert all(t.numel() > 0 for t in state.values())

@@ -96,7 +96,12 @@ def unpartitioned() -> Iterator[None]:
     if not partitioning_active():
         yield
         return
+    from deepspeed.runtime.zero import partition_parameters as pp
     from deepspeed.runtime.zero.partition_parameters import restore_init_context, shutdown_init_context
+
+    if not getattr(pp.top_level_context, "patched", True):  # inside an outer `unpartitioned()`: it restores
+        yield
+        return
 
     shutdown_init_context()
     try:

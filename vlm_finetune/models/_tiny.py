@@ -38,8 +38,11 @@ def cached_folder(target: Path, write: Callable[[Path], None]) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    from vlm_finetune.models._partitioned import unpartitioned
+
     try:
-        write(tmp)
+        with unpartitioned():  # asked for inside ZeRO-3's zero.Init: the weights written are whole ones
+            write(tmp)
         try:
             os.rename(tmp, target)
         except OSError:  # another process won the race; its folder is complete
