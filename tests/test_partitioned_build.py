@@ -88,3 +88,19 @@ def test_a_tiny_folder_first_made_inside_zero_init_holds_whole_weights(zero_init
     state = load_file(str(folder / "model.safetensors"))
     assert tuple(state["model.embed_tokens.weight"].shape) == (cfg.model.vocab_size, cfg.model.llm.hidden_size)
     assert all(t.numel() > 0 for t in state.values())
+
+
+def test_under_bf16_the_parameters_made_outside_zero_init_compute_in_bf16(zero_init, tmp_path):
+    """DeepSpeed's engine casts no parameter of a model built inside zero.Init: LoRA and the trainable copy of the
+    fully trained projector are made bf16 at the build (as the engine makes a whole-built model's), else the
+    projector's float32 weights would meet bf16 activations."""
+    cfg = compose_cfg(["model=tiny_mgm", "precision=bf16-mixed"], tmp_path)
+    modes, policy = parse_trainability(cfg.train), weights_policy("bf16-mixed", "deepspeed")
+    with zero_init():
+        model, plan = build_trainable_model(MGM, cfg.model, modes, cfg.lora, policy)
+    made_outside = {n: p for n, p in model.named_parameters() if not hasattr(p, "ds_id")}
+    assert any("lora_" in n for n in made_outside) and any("modules_to_save" in n for n in made_outside)
+    assert {p.dtype for p in made_outside.values()} == {torch.bfloat16}
+    assert all(p.requires_grad for p in made_outside.values())
+    lora_layers = [m for m in model.modules() if hasattr(m, "_cast_input_dtype")]
+    assert lora_layers and not any(m.cast_input_dtype_enabled for m in lora_layers)

@@ -43,8 +43,11 @@ def test_the_overall_verdict_names_the_load_when_only_the_load_does_not_fit():
 def test_mgm_8x7b_under_zero3_loads_partitioned():
     """ZeRO-3 builds MGM inside zero.Init: on GPUs the partitions are made on the GPU, the host holds the
     largest tensor (one fused expert stack of a layer, 8 x 28672 x 4096 in bf16) as read and as gathered.
-    A fully trained projector beside a bf16 base is still built whole (trainability.builds_partitioned)."""
-    whole = plan_memory(["model=mgm_8x7b", "trainer=zero3", "hardware=6x4090", "precision=bf16-mixed"]).load
+    The micro-batch searched with real steps (data.micro_batch_size=auto) still builds whole."""
+    default = plan_memory(["model=mgm_8x7b", "trainer=zero3", "hardware=6x4090", "precision=bf16-mixed"]).load
+    assert default.partitioned and default.fits is True  # the fully trained projector beside a bf16 base too
+    whole = plan_memory(["model=mgm_8x7b", "trainer=zero3", "hardware=6x4090", "precision=bf16-mixed",
+                         "data.micro_batch_size=auto"]).load
     assert not whole.partitioned and whole.fits is False
     plan = plan_memory(["model=mgm_8x7b", "trainer=zero3", "hardware=6x4090", "precision=bf16-mixed",
                         "train.projector=frozen"])

@@ -136,6 +136,20 @@ def keep_trainables_fp32(model: nn.Module) -> None:
             module.cast_input_dtype_enabled = False
 
 
+def trainables_in_compute_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """A model built inside zero.Init under DeepSpeed's bf16/fp16: its engine casts no parameter (it takes the
+    partitioned base as built), so the parameters made outside zero.Init (LoRA, PEFT's trainable copies of a
+    fully trained part) are cast here to the compute dtype, as the engine casts every parameter of a model built
+    whole; the optimizer holds their float32 masters either way. PEFT's input casting stays off, as under
+    `keep_trainables_fp32`."""
+    for param in model.parameters():
+        if not is_partitioned(param) and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    for module in model.modules():
+        if hasattr(module, "_cast_input_dtype"):
+            module.cast_input_dtype_enabled = False
+
+
 # -- activation checkpointing ------------------------------------------------------------------------------
 def checkpointed_layer_count(value: Any, num_layers: int) -> int | str:
     """`model.activation_checkpointing` as a number of decoder layers: true -> all, false/null -> 0, a number
@@ -223,11 +237,9 @@ def compile_regions(model: nn.Module, family: Family) -> int:
 def builds_partitioned(family: Family, model_cfg: Any, zero3: bool, modes: dict[Part, Mode], policy: WeightsPolicy,
                        auto_micro_batch: bool) -> bool:
     """Whether the run builds the model inside DeepSpeed's zero.Init (VLMModule.configure_model): under ZeRO-3,
-    for a family that can (`Family.builds_partitioned`), unless the micro-batch is searched with real steps on a
-    whole model, or a fully trained part meets a half-precision base (PEFT's copy of a partitioned module for
-    `modules_to_save` then computes in mixed dtypes: not solved yet, so those runs build whole as before)."""
-    full_in_half = policy.load_dtype != torch.float32 and any(m is Mode.FULL for m in modes.values())
-    return zero3 and family.can_build_partitioned(model_cfg) and not auto_micro_batch and not full_in_half
+    for a family and model that can (`Family.can_build_partitioned`), unless the micro-batch is searched with
+    real steps on a whole model. `policy` and `modes` do not change it (`trainables_in_compute_dtype`)."""
+    return zero3 and family.can_build_partitioned(model_cfg) and not auto_micro_batch
 
 
 def build_trainable_model(family: Family, model_cfg: Any, modes: dict[Part, Mode], lora_cfg: Any,
@@ -255,6 +267,8 @@ def build_trainable_model(family: Family, model_cfg: Any, modes: dict[Part, Mode
                           "(dequantised one expert at a time, no LoRA on them); set lora.llm_modules=attention")
     with torch.device("meta") if device == "meta" else unpartitioned():
         model = apply_trainability(model, plan, lora_cfg)
-        if policy.keep_trainables_fp32:
+        if partitioned and policy.mixed and policy.load_dtype != torch.float32:
+            trainables_in_compute_dtype(model, policy.load_dtype)
+        elif policy.keep_trainables_fp32:
             keep_trainables_fp32(model)
     return model, plan
