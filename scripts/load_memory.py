@@ -120,6 +120,33 @@ def _run(out: Path, overrides: list[str]) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
 
 
+SECTION = "## Load memory on the CPU (scripts/load_memory.py)"
+
+
+def render(summary: dict, arguments: str, layers: int, steps: int) -> str:
+    """The figures as a docs/benchmarks.md section: command, machine, date, one row per run and rank."""
+    import time
+
+    mib = 2**20
+    lines = [SECTION, "", f"- command: `python scripts/load_memory.py {arguments}`",
+             f"- hardware: CPU ({os.cpu_count()} cores); date {time.strftime('%Y-%m-%d %H:%M')}",
+             f"- model: tiny_mgm_moe widened to {layers} layers of 8 experts (hidden 512), float32, "
+             f"{summary['model_bytes'] / 1e9:.2f} GB, read from its released-layout folder; LoRA on attention; "
+             f"{steps} steps", "- growth: each rank's resident size (VmHWM) minus its size before the model exists", "",
+             "| run | rank | load growth MiB | x model | run growth MiB | x model | planner load row / measured load |",
+             "|---|---|---|---|---|---|---|"]
+    for name in ("single", "zero3"):
+        run = summary[name]
+        for rank, (load, run_growth) in enumerate(zip(run["load_growth_per_rank"], run["run_growth_per_rank"])):
+            lines.append(f"| {name} | {rank} | {load / mib:,.0f} | {run['load_growth_over_model'][rank]:.3f} | "
+                         f"{run_growth / mib:,.0f} | {run['run_growth_over_model'][rank]:.3f} | "
+                         f"{run['plan_over_measured_load']:.3f} |")
+    lines += ["", f"Adapters (single vs zero3): largest difference {summary['adapter_max_rel_diff']:.1e} of each "
+              "tensor's largest value.", "Checks: " + "; ".join(f"{k}: {'yes' if v else 'NO'}"
+                                                           for k, v in summary["checks"].items()), ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=30)
@@ -127,6 +154,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/load_memory"))
     parser.add_argument("--trace", action="store_true", help="print each rank's resident size at each phase")
     parser.add_argument("--only-zero3", action="store_true", help="measure the zero3 run alone (no checks)")
+    parser.add_argument("--report", type=Path, default=None,
+                        help="also write the figures as a section of this file (docs/benchmarks.md)")
     parser.add_argument("extra", nargs="*", help="overrides added to the zero3 run (to try DeepSpeed settings)")
     args = parser.parse_args()
     import torch
@@ -186,6 +215,10 @@ def main() -> None:
     }
     summary["checks"] = checks
     print(json.dumps(summary, indent=2, default=str))
+    if args.report is not None:
+        from vlm_finetune.databench import replace_section
+
+        replace_section(args.report, render(summary, " ".join(sys.argv[1:]), args.layers, args.steps), SECTION)
     del torch
     sys.exit(0 if all(checks.values()) else 1)
 

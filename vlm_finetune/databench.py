@@ -168,14 +168,14 @@ def _ratio(result: dict, padded: float | None) -> str:
     return f"{result['supervised_tokens_per_s'] / padded:.2f}x" if padded else "-"
 
 
-def replace_section(path: Path, text: str) -> None:
-    """`text` (which starts with SECTION) replaces that section of `path`, or is appended."""
+def replace_section(path: Path, text: str, section: str = SECTION) -> None:
+    """`text` (which starts with `section`, a "## " heading) replaces that section of `path`, or is appended."""
     old = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = old.find(SECTION)
+    start = old.find(section)
     if start < 0:
         new = old.rstrip("\n") + "\n\n" + text
     else:
-        end = old.find("\n## ", start + len(SECTION))
+        end = old.find("\n## ", start + len(section))
         new = old[:start] + text + (old[end:] if end >= 0 else "")
     write_atomic(path, new)
 
