@@ -82,6 +82,14 @@ def test_release_host_setting_resolves(setting, accelerator, offload, expected):
     assert _host_release(cfg, _hardware(accelerator)) == expected
 
 
+def test_release_host_refuses_other_values():
+    from vlm_finetune.errors import ConfigError
+
+    cfg = OmegaConf.create({"memory": {"release_host": "sometimes"}, "trainer": {}})
+    with pytest.raises(ConfigError, match="memory.release_host='sometimes' is not one of auto"):
+        _host_release(cfg, _hardware("cpu"))
+
+
 @pytest.mark.parametrize("every_step, accumulate, calls", [(True, 3, [2, 5]), (True, 1, [0, 1, 2, 3, 4, 5]),
                                                           (False, 1, [])])
 def test_callback_trims_after_optimizer_steps_only(monkeypatch, every_step, accumulate, calls):

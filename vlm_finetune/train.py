@@ -200,6 +200,8 @@ def _wants_monitor(cfg: DictConfig, hardware: Hardware, callbacks: list) -> bool
 def _host_release(cfg: DictConfig, hardware: Hardware) -> str:
     """memory.release_host resolved: off | load (after the build and the engine's setup) | step (also every step)."""
     setting = cfg.memory.get("release_host", "auto")
+    if setting is not True and setting is not False and not is_auto(setting):
+        raise ConfigError(f"memory.release_host={setting!r} is not one of auto|true|false")
     if setting is False:
         return "off"
     host_weights = hardware.accelerator == "cpu" or bool(cfg.trainer.get("offload_optimizer")) \
