@@ -197,16 +197,15 @@ def _wants_monitor(cfg: DictConfig, hardware: Hardware, callbacks: list) -> bool
     return wanted and not any(isinstance(c, MemoryMonitor) for c in callbacks)
 
 
-def _host_release(cfg: DictConfig, hardware: Hardware) -> str:
-    """memory.release_host resolved: off | load (after the build and the engine's setup) | step (also every step)."""
+def _host_release(cfg: DictConfig) -> str:
+    """memory.release_host resolved: off | load (after the build and the engine's setup: auto) | step (true: also
+    after every optimizer step)."""
     setting = cfg.memory.get("release_host", "auto")
     if setting is not True and setting is not False and not is_auto(setting):
         raise ConfigError(f"memory.release_host={setting!r} is not one of auto|true|false")
     if setting is False:
         return "off"
-    host_weights = hardware.accelerator == "cpu" or bool(cfg.trainer.get("offload_optimizer")) \
-        or bool(cfg.trainer.get("offload_parameters"))
-    return "step" if setting is True or host_weights else "load"
+    return "step" if setting is True else "load"
 
 
 def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
@@ -216,7 +215,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
     started = time.time()
     _quiet_known_noise()
     modes, hardware = check_config(cfg)
-    if _host_release(cfg, hardware) != "off":
+    if _host_release(cfg) != "off":
         steady_heap()  # before anything loads: freed blocks of 1 MiB or more go back to the system
     run_dir = Path(cfg.output_dir)
     if cfg.resume == "auto" and (done := finished_metrics(run_dir, int(cfg.trainer.max_steps))) is not None:
@@ -252,7 +251,7 @@ def _model_builder(cfg: DictConfig, family, modes: dict, policy: WeightsPolicy, 
             if cfg.speed.compile:
                 compile_regions(model, family)
             set_zero3_leaves(model, family, cfg.trainer)
-            if _host_release(cfg, hardware) != "off":
+            if _host_release(cfg) != "off":
                 release_freed()  # what building and loading freed
         return model, plan
     return build
@@ -312,7 +311,7 @@ def _train(cfg: DictConfig, callbacks: list | None, modes: dict, hardware: Hardw
     watchdog = RunWatchdog(collective_timeout(cfg.trainer).total_seconds(), float(cfg.trainer.get("stop_grace_s", 20)),
                            resumer.stop_signals if resumer is not None else ())
     own.append(watchdog)
-    if (release := _host_release(cfg, hardware)) != "off":
+    if (release := _host_release(cfg)) != "off":
         own.append(HostMemoryRelease(every_step=release == "step"))
     if _wants_monitor(cfg, hardware, list(callbacks or []) + configured):
         own.append(MemoryMonitor(run_dir))  # memory.csv / memory.png per phase; history for OOM snapshots
