@@ -232,7 +232,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
             lock.release()
 
 
-def _model_builder(cfg: DictConfig, family, modes: dict, policy: WeightsPolicy, hardware: Hardware):
+def _model_builder(cfg: DictConfig, family, modes: dict, policy: WeightsPolicy):
     """`build(device=None, expected_plan=None) -> (model, plan)`: the model with its trainability plan, compiled
     regions and ZeRO-3 leaf modules, as configured; `device="meta"`: the structure only."""
     def build(device: str | None = None, expected_plan=None):
@@ -272,7 +272,7 @@ def _train(cfg: DictConfig, callbacks: list | None, modes: dict, hardware: Hardw
 
     policy = weights_policy(cfg.precision.name, cfg.trainer.strategy)
     _resolve_auto(cfg, family, None, processor, hardware)  # checkpointing auto -> the fewest layers that fit
-    build = _model_builder(cfg, family, modes, policy, hardware)
+    build = _model_builder(cfg, family, modes, policy)
     # ZeRO-3: the model is built in VLMModule.configure_model, inside DeepSpeed's partitioned initialisation,
     # so no rank holds it whole; until then its structure on the meta device gives the plan and the counts
     partitioned = builds_partitioned(family, cfg.model, is_zero3_config(cfg.trainer), modes, policy,
