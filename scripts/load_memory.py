@@ -42,7 +42,10 @@ def run_overrides(layers: int, steps: int) -> list[str]:
             "model.activation_checkpointing=true",
             # LoRA on attention, as for a large MoE under memory pressure: PEFT's LoRA on the fused expert tensors
             # (target_parameters) materialises each layer's whole expert delta and its gradient in every step
-            "lora.llm_modules=attention"]
+            "lora.llm_modules=attention",
+            # ranks on CPUs gather the parameters in host memory every step: the 1 MiB mmap threshold all run and
+            # a heap trim after each step (the default holds it only while the model loads)
+            "memory.release_host=true"]
 
 
 def _status(field: str) -> int:
@@ -113,7 +116,6 @@ def rank_main(out: Path, overrides: list[str]) -> None:
 def _run(out: Path, overrides: list[str]) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, __file__, "--rank", str(out), "--", *overrides, f"output_dir={out / 'run'}"]
-    # the run itself keeps glibc's heap close to what it holds (memory.release_host, on by default on CPUs)
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stderr[-4000:]}")

@@ -68,6 +68,39 @@ def test_steady_heap_maps_large_blocks_and_returns_them():
     assert max(kept["dynamic"][1:]) > 150, kept  # the default keeps ~200 MiB that nothing uses
 
 
+MAPPED_PROBE = """
+import ctypes, sys, torch
+from vlm_finetune.memory import host
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = host._libc()
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] in ("steady", "reuse"):
+    assert host.steady_heap()
+if sys.argv[1] == "reuse":  # what a run does once its model is loaded (memory.release_host=auto)
+    assert host.reuse_heap()
+before = libc.mallinfo2().hblkhd
+held = [torch.ones(512 * 1024) for _ in range(20)]  # 20 blocks of 2 MiB, as a step's gradients
+print((libc.mallinfo2().hblkhd - before) // 2**20)
+"""
+
+
+@glibc
+def test_the_steps_get_heap_blocks_again_after_the_load():
+    """Under the steady threshold every 2 MiB block is mapped afresh (and zero-filled by the kernel: the cost that
+    made CPU steps 40-60% slower); once `reuse_heap` has run they come from the heap, as glibc's own threshold
+    gives them after the first free. Measured with glibc's count of mapped bytes (mallinfo2)."""
+    import subprocess
+    import sys
+
+    mapped = {mode: int(subprocess.run([sys.executable, "-c", MAPPED_PROBE, mode], capture_output=True, text=True,
+                                       check=True).stdout)
+              for mode in ("steady", "reuse")}
+    assert mapped["steady"] >= 40, mapped  # MiB mapped for the 40 MiB held
+    assert mapped["reuse"] == 0, mapped
+
+
 @pytest.mark.parametrize("setting, expected", [("auto", "load"), (True, "step"), (False, "off")])
 def test_release_host_setting_resolves(setting, expected):
     cfg = OmegaConf.create({"memory": {"release_host": setting}})
@@ -87,7 +120,9 @@ def test_release_host_refuses_other_values():
 def test_callback_trims_after_optimizer_steps_only(monkeypatch, every_step, accumulate, calls):
     seen: list = []
     trims = iter(range(100))
+    reused: list[str] = []
     monkeypatch.setattr(host, "release_freed", lambda: seen.append(next(trims)))
+    monkeypatch.setattr(host, "reuse_heap", lambda: reused.append("reuse"))
     callback = host.HostMemoryRelease(every_step=every_step)
     trainer = SimpleNamespace(accumulate_grad_batches=accumulate)
     at_batch: list[int] = []
@@ -99,3 +134,7 @@ def test_callback_trims_after_optimizer_steps_only(monkeypatch, every_step, accu
     assert at_batch == calls
     callback.on_fit_start(trainer, None)
     assert len(seen) == len(calls) + 1  # and once when training starts
+    # the steps reuse heap blocks unless every step trims (then the 1 MiB threshold stays until the run ends)
+    assert reused == ([] if every_step else ["reuse"])
+    callback.teardown(trainer, None, "fit")
+    assert reused == ["reuse"] * (1 if every_step else 2)

@@ -35,7 +35,7 @@ from vlm_finetune.data.packing import pack_length
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.hardware import Hardware, env_global_rank, preflight, resolve
 from vlm_finetune.io import write_atomic
-from vlm_finetune.memory.host import HostMemoryRelease, release_freed, steady_heap
+from vlm_finetune.memory.host import HostMemoryRelease, release_freed, reuse_heap, steady_heap
 from vlm_finetune.memory.monitor import MemoryMonitor
 from vlm_finetune.memory.oom import handle_oom
 from vlm_finetune.models.registry import get_family, parse_trainability
@@ -215,8 +215,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
     started = time.time()
     _quiet_known_noise()
     modes, hardware = check_config(cfg)
-    if _host_release(cfg) != "off":
-        steady_heap()  # before anything loads: freed blocks of 1 MiB or more go back to the system
+    release = _host_release(cfg)
     run_dir = Path(cfg.output_dir)
     if cfg.resume == "auto" and (done := finished_metrics(run_dir, int(cfg.trainer.max_steps))) is not None:
         print(f"vlm_finetune: the run in {run_dir} already finished at step {done['global_step']} (metrics.json); "
@@ -226,8 +225,12 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
     try:
         if lock is not None:
             sweep_checkpoint_leftovers(run_dir / CHECKPOINT_DIR)  # what a kill during a save left behind
+        if release != "off":
+            steady_heap()  # before anything loads: freed blocks of 1 MiB or more go back to the system
         return _train(cfg, callbacks, modes, hardware, run_dir, started)
     finally:
+        if release != "off":
+            reuse_heap()  # the steps of whatever runs next in this process reuse heap blocks
         if lock is not None:
             lock.release()
 

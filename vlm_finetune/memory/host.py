@@ -9,10 +9,14 @@ rank of a node pays it. Two remedies, both glibc calls (elsewhere they are skipp
   more is mapped on its own and unmapped when freed;
 - `release_freed()`: `malloc_trim(0)`, which hands every wholly free page of every heap back to the system.
 
-A run (`memory.release_host`) sets the threshold before anything loads and trims once the model is built;
-`HostMemoryRelease` trims again once the engine is set up and, with `every_step` (`memory.release_host=true`), after
-each optimizer step: some 0.1 s a step (150 steps of the tiny default run: 36 s without, 50 s with), worth it only
-where a rank's host memory is what is tight."""
+The fixed 1 MiB threshold has a price wherever a step allocates on the host: every gradient or activation of 1 MiB
+or more is mapped and zero-filled afresh (a CPU training loop ran 40-60% slower under it). So a run
+(`memory.release_host=auto`) holds it only while it loads: set before anything loads, a trim once the model is
+built, and `HostMemoryRelease` trims again once the engine is set up and then puts the threshold at 32 MiB
+(`reuse_heap()`, glibc's own ceiling for its dynamic threshold), so that the steps reuse heap blocks. With
+`every_step` (`memory.release_host=true`) the 1 MiB threshold stays and each optimizer step ends with a trim
+(150 steps of the tiny default run: 36 s without, 50 s with): worth it only where a rank's host memory is what is
+tight during the steps, as for ZeRO-3 ranks on CPUs, which gather the parameters in host memory."""
 from __future__ import annotations
 
 import ctypes
@@ -23,6 +27,7 @@ import lightning as L
 
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 MMAP_THRESHOLD_BYTES = 1 << 20
+REUSE_THRESHOLD_BYTES = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit systems
 
 
 @functools.lru_cache(maxsize=1)
@@ -42,6 +47,12 @@ def steady_heap(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     return bool(libc is not None and libc.mallopt(M_MMAP_THRESHOLD, int(threshold)) == 1)
 
 
+def reuse_heap() -> bool:
+    """Serve blocks under 32 MiB from the heap again, for the steps (the threshold stays fixed: glibc cannot be
+    put back to its dynamic one). Returns whether it took effect."""
+    return steady_heap(REUSE_THRESHOLD_BYTES)
+
+
 def release_freed() -> bool:
     """Hand the free pages of the C heap back to the system. Returns whether any were (False without glibc)."""
     libc = _libc()
@@ -49,13 +60,20 @@ def release_freed() -> bool:
 
 
 class HostMemoryRelease(L.Callback):
-    """Free pages of the host heap returned at fit start and, with `every_step`, after each optimizer step."""
+    """Free pages of the host heap returned at fit start; then either the heap reused by the steps or, with
+    `every_step`, the 1 MiB threshold kept and a trim after each optimizer step. The heap is reused again when
+    the run ends, however it ends."""
 
     def __init__(self, every_step: bool):
         self.every_step = every_step
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         release_freed()
+        if not self.every_step:
+            reuse_heap()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        reuse_heap()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
