@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 from safetensors.torch import load_file
@@ -22,6 +23,12 @@ def _adapter(run_dir, trainer: str, extra: list[str] = ()):
     result = run_cli([f"trainer={trainer}", *COMMON, *extra, f"hydra.run.dir={run_dir}"], timeout=600,
                      env=dict(os.environ, PYTHONUNBUFFERED="1"))
     assert result.returncode == 0, result.stderr[-4000:]
+    # under ZeRO-3 the model is built inside zero.Init, its folder streamed into each rank's half
+    built = re.search(r"ZeRO-3: built partitioned; this rank holds ([\d,]+) of the base's ([\d,]+)", result.stdout)
+    assert (built is not None) == (trainer == "zero3"), result.stdout[-2000:]
+    if built:
+        held, whole = (int(x.replace(",", "")) for x in built.groups())
+        assert whole > 100_000 and whole / 2 <= held <= whole / 2 + 1000, (held, whole)  # and padding
     assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == STEPS
     return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
 

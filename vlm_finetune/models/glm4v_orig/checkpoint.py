@@ -25,7 +25,15 @@ import torch
 
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.io import atomic_folder
-from vlm_finetune.models._sharded import INDEX_FILE, weight_files, write_shards, written_dtype
+from vlm_finetune.models._partitioned import initialised_whole, partitioning_active, skipped_init, unpartitioned
+from vlm_finetune.models._sharded import (
+    INDEX_FILE,
+    folder_reader,
+    stream_into,
+    weight_files,
+    write_shards,
+    written_dtype,
+)
 from vlm_finetune.models.glm4v_orig.modeling import Glm4vOrigConfig, Glm4vOrigForCausalLM, VisionSettings
 
 IGNORED = ("transformer.rotary_pos_emb.inv_freq",)  # a buffer some exports hold; recomputed here
@@ -133,28 +141,42 @@ def _qkv_sizes(cfg: Glm4vOrigConfig) -> list[int]:
     return [t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim, t.num_key_value_heads * t.head_dim]
 
 
+def module_names(name: str, cfg: Glm4vOrigConfig) -> list[str]:
+    """The module tensors one released tensor becomes (q / k / v for the fused QKV; none for an ignored buffer);
+    a name it does not know is kept as it is (the load reports it as unexpected)."""
+    if name in IGNORED:
+        return []
+    match = _LLM.match(name)
+    if name in _TOP:
+        return [_TOP[name]]
+    if match and match.group(2).startswith("self_attention.query_key_value."):
+        kind = match.group(2).rsplit(".", 1)[1]
+        return [f"model.layers.{match.group(1)}.self_attn.{proj}_proj.{kind}" for proj in "qkv"]
+    if match and match.group(2) in _RENAMES:
+        return [f"model.layers.{match.group(1)}.{_RENAMES[match.group(2)]}"]
+    if name.startswith("transformer.vision."):
+        rest = name[len("transformer.vision."):]
+        return [("projector." if rest.startswith(_PROJECTOR) else "vision.") + rest]
+    return [name]
+
+
+_QKV_PART = re.compile(r"\.self_attn\.([qkv])_proj\.(weight|bias)$")
+
+
+def assemble(name: str, tensor: torch.Tensor, cfg: Glm4vOrigConfig) -> torch.Tensor:
+    """The module tensor `name` cut from the released tensor it comes from (`module_names`): its block of the
+    fused QKV (contiguous blocks [Q | K | V]), or the tensor itself."""
+    match = _QKV_PART.search(name)
+    if match and name.startswith("model.layers."):
+        return torch.split(tensor, _qkv_sizes(cfg), dim=0)["qkv".index(match.group(1))]
+    return tensor
+
+
 def from_released(state: dict[str, torch.Tensor], cfg: Glm4vOrigConfig) -> dict[str, torch.Tensor]:
-    """Released names -> module names (the fused QKV split into q / k / v: contiguous blocks [Q | K | V]);
-    names it does not know are kept as they are (the load reports them as unexpected)."""
-    out = {}
-    for name, tensor in state.items():
-        if name in IGNORED:
-            continue
-        match = _LLM.match(name)
-        if name in _TOP:
-            out[_TOP[name]] = tensor
-        elif match and match.group(2).startswith("self_attention.query_key_value."):
-            kind = match.group(2).rsplit(".", 1)[1]
-            for proj, part in zip("qkv", torch.split(tensor, _qkv_sizes(cfg), dim=0)):
-                out[f"model.layers.{match.group(1)}.self_attn.{proj}_proj.{kind}"] = part
-        elif match and match.group(2) in _RENAMES:
-            out[f"model.layers.{match.group(1)}.{_RENAMES[match.group(2)]}"] = tensor
-        elif name.startswith("transformer.vision."):
-            rest = name[len("transformer.vision."):]
-            out[("projector." if rest.startswith(_PROJECTOR) else "vision.") + rest] = tensor
-        else:
-            out[name] = tensor
-    return out
+    """Released names -> module names (the fused QKV split into q / k / v); names it does not know are kept as
+    they are (the load reports them as unexpected)."""
+    return {module: assemble(module, tensor, cfg) for name, tensor in state.items()
+            for module in module_names(name, cfg)}
 
 
 def to_released(state: dict[str, torch.Tensor], cfg: Glm4vOrigConfig) -> dict[str, torch.Tensor]:
@@ -227,27 +249,40 @@ def read_state(folder: Path) -> dict[str, torch.Tensor]:
 
 def load_folder(folder: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                 initializer_range: float | None = None) -> Glm4vOrigForCausalLM:
-    """Built on the meta device, then every tensor of the checkpoint placed by name (strict)."""
+    """Check the checkpoint's key names against the model (strict, from the shard headers alone), then read its
+    tensors one at a time from the shards into the model: built on the meta device and placed on `device`, or,
+    inside DeepSpeed's zero.Init (ZeRO-3), built partitioned (in the init's dtype, no initialisation) and filled
+    partition by partition. One released tensor at a time is whole in memory besides the model or this rank's
+    partition of it (the fused QKV is read once per q / k / v block)."""
     from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 
     folder = Path(folder)
     cfg = read_config(folder, initializer_range)
-    with torch.device("meta"):
-        model = Glm4vOrigForCausalLM(cfg).to(dtype)
-    state = from_released(read_state(folder), cfg)
+    reader = folder_reader(folder)
+    sources = {module: [name] for name in reader.names for module in module_names(name, cfg)}
+    partitioned = partitioning_active()
+    if partitioned:  # no initialisation (torch's nor transformers'), no random numbers drawn: LoRA's come next
+        from transformers.initialization import no_init_weights
+
+        with torch.random.fork_rng(devices=[]), no_init_weights(), initialised_whole(), skipped_init():
+            model = Glm4vOrigForCausalLM(cfg)
+    else:
+        with torch.device("meta"):
+            model = Glm4vOrigForCausalLM(cfg).to(dtype)
     expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    missing, unexpected = sorted(expected - set(sources)), sorted(set(sources) - expected)
     if missing or unexpected:
         raise MissingKeys(sorted({released_name(k) for k in missing}), sorted({released_name(k) for k in unexpected}),
                           folder)
-    model.to_empty(device=device)
-    with torch.no_grad():
-        for name, target in model.state_dict(keep_vars=True).items():
-            if tuple(state[name].shape) != tuple(target.shape):
-                raise ConfigError(f"GLM-4V-9B checkpoint {folder}: {name} has shape {tuple(state[name].shape)}, "
-                                  f"config.json implies {tuple(target.shape)}")
-            target.copy_(state[name])
-    with torch.device(device):  # the rotary frequencies are a buffer, not in the checkpoint: recomputed
+    if not partitioned:
+        model.to_empty(device=device)
+    try:
+        stream_into(model, sources, lambda name, tensors: assemble(name, tensors[0], cfg), reader)
+    except ValueError as err:
+        raise ConfigError(f"GLM-4V-9B checkpoint {folder}: {err}; check that config.json belongs to these "
+                          "weights") from err
+    # the rotary frequencies are a buffer, not in the checkpoint: recomputed (an ordinary module under ZeRO-3)
+    with unpartitioned(), torch.device(device):
         model.model.rotary_emb = GlmRotaryEmbedding(cfg.text_config)
     return model
 

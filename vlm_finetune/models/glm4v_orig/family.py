@@ -25,6 +25,7 @@ VISION_LORA_PATTERN = r".*vision\.transformer\.layers\.\d+\.(attention\.(query_k
 class Glm4vOrigFamily(Family):
     name = "glm4v_orig"
     input_keys = ("input_ids", "attention_mask", "pixel_values")
+    builds_partitioned = True  # its folders stream into each rank's partition (checkpoint.load_folder)
 
     @property
     def decoder_layer_classes(self) -> tuple[type[nn.Module], ...]:

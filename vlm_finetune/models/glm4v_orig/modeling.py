@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm_finetune.models._decode import cached_step, decode, stop_ids
+from vlm_finetune.models._partitioned import whole_for_init
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -241,14 +242,23 @@ class Glm4vOrigForCausalLM(nn.Module):
         self.projector = VisionAdapter(config.vision, int(text.hidden_size), int(text.intermediate_size))
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         std = float(config.initializer_range)
-        for name, p in [*self.vision.named_parameters(), *self.projector.named_parameters()]:
-            if name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif "norm" in name:
-                nn.init.ones_(p)
-            else:
-                nn.init.normal_(p, std=std)
-        nn.init.normal_(self.lm_head.weight, std=std)
+        # module by module, in named_parameters' order (the same random numbers as one loop over them); under
+        # ZeRO-3's zero.Init each module's own tensors are gathered whole for the write, never a whole tower
+        for tower in (self.vision, self.projector):
+            for prefix, module in tower.named_modules():
+                own = list(module.named_parameters(recurse=False))
+                if not own:
+                    continue
+                with whole_for_init([p for _, p in own]):
+                    for name, p in own:
+                        if name.endswith("bias"):
+                            nn.init.zeros_(p)
+                        elif "norm" in f"{prefix}.{name}":
+                            nn.init.ones_(p)
+                        else:
+                            nn.init.normal_(p, std=std)
+        with whole_for_init([self.lm_head.weight]):
+            nn.init.normal_(self.lm_head.weight, std=std)
         self.set_attn_implementation(getattr(text, "_attn_implementation", None) or "sdpa")
 
     def set_attn_implementation(self, name: str) -> None:
