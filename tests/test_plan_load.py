@@ -16,16 +16,18 @@ def test_mgm_8x7b_on_six_4090s_does_not_load_whole_and_says_why():
     load = plan.load
     assert load.ranks_per_node == 6 and load.host_memory_gib == 256 and not load.partitioned
     assert 47.0e9 * 2 < load.bytes_per_rank < 48.5e9 * 2  # 47.5 B parameters in bf16 (+ float32 LoRA)
-    assert load.host_bytes == 6 * load.bytes_per_rank and load.fits is False
+    assert load.host_bytes == 6 * load.bytes_per_rank and load.host_fits is False and load.fits is False
     text = plan.render()
     assert "load (host memory per node): 6 rank(s)" in text and "the load is what does not fit" in text
     assert "or trainer=zero3" in text
-    assert "overall (the step on each GPU, the load in host memory): DOES NOT FIT: neither the step nor the load" \
-        in text
+    assert ("overall (the step on each GPU, the load in host memory and on each GPU): DOES NOT FIT: neither the "
+            "step nor the load") in text
     roomy = plan_memory(["model=mgm_8x7b", "trainer=zero2", "hardware=6x4090", "precision=bf16-mixed",
                          "hardware.host_memory_gib=2048"])
-    assert roomy.load.fits is True and roomy.load.verdict == "FITS"
-    assert roomy.overall == "DOES NOT FIT: the step does not fit"
+    assert roomy.load.host_fits is True and roomy.load.verdict == "FITS"
+    # ZeRO-2 moves the whole model onto every GPU at the load: 94 GB on a 24 GB card
+    assert roomy.load.gpu_bytes_per_rank == roomy.total("parameters") > 90e9 and roomy.load.gpu_fits is False
+    assert roomy.overall == "DOES NOT FIT: neither the step nor the load fits"
 
 
 def test_the_overall_verdict_names_the_load_when_only_the_load_does_not_fit():
@@ -35,9 +37,10 @@ def test_the_overall_verdict_names_the_load_when_only_the_load_does_not_fit():
             "data.micro_batch_size=16", "trainer.accumulate_grad_batches=2"]
     assert plan_memory(args).overall == "FITS: the step and the load both fit"
     small = plan_memory([*args, "hardware.host_memory_gib=64"])
-    assert small.fits is True and small.load.fits is False
+    assert small.fits is True and small.load.fits is False and small.load.gpu_fits is True
     assert small.overall == "DOES NOT FIT: the load does not fit"
-    assert "overall (the step on each GPU, the load in host memory): DOES NOT FIT: the load" in small.render()
+    assert ("overall (the step on each GPU, the load in host memory and on each GPU): DOES NOT FIT: the load"
+            in small.render())
 
 
 def test_mgm_8x7b_under_zero3_loads_partitioned():
@@ -75,3 +78,22 @@ def test_the_load_bytes_per_rank_are_the_built_models_bytes(tmp_path):
 def test_glm41v_9b_loads_on_one_a6000_workstation():
     plan = plan_memory(["model=glm41v_9b", "hardware=1xa6000", "precision=bf16-mixed"])
     assert plan.load.fits is True and plan.load.bytes_per_rank < 25 * GiB
+
+
+EXPERT_STACK_BF16 = 8 * 2 * 14336 * 4096 * 2  # one layer's fused gate_up_proj of MGM-8x7B: the largest tensor
+
+
+def test_the_gpu_row_of_the_load():
+    """One GPU at the load: the parameters the step keeps there and, when a tensor is placed one at a time, that
+    tensor whole (gathered under ZeRO-3; in bf16 while it is quantised under nf4); none on CPU ranks."""
+    zero3 = plan_memory(["model=mgm_8x7b", "trainer=zero3", "hardware=6x4090", "precision=bf16-mixed",
+                         "train.projector=frozen"])
+    assert zero3.load.gpu_bytes_per_rank == zero3.total("parameters") + EXPERT_STACK_BF16
+    assert zero3.load.gpu_fits is True and zero3.load.gpu_bytes_per_rank < 0.2 * 94e9  # 1/6 of it and a tensor
+    assert "load (GPU memory per rank): " in zero3.render() and "gathered whole while it is split" in zero3.render()
+    nf4 = plan_memory(["model=mgm_8x7b", "hardware=1xa6000", "trainer=single", "precision=nf4",
+                       "lora.llm_modules=attention", "data.micro_batch_size=16", "trainer.accumulate_grad_batches=2"])
+    assert nf4.load.gpu_bytes_per_rank == nf4.total("parameters") + EXPERT_STACK_BF16 and nf4.load.gpu_fits is True
+    cpu = plan_memory([])
+    assert cpu.load.gpu_budget_bytes == 0 and cpu.load.gpu_fits is None
+    assert "GPU memory per rank" not in cpu.render()

@@ -7,6 +7,11 @@ zero.Init (`Family.builds_partitioned`) is built partitioned and its folder stre
 rank holds its partition (the model / world size) and, while a tensor is read, that tensor whole twice (as read
 and gathered). The rows say so before launch, with their own verdict against the profile's host memory per
 node (`hardware.host_memory_gib`).
+
+On each GPU the load ends with the parameters the step keeps there (the whole model, or under ZeRO-3 and FSDP its
+partition; nothing with parameter offload) and, while it runs, one tensor more: the tensor gathered whole while
+rank 0 copies it into its partitions (ZeRO-3, or a unit FSDP places and shards), or the half-precision tensor on
+the GPU while it is quantised to nf4. That row has its own verdict against the GPU budget of the step.
 """
 from __future__ import annotations
 
@@ -24,6 +29,9 @@ class LoadPlan:
     bytes_per_rank: int  # one rank's host memory at the load: the whole model, or its partition and a tensor
     host_memory_gib: float  # per node, from the hardware profile (0: unknown)
     partitioned: bool = False  # ZeRO-3 construction inside zero.Init: no rank holds the whole model
+    gpu_bytes_per_rank: int = 0  # one GPU at the load: the parameters it keeps and the tensor in flight
+    gpu_budget_bytes: int = 0  # the step's GPU budget (0: no GPU)
+    gpu_what: str = ""
 
     @property
     def host_bytes(self) -> int:
@@ -34,14 +42,24 @@ class LoadPlan:
         return int(self.host_memory_gib * HOST_USABLE_FRACTION * GiB)
 
     @property
-    def fits(self) -> bool | None:
+    def host_fits(self) -> bool | None:
         return None if self.host_memory_gib <= 0 else self.host_bytes <= self.budget_bytes
 
     @property
+    def gpu_fits(self) -> bool | None:
+        return None if self.gpu_budget_bytes <= 0 else self.gpu_bytes_per_rank <= self.gpu_budget_bytes
+
+    @property
+    def fits(self) -> bool | None:
+        """Both rows: False when either does not fit, None when neither has a budget."""
+        known = [f for f in (self.host_fits, self.gpu_fits) if f is not None]
+        return None if not known else all(known)
+
+    @property
     def verdict(self) -> str:
-        if self.fits is None:
+        if self.host_fits is None:
             return "NO HOST BUDGET (set hardware.host_memory_gib)"
-        return "FITS" if self.fits else "DOES NOT FIT"
+        return "FITS" if self.host_fits else "DOES NOT FIT"
 
     def render(self) -> list[str]:
         what = ("its partition, one tensor whole at a time" if self.partitioned
@@ -49,7 +67,10 @@ class LoadPlan:
         lines = [f"load (host memory per node): {self.ranks_per_node} rank(s) x "
                  f"{self.bytes_per_rank / GiB:.2f} GiB ({what}) = "
                  f"{self.host_bytes / GiB:.2f} GiB of {self.budget_bytes / GiB:.2f} GiB usable: {self.verdict}"]
-        if self.fits is False:
+        if self.gpu_budget_bytes > 0:
+            lines.append(f"load (GPU memory per rank): {self.gpu_bytes_per_rank / GiB:.2f} GiB ({self.gpu_what}) of "
+                         f"{self.gpu_budget_bytes / GiB:.2f} GiB: {'FITS' if self.gpu_fits else 'DOES NOT FIT'}")
+        if self.host_fits is False:
             lines.append("  the load is what does not fit: run fewer ranks per node (hardware.devices), use nodes "
                          "with more host memory (hardware.host_memory_gib), or a smaller load dtype "
                          "(precision=bf16-mixed)" + ("" if self.partitioned else
@@ -69,3 +90,16 @@ def plan_load(count: ModelCount, ranks_per_node: int, host_memory_gib: float, wo
     share = -(-whole // max(1, int(world_size))) if partitions_on_host else 0
     per_rank = share + 2 * count.largest_tensor_bytes if partitioned else whole
     return LoadPlan(int(ranks_per_node), int(per_rank), float(host_memory_gib), partitioned)
+
+
+def gpu_at_load(kept_bytes: int, count: ModelCount, sharded: bool, quantised: bool, offloaded: bool = False
+                ) -> tuple[int, str]:
+    """One GPU's bytes at the load and what they are: `kept_bytes` (the step's parameter rows on the GPU) and,
+    `sharded` (ZeRO-3, FSDP) or `quantised` (nf4), the largest tensor whole while it is placed."""
+    in_flight = count.largest_tensor_bytes if sharded or quantised else 0
+    kept = ("what it keeps of the parameters (the partitions are on the host)" if offloaded
+            else "its partition of the parameters" if sharded else "the parameters")
+    if not in_flight:
+        return kept_bytes, kept + ", as the step holds them"
+    why = "gathered whole while it is split" if sharded else "in half precision while it is quantised"
+    return kept_bytes + in_flight, f"{kept}, and the largest tensor {why}"

@@ -36,7 +36,7 @@ from vlm_finetune.memory.activations import (
     trained_vision_rows,
 )
 from vlm_finetune.memory.count import ModelCount, ParamGroup, count_model
-from vlm_finetune.memory.load import plan_load
+from vlm_finetune.memory.load import gpu_at_load, plan_load
 from vlm_finetune.memory.report import GiB, MemoryPlan, Row
 from vlm_finetune.memory.search import fastest_checkpointing, largest_micro_batch
 from vlm_finetune.models.base import Mode, Part, parse_trainability
@@ -210,6 +210,11 @@ def plan_memory(overrides: list[str], seq: int | None = None, image_px: int | No
     on_host = hardware.accelerator != "gpu" or bool(cfg.trainer.get("offload_parameters"))
     result.load = plan_load(count, hardware.devices, hardware.host_memory_gib, hardware.world_size, partitioned,
                             on_host)
+    if result.fits is not None:  # GPUs: one GPU at the load, against the step's budget
+        result.load.gpu_bytes_per_rank, result.load.gpu_what = gpu_at_load(
+            result.total("parameters"), count, stage == 3 or strategy == "fsdp", precision == "nf4",
+            bool(cfg.trainer.get("offload_parameters")))
+        result.load.gpu_budget_bytes = result.budget_bytes
     return result
 
 

@@ -117,7 +117,7 @@ class MemoryPlan:
         if self.load is not None:
             lines += self.load.render()
             if self.fits is not None and self.load.fits is not None:
-                lines.append(f"overall (the step on each GPU, the load in host memory): {self.overall}")
+                lines.append(f"overall (the step on each GPU, the load in host memory and on each GPU): {self.overall}")
         lines += [f"note: {note}" for note in self.notes]
         if self.fits is False:
             if self.suggestions:
