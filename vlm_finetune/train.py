@@ -119,6 +119,8 @@ def _check_values(cfg: DictConfig) -> None:
     """Values that would otherwise fail only once the model is built (or never)."""
     if not isinstance(cfg.lora.r, int) or isinstance(cfg.lora.r, bool) or cfg.lora.r < 1:
         raise ConfigError(f"lora.r={cfg.lora.r!r} must be a positive integer (the adapter's rank, e.g. 16)")
+    if cfg.lora.get("expert_forward", "per_expert") not in ("per_expert", "peft"):
+        raise ConfigError(f"lora.expert_forward={cfg.lora.expert_forward!r} is not one of per_expert|peft")
     try:
         lr = float(cfg.optimizer.lr)
     except (TypeError, ValueError):
