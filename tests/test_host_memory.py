@@ -54,6 +54,7 @@ for _ in range(3):  # a large block freed raises glibc's own threshold to its si
 """
 
 
+@pytest.mark.slow  # fresh processes, 12 s
 @glibc
 def test_steady_heap_maps_large_blocks_and_returns_them():
     """In a fresh process (a heap with free room would serve the blocks from it): with glibc's dynamic threshold,
@@ -86,6 +87,7 @@ print((libc.mallinfo2().hblkhd - before) // 2**20)
 """
 
 
+@pytest.mark.slow  # fresh processes, 11 s
 @glibc
 def test_the_steps_get_heap_blocks_again_after_the_load():
     """Under the steady threshold every 2 MiB block is mapped afresh (and zero-filled by the kernel: the cost that

@@ -110,6 +110,7 @@ print((peak() - before) // 2**20)
 """
 
 
+@pytest.mark.slow  # fresh processes, 20 s
 def test_per_expert_lora_makes_no_whole_expert_stack():
     """One MoE layer's forward and backward (8 experts, 128 MiB of float32 expert weights, 64 tokens) in a fresh
     process: PEFT's parametrization makes W + delta and its gradient for the whole stack (hundreds of MiB more

@@ -218,6 +218,7 @@ def test_cli_exits_2_on_a_corrupt_checkpoint(tmp_path, _asset_cache):
     assert "last.ckpt is corrupt or unreadable" in result.stderr
 
 
+@pytest.mark.slow  # 19 s: a whole run in a subprocess
 def test_a_warning_that_arrives_while_the_run_starts_is_not_fatal(tmp_path, _asset_cache):
     """SLURM may send USR1 up to a minute early, while Python is still importing and loading: the process
     must survive it, save at its first optimizer step and stop; `resume=auto` then finishes the run."""

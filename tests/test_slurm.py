@@ -41,6 +41,7 @@ def _read_metrics(folder: Path) -> dict:
     return json.loads((folder / "metrics.json").read_text())
 
 
+@pytest.mark.slow  # 33 s with the cluster's start: the quick suite stays under 10 minutes
 def test_array_job_runs_one_sweep_line_per_task(cluster, tmp_path, _asset_cache):
     sweep = tmp_path / "sweep.txt"
     sweep.write_text("# tiny sweep\nlora.r=2\nlora.r=4\n\nlora.r=8 optimizer.lr=5e-4\nlora.r=16\n")
