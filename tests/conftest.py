@@ -138,3 +138,19 @@ def whole_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         with deepspeed.zero.GatheredParameters([param]):
             out[name] = param.detach().clone()
     return out
+
+
+def plain_and_partitioned_builds(zero_init, family, cfg, seed: int = 5):
+    """The trainable model of `cfg` built ordinarily and inside zero.Init from the same seed, float32 under
+    DeepSpeed: ((plain, plan), (partitioned, its plan))."""
+    from vlm_finetune.models.registry import parse_trainability
+    from vlm_finetune.precision import weights_policy
+    from vlm_finetune.trainability import build_trainable_model
+
+    modes, policy = parse_trainability(cfg.train), weights_policy("32-true", "deepspeed")
+    torch.manual_seed(seed)
+    plain = build_trainable_model(family, cfg.model, modes, cfg.lora, policy)
+    torch.manual_seed(seed)
+    with zero_init():
+        partitioned = build_trainable_model(family, cfg.model, modes, cfg.lora, policy)
+    return plain, partitioned

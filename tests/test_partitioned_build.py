@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import compose_cfg
+from conftest import compose_cfg, plain_and_partitioned_builds
 from conftest import whole_parameters as _whole
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.models._sharded import ShardReader
@@ -40,12 +40,7 @@ def test_built_from_config_under_zero_init_equals_the_ordinary_build(zero_init):
 
 def test_folder_and_lora_under_zero_init_equal_the_ordinary_load(zero_init, tmp_path):
     cfg = compose_cfg(["model=tiny_mgm_moe", "lora.llm_modules=attention"], tmp_path)
-    modes, policy = parse_trainability(cfg.train), weights_policy("32-true", "deepspeed")
-    torch.manual_seed(5)
-    plain, plan = build_trainable_model(MGM, cfg.model, modes, cfg.lora, policy)
-    torch.manual_seed(5)
-    with zero_init():
-        partitioned, partitioned_plan = build_trainable_model(MGM, cfg.model, modes, cfg.lora, policy)
+    (plain, plan), (partitioned, partitioned_plan) = plain_and_partitioned_builds(zero_init, MGM, cfg)
     assert partitioned_plan == plan
     base = [p for n, p in partitioned.named_parameters() if "lora_" not in n and not p.requires_grad]
     assert base and all(hasattr(p, "ds_id") for p in base)  # the frozen base: partitioned as it was built

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import compose_cfg
+from conftest import compose_cfg, plain_and_partitioned_builds
 from conftest import whole_parameters as _whole
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.models._partitioned import initialised_whole
@@ -16,7 +16,7 @@ from vlm_finetune.models.glm4v_orig import checkpoint
 from vlm_finetune.models.glm4v_orig.modeling import Glm4vOrigForCausalLM
 from vlm_finetune.models.registry import get_family, parse_trainability
 from vlm_finetune.precision import weights_policy
-from vlm_finetune.trainability import build_trainable_model, builds_partitioned
+from vlm_finetune.trainability import builds_partitioned
 
 GLM = get_family("glm4v_orig")
 
@@ -44,11 +44,7 @@ def test_folder_and_lora_under_zero_init_equal_the_ordinary_load(zero_init, tmp_
     cfg = compose_cfg(["model=tiny_glm4v"], tmp_path)
     modes, policy = parse_trainability(cfg.train), weights_policy("32-true", "deepspeed")
     assert builds_partitioned(GLM, cfg.model, True, modes, policy, False)
-    torch.manual_seed(5)
-    plain, plan = build_trainable_model(GLM, cfg.model, modes, cfg.lora, policy)
-    torch.manual_seed(5)
-    with zero_init():
-        partitioned, partitioned_plan = build_trainable_model(GLM, cfg.model, modes, cfg.lora, policy)
+    (plain, plan), (partitioned, partitioned_plan) = plain_and_partitioned_builds(zero_init, GLM, cfg)
     assert partitioned_plan == plan
     base = [p for n, p in partitioned.named_parameters() if "lora_" not in n and not p.requires_grad]
     assert base and all(hasattr(p, "ds_id") for p in base)  # the frozen base: partitioned as it was built

@@ -64,6 +64,26 @@ def whole_for_init(params: Iterable[torch.Tensor]):
 
 
 @contextlib.contextmanager
+def built_uninitialised() -> Iterator[None]:
+    """While inside (within zero.Init), a model is built partitioned for a checkpoint to fill: no initialisation
+    (torch's nor transformers'), no random number drawn (LoRA's come next, as in an ordinary load)."""
+    from transformers.initialization import no_init_weights
+
+    with torch.random.fork_rng(devices=[]), no_init_weights(), initialised_whole(), skipped_init():
+        yield
+
+
+def built_for_loading(make, dtype: torch.dtype) -> tuple[nn.Module, bool]:
+    """`make()`'s model, to be filled from a checkpoint, and whether it is partitioned: inside zero.Init built
+    partitioned with no initialisation (in the init's dtype), otherwise on the meta device in `dtype`."""
+    if partitioning_active():
+        with built_uninitialised():
+            return make(), True
+    with torch.device("meta"):
+        return make().to(dtype), False
+
+
+@contextlib.contextmanager
 def initialised_whole() -> Iterator[None]:
     """transformers' weight initialisation (`PreTrainedModel._initialize_weights`, module by module) writes
     into whole parameters while a model is built under `zero.Init`."""

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from vlm_finetune.errors import ConfigError
-from vlm_finetune.models._partitioned import initialised_whole, skipped_init
+from vlm_finetune.models._partitioned import built_uninitialised, initialised_whole
 from vlm_finetune.models._sharded import folder_reader, show_keys, stream_into
 
 _EXPERT = re.compile(r"\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -110,10 +110,9 @@ def load_folder_partitioned(folder: Path, config, dtype: torch.dtype) -> nn.Modu
     drawn (LoRA's come next, as in an ordinary load), its partitions filled from the folder one tensor at a time.
     The keys are checked first (MissingKeys, with the lists), fused expert tensors joined per parameter."""
     from transformers import AutoModelForImageTextToText
-    from transformers.initialization import no_init_weights
 
     reader = folder_reader(folder)
-    with torch.random.fork_rng(devices=[]), no_init_weights(), initialised_whole(), skipped_init():
+    with built_uninitialised():
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
     sources, lacking, unexpected = released_sources(model, reader.names)
     # a tied head is the embedding's own parameter: one name holds it, the other is not read

@@ -25,7 +25,7 @@ import torch
 
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.io import atomic_folder
-from vlm_finetune.models._partitioned import initialised_whole, partitioning_active, skipped_init, unpartitioned
+from vlm_finetune.models._partitioned import built_for_loading, unpartitioned
 from vlm_finetune.models._sharded import (
     INDEX_FILE,
     folder_reader,
@@ -260,15 +260,7 @@ def load_folder(folder: Path, dtype: torch.dtype = torch.float32, device: str | 
     cfg = read_config(folder, initializer_range)
     reader = folder_reader(folder)
     sources = {module: [name] for name in reader.names for module in module_names(name, cfg)}
-    partitioned = partitioning_active()
-    if partitioned:  # no initialisation (torch's nor transformers'), no random numbers drawn: LoRA's come next
-        from transformers.initialization import no_init_weights
-
-        with torch.random.fork_rng(devices=[]), no_init_weights(), initialised_whole(), skipped_init():
-            model = Glm4vOrigForCausalLM(cfg)
-    else:
-        with torch.device("meta"):
-            model = Glm4vOrigForCausalLM(cfg).to(dtype)
+    model, partitioned = built_for_loading(lambda: Glm4vOrigForCausalLM(cfg), dtype)
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(sources)), sorted(set(sources) - expected)
     if missing or unexpected:

@@ -17,7 +17,7 @@ from torch import nn
 
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.io import atomic_folder
-from vlm_finetune.models._partitioned import initialised_whole, partitioning_active, skipped_init, unpartitioned
+from vlm_finetune.models._partitioned import built_for_loading, unpartitioned
 from vlm_finetune.models._sharded import folder_reader, show_keys, stream_into, write_shards, written_dtype
 from vlm_finetune.models.mgm.modeling import (
     ARCHITECTURES,
@@ -324,15 +324,7 @@ def load_folder(folder: Path, dtype: torch.dtype = torch.float32, device: str | 
     cfg = read_config(folder)
     reader = folder_reader(folder)
     sources = released_sources(reader.names, cfg)
-    partitioned = partitioning_active()
-    if partitioned:  # no initialisation (torch's nor transformers'), no random numbers drawn: LoRA's come next
-        from transformers.initialization import no_init_weights
-
-        with torch.random.fork_rng(devices=[]), no_init_weights(), initialised_whole(), skipped_init():
-            model = MgmForCausalLM(cfg)
-    else:
-        with torch.device("meta"):
-            model = MgmForCausalLM(cfg).to(dtype)
+    model, partitioned = built_for_loading(lambda: MgmForCausalLM(cfg), dtype)
     expected = set(model.state_dict())
     skip = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     expected -= skip
