@@ -38,6 +38,7 @@ from vlm_finetune.io import write_atomic
 from vlm_finetune.memory.host import HostMemoryRelease, release_freed, reuse_heap, steady_heap
 from vlm_finetune.memory.monitor import MemoryMonitor
 from vlm_finetune.memory.oom import handle_oom
+from vlm_finetune.models.moe_lora import expert_forward
 from vlm_finetune.models.registry import get_family, parse_trainability
 from vlm_finetune.module import VLMModule
 from vlm_finetune.plots import plot_training_curves
@@ -119,8 +120,7 @@ def _check_values(cfg: DictConfig) -> None:
     """Values that would otherwise fail only once the model is built (or never)."""
     if not isinstance(cfg.lora.r, int) or isinstance(cfg.lora.r, bool) or cfg.lora.r < 1:
         raise ConfigError(f"lora.r={cfg.lora.r!r} must be a positive integer (the adapter's rank, e.g. 16)")
-    if cfg.lora.get("expert_forward", "per_expert") not in ("per_expert", "peft"):
-        raise ConfigError(f"lora.expert_forward={cfg.lora.expert_forward!r} is not one of per_expert|peft")
+    expert_forward(cfg.lora)
     try:
         lr = float(cfg.optimizer.lr)
     except (TypeError, ValueError):

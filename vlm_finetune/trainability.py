@@ -13,7 +13,7 @@ from vlm_finetune.config import is_auto
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.models._partitioned import initialised_whole, is_partitioned, partitioning_active, unpartitioned
 from vlm_finetune.models.base import Family, Mode, Part
-from vlm_finetune.models.moe_lora import apply_per_expert_lora
+from vlm_finetune.models.moe_lora import apply_per_expert_lora, expert_forward
 from vlm_finetune.precision import WeightsPolicy
 
 
@@ -75,12 +75,8 @@ def apply_trainability(model: nn.Module, plan: TrainablePlan, lora_cfg: Any) -> 
             modules_to_save=list(plan.full_modules) or None, bias="none", init_lora_weights=True,
         )
         model = get_peft_model(model, config)
-        if plan.lora_parameters:
-            forward = str(lora_cfg.get("expert_forward", "per_expert"))
-            if forward not in ("per_expert", "peft"):
-                raise ConfigError(f"lora.expert_forward={forward!r} is not one of per_expert|peft")
-            if forward == "per_expert":
-                apply_per_expert_lora(model)  # each expert's LoRA on its own tokens, no whole W + delta per layer
+        if plan.lora_parameters and expert_forward(lora_cfg) == "per_expert":
+            apply_per_expert_lora(model)  # each expert's LoRA on its own tokens, no whole W + delta per layer
     else:
         modules = dict(model.named_modules())
         for name in plan.full_modules:

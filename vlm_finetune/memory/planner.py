@@ -212,8 +212,7 @@ def plan_memory(overrides: list[str], seq: int | None = None, image_px: int | No
                             on_host)
     if result.fits is not None:  # GPUs: one GPU at the load, against the step's budget
         result.load.gpu_bytes_per_rank, result.load.gpu_what = gpu_at_load(
-            result.total("parameters"), count, stage == 3 or strategy == "fsdp", precision == "nf4",
-            bool(cfg.trainer.get("offload_parameters")))
+            result.total("parameters"), count, inputs.shards_parameters, precision == "nf4", inputs.offload_parameters)
         result.load.gpu_budget_bytes = result.budget_bytes
     return result
 
