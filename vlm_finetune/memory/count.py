@@ -40,6 +40,7 @@ class ModelCount:
     expert_dtype: torch.dtype | None = None
     vision_lora_linears: tuple[str, ...] = ()  # LoRA-adapted linears in one vision block (their names in it)
     largest_tensor_bytes: int = 0  # the largest parameter: what a partitioned load holds whole at once
+    decoder_layer_bytes: tuple[int, ...] = ()  # each decoder layer's parameters, at the dtypes they are built in
 
 
 def count_model(cfg: Any, family: Family, policy: WeightsPolicy, persistence_threshold: int = 0) -> ModelCount:
@@ -96,7 +97,7 @@ def _count(model: torch.nn.Module, plan: TrainablePlan, family: Family, persiste
 
     unit_classes = tuple(family.decoder_layer_classes) + tuple(family.vision_block_classes)
     leaf_classes = tuple(family.zero3_leaf_classes)
-    units, trainable_units, fetch = [], [], 0
+    units, trainable_units, fetch, layer_bytes = [], [], 0, []
     quantizable, quantizable_dtype = 0, None
     for name, module in model.named_modules():
         if isinstance(module, unit_classes):
@@ -104,6 +105,8 @@ def _count(model: torch.nn.Module, plan: TrainablePlan, family: Family, persiste
             units.append(sum(param.numel() for param in params))
             if any(param.requires_grad for param in params):
                 trainable_units.append(units[-1])
+            if isinstance(module, tuple(family.decoder_layer_classes)):
+                layer_bytes.append(sum(param.numel() * param.element_size() for param in params))
         if leaf_classes and isinstance(module, leaf_classes):
             fetch = max(fetch, sum(param.numel() for param in module.parameters()))
         else:
@@ -128,4 +131,5 @@ def _count(model: torch.nn.Module, plan: TrainablePlan, family: Family, persiste
                       sum(1 for name in lora_names if name.startswith("mlp.")), quantizable_dtype,
                       sum(w.numel() for w in experts), sum(moe_nf4.nf4_bytes(*w.shape) for w in experts),
                       experts[0].dtype if experts else None, tuple(vision_lora),
-                      max((p.numel() * p.element_size() for p in model.parameters()), default=0))
+                      max((p.numel() * p.element_size() for p in model.parameters()), default=0),
+                      tuple(layer_bytes))

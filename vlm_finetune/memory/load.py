@@ -29,6 +29,7 @@ class LoadPlan:
     bytes_per_rank: int  # one rank's host memory at the load: the whole model, or its partition and a tensor
     host_memory_gib: float  # per node, from the hardware profile (0: unknown)
     partitioned: bool = False  # ZeRO-3 construction inside zero.Init: no rank holds the whole model
+    quantised_streamed: bool = False  # nf4 quantised decoder layer by decoder layer as the folder is read
     gpu_bytes_per_rank: int = 0  # one GPU at the load: the parameters it keeps and the tensor in flight
     gpu_budget_bytes: int = 0  # the step's GPU budget (0: no GPU)
     gpu_what: str = ""
@@ -63,7 +64,8 @@ class LoadPlan:
 
     def render(self) -> list[str]:
         what = ("its partition, one tensor whole at a time" if self.partitioned
-                else "each builds or reads the whole model")
+                else "all but the decoder layers, and one decoder layer in 16 bits while it is quantised"
+                if self.quantised_streamed else "each builds or reads the whole model")
         lines = [f"load (host memory per node): {self.ranks_per_node} rank(s) x "
                  f"{self.bytes_per_rank / GiB:.2f} GiB ({what}) = "
                  f"{self.host_bytes / GiB:.2f} GiB of {self.budget_bytes / GiB:.2f} GiB usable: {self.verdict}"]
@@ -79,17 +81,28 @@ class LoadPlan:
 
 
 def plan_load(count: ModelCount, ranks_per_node: int, host_memory_gib: float, world_size: int = 1,
-              partitioned: bool = False, partitions_on_host: bool = True) -> LoadPlan:
+              partitioned: bool = False, partitions_on_host: bool = True, quantised_streamed: bool = False,
+              quantised_on_host_bytes: int = 0) -> LoadPlan:
     """Host memory of the load: every rank on a node holds the whole model (as counted on the meta device, at
     the dtypes it is built in), or, `partitioned` (ZeRO-3 construction), the largest tensor twice (read, and
     gathered whole while rank 0 copies it in) and, `partitions_on_host` (CPU ranks, parameter offload), its
-    1/world_size share of the model (on GPUs without offload the partitions are made on the GPU)."""
+    1/world_size share of the model (on GPUs without offload the partitions are made on the GPU), or,
+    `quantised_streamed` (nf4 from a folder), everything outside the decoder layers, the largest decoder layer
+    in 16 bits while it is filled (and its largest tensor twice more: read, and joined) and
+    `quantised_on_host_bytes` (the 4-bit layers, when they stay on the host: CPU ranks)."""
     import torch
 
     whole = sum(group.numel * torch.empty((), dtype=group.dtype).element_size() for group in count.groups)
     share = -(-whole // max(1, int(world_size))) if partitions_on_host else 0
-    per_rank = share + 2 * count.largest_tensor_bytes if partitioned else whole
-    return LoadPlan(int(ranks_per_node), int(per_rank), float(host_memory_gib), partitioned)
+    if partitioned:
+        per_rank = share + 2 * count.largest_tensor_bytes
+    elif quantised_streamed and count.decoder_layer_bytes:
+        layers = count.decoder_layer_bytes
+        per_rank = whole - sum(layers) + max(layers) + 2 * count.largest_tensor_bytes + int(quantised_on_host_bytes)
+    else:
+        per_rank = whole
+    return LoadPlan(int(ranks_per_node), int(per_rank), float(host_memory_gib), partitioned,
+                    quantised_streamed and bool(count.decoder_layer_bytes) and not partitioned)
 
 
 def gpu_at_load(kept_bytes: int, count: ModelCount, sharded: bool, quantised: bool, offloaded: bool = False

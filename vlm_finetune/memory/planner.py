@@ -195,9 +195,10 @@ def plan_memory(overrides: list[str], seq: int | None = None, image_px: int | No
         what = "decoder layers checkpointed" if scope == "layer" else "decoder layers' MLPs recomputed (selective)"
         notes.append(f"model.activation_checkpointing=auto: {checkpointed} of {num_layers} {what}, the plan with "
                      "the least recompute that fits the budget")
-    if precision == "nf4" and not cfg.model.get("path"):
-        notes.append("precision=nf4 quantises a checkpoint folder: set model.path (a model built from its config "
-                     "has no weights to quantise)")
+    if precision == "nf4" and not family.quantises_while_loading(cfg.model):
+        notes.append("precision=nf4 without a checkpoint folder: the model is built whole in 16 bits, then "
+                     "quantised (GLM-4V refuses it: no weights to quantise); with model.path each decoder layer is "
+                     "quantised as it is read")
     if precision == "32-true" and hardware.accelerator == "gpu":
         notes.append("precision=32-true keeps the frozen base in float32; precision=bf16-mixed halves it")
     if count.trainable_unit_numels and strategy == "fsdp":
@@ -208,8 +209,10 @@ def plan_memory(overrides: list[str], seq: int | None = None, image_px: int | No
     partitioned = builds_partitioned(family, cfg.model, stage == 3, modes, policy,
                                      is_auto(cfg.data.micro_batch_size))
     on_host = hardware.accelerator != "gpu" or bool(cfg.trainer.get("offload_parameters"))
+    streamed = precision == "nf4" and family.quantises_while_loading(cfg.model)
+    four_bit = sum(r.bytes for r in result.rows if r.category == "parameters" and " nf4 " in r.item)
     result.load = plan_load(count, hardware.devices, hardware.host_memory_gib, hardware.world_size, partitioned,
-                            on_host)
+                            on_host, streamed, four_bit if hardware.accelerator != "gpu" else 0)
     if result.fits is not None:  # GPUs: one GPU at the load, against the step's budget
         result.load.gpu_bytes_per_rank, result.load.gpu_what = gpu_at_load(
             result.total("parameters"), count, inputs.shards_parameters, precision == "nf4", inputs.offload_parameters)

@@ -152,6 +152,11 @@ class Family(abc.ABC):
         """`builds_partitioned` for this model configuration (a family may build some of its models whole)."""
         return self.builds_partitioned
 
+    def quantises_while_loading(self, model_cfg: Any) -> bool:
+        """Whether precision=nf4 quantises this model's decoder layers one at a time as its folder is read
+        (models/nf4_load.py), rather than holding the whole model in 16 bits first."""
+        return False
+
     def image_features(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """The vision path (tower and projector) run on the image inputs of `batch` (`image_keys`): what takes
         the image positions' place in the LLM's input. None: the family has no vision path of its own."""

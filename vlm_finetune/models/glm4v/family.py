@@ -12,9 +12,8 @@ from vlm_finetune.errors import ConfigError
 from vlm_finetune.models._partitioned import partitioning_active
 from vlm_finetune.models.base import Family, Part
 from vlm_finetune.models.glm4v import assets
-from vlm_finetune.models.glm4v.partitioned import build_from_config, load_folder_partitioned
+from vlm_finetune.models.glm4v.partitioned import build_from_config, load_folder_nf4, load_folder_partitioned
 from vlm_finetune.models.glm4v.processor import Glm4vProcessor
-from vlm_finetune.models.moe_nf4 import quantize_experts_nf4
 
 # LLM linear layers of a GLM-4.1V decoder layer (see shared/reference/glm4v.md), per `lora.llm_modules`
 ATTENTION = r"self_attn\.(q_proj|k_proj|v_proj|o_proj)"
@@ -29,9 +28,6 @@ VISION_LORA_PATTERN = r".*visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(gate_proj
 # the connector that maps ViT features into the LLM's embedding space
 PROJECTOR_MODULES = ("model.visual.downsample", "model.visual.merger")
 PRESETS = ("tiny", "tiny_moe", "glm41v_9b", "glm45v")
-# QLoRA quantises the LLM's linear layers only: vision tower, projector (inside `model.visual`) and head stay
-# in bf16. transformers matches these from the start of a module name, or as its suffix.
-NF4_SKIP_MODULES = ["model.visual", "visual", "lm_head"]
 
 
 def _real_size_config(preset: str, tokenizer, overrides: dict | None):
@@ -78,6 +74,9 @@ class Glm4vFamily(Family):
     def can_build_partitioned(self, model_cfg: Any) -> bool:
         # the original GLM-4V-9B through its own modelling code (trust_remote_code) is loaded whole
         return not model_cfg.get("trust_remote_code", False)
+
+    def quantises_while_loading(self, model_cfg: Any) -> bool:
+        return self.checkpoint_folder(model_cfg) is not None and not model_cfg.get("trust_remote_code", False)
 
     @property
     def decoder_layer_classes(self) -> tuple[type[nn.Module], ...]:
@@ -172,24 +171,19 @@ class Glm4vFamily(Family):
         elif folder is not None:
             trust = bool(model_cfg.get("trust_remote_code", False))
             if trust:
+                if quantization:
+                    raise ConfigError(f"precision={quantization} is not wired for a folder loaded with "
+                                      "trust_remote_code (its own modelling code); use precision=bf16-mixed")
                 from transformers import AutoModelForCausalLM
 
                 # the original GLM-4V-9B ships ChatGLM modelling code in its folder
                 model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=True)
+            elif quantization == "nf4":  # each decoder layer quantised as it is read (GLM-4.5V's experts per expert)
+                config = self.build_config(model_cfg)
+                config._attn_implementation = attn
+                model = load_folder_nf4(folder, config, dtype)
             else:
-                extra = {}
-                if quantization == "nf4":
-                    from transformers import BitsAndBytesConfig
-
-                    # vision tower, projector and head stay unquantised (as QLoRA recipes for VLMs do)
-                    extra["quantization_config"] = BitsAndBytesConfig(
-                        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-                        bnb_4bit_use_double_quant=True, llm_int8_skip_modules=NF4_SKIP_MODULES)
-                    extra["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
-                model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, attn_implementation=attn,
-                                                                    **extra)
-                if quantization == "nf4":  # GLM-4.5V's fused 3-D experts, which bitsandbytes' loader leaves
-                    quantize_experts_nf4(model.model.language_model)
+                model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, attn_implementation=attn)
         else:
             if quantization:
                 raise ConfigError(f"precision={quantization} loads a checkpoint folder in 4-bit; set model.path "

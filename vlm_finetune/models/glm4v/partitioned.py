@@ -20,6 +20,7 @@ from torch import nn
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.models._partitioned import built_uninitialised, initialised_whole
 from vlm_finetune.models._sharded import folder_reader, show_keys, stream_into
+from vlm_finetune.models.nf4_load import stream_quantised
 
 _EXPERT = re.compile(r"\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
@@ -105,17 +106,10 @@ def assemble(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
     raise ValueError(f"{name} is made of {len(tensors)} checkpoint tensors; only fused experts are")
 
 
-def load_folder_partitioned(folder: Path, config, dtype: torch.dtype) -> nn.Module:
-    """Inside zero.Init: the model of `config` (the folder's), built with no initialisation and no random number
-    drawn (LoRA's come next, as in an ordinary load), its partitions filled from the folder one tensor at a time.
-    The keys are checked first (MissingKeys, with the lists), fused expert tensors joined per parameter."""
-    from transformers import AutoModelForImageTextToText
-
-    reader = folder_reader(folder)
-    with built_uninitialised():
-        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+def _checked_sources(model: nn.Module, reader, folder: Path) -> tuple[dict[str, list[str]], set[str]]:
+    """The checkpoint tensors each state-dict tensor of `model` is made of, and the names not read (a tied
+    head is the embedding's own parameter: one name holds it); MissingKeys, with the lists, before any read."""
     sources, lacking, unexpected = released_sources(model, reader.names)
-    # a tied head is the embedding's own parameter: one name holds it, the other is not read
     first_of: dict[int, str] = {}
     skip = set()
     for name, tensor in model.state_dict(keep_vars=True).items():
@@ -128,9 +122,52 @@ def load_folder_partitioned(folder: Path, config, dtype: torch.dtype) -> nn.Modu
     missing = sorted(set(model.state_dict()) - skip - set(sources)) + lacking
     if missing or unexpected:
         raise MissingKeys(missing, unexpected, Path(folder))
+    return sources, skip
+
+
+def _streamed(folder: Path, stream) -> None:
     try:
-        stream_into(model, sources, assemble, reader, skip)
+        stream()
     except ValueError as err:
         raise ConfigError(f"GLM-4V checkpoint {folder}: {err}; check that config.json belongs to these "
                           "weights") from err
+
+
+def load_folder_partitioned(folder: Path, config, dtype: torch.dtype) -> nn.Module:
+    """Inside zero.Init: the model of `config` (the folder's), built with no initialisation and no random number
+    drawn (LoRA's come next, as in an ordinary load), its partitions filled from the folder one tensor at a time.
+    The keys are checked first (MissingKeys, with the lists), fused expert tensors joined per parameter."""
+    from transformers import AutoModelForImageTextToText
+
+    reader = folder_reader(folder)
+    with built_uninitialised():
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    sources, skip = _checked_sources(model, reader, folder)
+    _streamed(folder, lambda: stream_into(model, sources, assemble, reader, skip))
+    return model
+
+
+def load_folder_nf4(folder: Path, config, dtype: torch.dtype, device: str | torch.device = "cpu") -> nn.Module:
+    """precision=nf4: the model of `config` built on the meta device, the keys checked as above, the towers,
+    projector, embeddings and head filled in `dtype` and each decoder layer filled and quantised in turn
+    (nf4_load.stream_quantised), so no more than one layer of the LLM is ever held in 16 bits. The rotary
+    frequencies (non-persistent buffers, in no checkpoint) are computed again as transformers does after its
+    own meta-device load (`_init_weights` of the modules that hold them)."""
+    from transformers import AutoModelForImageTextToText
+
+    reader = folder_reader(folder)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    sources, skip = _checked_sources(model, reader, folder)
+    _streamed(folder, lambda: stream_quantised(model, "model.language_model.layers", sources, assemble, reader,
+                                               skip, device))
+    for name, module in model.named_modules():
+        buffers = [b for b in module._non_persistent_buffers_set if b in module._buffers]
+        if not buffers:
+            continue
+        if any(True for _ in module.parameters(recurse=False)):
+            raise RuntimeError(f"{name} holds parameters beside its non-persistent buffers {buffers}; "
+                               "re-initialising them would overwrite its loaded weights")
+        with torch.no_grad():
+            model._init_weights(module)
     return model

@@ -28,6 +28,7 @@ from vlm_finetune.models.mgm.modeling import (
     MgmConfig,
     MgmForCausalLM,
 )
+from vlm_finetune.models.nf4_load import stream_quantised
 
 # config.json fields that are MGM's (everything else belongs to the LLM's config)
 MM_FIELDS = ("mm_vision_tower", "mm_vision_tower_aux", "mm_hidden_size", "mm_hidden_size_aux", "use_mm_proj",
@@ -314,12 +315,13 @@ def _restore_buffers(model: nn.Module, device) -> None:
             module._buffers[name] = fresh._buffers[name].to(device)
 
 
-def load_folder(folder: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-                ) -> MgmForCausalLM:
+def load_folder(folder: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                quantization: str | None = None) -> MgmForCausalLM:
     """Check the checkpoint's key names against the model (strict), then read its tensors one at a time from
-    the memory-mapped shards into the model: built on the meta device and placed on `device`, or, inside
-    DeepSpeed's zero.Init (ZeRO-3), built partitioned (in the init's dtype) and filled partition by partition.
-    Either way one tensor at a time is whole in memory besides the model (or this rank's partition of it)."""
+    the shards into the model: built on the meta device and placed on `device`, or, inside DeepSpeed's
+    zero.Init (ZeRO-3), built partitioned (in the init's dtype) and filled partition by partition. Either way one
+    tensor at a time is whole in memory besides the model (or this rank's partition of it). `quantization="nf4"`:
+    the decoder layers are quantised one at a time as they are read (nf4_load.stream_quantised)."""
     folder = Path(folder)
     cfg = read_config(folder)
     reader = folder_reader(folder)
@@ -333,10 +335,13 @@ def load_folder(folder: Path, dtype: torch.dtype = torch.float32, device: str | 
     missing, unexpected = sorted(expected - set(sources)), sorted(set(sources) - expected)
     if missing or unexpected:
         raise MissingKeys(missing, unexpected, folder)
-    if not partitioned:
+    if not partitioned and quantization is None:
         model.to_empty(device=device)
     try:
-        stream_into(model, sources, assemble, reader, skip)
+        if quantization == "nf4" and not partitioned:
+            stream_quantised(model, "model.layers", sources, assemble, reader, skip, device)
+        else:
+            stream_into(model, sources, assemble, reader, skip)
     except ValueError as err:
         raise ConfigError(f"MGM checkpoint {folder}: {err}; check that config.json belongs to these weights") from err
     if cfg.tie_word_embeddings:

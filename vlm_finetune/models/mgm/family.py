@@ -13,7 +13,7 @@ from vlm_finetune.models.base import Family, Part
 from vlm_finetune.models.mgm import assets, checkpoint
 from vlm_finetune.models.mgm.modeling import CLIP_L_336, CONVNEXT, ConvNeXtBlock, MgmConfig, MgmForCausalLM
 from vlm_finetune.models.mgm.processor import MgmImages, MgmProcessor
-from vlm_finetune.models.moe_nf4 import quantize_experts_nf4
+from vlm_finetune.models.nf4_load import quantize_layers_nf4
 
 PROJECTOR_MODULES = ("model.mm_projector", "model.vlm_uni_query_projector", "model.vlm_uni_aux_projector",
                      "model.vlm_uni_val_projector")
@@ -109,6 +109,9 @@ class MgmFamily(Family):
             return assets.ensure_tiny_checkpoint(model_cfg.cache_dir, model_cfg, self.config_from_options)
         return None
 
+    def quantises_while_loading(self, model_cfg: Any) -> bool:
+        return self.checkpoint_folder(model_cfg) is not None
+
     def build_config(self, model_cfg: Any) -> MgmConfig:
         folder = self.checkpoint_folder(model_cfg)
         if folder is not None:
@@ -148,8 +151,8 @@ class MgmFamily(Family):
         if on_meta:  # the planner: structure only, no weights read
             with torch.device("meta"):
                 model = MgmForCausalLM(self.build_config(model_cfg)).to(dtype)
-        elif folder is not None:
-            model = checkpoint.load_folder(folder, dtype=dtype, device=device or "cpu")
+        elif folder is not None:  # nf4: each decoder layer quantised as it is read
+            model = checkpoint.load_folder(folder, dtype=dtype, device=device or "cpu", quantization=quantization)
         else:
             cfg = self.config_from_options(model_cfg)
             previous = torch.get_default_dtype()
@@ -161,9 +164,8 @@ class MgmFamily(Family):
                 torch.set_default_dtype(previous)
         model.config.text_config._attn_implementation = attn
         model.config.vision_config._attn_implementation = attn
-        if quantization == "nf4" and not on_meta:
-            quantize_linear_nf4(model.model.layers)
-            quantize_experts_nf4(model.model.layers, device=_quantization_device())  # Mixtral's fused experts
+        if quantization == "nf4" and not on_meta and folder is None:  # built from its config, then quantised
+            quantize_layers_nf4(model.model.layers)
         if model_cfg.get("liger_kernels"):
             raise ConfigError("model.liger_kernels=true is not wired for MGM yet; set it to false")
         return model
@@ -274,32 +276,3 @@ class MgmFamily(Family):
 
 
 MGM = MgmFamily()
-
-
-def _quantization_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def quantize_linear_nf4(root: nn.Module) -> int:
-    """QLoRA's frozen base: every nn.Linear under `root` (the decoder layers) becomes a bitsandbytes 4-bit
-    layer (nf4, double-quantised statistics, bf16 compute), quantised on the device it will run on. Vision
-    towers, projectors, embeddings and head stay as they are (MoE experts, fused 3-D weights: moe_nf4).
-    Returns how many layers were quantised."""
-    import bitsandbytes as bnb
-
-    device = _quantization_device()
-    count = 0
-    for module in list(root.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is not nn.Linear:
-                continue
-            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
-                                      device="meta")
-            layer.weight = bnb.nn.Params4bit(child.weight.data.to("cpu", torch.bfloat16), requires_grad=False,
-                                             compress_statistics=True, quant_type="nf4")
-            if child.bias is not None:
-                layer.bias = nn.Parameter(child.bias.data.to(torch.bfloat16), requires_grad=False)
-            setattr(module, name, layer.to(device))  # the move quantises
-            count += 1
-    return count

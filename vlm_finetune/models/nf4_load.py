@@ -1,0 +1,87 @@
+"""precision=nf4 (QLoRA): the LLM's frozen linear layers become bitsandbytes 4-bit layers and its fused MoE experts are
+quantised per expert (moe_nf4), on the device they will run on.
+
+A checkpoint folder is quantised as it is read (`stream_quantised`): the model is built on the meta device, the
+parts outside the decoder layers (towers, projector, embeddings, head) are filled in the load dtype, then each
+decoder layer in turn is given memory, filled from the folder one tensor at a time and quantised at once, its
+16-bit weights freed before the next layer is read. The host never holds more of the LLM in 16 bits than one
+decoder layer (MGM-8x7B: 2.8 GB instead of 94 GB), and a GPU never more than one of its tensors."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from vlm_finetune.models._sharded import ShardReader, stream_into
+from vlm_finetune.models.moe_nf4 import quantize_experts_nf4
+
+
+def quantization_device() -> torch.device:
+    """Where quantised weights live: this process's GPU, or the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def quantize_linear_nf4(root: nn.Module) -> int:
+    """Every nn.Linear under `root` (decoder layers) becomes a bitsandbytes 4-bit layer (nf4, double-quantised
+    statistics, bf16 compute), quantised on `quantization_device()`. Returns how many layers were quantised."""
+    import bitsandbytes as bnb
+
+    device = quantization_device()
+    count = 0
+    for module in list(root.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is not nn.Linear:
+                continue
+            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
+                                      device="meta")
+            layer.weight = bnb.nn.Params4bit(child.weight.data.to("cpu", torch.bfloat16), requires_grad=False,
+                                             compress_statistics=True, quant_type="nf4")
+            if child.bias is not None:
+                layer.bias = nn.Parameter(child.bias.data.to(torch.bfloat16), requires_grad=False)
+            setattr(module, name, layer.to(device))  # the move quantises
+            count += 1
+    return count
+
+
+def quantize_layers_nf4(root: nn.Module) -> None:
+    """nf4 for everything under `root` that QLoRA quantises: its linear layers and its fused MoE experts."""
+    quantize_linear_nf4(root)
+    quantize_experts_nf4(root, device=quantization_device())
+
+
+def materialise_outside(model: nn.Module, inside: nn.Module, device: str | torch.device) -> None:
+    """`model.to_empty(device)` for every parameter and buffer not under `inside`, which stays on the meta device.
+    A tensor shared by two modules (a tied head) stays one tensor."""
+    skipped = {id(m) for m in inside.modules()}
+    made: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        if id(module) in skipped:
+            continue
+        for store in (module._parameters, module._buffers):
+            for name, tensor in store.items():
+                if tensor is None or tensor.device.type != "meta":
+                    continue
+                if id(tensor) not in made:
+                    empty = torch.empty_like(tensor, device=device)
+                    made[id(tensor)] = (nn.Parameter(empty, requires_grad=tensor.requires_grad)
+                                        if isinstance(tensor, nn.Parameter) else empty)
+                store[name] = made[id(tensor)]
+
+
+def stream_quantised(model: nn.Module, layers_name: str, sources: dict[str, list[str]],
+                     assemble: Callable, reader: ShardReader, skip: set[str] = frozenset(),
+                     device: str | torch.device = "cpu") -> None:
+    """Fill `model` (built on the meta device) from `reader` and quantise its decoder layers (`layers_name`, an
+    nn.ModuleList) to nf4 one layer at a time: the rest first, on `device` in its dtype, then each layer given
+    memory, filled and quantised before the next. `sources`, `assemble`, `skip` as for `stream_into`."""
+    layers = model.get_submodule(layers_name)
+    materialise_outside(model, layers, device)
+    prefix = layers_name + "."
+    stream_into(model, {n: s for n, s in sources.items() if not n.startswith(prefix)}, assemble, reader, skip)
+    for index, layer in enumerate(layers):
+        layer.to_empty(device=device)
+        own = f"{prefix}{index}."
+        stream_into(layer, {n[len(own):]: s for n, s in sources.items() if n.startswith(own)}, assemble, reader)
+        quantize_layers_nf4(layer)
