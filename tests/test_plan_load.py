@@ -31,8 +31,8 @@ def test_mgm_8x7b_on_six_4090s_does_not_load_whole_and_says_why():
 
 
 def test_the_overall_verdict_names_the_load_when_only_the_load_does_not_fit():
-    """MGM-8x7B in nf4 on one A6000: the step fits in 48 GB, but the bf16 checkpoint is read whole in host
-    memory before it is quantised (88 GiB), which a 64 GB workstation cannot hold."""
+    """MGM-8x7B in nf4 on one A6000 built from its config (no folder): the step fits in 48 GB, but the model is
+    built whole in bf16 in host memory before it is quantised (88 GiB), which a 64 GB workstation cannot hold."""
     args = ["model=mgm_8x7b", "hardware=1xa6000", "trainer=single", "precision=nf4", "lora.llm_modules=attention",
             "data.micro_batch_size=16", "trainer.accumulate_grad_batches=2"]
     assert plan_memory(args).overall == "FITS: the step and the load both fit"
@@ -41,6 +41,29 @@ def test_the_overall_verdict_names_the_load_when_only_the_load_does_not_fit():
     assert small.overall == "DOES NOT FIT: the load does not fit"
     assert ("overall (the step on each GPU, the load in host memory and on each GPU): DOES NOT FIT: the load"
             in small.render())
+
+
+def test_nf4_from_a_folder_holds_one_decoder_layer_in_host_memory(monkeypatch):
+    """The same run with model.path set (a released folder: the family quantises each decoder layer as it is
+    read): the host holds the towers, embeddings and head, one decoder layer in bf16 and its largest tensor
+    twice more, and the 64 GB workstation fits. The folder's config is the preset's, so the count is the same."""
+    from vlm_finetune.memory.count import count_model
+    from vlm_finetune.memory.load import plan_load
+
+    mgm = get_family("mgm")
+    monkeypatch.setattr(type(mgm), "quantises_while_loading", lambda self, model_cfg: True)
+    args = ["model=mgm_8x7b", "hardware=1xa6000", "trainer=single", "precision=nf4", "lora.llm_modules=attention",
+            "data.micro_batch_size=16", "trainer.accumulate_grad_batches=2", "hardware.host_memory_gib=64"]
+    plan = plan_memory(args)
+    cfg = compose_cfg(args)
+    count = count_model(cfg, mgm, weights_policy("nf4", "single"))
+    layers = count.decoder_layer_bytes
+    assert len(layers) == 32 and min(layers) == max(layers)  # 32 Mixtral layers, each 1.41 B parameters
+    whole = plan_load(count, 1, 64).bytes_per_rank
+    assert plan.load.bytes_per_rank == whole - sum(layers) + layers[0] + 2 * count.largest_tensor_bytes
+    assert plan.load.bytes_per_rank < 10 * GiB < 88 * GiB < whole
+    assert plan.load.fits is True and plan.overall == "FITS: the step and the load both fit"
+    assert "one decoder layer in 16 bits while it is quantised" in plan.render()
 
 
 def test_mgm_8x7b_under_zero3_loads_partitioned():
