@@ -81,6 +81,8 @@ def test_remote_code_runs_only_when_the_command_line_asks(tmp_path, monkeypatch)
 
 
 def test_files_and_folders_follow_the_umask(tmp_path):
+    from safetensors.torch import save_file
+
     from vlm_finetune.io import atomic_folder, save_torch_atomic, write_atomic
 
     old = os.umask(0o022)
@@ -89,8 +91,9 @@ def test_files_and_folders_follow_the_umask(tmp_path):
         save_torch_atomic({"w": torch.zeros(2)}, tmp_path / "b.pt")
         with atomic_folder(tmp_path / "folder") as tmp:
             (tmp / "c.txt").write_text("y")
-        modes = [(tmp_path / n).stat().st_mode & 0o777 for n in ("a.txt", "b.pt", "folder")]
-        assert modes == [0o644, 0o644, 0o755]
+            save_file({"w": torch.zeros(2)}, str(tmp / "w.safetensors"))  # safetensors makes it 0600
+        modes = [(tmp_path / n).stat().st_mode & 0o777 for n in ("a.txt", "b.pt", "folder", "folder/w.safetensors")]
+        assert modes == [0o644, 0o644, 0o755, 0o644]
         os.umask(0o077)
         write_atomic(tmp_path / "d.txt", "x")
         assert (tmp_path / "d.txt").stat().st_mode & 0o777 == 0o600

@@ -94,13 +94,17 @@ def replace_folder(tmp: Path, folder: Path) -> None:
 @contextlib.contextmanager
 def atomic_folder(folder: Path) -> Iterator[Path]:
     """A temporary folder beside `folder` to fill; swapped in for `folder` when the block ends without an
-    error, removed when it fails."""
+    error, removed when it fails. What was written into it follows the umask (safetensors' `save_file` makes
+    its files 0600 whatever the umask: shards, adapters and exports a group could not read)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
     follow_umask(tmp, folder=True)
     try:
         yield tmp
+        for path in tmp.rglob("*"):
+            if not path.is_symlink():
+                follow_umask(path, folder=path.is_dir())
         replace_folder(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
