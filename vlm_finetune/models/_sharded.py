@@ -114,17 +114,50 @@ class ShardReader:
         return torch.frombuffer(buffer, dtype=_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
+class LazyTensors:
+    """The released tensors of one model tensor, each read when it is indexed (`assemble` holds one at a time)."""
+
+    def __init__(self, reader: ShardReader, names: list[str]):
+        self.reader, self.names = reader, list(names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.reader.get(self.names[index])
+
+
+def stack_experts(tensors, per_expert: int) -> torch.Tensor:
+    """A fused 3-D expert tensor from its per-expert released matrices (`per_expert` of them each, joined along
+    the rows: gate and up, or one down), written into one new tensor piece by piece: the result and one piece are
+    all that is ever held."""
+    if len(tensors) % per_expert:
+        raise ValueError(f"{len(tensors)} tensors, not {per_expert} per expert")
+    first = tensors[0]
+    rows = first.shape[0]
+    out = torch.empty((len(tensors) // per_expert, per_expert * rows, *first.shape[1:]), dtype=first.dtype)
+    for index in range(len(tensors)):
+        piece = first if index == 0 else tensors[index]
+        if tuple(piece.shape) != tuple(first.shape):
+            raise ValueError(f"expert matrices of shapes {tuple(first.shape)} and {tuple(piece.shape)}")
+        expert, part = divmod(index, per_expert)
+        out[expert, part * rows:(part + 1) * rows] = piece
+        del piece
+    return out
+
+
 def stream_into(model: torch.nn.Module, sources: dict[str, list[str]], assemble, reader: ShardReader,
                 skip: set[str] = frozenset()) -> None:
-    """For each state-dict tensor of `model` (whole, or partitioned by ZeRO-3's zero.Init), read the released
-    tensors `sources[name]` names, `assemble(name, tensors)` them into one and copy it in; only that tensor is
-    ever whole in memory. `skip`: names that are not read (a tied head). Shapes are checked (ValueError)."""
+    """For each state-dict tensor of `model` (whole, or partitioned by ZeRO-3's zero.Init), `assemble(name,
+    tensors)` the released tensors `sources[name]` names into one (`tensors` reads each when indexed) and copy it
+    in; only that tensor (and one piece of it) is ever whole in memory. `skip`: names that are not read (a tied
+    head). Shapes are checked (ValueError)."""
     from vlm_finetune.models._partitioned import copy_into, logical_shape
 
     for name, target in model.state_dict(keep_vars=True).items():
         if name in skip or name not in sources:
             continue
-        value = assemble(name, [reader.get(s) for s in sources[name]])
+        value = assemble(name, LazyTensors(reader, sources[name]))
         if tuple(value.shape) != logical_shape(target):
             raise ValueError(f"{name} has shape {tuple(value.shape)} in the checkpoint, the model expects "
                              f"{logical_shape(target)}")

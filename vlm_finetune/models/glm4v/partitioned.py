@@ -19,7 +19,7 @@ from torch import nn
 
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.models._partitioned import built_uninitialised, initialised_whole
-from vlm_finetune.models._sharded import folder_reader, show_keys, stream_into
+from vlm_finetune.models._sharded import folder_reader, show_keys, stack_experts, stream_into
 from vlm_finetune.models.nf4_load import stream_quantised
 
 _EXPERT = re.compile(r"\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -100,9 +100,9 @@ def assemble(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
     if name.endswith("experts.gate_up_proj"):
         if len(tensors) % 2:
             raise ValueError(f"{name}: {len(tensors)} tensors, not a gate and an up projection per expert")
-        return torch.stack([torch.cat(tensors[i:i + 2], dim=0) for i in range(0, len(tensors), 2)])
+        return stack_experts(tensors, 2)
     if name.endswith("experts.down_proj"):
-        return torch.stack(tensors)
+        return stack_experts(tensors, 1)
     raise ValueError(f"{name} is made of {len(tensors)} checkpoint tensors; only fused experts are")
 
 

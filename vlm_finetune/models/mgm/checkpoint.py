@@ -18,7 +18,14 @@ from torch import nn
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.io import atomic_folder
 from vlm_finetune.models._partitioned import built_for_loading, unpartitioned
-from vlm_finetune.models._sharded import folder_reader, show_keys, stream_into, write_shards, written_dtype
+from vlm_finetune.models._sharded import (
+    folder_reader,
+    show_keys,
+    stack_experts,
+    stream_into,
+    write_shards,
+    written_dtype,
+)
 from vlm_finetune.models.mgm.modeling import (
     ARCHITECTURES,
     BACKBONES,
@@ -290,9 +297,9 @@ def released_sources(names: list[str], cfg: MgmConfig) -> dict[str, list[str]]:
 def assemble(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
     """The released tensors `released_sources` lists for `name`, as this model holds them."""
     if name.endswith("mlp.experts.gate_up_proj"):  # [w1; w3] per expert, stacked over experts
-        return torch.stack([torch.cat(tensors[i:i + 2], dim=0) for i in range(0, len(tensors), 2)])
+        return stack_experts(tensors, 2)
     if name.endswith("mlp.experts.down_proj"):
-        return torch.stack(tensors)
+        return stack_experts(tensors, 1)
     return tensors[0]
 
 
