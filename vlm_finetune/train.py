@@ -35,6 +35,7 @@ from vlm_finetune.data.packing import pack_length
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.hardware import Hardware, env_global_rank, preflight, resolve
 from vlm_finetune.io import write_atomic
+from vlm_finetune.memory.at_load import LoadMemory
 from vlm_finetune.memory.host import HostMemoryRelease, release_freed, reuse_heap, steady_heap
 from vlm_finetune.memory.monitor import MemoryMonitor
 from vlm_finetune.memory.oom import handle_oom
@@ -266,6 +267,7 @@ def _train(cfg: DictConfig, callbacks: list | None, modes: dict, hardware: Hardw
            started: float) -> tuple[dict, dict]:
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     torch.set_num_threads(max(1, int(cfg.hardware.cpu_threads or torch.get_num_threads())))
+    load_meter = LoadMemory()  # before anything of the model exists: the load's host growth and GPU peak
 
     family = get_family(cfg.model.family)
     # a checkpoint of another run fails here, before any weight loads
@@ -310,7 +312,7 @@ def _train(cfg: DictConfig, callbacks: list | None, modes: dict, hardware: Hardw
     # a run stopped by a signal writes no adapter: what it trained so far is in the checkpoint
     saver = AdapterSaver(run_dir / "adapter", plan, processor,
                          interrupted=lambda: resumer is not None and resumer.preempted)
-    own = [saver] + ([resumer] if resumer is not None else [])
+    own = [load_meter, saver] + ([resumer] if resumer is not None else [])
     # a rank stuck in a collective, or a stop signal the main thread cannot take (it is inside C++), ends
     # the run within trainer.collective_timeout_s / trainer.stop_grace_s
     watchdog = RunWatchdog(collective_timeout(cfg.trainer).total_seconds(), float(cfg.trainer.get("stop_grace_s", 20)),
@@ -351,7 +353,8 @@ def _train(cfg: DictConfig, callbacks: list | None, modes: dict, hardware: Hardw
         return stopped, objects
     if not saver.saved:  # fit ran no step (max_steps=0): nothing is sharded any more, save as is
         saver.save(trainer, module)
-    metrics = _final_metrics(trainer, module, datamodule, data_stats, trainable, total, started)
+    metrics = {**_final_metrics(trainer, module, datamodule, data_stats, trainable, total, started),
+               **load_meter.metrics()}
     if trainer.is_global_zero:
         # JSON has no NaN: a metric that could not be computed is null
         finite = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in metrics.items()}
