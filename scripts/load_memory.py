@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -114,7 +115,8 @@ def rank_main(out: Path, overrides: list[str]) -> None:
 
 
 def _run(out: Path, overrides: list[str]) -> list[dict]:
-    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)  # this script's own folder: an earlier run there would not run again
+    out.mkdir(parents=True)
     cmd = [sys.executable, __file__, "--rank", str(out), "--", *overrides, f"output_dir={out / 'run'}"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
     if result.returncode != 0:

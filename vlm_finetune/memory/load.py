@@ -4,9 +4,9 @@ Under most strategies every rank builds (or reads) the whole model in its own ho
 moves or shards it: a node holds ranks-per-node copies at the load dtype (what stopped MGM-8x7B on six 24 GB
 cards before training started: six copies of 94 GB). Under ZeRO-3, a family that builds inside DeepSpeed's
 zero.Init (`Family.builds_partitioned`) is built partitioned and its folder streamed one tensor at a time: each
-rank holds its partition (the model / world size) and, while a tensor is read, that tensor whole twice (as read
-and gathered). The rows say so before launch, with their own verdict against the profile's host memory per
-node (`hardware.host_memory_gib`).
+rank holds its partition (the model / world size) and, while a tensor is read, that tensor whole once (each rank
+reads it and copies its own slice into its partition: nothing is gathered). The rows say so before launch, with
+their own verdict against the profile's host memory per node (`hardware.host_memory_gib`).
 
 On each GPU the load ends with the parameters the step keeps there (the whole model, or under ZeRO-3 and FSDP its
 partition; nothing with parameter offload) and, while it runs, one tensor more: the tensor gathered whole while
@@ -84,35 +84,41 @@ def plan_load(count: ModelCount, ranks_per_node: int, host_memory_gib: float, wo
               partitioned: bool = False, partitions_on_host: bool = True, quantised_streamed: bool = False,
               quantised_on_host_bytes: int = 0) -> LoadPlan:
     """Host memory of the load: every rank on a node holds the whole model (as counted on the meta device, at
-    the dtypes it is built in), or, `partitioned` (ZeRO-3 construction), the largest tensor twice (read, and
-    gathered whole while rank 0 copies it in) and, `partitions_on_host` (CPU ranks, parameter offload), its
+    the dtypes it is built in), or, `partitioned` (ZeRO-3 construction), the largest tensor once (read, and
+    its own slice copied into the partition) and, `partitions_on_host` (CPU ranks, parameter offload), its
     1/world_size share of the model (on GPUs without offload the partitions are made on the GPU), or,
     `quantised_streamed` (nf4 from a folder), everything outside the decoder layers, the largest decoder layer
-    in 16 bits while it is filled (and its largest tensor once more, as it is joined from the checkpoint's) and
+    in 16 bits while it is filled (and its largest tensor once more, as it is joined from the checkpoint's, and
+    one layer more while bitsandbytes quantises it) and
     `quantised_on_host_bytes` (the 4-bit layers, when they stay on the host: CPU ranks)."""
     import torch
 
     whole = sum(group.numel * torch.empty((), dtype=group.dtype).element_size() for group in count.groups)
     share = -(-whole // max(1, int(world_size))) if partitions_on_host else 0
     if partitioned:
-        per_rank = share + 2 * count.largest_tensor_bytes
+        per_rank = share + count.largest_tensor_bytes
     elif quantised_streamed and count.decoder_layer_bytes:
         layers = count.decoder_layer_bytes
-        per_rank = whole - sum(layers) + max(layers) + count.largest_tensor_bytes + int(quantised_on_host_bytes)
+        # the layer in 16 bits, its largest tensor joined, and bitsandbytes' working copies while it quantises
+        # (measured on the CPU: up to about 0.7x of the layer's 16-bit size more)
+        per_rank = whole - sum(layers) + 2 * max(layers) + count.largest_tensor_bytes + int(quantised_on_host_bytes)
     else:
         per_rank = whole
     return LoadPlan(int(ranks_per_node), int(per_rank), float(host_memory_gib), partitioned,
                     quantised_streamed and bool(count.decoder_layer_bytes) and not partitioned)
 
 
-def gpu_at_load(kept_bytes: int, count: ModelCount, sharded: bool, quantised: bool, offloaded: bool = False
-                ) -> tuple[int, str]:
+def gpu_at_load(kept_bytes: int, count: ModelCount, sharded: bool, quantised: bool, offloaded: bool = False,
+                sliced_from_folder: bool = False) -> tuple[int, str]:
     """One GPU's bytes at the load and what they are: `kept_bytes` (the step's parameter rows on the GPU) and,
-    `sharded` (ZeRO-3, FSDP) or `quantised` (nf4), the largest tensor whole while it is placed."""
-    in_flight = count.largest_tensor_bytes if sharded or quantised else 0
+    `sharded` (ZeRO-3, FSDP) or `quantised` (nf4), the largest tensor whole while it is placed; nothing more when
+    a ZeRO-3 model built partitioned is filled from a folder (`sliced_from_folder`: each rank copies its own slice
+    of each tensor from host memory into its partition, nothing is gathered)."""
+    in_flight = count.largest_tensor_bytes if (sharded and not sliced_from_folder) or quantised else 0
     kept = ("what it keeps of the parameters (the partitions are on the host)" if offloaded
             else "its partition of the parameters" if sharded else "the parameters")
     if not in_flight:
-        return kept_bytes, kept + ", as the step holds them"
+        how = ", each rank's slice copied in from the folder" if sharded and sliced_from_folder else ""
+        return kept_bytes, kept + how + ", as the step holds them"
     why = "gathered whole while it is split" if sharded else "in half precision while it is quantised"
     return kept_bytes + in_flight, f"{kept}, and the largest tensor {why}"

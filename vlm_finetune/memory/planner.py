@@ -214,8 +214,10 @@ def plan_memory(overrides: list[str], seq: int | None = None, image_px: int | No
     result.load = plan_load(count, hardware.devices, hardware.host_memory_gib, hardware.world_size, partitioned,
                             on_host, streamed, four_bit if hardware.accelerator != "gpu" else 0)
     if result.fits is not None:  # GPUs: one GPU at the load, against the step's budget
+        sliced = partitioned and family.checkpoint_folder(cfg.model) is not None
         result.load.gpu_bytes_per_rank, result.load.gpu_what = gpu_at_load(
-            result.total("parameters"), count, inputs.shards_parameters, precision == "nf4", inputs.offload_parameters)
+            result.total("parameters"), count, inputs.shards_parameters, precision == "nf4", inputs.offload_parameters,
+            sliced)
         result.load.gpu_budget_bytes = result.budget_bytes
     return result
 

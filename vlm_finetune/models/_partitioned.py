@@ -130,12 +130,41 @@ def unpartitioned() -> Iterator[None]:
         restore_init_context()
 
 
+def _own_partition(param: torch.Tensor) -> torch.Tensor | None:
+    """The slice of the flattened tensor this rank holds (`param.ds_tensor`), where ZeRO-3 keeps it the plain way:
+    partitioned, in memory (not swapped to NVMe), without a secondary (hpZ) copy. None otherwise."""
+    part = getattr(param, "ds_tensor", None)
+    if part is None or getattr(param, "ds_secondary_tensor", None) is not None:
+        return None
+    from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    if param.ds_status is not ZeroParamStatus.NOT_AVAILABLE or \
+            getattr(part, "final_location", None) == OffloadDeviceEnum.nvme:
+        return None
+    return part
+
+
 def copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
-    """Write one whole tensor into a parameter or buffer, partitioned or not (rank 0's copy is kept)."""
-    with torch.no_grad(), whole([param]):
-        if tuple(param.shape) != tuple(value.shape):
-            raise ValueError(f"shape {tuple(value.shape)} for a tensor of shape {tuple(param.shape)}")
-        param.copy_(value)
+    """Write one whole tensor into a parameter or buffer, partitioned or not. A partitioned parameter takes its
+    own slice of `value` straight into this rank's partition (every rank reads the same checkpoint tensor):
+    nothing is gathered, no collective runs. Otherwise rank 0's copy is kept."""
+    with torch.no_grad():
+        if tuple(logical_shape(param)) != tuple(value.shape):
+            raise ValueError(f"shape {tuple(value.shape)} for a tensor of shape {logical_shape(param)}")
+        part = _own_partition(param)
+        if part is not None:
+            import torch.distributed as dist
+
+            size = int(part.ds_numel)
+            start = size * dist.get_rank(group=param.ds_process_group)
+            flat = value.reshape(-1)
+            count = max(0, min(size, flat.numel() - start))
+            if count:
+                part.narrow(0, 0, count).copy_(flat.narrow(0, start, count))
+            return
+        with whole([param]):
+            param.copy_(value)
 
 
 def logical_shape(param: torch.Tensor) -> tuple[int, ...]:
