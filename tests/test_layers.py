@@ -12,7 +12,7 @@ MAX_LINES = 450
 
 # the layer of each module (the first matching prefix wins); lower layers never import higher ones
 LAYERS = [
-    ("entry", ("vlm_finetune.__main__", "vlm_finetune.plan", "vlm_finetune.export", "vlm_finetune.generate",
+    ("entry", ("vlm_finetune.__main__", "vlm_finetune.plan", "vlm_finetune.export", "vlm_finetune.generate", "vlm_finetune.loadcheck",
                "vlm_finetune.bench", "vlm_finetune.suite", "vlm_finetune.databench")),
     ("run", ("vlm_finetune.train", "vlm_finetune.measure", "vlm_finetune.autotune", "vlm_finetune.memory.planner", "vlm_finetune.memory.load",
              "vlm_finetune.memory.suggest", "vlm_finetune.memory.oom")),

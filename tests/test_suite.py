@@ -26,7 +26,20 @@ def test_dry_run_gives_every_row_and_writes_the_report(tmp_path):
     trip = next(r for r in rows if r["check"] == "round trip")
     assert trip["figures"]["reloaded_equal"] is True and trip["figures"]["max_lora_b"] > 0
     assert all(r["figures"]["predicted_gib"] > 0 for r in rows if r["check"] == "planner")
+    # the load check: the tiny MoE written as a released folder, loaded under zero3 (world size 1) and in nf4
+    load = {r["case"]: r for r in rows if r["check"] == "load"}
+    assert set(load) == {"zero3, world size 1", "nf4, single"}
+    assert all(r["status"] == "ok" and r["figures"]["host_gib"] > 0 and "plan_host_gib" in r["figures"]
+               for r in load.values())
+    assert (tmp_path / "work" / "load" / "folder" / "model.safetensors.index.json").is_file()
     assert status == 0
+
+
+def test_the_load_check_alone_appends_its_table(tmp_path):
+    report = tmp_path / "benchmarks.md"
+    assert bench.main(["load", "--dry-run", "--report", str(report), "--work-dir", str(tmp_path / "work")]) == 0
+    text = report.read_text()
+    assert "python -m vlm_finetune.bench load --dry-run" in text and "| load | nf4, single | ok |" in text
 
 
 def test_a_failing_check_is_a_row(tmp_path):

@@ -1,6 +1,7 @@
 """Side-by-side benchmark: this project's training step against the plain transformers + peft recipe
 (`python -m vlm_finetune.bench suite` runs every GPU check instead: vlm_finetune/suite.py; `... bench data`
-compares padded, length-grouped and packed micro-batches on the CPU: vlm_finetune/databench.py).
+compares padded, length-grouped and packed micro-batches on the CPU: vlm_finetune/databench.py; `... bench load`
+measures the load's host and GPU memory beside the planner's load rows: vlm_finetune/loadcheck.py).
 
     python -m vlm_finetune.bench model=glm41v_9b --seq 8192 --image 672 --baseline-liger 1 [hydra overrides]
 
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> tuple[dict, dict] | int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["suite"]:  # every GPU check in one command (vlm_finetune/suite.py)
         return suite.main(argv[1:])
+    if argv[:1] == ["load"]:  # the load's memory beside the planner's load rows (vlm_finetune/loadcheck.py)
+        return suite.load_main(argv[1:])
     if argv[:1] == ["data"]:  # padded, length-grouped and packed micro-batches on the CPU (vlm_finetune/databench.py)
         return databench.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m vlm_finetune.bench", description=__doc__,

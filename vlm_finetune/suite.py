@@ -6,7 +6,10 @@ in one command, for the rare minutes a GPU is at hand.
 - the planner against the measured peak of each of those runs;
 - strategy round trips: tiny GLM-4V and tiny MGM / MGM-MoE train under single / fsdp / zero2 / zero3 /
   zero3_offload and their adapter reloads with PEFT;
-- the memory monitor's CSV and PNG of one run.
+- the memory monitor's CSV and PNG of one run;
+- the load: MGM-8x7B cut to two layers, read from a released-layout folder under ZeRO-3 at world size 1 and in
+  nf4, host and GPU memory at the load beside the planner's load rows (vlm_finetune/loadcheck.py; alone:
+  `python -m vlm_finetune.bench load`).
 
 Each check runs in its own process with its own time limit; a failure is a row, and the suite goes on. It
 appends one dated table to the report, writes the rows as JSON beside it and prints a one-screen summary.
@@ -25,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vlm_finetune import loadcheck
 from vlm_finetune.io import write_atomic
 from vlm_finetune.measure import DEFAULT_BASELINE, append_report, run_baseline
 from vlm_finetune.memory.planner import plan_memory
@@ -202,8 +206,9 @@ def monitor_row(run_dir: Path, dry_run: bool) -> Row:
                str(run_dir))
 
 
-def render(rows: list[Row], command: str, device_name: str, date: str, dry_run: bool) -> str:
-    lines = [f"### GPU suite ({date}){' - CPU dry run, no GPU figures' if dry_run else ''}", "",
+def render(rows: list[Row], command: str, device_name: str, date: str, dry_run: bool, title: str = "GPU suite"
+           ) -> str:
+    lines = [f"### {title} ({date}){' - CPU dry run, no GPU figures' if dry_run else ''}", "",
              f"- command: `{command}`", f"- device: {device_name}", "",
              "| check | case | status | figures | note |", "|---|---|---|---|---|"]
     for row in rows:
@@ -237,15 +242,54 @@ def run_suite(dry_run: bool, report: Path, work_dir: Path, budget_s: float) -> l
         first_run = first_run or run_dir
         rows.append(round_trip(case, overrides, run_dir, dry_run, remaining(240)))
     rows.append(monitor_row(first_run, dry_run))
+    if dry_run or budget_s - (time.time() - started) >= LOAD_CHECK_S:
+        rows += load_rows(dry_run, work_dir / "load", remaining(LOAD_CHECK_S))
+    else:
+        rows.append(Row("load", "MGM-8x7B cut to 2 layers", "skipped",
+                        note="too little of the suite's budget left: python -m vlm_finetune.bench load"))
+    write_rows(rows, report, "python -m vlm_finetune.bench suite" + (" --dry-run" if dry_run else ""), device,
+               dry_run)
+    return rows
+
+
+LOAD_CHECK_S = 240.0  # the load check (vlm_finetune/loadcheck.py): a 7 GB folder written, two one-step runs
+
+
+def load_rows(dry_run: bool, work_dir: Path, timeout: float) -> list[Row]:
+    return [Row(**row) for row in loadcheck.check(dry_run, work_dir, timeout)]
+
+
+def write_rows(rows: list[Row], report: Path, command: str, device: str, dry_run: bool, title: str = "GPU suite"
+               ) -> None:
+    """Append the rows' dated table to the report and write them as JSON beside it."""
+    import torch
+
     device_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    command = "python -m vlm_finetune.bench suite" + (" --dry-run" if dry_run else "")
     date = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    append_report(report, render(rows, command, device_name, date, dry_run))
+    append_report(report, render(rows, command, device_name, date, dry_run, title))
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     write_atomic(report.with_name(f"suite-{stamp}.json"), json.dumps(
         {"command": command, "device": device_name, "date": date, "dry_run": dry_run,
          "rows": [row.__dict__ for row in rows]}, indent=2) + "\n")
-    return rows
+
+
+def load_main(argv: list[str]) -> int:
+    """`python -m vlm_finetune.bench load [--dry-run]`: the suite's load check alone (vlm_finetune/loadcheck.py)."""
+    import torch
+
+    parser = argparse.ArgumentParser(prog="python -m vlm_finetune.bench load", description=loadcheck.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="the tiny MoE on the CPU")
+    parser.add_argument("--report", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/vlm_finetune_load"))
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds for each of its three processes")
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
+    rows = load_rows(args.dry_run, args.work_dir, args.timeout)
+    write_rows(rows, args.report, "python -m vlm_finetune.bench load" + (" --dry-run" if args.dry_run else ""),
+               device, args.dry_run, "Load memory beside the planner")
+    print(summary(rows), flush=True)
+    return 1 if any(r.status == "failed" for r in rows) else 0
 
 
 def summary(rows: list[Row]) -> str:
