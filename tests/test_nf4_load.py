@@ -155,4 +155,6 @@ def test_the_nf4_load_holds_one_decoder_layer_in_16_bits_not_the_model(tmp_path)
     assert growth["whole"] >= 0.9 * bf16_bytes
     # the 4-bit layers alone are 0.29x of the bf16 model here; the rest is the towers, embeddings and one layer
     assert growth["streamed"] <= 0.6 * bf16_bytes
-    assert abs(planned - growth["streamed"]) <= 0.25 * growth["streamed"]
+    # within 25%, beside the process's own growth on its first load and quantisation (30-50 MiB here), which the
+    # plan leaves out and which only a toy of this size notices (MGM-8x7B cut to one layer: bench load, 1.10x)
+    assert abs(planned - growth["streamed"]) <= 0.25 * growth["streamed"] + 64 * 2**20

@@ -88,8 +88,7 @@ def plan_load(count: ModelCount, ranks_per_node: int, host_memory_gib: float, wo
     its own slice copied into the partition) and, `partitions_on_host` (CPU ranks, parameter offload), its
     1/world_size share of the model (on GPUs without offload the partitions are made on the GPU), or,
     `quantised_streamed` (nf4 from a folder), everything outside the decoder layers, the largest decoder layer
-    in 16 bits while it is filled (and its largest tensor once more, as it is joined from the checkpoint's, and
-    one layer more while bitsandbytes quantises it) and
+    in 16 bits while it is filled (and its largest tensor once more, as it is joined from the checkpoint's) and
     `quantised_on_host_bytes` (the 4-bit layers, when they stay on the host: CPU ranks)."""
     import torch
 
@@ -99,9 +98,7 @@ def plan_load(count: ModelCount, ranks_per_node: int, host_memory_gib: float, wo
         per_rank = share + count.largest_tensor_bytes
     elif quantised_streamed and count.decoder_layer_bytes:
         layers = count.decoder_layer_bytes
-        # the layer in 16 bits, its largest tensor joined, and bitsandbytes' working copies while it quantises
-        # (measured on the CPU: up to about 0.7x of the layer's 16-bit size more)
-        per_rank = whole - sum(layers) + 2 * max(layers) + count.largest_tensor_bytes + int(quantised_on_host_bytes)
+        per_rank = whole - sum(layers) + max(layers) + count.largest_tensor_bytes + int(quantised_on_host_bytes)
     else:
         per_rank = whole
     return LoadPlan(int(ranks_per_node), int(per_rank), float(host_memory_gib), partitioned,
