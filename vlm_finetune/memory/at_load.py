@@ -7,8 +7,8 @@ memory per rank at the load), read when training starts, the model built or read
 - GPU: the allocator's peak on this rank's device when training starts (since the run began where CUDA was already
   in use by this process; else since the process began, which is the same thing).
 
-The figures go to metrics.json (`load_host_growth_gib`, `load_gpu_peak_gib`, rank 0's) and are printed when
-training starts."""
+The figures go to metrics.json (`load_host_growth_gib`, `load_gpu_peak_gib`, rank 0's; one not measured is left
+out) and are printed when training starts."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -55,5 +55,6 @@ class LoadMemory(L.Callback):
             print(f"vlm_finetune: load (rank 0): host {host}{gpu}", flush=True)
 
     def metrics(self) -> dict:
-        return {"load_host_growth_gib": None if self.host_growth is None else round(self.host_growth / GiB, 4),
-                "load_gpu_peak_gib": None if self.gpu_peak is None else round(self.gpu_peak / GiB, 4)}
+        """The figures measured (metrics.json holds numbers only: one not measured is left out)."""
+        figures = {"load_host_growth_gib": self.host_growth, "load_gpu_peak_gib": self.gpu_peak}
+        return {k: round(v / GiB, 4) for k, v in figures.items() if v is not None}
