@@ -37,3 +37,22 @@ def test_make_batch_has_exact_length_and_supervision(tmp_path):
     assert n_image == 16  # 112 px -> 8 x 8 patches -> 16 merged tokens
     supervised = int((batch["labels"] != -100).sum())
     assert 300 - supervised < n_image + 20  # all but the prompt and the image are supervised
+
+
+def test_bench_load_appends_its_table_and_fails_on_a_failed_row(tmp_path, monkeypatch):
+    """`python -m vlm_finetune.bench load`: the load check's rows (run for real by the suite's dry run, slow) as a
+    dated table under its own title, exit 1 when a row failed."""
+    from vlm_finetune import loadcheck
+
+    rows = [dict(check="load", case="zero3, world size 1", status="ok", note="n", seconds=1.0,
+                 figures={"host_gib": 7.85, "plan_host_gib": 6.05, "host_plan_over_measured": 0.771}),
+            dict(check="load", case="nf4, single", status="failed", figures={}, note="exit 1", seconds=1.0)]
+    seen = []
+    monkeypatch.setattr(loadcheck, "check", lambda dry_run, work_dir, timeout: seen.append(dry_run) or rows)
+    report = tmp_path / "benchmarks.md"
+    assert bench.main(["load", "--dry-run", "--report", str(report), "--work-dir", str(tmp_path / "w")]) == 1
+    text = report.read_text()
+    assert seen == [True] and "Load memory beside the planner" in text
+    assert "python -m vlm_finetune.bench load --dry-run" in text
+    assert "| load | zero3, world size 1 | ok | host_gib=7.85, plan_host_gib=6.05, host_plan_over_measured=0.771 |" in text
+    assert "| load | nf4, single | failed |" in text

@@ -35,13 +35,6 @@ def test_dry_run_gives_every_row_and_writes_the_report(tmp_path):
     assert status == 0
 
 
-def test_the_load_check_alone_appends_its_table(tmp_path):
-    report = tmp_path / "benchmarks.md"
-    assert bench.main(["load", "--dry-run", "--report", str(report), "--work-dir", str(tmp_path / "work")]) == 0
-    text = report.read_text()
-    assert "python -m vlm_finetune.bench load --dry-run" in text and "| load | nf4, single | ok |" in text
-
-
 def test_a_failing_check_is_a_row(tmp_path):
     row = suite.measure_ours(suite.Workload("broken", 96, 56, ["model=no_such_model"]), "cpu", 2, 120)
     assert row.status == "failed" and row.case == "ours: broken" and row.note
