@@ -14,12 +14,11 @@ beside the measured figures, with their ratio (ok within 25 %)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from vlm_finetune.measure import result_line, run_python
 
 GiB = 2**30
 TOLERANCE = 0.25
@@ -40,11 +39,6 @@ def cases(dry_run: bool) -> list[tuple[str, list[str]]]:
                              "lora.llm_modules=attention"])]
 
 
-def _status(field: str) -> int:
-    line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(field + ":"))
-    return int(line.split()[1]) * 1024
-
-
 def write_folder(overrides: list[str], folder: Path) -> None:
     """The model of `overrides` built from its config with random weights (on the GPU where there is one), written
     in bf16 in the family's released layout with its tokenizer: what `model.path` loads."""
@@ -63,16 +57,11 @@ def write_folder(overrides: list[str], folder: Path) -> None:
 
 
 def _child(code: str, args: list[str], timeout: float) -> tuple[dict | None, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    try:
-        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout,
-                              env=env, cwd=str(Path(__file__).resolve().parent.parent))
-    except subprocess.TimeoutExpired:
-        return None, f"timed out after {timeout:.0f} s"
-    if proc.returncode != 0:
-        return None, (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:200]
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    return (json.loads(lines[-1].removeprefix("RESULT ")) if lines else {}), ""
+    """(its RESULT line's JSON, or {}; "") when the child ends well, else (None, why)."""
+    rc, out, err = run_python(code, args, timeout)
+    if rc != 0:
+        return None, (err.strip().splitlines() or [f"exit {rc}"])[-1][:200]
+    return result_line(out) or {}, ""
 
 
 def _ratio(planned: float, measured: float | None) -> float | None:

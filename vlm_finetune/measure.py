@@ -5,6 +5,7 @@ docs/benchmarks.md."""
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -114,6 +115,25 @@ def run_baseline(script: Path, seq: int, image_px: int, steps: int, device: str,
     result = json.loads(lines[-1])
     result["case"] = "baseline" + (" (liger)" if liger else " (plain)")
     return result
+
+
+def run_python(code: str, args: list[str], timeout: float) -> tuple[int, str, str]:
+    """`python -c code args` from the repository root, with it on the path: (exit code, stdout, stderr); -1 and a
+    message when it runs past `timeout` seconds."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return -1, "", f"timed out after {timeout:.0f} s"
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def result_line(stdout: str) -> dict | None:
+    """The JSON of a child's last `RESULT {...}` line, or None."""
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+    return json.loads(lines[-1].removeprefix("RESULT ")) if lines else None
 
 
 def append_report(path: Path, text: str) -> None:

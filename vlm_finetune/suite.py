@@ -23,14 +23,13 @@ import datetime as dt
 import json
 import os
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlm_finetune import loadcheck
 from vlm_finetune.io import write_atomic
-from vlm_finetune.measure import DEFAULT_BASELINE, append_report, run_baseline
+from vlm_finetune.measure import DEFAULT_BASELINE, append_report, result_line, run_baseline, run_python
 from vlm_finetune.memory.planner import plan_memory
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,29 +88,13 @@ def workloads(dry_run: bool) -> list[Workload]:
     ]
 
 
-def _python(code: str, args: list[str], timeout: float) -> tuple[int, str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(
-        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    try:
-        proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True,
-                              timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return -1, "", f"timed out after {timeout:.0f} s"
-    return proc.returncode, proc.stdout, proc.stderr
-
-
-def _result(stdout: str) -> dict | None:
-    lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
-    return json.loads(lines[-1].removeprefix("RESULT ")) if lines else None
-
-
 def measure_ours(work: Workload, device: str, steps: int, timeout: float) -> Row:
     code = ("import json, sys; from vlm_finetune.measure import bench_ours; print('RESULT ' + json.dumps(bench_ours("
             "json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])))")
     started = time.time()
-    rc, out, err = _python(code, [json.dumps(work.overrides), str(work.seq), str(work.image), str(steps), device],
+    rc, out, err = run_python(code, [json.dumps(work.overrides), str(work.seq), str(work.image), str(steps), device],
                            timeout)
-    result = _result(out)
+    result = result_line(out)
     if rc != 0 or result is None or result.get("err"):
         reason = (result or {}).get("err") or err.strip().splitlines()[-1:] or [f"exit {rc}"]
         return Row("side by side", f"ours: {work.name}", "failed", note=str(reason)[:200],
@@ -173,7 +156,7 @@ def round_trip(case: str, overrides: list[str], run_dir: Path, dry_run: bool, ti
     if not dry_run:
         args += ["hardware=auto", "hardware.devices=1", "precision=bf16-mixed", "memory.monitor=true"]
     started = time.time()
-    rc, _, err = _python("import runpy, sys; sys.argv = ['vlm_finetune', *sys.argv[1:]]; "
+    rc, _, err = run_python("import runpy, sys; sys.argv = ['vlm_finetune', *sys.argv[1:]]; "
                          "runpy.run_module('vlm_finetune', run_name='__main__')", args, timeout)
     if rc != 0:
         return Row("round trip", case, "failed", note=(err.strip().splitlines() or [f"exit {rc}"])[-1][:200],
@@ -189,8 +172,8 @@ def round_trip(case: str, overrides: list[str], run_dir: Path, dry_run: bool, ti
              "trained = max(float(v.abs().max()) for k, v in saved.items() if 'lora_B' in k); "
              "print('RESULT ' + json.dumps({'reloaded_equal': same, 'max_lora_b': trained, "
              "'tensors': len(saved)}))")
-    rc, out, err = _python(check, [str(run_dir)], timeout)
-    result = _result(out)
+    rc, out, err = run_python(check, [str(run_dir)], timeout)
+    result = result_line(out)
     if rc != 0 or result is None:
         return Row("round trip", case, "failed", note=(err.strip().splitlines() or ["no result"])[-1][:200],
                    seconds=time.time() - started)
@@ -277,19 +260,14 @@ def load_main(argv: list[str]) -> int:
     """`python -m vlm_finetune.bench load [--dry-run]`: the suite's load check alone (vlm_finetune/loadcheck.py)."""
     import torch
 
-    parser = argparse.ArgumentParser(prog="python -m vlm_finetune.bench load", description=loadcheck.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dry-run", action="store_true", help="the tiny MoE on the CPU")
-    parser.add_argument("--report", type=Path, default=ROOT / "docs" / "benchmarks.md")
-    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/vlm_finetune_load"))
+    parser = _parser("load", loadcheck.__doc__, "the tiny MoE on the CPU", "/tmp/vlm_finetune_load")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds for each of its three processes")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
     rows = load_rows(args.dry_run, args.work_dir, args.timeout)
     write_rows(rows, args.report, "python -m vlm_finetune.bench load" + (" --dry-run" if args.dry_run else ""),
                device, args.dry_run, "Load memory beside the planner")
-    print(summary(rows), flush=True)
-    return 1 if any(r.status == "failed" for r in rows) else 0
+    return _finish(rows)
 
 
 def summary(rows: list[Row]) -> str:
@@ -302,13 +280,23 @@ def summary(rows: list[Row]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vlm_finetune.bench suite", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dry-run", action="store_true", help="the same plan on the tiny model, on the CPU")
-    parser.add_argument("--report", type=Path, default=ROOT / "docs" / "benchmarks.md")
-    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/vlm_finetune_suite"))
+    parser = _parser("suite", __doc__, "the same plan on the tiny model, on the CPU", "/tmp/vlm_finetune_suite")
     parser.add_argument("--budget", type=float, default=480.0, help="seconds for the whole suite (default 8 min)")
     args = parser.parse_args(argv)
-    rows = run_suite(args.dry_run, args.report, args.work_dir, args.budget)
+    return _finish(run_suite(args.dry_run, args.report, args.work_dir, args.budget))
+
+
+def _parser(command: str, doc: str, dry_run_help: str, work_dir: str) -> argparse.ArgumentParser:
+    """`python -m vlm_finetune.bench <command>`'s options: --dry-run, --report, --work-dir."""
+    parser = argparse.ArgumentParser(prog=f"python -m vlm_finetune.bench {command}", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help=dry_run_help)
+    parser.add_argument("--report", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--work-dir", type=Path, default=Path(work_dir))
+    return parser
+
+
+def _finish(rows: list[Row]) -> int:
+    """Print the summary; the exit code is 1 when a check failed."""
     print(summary(rows), flush=True)
     return 1 if any(r.status == "failed" for r in rows) else 0
