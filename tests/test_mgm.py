@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from conftest import FAST, compose_cfg
 from vlm_finetune.data.sample import Message, Sample
 from vlm_finetune.errors import ConfigError
-from vlm_finetune.models.mgm import checkpoint
+from vlm_finetune.models.mgm import checkpoint, config_file
 from vlm_finetune.models.mgm.modeling import IMAGE_TOKEN_INDEX, MgmForCausalLM
 from vlm_finetune.models.mgm.processor import MgmImages
 from vlm_finetune.models.mgm.templates import get_template
@@ -173,7 +173,7 @@ def test_missing_or_unexpected_key_is_a_clear_error(tmp_path):
 def test_a_config_that_is_not_mgm_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ConfigError, match="not an MGM model"):
-        checkpoint.read_config(tmp_path)
+        config_file.read_config(tmp_path)
 
 
 def test_mgm_8x7b_on_the_meta_device_counts_47b_without_memory():
@@ -557,7 +557,7 @@ def test_a_released_style_config_without_our_fields_resolves_the_released_towers
         "tokenizer_model_max_length": 2048, "tokenizer_padding_side": "right", "use_mm_proj": True,
         "optimize_vision_tower": False, "optimize_vision_tower_aux": False, "mm_projector_lr": None,
     }
-    cfg = checkpoint.config_from_dict(raw)
+    cfg = config_file.config_from_dict(raw)
     assert cfg.backbone == "gemma" and cfg.template == "gemma"
     assert cfg.vision_config.hidden_size == 1024 and cfg.vision_config.image_size == 336
     assert cfg.aux["dims"] == [192, 384, 768, 1536] and cfg.image_tokens == 576
@@ -565,13 +565,13 @@ def test_a_released_style_config_without_our_fields_resolves_the_released_towers
     with torch.device("meta"):
         model = MgmForCausalLM(cfg)
     assert 3.0e9 < sum(p.numel() for p in model.parameters()) < 3.05e9
-    written = checkpoint.config_to_dict(cfg)  # exported back: MGM's fields and values kept
+    written = config_file.config_to_dict(cfg)  # exported back: MGM's fields and values kept
     for key in ("model_type", "mm_hidden_size_aux", "image_size_aux", "mm_vision_tower", "mm_vision_tower_aux",
                 "tokenizer_model_max_length"):
         assert written[key] == raw[key], key
     bad = dict(raw, mm_hidden_size_aux=1234)
     with pytest.raises(ConfigError, match="mm_hidden_size_aux=1234"):
-        checkpoint.config_from_dict(bad)
+        config_file.config_from_dict(bad)
 
 
 def test_generate_greedy_and_sampled():

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from conftest import compose_cfg
-from vlm_finetune.models.mgm import checkpoint
+from vlm_finetune.models.mgm import checkpoint, config_file
 from vlm_finetune.models.mgm.assets import ensure_tokenizer_folder
 from vlm_finetune.models.mgm.modeling import MgmForCausalLM
 from vlm_finetune.models.registry import get_family
@@ -126,7 +126,7 @@ def test_a_loaded_rope_theta_is_used_and_exported_again(theta, tmp_path):
     """LLaMA-3 MGM (5e5) and Yi-34B MGM (5e6): the theta of config.json computes the rotary frequencies and is
     written back at the top level, with every field this project does not own."""
     raw = _released_llama_config(theta)
-    cfg = checkpoint.config_from_dict(raw)
+    cfg = config_file.config_from_dict(raw)
     assert cfg.text_config.rope_parameters["rope_theta"] == theta
     with torch.device("meta"):
         model = MgmForCausalLM(cfg)
@@ -135,12 +135,12 @@ def test_a_loaded_rope_theta_is_used_and_exported_again(theta, tmp_path):
     freq = model.model.rotary_emb.inv_freq
     head_dim = 64 // 4
     assert torch.allclose(freq, 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
-    written = checkpoint.config_to_dict(cfg)
+    written = config_file.config_to_dict(cfg)
     assert written["rope_theta"] == theta
     for key in ("max_sequence_length", "some_future_field", "tokenizer_model_max_length", "optimize_vision_tower",
                 "mm_vision_tower", "mm_vision_tower_aux", "torch_dtype"):
         assert written[key] == raw[key], key
-    assert checkpoint.config_from_dict(written).text_config.rope_parameters["rope_theta"] == theta
+    assert config_file.config_from_dict(written).text_config.rope_parameters["rope_theta"] == theta
 
 
 def test_gemma_gelu_follows_the_checkpoint():
@@ -154,15 +154,15 @@ def test_gemma_gelu_follows_the_checkpoint():
            "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                              "num_attention_heads": 2, "image_size": 56, "patch_size": 14},
            "vision_aux_config": {"dims": [8, 8, 8, 8], "depths": [1, 1, 1, 1]}}
-    cfg = checkpoint.config_from_dict(raw)
+    cfg = config_file.config_from_dict(raw)
     with torch.device("meta"):
         model = MgmForCausalLM(cfg)
     act = model.model.layers[0].mlp.act_fn
     x = torch.linspace(-3, 3, 101)
     assert isinstance(act, GELUActivation) and torch.equal(act(x), torch.nn.functional.gelu(x))
-    written = checkpoint.config_to_dict(cfg)
+    written = config_file.config_to_dict(cfg)
     assert written["hidden_act"] == written["hidden_activation"] == "gelu"
-    tiny = checkpoint.config_to_dict(MGM.config_from_options(compose_cfg(["model=tiny_mgm"]).model))
+    tiny = config_file.config_to_dict(MGM.config_from_options(compose_cfg(["model=tiny_mgm"]).model))
     assert tiny["hidden_act"] == tiny["hidden_activation"] == "gelu_pytorch_tanh"
 
 

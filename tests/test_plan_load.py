@@ -125,3 +125,20 @@ def test_the_gpu_row_of_the_load():
     sliced = plan_memory(["model=tiny_mgm_moe", "trainer=zero3", "hardware=6x4090", "precision=bf16-mixed"])
     assert sliced.load.partitioned and sliced.load.gpu_bytes_per_rank == sliced.total("parameters")
     assert "each rank's slice copied in from the folder" in sliced.render()
+
+
+def test_nf4_rows_are_marked_four_bit_and_a_cpu_rank_holds_them_at_the_load(monkeypatch):
+    """The 4-bit parameter rows carry `four_bit`; on a CPU rank the quantised layers stay in host memory, so
+    the host row of the load is the GPU machine's plus exactly those rows' bytes."""
+    mgm = get_family("mgm")
+    monkeypatch.setattr(type(mgm), "quantises_while_loading", lambda self, model_cfg: True)
+    common = ["model=mgm_8x7b", "trainer=single", "precision=nf4", "lora.llm_modules=attention",
+              "data.micro_batch_size=1"]
+    gpu, cpu = plan_memory(common + ["hardware=1xa6000"]), plan_memory(common + ["hardware=cpu"])
+    marked = [row for row in cpu.rows if row.four_bit]
+    assert sorted(row.item for row in marked) == ["llm frozen experts nf4 (4-bit per expert, fp32 absmax per 64)",
+                                                 "llm frozen nf4 (4-bit, double-quantised)"]
+    assert not any(row.four_bit for row in cpu.rows if "nf4" not in row.item)
+    four_bit = sum(row.bytes for row in marked)
+    assert four_bit > 23 * GiB  # the experts alone are 23.63 GiB
+    assert cpu.load.bytes_per_rank == gpu.load.bytes_per_rank + four_bit

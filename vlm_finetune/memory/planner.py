@@ -19,13 +19,9 @@ What is exact and what is modelled:
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from vlm_finetune.config import LossSettings, compose, is_auto
+from vlm_finetune.config import compose, is_auto
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.hardware import resolve
 from vlm_finetune.memory.activations import (
@@ -35,13 +31,15 @@ from vlm_finetune.memory.activations import (
     recompute_flops_per_token,
     trained_vision_rows,
 )
-from vlm_finetune.memory.count import ModelCount, ParamGroup, count_model
+from vlm_finetune.memory.count import count_model
+from vlm_finetune.memory.inputs import PlanInputs, plan_inputs, strategy_and_stage
 from vlm_finetune.memory.load import gpu_at_load, plan_load
 from vlm_finetune.memory.report import GiB, MemoryPlan, Row
 from vlm_finetune.memory.search import fastest_checkpointing, largest_micro_batch
+from vlm_finetune.memory.state_rows import optimizer_rows, parameter_rows, strategy_rows
 from vlm_finetune.models.base import Mode, Part, parse_trainability
 from vlm_finetune.models.registry import get_family
-from vlm_finetune.precision import WeightsPolicy, check_precision, weights_policy
+from vlm_finetune.precision import check_precision, weights_policy
 from vlm_finetune.strategies import check_combination
 from vlm_finetune.trainability import CHECKPOINT_SCOPES, builds_partitioned, checkpointed_layer_count
 
@@ -49,86 +47,6 @@ from vlm_finetune.trainability import CHECKPOINT_SCOPES, builds_partitioned, che
 CUDA_CONTEXT_BYTES = int(0.6 * GiB)   # CUDA context + cuBLAS/cuDNN workspaces: outside the allocator's count
 NCCL_BYTES = int(0.5 * GiB)           # NCCL communicators and their buffers, multi-GPU only
 FRAGMENTATION = 0.06                  # reserved / allocated - 1 seen on the H100 runs: 1.03-1.09
-NF4_BYTES_PER_PARAM = 0.5 + 0.5 / 64 + 4 / (64 * 256)  # 4-bit codes + fp8 absmax per 64 + fp32 per 256 blocks
-ADAM_STATES = 2
-PART_ORDER = ("vision", "projector", "llm", "other")  # the order of the parameter rows
-
-
-# --- what the rows read -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PlanInputs:
-    """Everything the rows read from the configuration, resolved once per plan; what varies between the
-    builds of one plan (tokens, micro-batch, images, checkpointed layers) is passed beside it."""
-
-    dims: dict  # the family's memory_dims
-    count: ModelCount
-    modes: dict  # Part -> Mode
-    strategy: str
-    stage: int  # ZeRO stage; 0 unless DeepSpeed
-    precision: str
-    half: bool  # activations (and DeepSpeed's module) in 16 bits
-    world: int
-    offload_optimizer: bool
-    offload_parameters: bool
-    optimizer_name: str
-    optimizer_states: int  # float32 states per trainable parameter
-    lora_rank: int
-    liger: bool
-    loss_impl: str
-    loss_chunk: int
-    reduce_bucket: int = 0  # DeepSpeed's buckets, in elements
-    allgather_bucket: int = 0
-    prefetch_bucket: int = 0
-    max_live_parameters: int = 0
-
-    @property
-    def act_bytes(self) -> int:
-        """Bytes of one activation element (and of a parameter gathered for compute)."""
-        return 2 if self.half else 4
-
-    @property
-    def shards_parameters(self) -> bool:
-        return self.strategy == "fsdp" or self.stage == 3
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.dims["layers"])
-
-    @property
-    def trainable_numel(self) -> int:
-        return sum(group.numel for group in self.count.groups if group.kind != "frozen")
-
-
-def strategy_and_stage(trainer_cfg: Any) -> tuple[str, int]:
-    """trainer.strategy and the ZeRO stage (0 unless DeepSpeed)."""
-    strategy = str(trainer_cfg.strategy)
-    return strategy, int(trainer_cfg.get("zero_stage", 0)) if strategy == "deepspeed" else 0
-
-
-def plan_inputs(cfg: Any, dims: dict, count: ModelCount, modes: dict, world: int, policy: WeightsPolicy
-                ) -> PlanInputs:
-    trainer = cfg.trainer
-    strategy, stage = strategy_and_stage(trainer)
-    loss = LossSettings.from_config(cfg.loss)
-    optimizer_name = str(cfg.optimizer.get("name", "adamw"))
-    if optimizer_name == "adamw":
-        states = ADAM_STATES
-    else:
-        states = 1 if float(cfg.optimizer.get("momentum", 0) or 0) else 0
-
-    def elements(key: str) -> int:
-        return int(float(trainer[key]))
-
-    return PlanInputs(
-        dims=dims, count=count, modes=modes, strategy=strategy, stage=stage, precision=str(cfg.precision.name),
-        half=policy.half, world=world, offload_optimizer=bool(trainer.get("offload_optimizer")),
-        offload_parameters=bool(trainer.get("offload_parameters")), optimizer_name=optimizer_name,
-        optimizer_states=states, lora_rank=int(cfg.lora.r), liger=bool(cfg.model.get("liger_kernels")),
-        loss_impl=loss.impl, loss_chunk=loss.chunk_size,
-        reduce_bucket=elements("reduce_bucket_size") if strategy == "deepspeed" else 0,
-        allgather_bucket=elements("allgather_bucket_size") if strategy == "deepspeed" and stage != 3 else 0,
-        prefetch_bucket=elements("stage3_prefetch_bucket_size") if stage == 3 else 0,
-        max_live_parameters=elements("stage3_max_live_parameters") if stage == 3 else 0)
 
 
 def sample_geometry(cfg: Any, seq: int | None, image_px: int | None) -> tuple[int, int]:
@@ -210,7 +128,7 @@ def plan_memory(overrides: list[str], seq: int | None = None, image_px: int | No
                                      is_auto(cfg.data.micro_batch_size))
     on_host = hardware.accelerator != "gpu" or bool(cfg.trainer.get("offload_parameters"))
     streamed = precision == "nf4" and family.quantises_while_loading(cfg.model)
-    four_bit = sum(r.bytes for r in result.rows if r.category == "parameters" and " nf4 " in r.item)
+    four_bit = sum(r.bytes for r in result.rows if r.four_bit)
     result.load = plan_load(count, hardware.devices, hardware.host_memory_gib, hardware.world_size, partitioned,
                             on_host, streamed, four_bit if hardware.accelerator != "gpu" else 0)
     if result.fits is not None:  # GPUs: one GPU at the load, against the step's budget
@@ -267,109 +185,6 @@ def plan_rows(inputs: PlanInputs, tokens: int, micro_batch: int, images: int, ch
 def _patches(inputs: PlanInputs, micro_batch: int, images: int) -> int:
     """ViT patches of a micro-batch."""
     return int(inputs.dims["vision_patches_per_image"]) * images * micro_batch
-
-
-def held_dtype(inputs: PlanInputs, group: ParamGroup) -> torch.dtype:
-    """The dtype a parameter group is held in during training."""
-    if inputs.strategy == "deepspeed" and inputs.half:
-        # DeepSpeed casts the module to bf16/fp16 and keeps float32 masters in the optimizer
-        return torch.bfloat16 if inputs.precision != "fp16-mixed" else torch.float16
-    return group.dtype
-
-
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def parameter_rows(inputs: PlanInputs) -> list[Row]:
-    world = inputs.world
-    rows: list[Row] = []
-    for group in sorted(inputs.count.groups, key=lambda group: PART_ORDER.index(group.part)):
-        dtype = held_dtype(inputs, group)
-        size = _element_size(dtype)
-        numel = group.numel
-        label = f"{group.part} {group.kind} {str(dtype).removeprefix('torch.')}"
-        count = inputs.count
-        if inputs.precision == "nf4" and group.part == "llm" and group.kind == "frozen":
-            quantized = min(count.quantizable_numel, numel) if group.dtype == count.quantizable_dtype else 0
-            if quantized:
-                rows.append(Row("parameters", "llm frozen nf4 (4-bit, double-quantised)",
-                                int(quantized * NF4_BYTES_PER_PARAM)))
-            if count.expert_numel and group.dtype == count.expert_dtype:  # fused MoE experts, per expert
-                rows.append(Row("parameters", "llm frozen experts nf4 (4-bit per expert, fp32 absmax per 64)",
-                                count.expert_nf4_bytes))
-                quantized += count.expert_numel
-            numel -= quantized
-        if inputs.shards_parameters:
-            # ZeRO-3 partitions every parameter; those below the persistence threshold are also kept whole
-            if group.persistent_numel:
-                rows.append(Row("parameters", label + " (small, kept whole)", group.persistent_numel * size))
-            offloaded = ", offloaded" if inputs.offload_parameters else ""
-            rows.append(Row("parameters", label + f" (sharded 1/{world}{offloaded})", math.ceil(numel / world) * size,
-                            "cpu" if inputs.offload_parameters else "gpu"))
-        else:
-            rows.append(Row("parameters", label, numel * size))
-    return rows
-
-
-def optimizer_rows(inputs: PlanInputs) -> list[Row]:
-    """Gradients and optimizer states."""
-    world, states = inputs.world, inputs.optimizer_states
-    trainable_numel = inputs.trainable_numel
-    if inputs.strategy == "deepspeed":
-        # ZeRO-2/3: half-precision gradients reduced into this rank's partition; a float32 copy of the
-        # partition exists during the step
-        partition = math.ceil(trainable_numel / world)
-        where = "cpu" if inputs.offload_optimizer else "gpu"
-        rows = [Row("gradients", f"trainable {'bf16' if inputs.half else 'fp32'} (partition 1/{world})",
-                    partition * inputs.act_bytes)]
-        if inputs.half:
-            rows.append(Row("gradients", f"fp32 copy of the partition for the optimizer step (1/{world})",
-                            partition * 4, where))
-        # DeepSpeed's optimizer holds a float32 copy of the partition, under 32-true too (ZeRO-3 would reuse
-        # float32 weights, but compares a device string with a torch.device and so always copies;
-        # tests/test_zero_cpu.py measures it)
-        master = 4
-        rows.append(Row("optimizer", f"fp32 master + {states} AdamW states (partition 1/{world})",
-                        partition * (master + 4 * states), where))
-        return rows
-    if inputs.strategy == "fsdp":
-        unit_total = sum(inputs.count.trainable_unit_numels)
-        root_trainable = max(0, trainable_numel - unit_total)
-        return [Row("gradients", f"fp32, whole units with a trainable weight (sharded 1/{world})",
-                    math.ceil((unit_total + root_trainable) / world) * 4),
-                Row("optimizer", f"{states} AdamW states fp32 (sharded 1/{world})",
-                    math.ceil(trainable_numel / world) * 4 * states)]
-    gradient_bytes = sum(group.numel * _element_size(held_dtype(inputs, group))
-                         for group in inputs.count.groups if group.kind != "frozen")
-    return [Row("gradients", "trainable (dtype of each parameter)", gradient_bytes),
-            Row("optimizer", f"{states} {inputs.optimizer_name} state(s) per trainable parameter",
-                gradient_bytes * states)]
-
-
-def strategy_rows(inputs: PlanInputs) -> list[Row]:
-    """Buffers of the sharding strategies: DeepSpeed's buckets and gathered modules, FSDP's gathered units."""
-    gathered_size = inputs.act_bytes  # parameters are gathered in the compute dtype
-    count = inputs.count
-    if inputs.strategy == "deepspeed":
-        trainable_numel = inputs.trainable_numel
-        rows = [Row("strategy", "ZeRO reduce bucket (contiguous gradients)",
-                    min(inputs.reduce_bucket, trainable_numel) * gathered_size)]
-        if inputs.stage == 3:
-            fetch = count.largest_fetch_numel
-            live = min(fetch + min(inputs.prefetch_bucket, fetch), max(inputs.max_live_parameters, fetch))
-            rows.append(Row("strategy", "ZeRO-3 gathered module + prefetch bucket", live * gathered_size))
-        else:
-            rows.append(Row("strategy", "ZeRO-2 all-gather bucket (updated parameters)",
-                            min(inputs.allgather_bucket, trainable_numel) * gathered_size))
-        return rows
-    if inputs.strategy == "fsdp":
-        unit = max(count.unit_numels or [0])
-        root = sum(group.numel for group in count.groups) - sum(count.unit_numels)
-        return [Row("strategy", "FSDP all-gathers: two units (current + prefetch) in compute dtype",
-                    2 * unit * gathered_size),
-                Row("strategy", "FSDP root unit held whole (embeddings, head, projector)", root * gathered_size)]
-    return []
 
 
 def activation_rows(inputs: PlanInputs, tokens: int, micro_batch: int, images: int, checkpointed_layers: int,

@@ -18,6 +18,7 @@ class Row:
     item: str
     bytes: int
     where: str = "gpu"
+    four_bit: bool = False  # nf4 weights: what the host holds of them while a CPU rank loads (memory/load.py)
 
 
 @dataclass

@@ -30,6 +30,18 @@ def weight_files(folder: Path) -> list[Path]:
                       "convert them to safetensors first)")
 
 
+def read_config_json(folder: Path, what: str) -> dict:
+    """The folder's config.json as a dict; ConfigError naming `what` the folder should be when it is missing,
+    and the parse error when it is not JSON."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"model.path={folder} has no config.json; point it at {what}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON ({err})") from err
+
+
 def folder_reader(folder: Path) -> "ShardReader":
     """A `ShardReader` over the folder's weight files, each checked to exist."""
     files = weight_files(folder)

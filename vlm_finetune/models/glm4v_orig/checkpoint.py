@@ -29,6 +29,7 @@ from vlm_finetune.models._partitioned import built_for_loading, unpartitioned
 from vlm_finetune.models._sharded import (
     INDEX_FILE,
     folder_reader,
+    read_config_json,
     stream_into,
     weight_files,
     write_shards,
@@ -113,14 +114,8 @@ def config_to_dict(cfg: Glm4vOrigConfig, dtype: torch.dtype | None = None) -> di
 
 
 def read_config(folder: Path, initializer_range: float | None = None) -> Glm4vOrigConfig:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"model.path={folder} has no config.json; point it at a GLM-4V-9B folder "
-                          "(config.json, *.safetensors + index, tokenizer.model, tokenizer_config.json)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path} is not valid JSON ({err})") from err
+    raw = read_config_json(folder, "a GLM-4V-9B folder (config.json, *.safetensors + index, tokenizer.model, "
+                                   "tokenizer_config.json)")
     return config_from_dict(raw, initializer_range)
 
 

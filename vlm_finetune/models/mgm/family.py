@@ -10,7 +10,7 @@ from torch import nn
 
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.models.base import Family, Part
-from vlm_finetune.models.mgm import assets, checkpoint
+from vlm_finetune.models.mgm import assets, checkpoint, config_file
 from vlm_finetune.models.mgm.modeling import CLIP_L_336, CONVNEXT, ConvNeXtBlock, MgmConfig, MgmForCausalLM
 from vlm_finetune.models.mgm.processor import MgmImages, MgmProcessor
 from vlm_finetune.models.nf4_load import quantize_layers_nf4
@@ -76,7 +76,7 @@ class MgmFamily(Family):
             llm.setdefault("vocab_size", len(tokenizer))
             llm.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
-        text = checkpoint.text_config_for(model_type, llm)
+        text = config_file.text_config_for(model_type, llm)
         vision = assets.plain_dict(model_cfg.get("vision")) or dict(CLIP_L_336)
         aux = model_cfg.get("vision_aux", "convnext_large_d_320")
         aux_path = MgmConfig.mm_vision_tower_aux
@@ -94,7 +94,7 @@ class MgmFamily(Family):
             mm_projector_type=str(model_cfg.get("projector_type", "mlp2x_gelu")),
             image_size_aux=int(model_cfg.image_size_aux), image_grid=int(model_cfg.get("image_grid", 1)),
             image_global=bool(model_cfg.get("image_global", False)),
-            template=str(model_cfg.get("template") or checkpoint.default_template(model_type, int(text.vocab_size))),
+            template=str(model_cfg.get("template") or config_file.default_template(model_type, int(text.vocab_size))),
             mm_vision_tower_aux=aux_path,
         )
         cfg.check()
@@ -115,14 +115,14 @@ class MgmFamily(Family):
     def build_config(self, model_cfg: Any) -> MgmConfig:
         folder = self.checkpoint_folder(model_cfg)
         if folder is not None:
-            return checkpoint.read_config(folder)
+            return config_file.read_config(folder)
         return self.config_from_options(model_cfg)
 
     def load_processor(self, model_cfg: Any, truncation: str = "truncate") -> MgmProcessor:
         from transformers import AutoTokenizer
 
         folder = self.checkpoint_folder(model_cfg)
-        cfg = checkpoint.read_config(folder) if folder is not None else self.config_from_options(model_cfg)
+        cfg = config_file.read_config(folder) if folder is not None else self.config_from_options(model_cfg)
         template = str(model_cfg.get("template") or cfg.template)
         tokenizer_folder = folder if folder is not None else assets.ensure_tokenizer_folder(
             model_cfg.cache_dir, int(model_cfg.vocab_size), template, **assets.tokenizer_options(model_cfg))

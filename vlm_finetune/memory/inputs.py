@@ -1,0 +1,88 @@
+"""What the planner's rows read: the configuration resolved once per plan (PlanInputs), beside the model's
+count. Rows for parameters and optimizer states are in memory/state_rows.py, activations in memory/planner.py."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vlm_finetune.config import LossSettings
+from vlm_finetune.memory.count import ModelCount
+from vlm_finetune.precision import WeightsPolicy
+
+ADAM_STATES = 2
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """Everything the rows read from the configuration, resolved once per plan; what varies between the
+    builds of one plan (tokens, micro-batch, images, checkpointed layers) is passed beside it."""
+
+    dims: dict  # the family's memory_dims
+    count: ModelCount
+    modes: dict  # Part -> Mode
+    strategy: str
+    stage: int  # ZeRO stage; 0 unless DeepSpeed
+    precision: str
+    half: bool  # activations (and DeepSpeed's module) in 16 bits
+    world: int
+    offload_optimizer: bool
+    offload_parameters: bool
+    optimizer_name: str
+    optimizer_states: int  # float32 states per trainable parameter
+    lora_rank: int
+    liger: bool
+    loss_impl: str
+    loss_chunk: int
+    reduce_bucket: int = 0  # DeepSpeed's buckets, in elements
+    allgather_bucket: int = 0
+    prefetch_bucket: int = 0
+    max_live_parameters: int = 0
+
+    @property
+    def act_bytes(self) -> int:
+        """Bytes of one activation element (and of a parameter gathered for compute)."""
+        return 2 if self.half else 4
+
+    @property
+    def shards_parameters(self) -> bool:
+        return self.strategy == "fsdp" or self.stage == 3
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.dims["layers"])
+
+    @property
+    def trainable_numel(self) -> int:
+        return sum(group.numel for group in self.count.groups if group.kind != "frozen")
+
+
+def strategy_and_stage(trainer_cfg: Any) -> tuple[str, int]:
+    """trainer.strategy and the ZeRO stage (0 unless DeepSpeed)."""
+    strategy = str(trainer_cfg.strategy)
+    return strategy, int(trainer_cfg.get("zero_stage", 0)) if strategy == "deepspeed" else 0
+
+
+def plan_inputs(cfg: Any, dims: dict, count: ModelCount, modes: dict, world: int, policy: WeightsPolicy
+                ) -> PlanInputs:
+    trainer = cfg.trainer
+    strategy, stage = strategy_and_stage(trainer)
+    loss = LossSettings.from_config(cfg.loss)
+    optimizer_name = str(cfg.optimizer.get("name", "adamw"))
+    if optimizer_name == "adamw":
+        states = ADAM_STATES
+    else:
+        states = 1 if float(cfg.optimizer.get("momentum", 0) or 0) else 0
+
+    def elements(key: str) -> int:
+        return int(float(trainer[key]))
+
+    return PlanInputs(
+        dims=dims, count=count, modes=modes, strategy=strategy, stage=stage, precision=str(cfg.precision.name),
+        half=policy.half, world=world, offload_optimizer=bool(trainer.get("offload_optimizer")),
+        offload_parameters=bool(trainer.get("offload_parameters")), optimizer_name=optimizer_name,
+        optimizer_states=states, lora_rank=int(cfg.lora.r), liger=bool(cfg.model.get("liger_kernels")),
+        loss_impl=loss.impl, loss_chunk=loss.chunk_size,
+        reduce_bucket=elements("reduce_bucket_size") if strategy == "deepspeed" else 0,
+        allgather_bucket=elements("allgather_bucket_size") if strategy == "deepspeed" and stage != 3 else 0,
+        prefetch_bucket=elements("stage3_prefetch_bucket_size") if stage == 3 else 0,
+        max_live_parameters=elements("stage3_max_live_parameters") if stage == 3 else 0)

@@ -1,0 +1,117 @@
+"""The planner's rows for what a run holds besides activations: parameters (in the dtype each group is held in,
+sharded or quantised), gradients and optimizer states, and the sharding strategies' buffers."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vlm_finetune.memory.count import ParamGroup
+from vlm_finetune.memory.inputs import PlanInputs
+from vlm_finetune.memory.report import Row
+
+NF4_BYTES_PER_PARAM = 0.5 + 0.5 / 64 + 4 / (64 * 256)  # 4-bit codes + fp8 absmax per 64 + fp32 per 256 blocks
+PART_ORDER = ("vision", "projector", "llm", "other")  # the order of the parameter rows
+
+
+def held_dtype(inputs: PlanInputs, group: ParamGroup) -> torch.dtype:
+    """The dtype a parameter group is held in during training."""
+    if inputs.strategy == "deepspeed" and inputs.half:
+        # DeepSpeed casts the module to bf16/fp16 and keeps float32 masters in the optimizer
+        return torch.bfloat16 if inputs.precision != "fp16-mixed" else torch.float16
+    return group.dtype
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def parameter_rows(inputs: PlanInputs) -> list[Row]:
+    world = inputs.world
+    rows: list[Row] = []
+    for group in sorted(inputs.count.groups, key=lambda group: PART_ORDER.index(group.part)):
+        dtype = held_dtype(inputs, group)
+        size = _element_size(dtype)
+        numel = group.numel
+        label = f"{group.part} {group.kind} {str(dtype).removeprefix('torch.')}"
+        count = inputs.count
+        if inputs.precision == "nf4" and group.part == "llm" and group.kind == "frozen":
+            quantized = min(count.quantizable_numel, numel) if group.dtype == count.quantizable_dtype else 0
+            if quantized:
+                rows.append(Row("parameters", "llm frozen nf4 (4-bit, double-quantised)",
+                                int(quantized * NF4_BYTES_PER_PARAM), four_bit=True))
+            if count.expert_numel and group.dtype == count.expert_dtype:  # fused MoE experts, per expert
+                rows.append(Row("parameters", "llm frozen experts nf4 (4-bit per expert, fp32 absmax per 64)",
+                                count.expert_nf4_bytes, four_bit=True))
+                quantized += count.expert_numel
+            numel -= quantized
+        if inputs.shards_parameters:
+            # ZeRO-3 partitions every parameter; those below the persistence threshold are also kept whole
+            if group.persistent_numel:
+                rows.append(Row("parameters", label + " (small, kept whole)", group.persistent_numel * size))
+            offloaded = ", offloaded" if inputs.offload_parameters else ""
+            rows.append(Row("parameters", label + f" (sharded 1/{world}{offloaded})", math.ceil(numel / world) * size,
+                            "cpu" if inputs.offload_parameters else "gpu"))
+        else:
+            rows.append(Row("parameters", label, numel * size))
+    return rows
+
+
+def optimizer_rows(inputs: PlanInputs) -> list[Row]:
+    """Gradients and optimizer states."""
+    world, states = inputs.world, inputs.optimizer_states
+    trainable_numel = inputs.trainable_numel
+    if inputs.strategy == "deepspeed":
+        # ZeRO-2/3: half-precision gradients reduced into this rank's partition; a float32 copy of the
+        # partition exists during the step
+        partition = math.ceil(trainable_numel / world)
+        where = "cpu" if inputs.offload_optimizer else "gpu"
+        rows = [Row("gradients", f"trainable {'bf16' if inputs.half else 'fp32'} (partition 1/{world})",
+                    partition * inputs.act_bytes)]
+        if inputs.half:
+            rows.append(Row("gradients", f"fp32 copy of the partition for the optimizer step (1/{world})",
+                            partition * 4, where))
+        # DeepSpeed's optimizer holds a float32 copy of the partition, under 32-true too (ZeRO-3 would reuse
+        # float32 weights, but compares a device string with a torch.device and so always copies;
+        # tests/test_zero_cpu.py measures it)
+        master = 4
+        rows.append(Row("optimizer", f"fp32 master + {states} AdamW states (partition 1/{world})",
+                        partition * (master + 4 * states), where))
+        return rows
+    if inputs.strategy == "fsdp":
+        unit_total = sum(inputs.count.trainable_unit_numels)
+        root_trainable = max(0, trainable_numel - unit_total)
+        return [Row("gradients", f"fp32, whole units with a trainable weight (sharded 1/{world})",
+                    math.ceil((unit_total + root_trainable) / world) * 4),
+                Row("optimizer", f"{states} AdamW states fp32 (sharded 1/{world})",
+                    math.ceil(trainable_numel / world) * 4 * states)]
+    gradient_bytes = sum(group.numel * _element_size(held_dtype(inputs, group))
+                         for group in inputs.count.groups if group.kind != "frozen")
+    return [Row("gradients", "trainable (dtype of each parameter)", gradient_bytes),
+            Row("optimizer", f"{states} {inputs.optimizer_name} state(s) per trainable parameter",
+                gradient_bytes * states)]
+
+
+def strategy_rows(inputs: PlanInputs) -> list[Row]:
+    """Buffers of the sharding strategies: DeepSpeed's buckets and gathered modules, FSDP's gathered units."""
+    gathered_size = inputs.act_bytes  # parameters are gathered in the compute dtype
+    count = inputs.count
+    if inputs.strategy == "deepspeed":
+        trainable_numel = inputs.trainable_numel
+        rows = [Row("strategy", "ZeRO reduce bucket (contiguous gradients)",
+                    min(inputs.reduce_bucket, trainable_numel) * gathered_size)]
+        if inputs.stage == 3:
+            fetch = count.largest_fetch_numel
+            live = min(fetch + min(inputs.prefetch_bucket, fetch), max(inputs.max_live_parameters, fetch))
+            rows.append(Row("strategy", "ZeRO-3 gathered module + prefetch bucket", live * gathered_size))
+        else:
+            rows.append(Row("strategy", "ZeRO-2 all-gather bucket (updated parameters)",
+                            min(inputs.allgather_bucket, trainable_numel) * gathered_size))
+        return rows
+    if inputs.strategy == "fsdp":
+        unit = max(count.unit_numels or [0])
+        root = sum(group.numel for group in count.groups) - sum(count.unit_numels)
+        return [Row("strategy", "FSDP all-gathers: two units (current + prefetch) in compute dtype",
+                    2 * unit * gathered_size),
+                Row("strategy", "FSDP root unit held whole (embeddings, head, projector)", root * gathered_size)]
+    return []
