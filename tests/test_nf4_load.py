@@ -2,7 +2,7 @@
 holds exactly what loading it whole in 16 bits and then quantising it holds (every 4-bit code, absmax and quant
 state, the towers, embeddings and head, the rotary frequencies), the keys are still checked before any tensor is
 read, and the host never holds more of the LLM in 16 bits than about one decoder layer (the planner's load row
-says what it holds)."""
+says what it holds). A model built from its config in nf4 is made a decoder layer at a time the same way."""
 from __future__ import annotations
 
 import json
@@ -108,6 +108,7 @@ with initialize_config_dir(config_dir=conf, version_base="1.3"):
     cfg = compose(config_name="train", overrides=overrides)
 family = get_family("mgm")
 folder = family.checkpoint_folder(cfg.model)
+assert (folder is None) == (mode == "config"), folder
 torch.set_num_threads(2)
 def status(field):
     line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
@@ -115,7 +116,7 @@ def status(field):
 steady_heap()  # as train() holds it while the model loads (memory.release_host=auto)
 Path("/proc/self/clear_refs").write_text("5")  # the peak so far becomes the resident size
 before = status("VmRSS")
-if mode == "streamed":
+if mode in ("streamed", "config"):  # from the folder, or (config) from its options: preset not tiny, no folder
     model = family.build_model(cfg.model, dtype=torch.bfloat16, quantization="nf4")
 else:
     model = checkpoint.load_folder(folder, dtype=torch.bfloat16)
@@ -143,18 +144,109 @@ def test_the_nf4_load_holds_one_decoder_layer_in_16_bits_not_the_model(tmp_path)
     overrides = [*WIDE, f"model.path={folder}"]
     bf16_bytes = json.loads((folder / _sharded.INDEX_FILE).read_text())["metadata"]["total_size"]
     growth = {}
-    for mode in ("streamed", "whole"):
-        out = subprocess.run([sys.executable, "-c", PROBE, mode, CONF_DIR, json.dumps(overrides)],
+    from_config = [*WIDE, "model.preset=wide", "+model.llm.vocab_size=400"]
+    for mode, args in (("streamed", overrides), ("whole", overrides), ("config", from_config)):
+        out = subprocess.run([sys.executable, "-c", PROBE, mode, CONF_DIR, json.dumps(args)],
                              capture_output=True, text=True, timeout=600, cwd=str(Path(__file__).parent))
         assert out.returncode == 0, out.stderr[-2000:]
         growth[mode] = json.loads(out.stdout.split("RESULT ")[-1])["growth"]
     plan = plan_memory([*overrides, "precision=nf4", "lora.llm_modules=attention", "hardware=cpu"])
     planned = plan.load.bytes_per_rank
     print(f"model {bf16_bytes / 2**20:.0f} MiB in bf16; growth streamed {growth['streamed'] / 2**20:.0f} MiB, "
-          f"whole then quantised {growth['whole'] / 2**20:.0f} MiB; planner {planned / 2**20:.0f} MiB")
+          f"whole then quantised {growth['whole'] / 2**20:.0f} MiB; planner {planned / 2**20:.0f} MiB; built from "
+          f"its config in nf4 {growth['config'] / 2**20:.0f} MiB")
     assert growth["whole"] >= 0.9 * bf16_bytes
     # the 4-bit layers alone are 0.29x of the bf16 model here; the rest is the towers, embeddings and one layer
     assert growth["streamed"] <= 0.6 * bf16_bytes
+    assert growth["config"] <= 0.6 * bf16_bytes  # the same model made from its options, a layer at a time
     # within 25%, beside the process's own growth on its first load and quantisation (30-50 MiB here), which the
     # plan leaves out and which only a toy of this size notices (MGM-8x7B cut to one layer: bench load, 1.10x)
     assert abs(planned - growth["streamed"]) <= 0.25 * growth["streamed"] + 64 * 2**20
+
+
+def _from_config(family_name: str, model_name: str, tmp_path: Path):
+    """The tiny model's options as a real-size preset (no checkpoint folder: built from its config)."""
+    from omegaconf import open_dict
+
+    cfg = compose_cfg([f"model={model_name}"], tmp_path)
+    with open_dict(cfg.model):
+        if family_name == "mgm":
+            cfg.model.preset = "small_moe"  # any preset but tiny*: the options, not a folder
+        else:
+            cfg.model.config_overrides = {"text": dict(cfg.model.text), "vision": dict(cfg.model.vision)}
+            cfg.model.preset = "glm45v" if model_name == "tiny_glm45v" else "glm41v_9b"
+    assert get_family(family_name).checkpoint_folder(cfg.model) is None
+    return cfg.model
+
+
+def _weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer under `module` in bf16/float form: 4-bit linear weights and experts dequantised."""
+    out = {}
+    for name, sub in module.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(sub, bnb.nn.Linear4bit):
+            out[prefix + "weight"] = bnb.functional.dequantize_4bit(sub.weight.data, sub.weight.quant_state)
+        for tensor_name in getattr(sub, "_nf4_shapes", {}):
+            view = getattr(sub, tensor_name)
+            out[prefix + tensor_name] = torch.stack([view[e] for e in range(len(view))])
+        for store in (sub._parameters, sub._buffers):
+            for key, value in store.items():
+                full = prefix + key
+                if value is not None and full not in out and value.dtype != torch.uint8 and "_nf4" not in key \
+                        and not key.endswith(("_absmax", "_code")):
+                    out[full] = value
+    return out
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_nf4_from_config_makes_and_quantises_one_decoder_layer_at_a_time(model_name, tmp_path, monkeypatch):
+    """A model built from its config (no folder) in nf4: the decoder layers are created on the meta device and
+    each is given memory, initialised by the LLM's own `_init_weights` and quantised before the next exists.
+    Against the same model built whole in bf16: the same tensors, every constant one (norms, biases, the router's
+    score correction) equal, every random one drawn alike (its spread within 10%, 4-bit rounding included, where
+    it has 4096 values or more)."""
+    from vlm_finetune.models import nf4_load
+
+    family_name, layers_name = MODELS[model_name]
+    family = get_family(family_name)
+    model_cfg = _from_config(family_name, model_name, tmp_path)
+    assert family.quantises_while_loading(model_cfg)
+    # when a layer is quantised, the layers before it are 4-bit already and those after it not made yet
+    seen, made = [], []
+    original_quantise, original_build = nf4_load.quantize_layers_nf4, nf4_load.build_quantised
+
+    def quantise(layer):
+        layers = made[0].get_submodule(layers_name)
+        unmade = [i for i, other in enumerate(layers) if any(p.device.type == "meta" for p in other.parameters())]
+        in_16_bits = [i for i, other in enumerate(layers) if any(
+            type(m) is torch.nn.Linear and m.weight.device.type != "meta" for m in other.modules())]
+        seen.append((list(layers).index(layer), in_16_bits, unmade))
+        original_quantise(layer)
+
+    def build_quantised(make, *args, **kwargs):
+        return original_build(lambda: made.append(make()) or made[0], *args, **kwargs)
+
+    monkeypatch.setattr(nf4_load, "quantize_layers_nf4", quantise)
+    monkeypatch.setattr(sys.modules[type(family).__module__], "build_quantised", build_quantised)
+    torch.manual_seed(0)
+    streamed = family.build_model(model_cfg, dtype=torch.bfloat16, quantization="nf4")
+    reference = family.build_model(model_cfg, dtype=torch.bfloat16)
+    layers = streamed.get_submodule(layers_name)
+    assert seen == [(i, [i], list(range(i + 1, len(layers)))) for i in range(len(layers))]
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in layers.modules())
+    assert not any(type(m) is torch.nn.Linear for m in layers.modules())
+    if model_name != "tiny_glm41v":  # the MoE models' experts, per expert
+        assert any(getattr(m, "_nf4_shapes", None) for m in layers.modules())
+    assert not any(t.device.type == "meta" for t in [*streamed.parameters(), *streamed.buffers()])
+    got, want = _weights(streamed), _weights(reference)
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        mine = got[name].float()
+        assert mine.shape == value.shape, name
+        value = value.float()
+        if value.numel() == 1 or torch.all(value == value.flatten()[0]):
+            assert torch.equal(mine, value), name
+        elif value.numel() >= 4096:  # enough draws for the spread to say how they were drawn
+            assert float(mine.std()) == pytest.approx(float(value.std()), rel=0.1), name
+        else:
+            assert torch.isfinite(mine).all() and not torch.all(mine == mine.flatten()[0]), name

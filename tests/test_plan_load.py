@@ -31,27 +31,26 @@ def test_mgm_8x7b_on_six_4090s_does_not_load_whole_and_says_why():
 
 
 def test_the_overall_verdict_names_the_load_when_only_the_load_does_not_fit():
-    """MGM-8x7B in nf4 on one A6000 built from its config (no folder): the step fits in 48 GB, but the model is
-    built whole in bf16 in host memory before it is quantised (88 GiB), which a 64 GB workstation cannot hold."""
+    """MGM-8x7B in nf4 on one A6000: the step fits in 48 GB; the load holds the towers, embeddings, head and one
+    decoder layer in bf16 (6.03 GiB), which a machine with 6 GB of host memory cannot hold."""
     args = ["model=mgm_8x7b", "hardware=1xa6000", "trainer=single", "precision=nf4", "lora.llm_modules=attention",
             "data.micro_batch_size=16", "trainer.accumulate_grad_batches=2"]
     assert plan_memory(args).overall == "FITS: the step and the load both fit"
-    small = plan_memory([*args, "hardware.host_memory_gib=64"])
+    small = plan_memory([*args, "hardware.host_memory_gib=6"])
     assert small.fits is True and small.load.fits is False and small.load.gpu_fits is True
     assert small.overall == "DOES NOT FIT: the load does not fit"
     assert ("overall (the step on each GPU, the load in host memory and on each GPU): DOES NOT FIT: the load"
             in small.render())
 
 
-def test_nf4_from_a_folder_holds_one_decoder_layer_in_host_memory(monkeypatch):
-    """The same run with model.path set (a released folder: the family quantises each decoder layer as it is
-    read): the host holds the towers, embeddings and head, one decoder layer in bf16 and its largest tensor
-    once more (joined from the checkpoint's per-expert matrices), and the 64 GB workstation fits. The folder's config is the preset's, so the count is the same."""
+def test_nf4_holds_one_decoder_layer_in_host_memory():
+    """MGM-8x7B in nf4 (from a released folder each decoder layer is quantised as it is read, from its config as
+    it is made): the host holds the towers, embeddings and head, one decoder layer in bf16 and its largest tensor
+    once more (joined from the checkpoint's per-expert matrices), and a 64 GB workstation fits."""
     from vlm_finetune.memory.count import count_model
     from vlm_finetune.memory.load import plan_load
 
     mgm = get_family("mgm")
-    monkeypatch.setattr(type(mgm), "quantises_while_loading", lambda self, model_cfg: True)
     args = ["model=mgm_8x7b", "hardware=1xa6000", "trainer=single", "precision=nf4", "lora.llm_modules=attention",
             "data.micro_batch_size=16", "trainer.accumulate_grad_batches=2", "hardware.host_memory_gib=64"]
     plan = plan_memory(args)
@@ -127,11 +126,9 @@ def test_the_gpu_row_of_the_load():
     assert "each rank's slice copied in from the folder" in sliced.render()
 
 
-def test_nf4_rows_are_marked_four_bit_and_a_cpu_rank_holds_them_at_the_load(monkeypatch):
+def test_nf4_rows_are_marked_four_bit_and_a_cpu_rank_holds_them_at_the_load():
     """The 4-bit parameter rows carry `four_bit`; on a CPU rank the quantised layers stay in host memory, so
     the host row of the load is the GPU machine's plus exactly those rows' bytes."""
-    mgm = get_family("mgm")
-    monkeypatch.setattr(type(mgm), "quantises_while_loading", lambda self, model_cfg: True)
     common = ["model=mgm_8x7b", "trainer=single", "precision=nf4", "lora.llm_modules=attention",
               "data.micro_batch_size=1"]
     gpu, cpu = plan_memory(common + ["hardware=1xa6000"]), plan_memory(common + ["hardware=cpu"])

@@ -113,10 +113,6 @@ def plan_memory(overrides: list[str], seq: int | None = None, image_px: int | No
         what = "decoder layers checkpointed" if scope == "layer" else "decoder layers' MLPs recomputed (selective)"
         notes.append(f"model.activation_checkpointing=auto: {checkpointed} of {num_layers} {what}, the plan with "
                      "the least recompute that fits the budget")
-    if precision == "nf4" and not family.quantises_while_loading(cfg.model):
-        notes.append("precision=nf4 without a checkpoint folder: the model is built whole in 16 bits, then "
-                     "quantised (GLM-4V refuses it: no weights to quantise); with model.path each decoder layer is "
-                     "quantised as it is read")
     if precision == "32-true" and hardware.accelerator == "gpu":
         notes.append("precision=32-true keeps the frozen base in float32; precision=bf16-mixed halves it")
     if count.trainable_unit_numels and strategy == "fsdp":

@@ -153,8 +153,9 @@ class Family(abc.ABC):
         return self.builds_partitioned
 
     def quantises_while_loading(self, model_cfg: Any) -> bool:
-        """Whether precision=nf4 quantises this model's decoder layers one at a time as its folder is read
-        (models/nf4_load.py), rather than holding the whole model in 16 bits first."""
+        """Whether precision=nf4 quantises this model's decoder layers one at a time as its folder is read, or
+        as each is made when the model is built from its config (models/nf4_load.py), rather than holding the
+        whole model in 16 bits first."""
         return False
 
     def image_features(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:

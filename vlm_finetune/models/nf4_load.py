@@ -5,10 +5,16 @@ A checkpoint folder is quantised as it is read (`stream_quantised`): the model i
 parts outside the decoder layers (towers, projector, embeddings, head) are filled in the load dtype, then each
 decoder layer in turn is given memory, filled from the folder one tensor at a time and quantised at once, its
 16-bit weights freed before the next layer is read. The host never holds more of the LLM in 16 bits than one
-decoder layer (MGM-8x7B: 2.8 GB instead of 94 GB), and a GPU never more than one of its tensors."""
+decoder layer (MGM-8x7B: 2.8 GB instead of 94 GB), and a GPU never more than one of its tensors.
+
+A model built from its config (random weights: benchmarks, real-size rehearsals) is quantised the same way
+(`build_quantised`): everything but the decoder layers is built and initialised as usual, the decoder layers
+are created on the meta device, then each in turn is given memory, initialised by the LLM's own
+`_init_weights` and quantised."""
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -85,3 +91,55 @@ def stream_quantised(model: nn.Module, layers_name: str, sources: dict[str, list
         own = f"{prefix}{index}."
         stream_into(layer, {n[len(own):]: s for n, s in sources.items() if n.startswith(own)}, assemble, reader)
         quantize_layers_nf4(layer)
+
+
+@contextmanager
+def created_on_meta(classes: tuple[type[nn.Module], ...]) -> Iterator[None]:
+    """Inside, every instance of `classes` (and of their subclasses) is created on the meta device: its
+    constructor runs under `torch.device("meta")`, so it holds no memory and draws no random numbers."""
+    saved = {cls: cls.__dict__.get("__init__") for cls in classes}
+
+    def on_meta(init):
+        def __init__(self, *args, **kwargs):
+            with torch.device("meta"):
+                init(self, *args, **kwargs)
+        return __init__
+
+    for cls in classes:
+        cls.__init__ = on_meta(cls.__init__)
+    try:
+        yield
+    finally:
+        for cls, init in saved.items():
+            if init is None:
+                del cls.__init__  # it was inherited
+            else:
+                cls.__init__ = init
+
+
+def build_quantised(make: Callable[[], nn.Module], layer_classes: tuple[type[nn.Module], ...], layers_name: str,
+                    owner_name: str, device: str | torch.device = "cpu") -> nn.Module:
+    """`make()` (a model built from its config) with its decoder layers (`layers_name`, instances of
+    `layer_classes`) quantised to nf4 one at a time: created on the meta device, then each given memory on
+    `device`, initialised by the transformers model that owns them (`owner_name`; its `_init_weights`, module by
+    module, children first, as its `post_init` does) and quantised before the next one exists."""
+    with created_on_meta(layer_classes):
+        model = make()
+    owner = model.get_submodule(owner_name)
+    layers = model.get_submodule(layers_name)
+    if not any(p.device.type == "meta" for p in layers.parameters()):
+        raise RuntimeError(f"{layers_name} was not created on the meta device: its layers are not of "
+                           f"{[c.__name__ for c in layer_classes]}")
+    for layer in layers:
+        layer.to_empty(device=device)
+        with torch.no_grad():
+            for module in _children_first(layer):
+                owner._init_weights(module)
+        quantize_layers_nf4(layer)
+    return model
+
+
+def _children_first(module: nn.Module) -> Iterator[nn.Module]:
+    for child in module.children():
+        yield from _children_first(child)
+    yield module

@@ -14,6 +14,7 @@ from vlm_finetune.models.base import Family, Part
 from vlm_finetune.models.glm4v import assets
 from vlm_finetune.models.glm4v.partitioned import build_from_config, load_folder_nf4, load_folder_partitioned
 from vlm_finetune.models.glm4v.processor import Glm4vProcessor
+from vlm_finetune.models.nf4_load import build_quantised
 
 # LLM linear layers of a GLM-4.1V decoder layer (see shared/reference/glm4v.md), per `lora.llm_modules`
 ATTENTION = r"self_attn\.(q_proj|k_proj|v_proj|o_proj)"
@@ -76,7 +77,8 @@ class Glm4vFamily(Family):
         return not model_cfg.get("trust_remote_code", False)
 
     def quantises_while_loading(self, model_cfg: Any) -> bool:
-        return self.checkpoint_folder(model_cfg) is not None and not model_cfg.get("trust_remote_code", False)
+        # from a folder as it is read, from its config as each decoder layer is made; not through remote code
+        return not model_cfg.get("trust_remote_code", False)
 
     @property
     def decoder_layer_classes(self) -> tuple[type[nn.Module], ...]:
@@ -185,13 +187,17 @@ class Glm4vFamily(Family):
             else:
                 model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, attn_implementation=attn)
         else:
-            if quantization:
-                raise ConfigError(f"precision={quantization} loads a checkpoint folder in 4-bit; set model.path "
-                                  "(a real-size model built from its config has no weights to quantise)")
             config = self.build_config(model_cfg)
             config._attn_implementation = attn
-            with torch.device(device or "cpu"):
-                model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+
+            def make() -> nn.Module:
+                with torch.device(device or "cpu"):
+                    return AutoModelForImageTextToText.from_config(config, dtype=dtype)
+
+            # nf4: the decoder layers made, initialised and quantised one at a time
+            model = make() if quantization is None else build_quantised(
+                make, self.decoder_layer_classes, "model.language_model.layers", "model.language_model",
+                device or "cpu")
         if model_cfg.get("liger_kernels"):
             apply_liger_kernels(model)
         return model

@@ -13,7 +13,7 @@ from vlm_finetune.models.base import Family, Part
 from vlm_finetune.models.mgm import assets, checkpoint, config_file
 from vlm_finetune.models.mgm.modeling import CLIP_L_336, CONVNEXT, ConvNeXtBlock, MgmConfig, MgmForCausalLM
 from vlm_finetune.models.mgm.processor import MgmImages, MgmProcessor
-from vlm_finetune.models.nf4_load import quantize_layers_nf4
+from vlm_finetune.models.nf4_load import build_quantised
 
 PROJECTOR_MODULES = ("model.mm_projector", "model.vlm_uni_query_projector", "model.vlm_uni_aux_projector",
                      "model.vlm_uni_val_projector")
@@ -110,7 +110,7 @@ class MgmFamily(Family):
         return None
 
     def quantises_while_loading(self, model_cfg: Any) -> bool:
-        return self.checkpoint_folder(model_cfg) is not None
+        return True  # from a folder as it is read, from its config as each decoder layer is made
 
     def build_config(self, model_cfg: Any) -> MgmConfig:
         folder = self.checkpoint_folder(model_cfg)
@@ -155,17 +155,21 @@ class MgmFamily(Family):
             model = checkpoint.load_folder(folder, dtype=dtype, device=device or "cpu", quantization=quantization)
         else:
             cfg = self.config_from_options(model_cfg)
-            previous = torch.get_default_dtype()
-            torch.set_default_dtype(dtype if dtype.is_floating_point else torch.float32)
-            try:
-                with torch.device(device or "cpu"):
-                    model = MgmForCausalLM(cfg)
-            finally:
-                torch.set_default_dtype(previous)
+
+            def make() -> MgmForCausalLM:
+                previous = torch.get_default_dtype()
+                torch.set_default_dtype(dtype if dtype.is_floating_point else torch.float32)
+                try:
+                    with torch.device(device or "cpu"):
+                        return MgmForCausalLM(cfg)
+                finally:
+                    torch.set_default_dtype(previous)
+
+            # nf4: the decoder layers made, initialised and quantised one at a time
+            model = make() if quantization is None else build_quantised(
+                make, self.decoder_layer_classes, "model.layers", "model", device or "cpu")
         model.config.text_config._attn_implementation = attn
         model.config.vision_config._attn_implementation = attn
-        if quantization == "nf4" and not on_meta and folder is None:  # built from its config, then quantised
-            quantize_layers_nf4(model.model.layers)
         if model_cfg.get("liger_kernels"):
             raise ConfigError("model.liger_kernels=true is not wired for MGM yet; set it to false")
         return model
