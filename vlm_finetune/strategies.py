@@ -14,6 +14,7 @@ from torch import nn
 
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.hardware import Hardware
+from vlm_finetune.models._partitioned import unpartitioned
 from vlm_finetune.models.base import Family
 
 STRATEGIES = ("single", "ddp", "fsdp", "deepspeed")
@@ -227,7 +228,11 @@ def set_zero3_leaves(model: nn.Module, family: Family, trainer_cfg: Any) -> list
     if leaves:
         from deepspeed.utils import set_z3_leaf_modules
 
-        set_z3_leaf_modules(model, leaves)
+        # DeepSpeed marks the leaves through `Module.apply`, which zero.Init (a model built partitioned in
+        # configure_model) wraps to gather each module's parameters whole first: every MoE block's experts
+        # (MGM-8x7B: 2.6 GiB a layer) would be gathered on every rank only to set a flag
+        with unpartitioned():
+            set_z3_leaf_modules(model, leaves)
     return leaves
 
 
