@@ -100,6 +100,12 @@ def rank_main(out: Path, overrides: list[str]) -> None:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             mark(f"batch {batch_idx} end")
 
+        def on_train_end(self, trainer, pl_module) -> None:
+            mark("train end (adapter saved)")
+
+        def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+            mark(f"validation batch {batch_idx} end")
+
     built = VLMModule.configure_model
 
     def configure_model(module) -> None:
@@ -109,6 +115,7 @@ def rank_main(out: Path, overrides: list[str]) -> None:
     VLMModule.configure_model = configure_model
     before = _status("VmRSS")
     recipe.train(cfg, callbacks=[AtLoad()])
+    mark("run returned")
     rank = int(os.environ.get("LOCAL_RANK", 0))
     (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "rss_before": before, "peak_at_load": AtLoad.peak,
                                                       "peak": _status("VmHWM"), "trace": trace}))
