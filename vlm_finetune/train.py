@@ -284,6 +284,11 @@ def _train(cfg: DictConfig, callbacks: list | None, modes: dict, hardware: Hardw
     # so no rank holds it whole; until then its structure on the meta device gives the plan and the counts
     partitioned = builds_partitioned(family, cfg.model, is_zero3_config(cfg.trainer), modes, policy,
                                      is_auto(cfg.data.micro_batch_size))
+    if is_zero3_config(cfg.trainer) and not partitioned and env_global_rank() == 0:
+        why = " (model.trust_remote_code=true: the folder's own modelling code)" if cfg.model.get(
+            "trust_remote_code") else ""
+        print(f"vlm_finetune: ZeRO-3: {cfg.model.name} is built whole on every rank before DeepSpeed partitions "
+              f"it{why}; the plan's load rows count that", flush=True)
     model, plan = build(device="meta") if partitioned else build()
     _resolve_auto(cfg, family, model, processor, hardware)  # micro-batch auto -> real steps on the GPU
     trainable, total = count_parameters(model)
