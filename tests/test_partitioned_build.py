@@ -106,6 +106,7 @@ def test_marking_the_moe_leaves_under_zero_init_gathers_no_parameter(zero_init, 
     `Module.apply` gathers each module's parameters whole before it runs: marking the MoE blocks must not gather
     the experts (MGM-8x7B: 2.6 GiB a layer on every rank, measured 1.5 GiB of extra host peak at world size 1)."""
     from deepspeed.runtime.zero.partition_parameters import Init
+    from deepspeed.utils import z3_leaf_module
 
     from vlm_finetune.strategies import set_zero3_leaves
 
@@ -126,7 +127,5 @@ def test_marking_the_moe_leaves_under_zero_init_gathers_no_parameter(zero_init, 
         gathered.clear()
         leaves = set_zero3_leaves(model, MGM, compose_cfg(["trainer=zero3"]).trainer)
     assert leaves and gathered == []
-    from deepspeed.utils import z3_leaf_module
-
     moe = [m for m in model.modules() if isinstance(m, tuple(leaves))]
     assert moe and all(z3_leaf_module(m) for m in moe)

@@ -282,9 +282,9 @@ def _train(cfg: DictConfig, callbacks: list | None, modes: dict, hardware: Hardw
     build = _model_builder(cfg, family, modes, policy)
     # ZeRO-3: the model is built in VLMModule.configure_model, inside DeepSpeed's partitioned initialisation,
     # so no rank holds it whole; until then its structure on the meta device gives the plan and the counts
-    partitioned = builds_partitioned(family, cfg.model, is_zero3_config(cfg.trainer), modes, policy,
-                                     is_auto(cfg.data.micro_batch_size))
-    if is_zero3_config(cfg.trainer) and not partitioned and env_global_rank() == 0:
+    zero3 = is_zero3_config(cfg.trainer)
+    partitioned = builds_partitioned(family, cfg.model, zero3, modes, policy, is_auto(cfg.data.micro_batch_size))
+    if zero3 and not partitioned and env_global_rank() == 0:
         why = " (model.trust_remote_code=true: the folder's own modelling code)" if cfg.model.get(
             "trust_remote_code") else ""
         print(f"vlm_finetune: ZeRO-3: {cfg.model.name} is built whole on every rank before DeepSpeed partitions "

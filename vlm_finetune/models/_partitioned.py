@@ -112,7 +112,8 @@ def initialised_whole() -> Iterator[None]:
 @contextlib.contextmanager
 def unpartitioned() -> Iterator[None]:
     """Modules created while inside are ordinary (LoRA layers, small and initialised by peft after creation);
-    the ZeRO engine partitions them when it starts. Outside `zero.Init` it does nothing."""
+    the ZeRO engine partitions them when it starts. `Module.apply` is zero.Init's no more either (there it gathers
+    each module's parameters whole before the function runs). Outside `zero.Init` it does nothing."""
     if not partitioning_active():
         yield
         return
