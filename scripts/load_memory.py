@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from vlm_finetune.config import model_settings
+
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = str(ROOT / "conf")
 
@@ -178,7 +180,8 @@ def main() -> None:
 
     base = run_overrides(args.layers, args.steps)
     cfg = compose(base)
-    folder = get_family(cfg.model.family).checkpoint_folder(cfg.model)  # written once by the family's writer
+    # written once by the family's writer
+    folder = get_family(cfg.model.family).checkpoint_folder(model_settings(cfg.model))
     model_bytes = json.loads((folder / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
     zero3 = [*base, "trainer=zero3", "hardware=cpu", "hardware.devices=2",
              # DeepSpeed's working buffers sized for a model of this size, not for the defaults' billions

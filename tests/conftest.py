@@ -12,6 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import vlm_finetune.config  # noqa: F401  (registers the resolvers conf/train.yaml uses)
+from vlm_finetune.config import lora_settings, model_settings
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 # fast settings for tiny runs in tests (the default run's recipe is longer)
@@ -149,8 +150,8 @@ def plain_and_partitioned_builds(zero_init, family, cfg, seed: int = 5):
 
     modes, policy = parse_trainability(cfg.train), weights_policy("32-true", "deepspeed")
     torch.manual_seed(seed)
-    plain = build_trainable_model(family, cfg.model, modes, cfg.lora, policy)
+    plain = build_trainable_model(family, model_settings(cfg.model), modes, lora_settings(cfg.lora), policy, checkpointed_layers=False, checkpoint_scope="layer")
     torch.manual_seed(seed)
     with zero_init():
-        partitioned = build_trainable_model(family, cfg.model, modes, cfg.lora, policy)
+        partitioned = build_trainable_model(family, model_settings(cfg.model), modes, lora_settings(cfg.lora), policy, checkpointed_layers=False, checkpoint_scope="layer")
     return plain, partitioned

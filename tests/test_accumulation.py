@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import compose_cfg, run_cli
+from vlm_finetune.config import model_settings
 from vlm_finetune.data.conversations import ConversationDataset, load_conversations
 from vlm_finetune.data.datamodule import Collator, EncodedDataset
 from vlm_finetune.loss import full_logits_cross_entropy_sum
@@ -105,11 +106,11 @@ def test_logged_loss_is_the_per_token_mean_of_the_step(runs, varied_data, tmp_pa
     # at step 0 the model is the base model (LoRA B = 0): compute the step's loss directly, in one batch
     cfg = compose_cfg(_overrides(varied_data, 8, 1), tmp_path)
     family = get_family("glm4v")
-    processor = family.load_processor(cfg.model)
+    processor = family.load_processor(model_settings(cfg.model), "truncate")
     records, _ = load_conversations(varied_data / "train.json", None)
     data = EncodedDataset(ConversationDataset(records, "train.json"), processor, 1024)
     batch = Collator(processor)([data[i] for i in range(len(data))])
-    model = family.build_model(cfg.model)
+    model = family.build_model(model_settings(cfg.model))
     keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
     with torch.no_grad():
         total, count = full_logits_cross_entropy_sum(model(**{k: batch[k] for k in keys}).logits, batch["labels"])

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import compose_cfg
+from vlm_finetune.config import lora_settings, model_settings, strategy_settings
 from vlm_finetune.data.shapes import ShapesDataset
 from vlm_finetune.hardware import Hardware
 from vlm_finetune.memory.planner import plan_memory
@@ -48,7 +49,8 @@ def _fsdp_setup(model, cfg, family):
     needs GPUs): its own checkpoint wrappers, from the policy build_strategy gives it."""
     from lightning.fabric.strategies.fsdp import _setup_activation_checkpointing
 
-    strategy = build_strategy(cfg, family, GPU)
+    strategy = build_strategy(strategy_settings(cfg.trainer), cfg.precision.name, cfg.data.micro_batch_size,
+                              family, GPU)
     _setup_activation_checkpointing(model, strategy._activation_checkpointing_kwargs)
     return model
 
@@ -60,10 +62,11 @@ def test_n_checkpoints_exactly_the_first_n_decoder_layers(name, strategy, tmp_pa
     for value, expected in [("1", [0]), ("true", [0, 1])] + ([("0", [])] if strategy == "single" else []):
         overrides = [f"model={name}", f"model.activation_checkpointing={value}", f"trainer={strategy}"]
         cfg = compose_cfg(overrides, tmp_path)
-        processor = family.load_processor(cfg.model)
-        model, _ = build_trainable_model(family, cfg.model, parse_trainability(cfg.train), cfg.lora,
+        processor = family.load_processor(model_settings(cfg.model), "truncate")
+        model, _ = build_trainable_model(family, model_settings(cfg.model), parse_trainability(cfg.train), lora_settings(cfg.lora),
                                          weights_policy("32-true", strategy),
-                                         checkpointed_layers=cfg.model.activation_checkpointing)
+                                         checkpointed_layers=cfg.model.activation_checkpointing,
+                                         checkpoint_scope="layer")
         if strategy == "fsdp":
             model = _fsdp_setup(model, cfg, family)
         torch.manual_seed(0)
@@ -78,5 +81,6 @@ def test_a_number_beyond_the_decoder_layers_is_a_clear_error(tmp_path):
     family = get_family("mgm")
     cfg = compose_cfg(["model=tiny_mgm_moe", "model.activation_checkpointing=3"], tmp_path)
     with pytest.raises(ConfigError, match="has 2 decoder layers"):
-        build_trainable_model(family, cfg.model, parse_trainability(cfg.train), cfg.lora, weights_policy("32-true"),
-                              checkpointed_layers=cfg.model.activation_checkpointing)
+        build_trainable_model(family, model_settings(cfg.model), parse_trainability(cfg.train), lora_settings(cfg.lora), weights_policy("32-true"),
+                              checkpointed_layers=cfg.model.activation_checkpointing,
+                                         checkpoint_scope="layer")

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from vlm_finetune import bench
+from vlm_finetune.config import model_settings
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path")
@@ -30,7 +31,7 @@ def test_make_batch_has_exact_length_and_supervision(tmp_path):
     from vlm_finetune.models.registry import get_family
 
     cfg = compose_cfg([], tmp_path)
-    processor = get_family("glm4v").load_processor(cfg.model)
+    processor = get_family("glm4v").load_processor(model_settings(cfg.model), "truncate")
     batch = bench.make_batch(processor, 300, 112, 390)
     assert batch["input_ids"].shape == (1, 300)
     n_image = int((batch["input_ids"] == processor.image_token_id).sum())

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from conftest import compose_cfg
+from vlm_finetune.config import model_settings
 from vlm_finetune.data.conversations import load_conversations
 from vlm_finetune.data.datamodule import Collator, EncodedDataset, StepWindowLoader
 from vlm_finetune.data.sample import Message, Sample
@@ -21,7 +22,7 @@ from vlm_finetune.models.registry import get_family
 @pytest.fixture(scope="module")
 def processor(tmp_path_factory):
     cfg = compose_cfg([], tmp_path_factory.mktemp("p"))
-    return get_family("glm4v").load_processor(cfg.model)
+    return get_family("glm4v").load_processor(model_settings(cfg.model), "truncate")
 
 
 def test_shapes_deterministic_and_splits_differ():

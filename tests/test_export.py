@@ -13,6 +13,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
+from vlm_finetune.config import model_settings
 from vlm_finetune.data.datamodule import Collator, EncodedDataset
 from vlm_finetune.data.shapes import ShapesDataset
 from vlm_finetune.models.registry import get_family
@@ -50,7 +51,7 @@ def test_merged_export_matches_base_plus_adapter(shared_run, tmp_path, _asset_ca
     processor = objects["processor"]
     data = EncodedDataset(ShapesDataset("val", 4, seed=11), processor, None)
     batch = Collator(processor)([data[i] for i in range(4)])
-    folder = get_family("glm4v").checkpoint_folder(cfg.model)
+    folder = get_family("glm4v").checkpoint_folder(model_settings(cfg.model))
     base = AutoModelForImageTextToText.from_pretrained(folder).eval()
     base_logits = _logits(base, batch)
     with_adapter = PeftModel.from_pretrained(base, run_dir / "adapter").eval()

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from conftest import compose_cfg
+from vlm_finetune.config import model_settings
 from vlm_finetune.data.sample import IGNORE_INDEX, IMAGE_PLACEHOLDER, Message, Sample
 from vlm_finetune.models.registry import get_family
 
@@ -50,12 +51,12 @@ def released(tmp_path_factory):
     family = get_family("glm4v")
     cfg = compose_cfg([], tmp_path_factory.mktemp("run"))
     folder = tmp_path_factory.mktemp("glm41v") / "checkpoint"
-    shutil.copytree(family.checkpoint_folder(cfg.model), folder)
+    shutil.copytree(family.checkpoint_folder(model_settings(cfg.model)), folder)
     template = TEMPLATE.read_text(encoding="utf-8")
     (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
     config = json.loads((folder / "tokenizer_config.json").read_text())
     (folder / "tokenizer_config.json").write_text(json.dumps(dict(config, chat_template=template), indent=2))
-    processor = family.load_processor(compose_cfg([f"model.path={folder}"], tmp_path_factory.mktemp("run")).model)
+    processor = family.load_processor(model_settings(compose_cfg([f"model.path={folder}"], tmp_path_factory.mktemp("run")).model), "truncate")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert tokenizer.chat_template == template
     return processor, tokenizer, AutoImageProcessor.from_pretrained(folder)

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import compose_cfg, run_cli
+from vlm_finetune.config import lora_settings, model_settings
 from vlm_finetune.models.registry import get_family
 from vlm_finetune.train import train
 
@@ -36,7 +37,7 @@ def test_tiny_glm45v_has_the_released_moe_structure(tmp_path):
 
     cfg = compose_cfg(["model=tiny_glm45v"], tmp_path)
     family = get_family("glm4v")
-    model = family.build_model(cfg.model)
+    model = family.build_model(model_settings(cfg.model))
     assert type(model) is Glm4vMoeForConditionalGeneration
     layers = model.model.language_model.layers
     assert type(layers[0].mlp) is Glm4vMoeTextMLP  # first_k_dense_replace=1, as released
@@ -48,7 +49,7 @@ def test_tiny_glm45v_has_the_released_moe_structure(tmp_path):
     # random weights drawn with std 0.1 (the tiny recipe), experts included
     assert 0.08 < float(moe.experts.gate_up_proj.detach().std()) < 0.12
     # the model runs on a processed sample and the router picks 2 of 4 experts per token
-    processor = family.load_processor(cfg.model)
+    processor = family.load_processor(model_settings(cfg.model), "truncate")
     assert model.config.image_token_id == processor.image_token_id
     hidden = torch.randn(5, 128)
     _, weights, indices = moe.gate(hidden)
@@ -63,8 +64,8 @@ def test_tiny_glm45v_lora_on_attention_and_the_fused_experts(scope, attention, e
     from vlm_finetune.trainability import build_trainable_model
 
     cfg = compose_cfg(["model=tiny_glm45v", f"lora.llm_modules={scope}"], tmp_path)
-    model, plan = build_trainable_model(get_family("glm4v"), cfg.model, parse_trainability(cfg.train), cfg.lora,
-                                        weights_policy("32-true"))
+    model, plan = build_trainable_model(get_family("glm4v"), model_settings(cfg.model), parse_trainability(cfg.train), lora_settings(cfg.lora),
+                                        weights_policy("32-true"), checkpointed_layers=False, checkpoint_scope="layer")
     names = [n for n, p in model.named_parameters() if "lora_A" in n]
     assert sum(".self_attn." in n for n in names) == attention  # q, k, v, o of both layers
     # the routed experts' fused gate_up and down tensors of the MoE layer (PEFT's parameter wrappers)
@@ -83,7 +84,7 @@ def test_lora_on_experts_needs_an_moe_model(tmp_path):
 
     cfg = compose_cfg(["lora.llm_modules=experts"], tmp_path)  # tiny_glm41v: dense
     with pytest.raises(ConfigError, match="needs an MoE model"):
-        get_family("glm4v").lora_target_pattern(Part.LLM, cfg.model, cfg.lora)
+        get_family("glm4v").lora_target_pattern(Part.LLM, model_settings(cfg.model), lora_settings(cfg.lora))
 
 
 def _losses(run_dir: Path) -> list[float]:

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import FAST, compose_cfg
+from vlm_finetune.config import model_settings
 from vlm_finetune.data.sample import IGNORE_INDEX, Message, Sample
 from vlm_finetune.errors import ConfigError, DataError
 from vlm_finetune.models.glm4v_orig import assets, checkpoint
@@ -24,7 +25,7 @@ TRAP = "raise SystemExit('the folder\\'s own Python must never run')\n"
 def folder(tmp_path_factory):
     """A released-layout tiny folder with the architecture of tiny_glm4v, and the module it was written from."""
     path = tmp_path_factory.mktemp("glm-4v-9b")
-    plain = assets.plain_dict(compose_cfg(["model=tiny_glm4v"]).model)
+    plain = model_settings(compose_cfg(["model=tiny_glm4v"]).model).as_dict()
     model = assets.write_tiny_folder(path, plain["config"], 400, seed=7, initializer_range=0.1, shards=2)
     for name in ("tokenization_chatglm.py", "modeling_chatglm.py", "configuration_chatglm.py", "visual.py"):
         (path / name).write_text(TRAP)
@@ -51,7 +52,7 @@ def test_released_folder_loads_to_the_logits_of_its_module(folder, tmp_path):
     assert index["transformer.encoder.layers.0.self_attention.query_key_value.weight"].startswith("model-")
     assert len(set(index.values())) == 2
     cfg = compose_cfg(["model=tiny_glm4v", f"model.path={path}"], tmp_path)
-    model, processor = FAMILY.build_model(cfg.model).eval(), FAMILY.load_processor(cfg.model)
+    model, processor = FAMILY.build_model(model_settings(cfg.model)).eval(), FAMILY.load_processor(model_settings(cfg.model), "truncate")
     batch = _batch(processor)
     assert batch["pixel_values"].shape == (3, 3, 112, 112)
     keys = ("input_ids", "attention_mask", "pixel_values")
@@ -93,19 +94,19 @@ def test_a_glm41v_config_is_refused_with_the_config_to_use(tmp_path):
 
 
 def test_glm4v_9b_on_meta_counts_the_reported_parameters():
-    model = FAMILY.build_model(compose_cfg(["model=glm4v_9b"]).model, dtype=torch.bfloat16, device="meta")
+    model = FAMILY.build_model(model_settings(compose_cfg(["model=glm4v_9b"]).model), dtype=torch.bfloat16, device="meta")
     total = sum(p.numel() for p in model.parameters())
     decoder = sum(p.numel() for p in model.model.layers.parameters())
     vit = sum(p.numel() for p in model.vision.transformer.layers.parameters())
     assert (total, decoder, vit, total - decoder - vit) == (13_906_320_896, 8_158_433_280, 4_279_387_392,
                                                            1_468_500_224)  # zai-org/GLM-4#500
     assert all(p.device.type == "meta" for p in model.parameters())
-    dims = FAMILY.memory_dims(compose_cfg(["model=glm4v_9b"]).model, 1120)
+    dims = FAMILY.memory_dims(model_settings(compose_cfg(["model=glm4v_9b"]).model), 1120)
     assert (dims["vision_patches_per_image"], dims["image_tokens_per_image"], dims["kv_heads"]) == (6401, 1602, 2)
 
 
 def test_prompt_ids_follow_the_released_tokenizer(tmp_path):
-    processor = FAMILY.load_processor(compose_cfg(["model=tiny_glm4v"], tmp_path).model)
+    processor = FAMILY.load_processor(model_settings(compose_cfg(["model=tiny_glm4v"], tmp_path).model), "truncate")
     tok = processor.tokenizer
     first = tok.convert_tokens_to_ids("<|endoftext|>")
     # the released ids, relative to <|endoftext|> = 151329: [gMASK] 151331, <sop> 151333, <|user|> 151336, ...
@@ -135,7 +136,7 @@ def test_prompt_ids_follow_the_released_tokenizer(tmp_path):
 
 
 def test_multi_turn_history_is_the_released_format_and_one_image_per_conversation(tmp_path):
-    processor = FAMILY.load_processor(compose_cfg(["model=tiny_glm4v"], tmp_path).model)
+    processor = FAMILY.load_processor(model_settings(compose_cfg(["model=tiny_glm4v"], tmp_path).model), "truncate")
     tok, ids = processor.tokenizer, processor.ids
     sample = Sample([Message("user", "Hi"), Message("assistant", "yes"), Message("user", "Again"),
                      Message("assistant", "no")])
@@ -171,13 +172,14 @@ def test_merged_export_is_a_released_folder_that_reloads_equal(tmp_path):
     with torch.no_grad():
         want = with_adapter.get_base_model()(**{k: batch[k] for k in keys})
         got = merged(**{k: batch[k] for k in keys})
-        base = FAMILY.build_model(compose_cfg(["model=tiny_glm4v"]).model).eval()(**{k: batch[k] for k in keys})
+        base = FAMILY.build_model(model_settings(compose_cfg(["model=tiny_glm4v"]).model)).eval()(**{k: batch[k] for k in keys})
     assert ((got - want).abs().max() / want.abs().max()) < 1e-5
     assert (base - got).abs().max() > 1e-3  # training changed what was merged (LoRA and the adapter)
     cfg = compose_cfg(["model=tiny_glm4v", f"model.path={out}"], tmp_path)
-    assert FAMILY.load_processor(cfg.model).encode(Sample([Message("user", "Hi"), Message("assistant", "yes")])
-                                                   ).input_ids[0] == FAMILY.load_processor(
-        compose_cfg(["model=tiny_glm4v"]).model).ids["[gMASK]"]
+    reloaded = FAMILY.load_processor(model_settings(cfg.model), "truncate")
+    tiny = FAMILY.load_processor(model_settings(compose_cfg(["model=tiny_glm4v"]).model), "truncate")
+    assert reloaded.encode(Sample([Message("user", "Hi"), Message("assistant", "yes")])).input_ids[0] == \
+        tiny.ids["[gMASK]"]
 
 
 @pytest.mark.slow

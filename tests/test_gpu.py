@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from vlm_finetune.config import model_settings
+
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -52,7 +54,7 @@ def test_strategy_trains_and_round_trips_adapter(trainer, tmp_path):
     from vlm_finetune.models.registry import get_family
 
     cfg = compose_cfg([], tmp_path)
-    base = AutoModelForImageTextToText.from_pretrained(get_family("glm4v").checkpoint_folder(cfg.model))
+    base = AutoModelForImageTextToText.from_pretrained(get_family("glm4v").checkpoint_folder(model_settings(cfg.model)))
     reloaded = PeftModel.from_pretrained(base, adapter)
     assert sum(1 for n, _ in reloaded.named_parameters() if "lora_A" in n) == 12
 
@@ -68,5 +70,5 @@ def test_mgm_strategy_trains_and_round_trips_adapter(model, trainer, tmp_path):
     from vlm_finetune.models.registry import get_family
 
     cfg = compose_cfg([f"model={model}"], tmp_path)
-    reloaded = PeftModel.from_pretrained(get_family("mgm").build_model(cfg.model), adapter)
+    reloaded = PeftModel.from_pretrained(get_family("mgm").build_model(model_settings(cfg.model)), adapter)
     assert any("lora_A" in n for n, _ in reloaded.named_parameters())

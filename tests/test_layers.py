@@ -14,13 +14,14 @@ MAX_LINES = 450
 LAYERS = [
     ("entry", ("vlm_finetune.__main__", "vlm_finetune.plan", "vlm_finetune.export", "vlm_finetune.generate", "vlm_finetune.loadcheck",
                "vlm_finetune.bench", "vlm_finetune.suite", "vlm_finetune.databench")),
-    ("run", ("vlm_finetune.train", "vlm_finetune.measure", "vlm_finetune.autotune", "vlm_finetune.memory.planner", "vlm_finetune.memory.load",
+    ("run", ("vlm_finetune.train", "vlm_finetune.config", "vlm_finetune.rundir", "vlm_finetune.measure", "vlm_finetune.autotune", "vlm_finetune.memory.planner", "vlm_finetune.memory.load",
              "vlm_finetune.memory.suggest", "vlm_finetune.memory.oom")),
     ("training", ("vlm_finetune.module", "vlm_finetune.strategies", "vlm_finetune.checkpointing", "vlm_finetune.resume",
                   "vlm_finetune.adapters", "vlm_finetune.callbacks", "vlm_finetune.memory", "vlm_finetune.trainability",
                   "vlm_finetune.loss", "vlm_finetune.data.datamodule", "vlm_finetune.plots", "vlm_finetune.watchdog")),
     ("models", ("vlm_finetune.models", "vlm_finetune.data")),
-    ("utilities", ("vlm_finetune.io", "vlm_finetune.rundir", "vlm_finetune.precision", "vlm_finetune.config", "vlm_finetune.hardware",
+    ("utilities", ("vlm_finetune.io", "vlm_finetune.precision", "vlm_finetune.settings",
+                   "vlm_finetune.hardware",
                    "vlm_finetune.errors", "vlm_finetune.signals", "vlm_finetune.data.sample",
                    "vlm_finetune.data.batch", "vlm_finetune")),
 ]
@@ -181,3 +182,53 @@ def test_the_code_passes_ruff():
     result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "vlm_finetune", "tests"], cwd=root,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-1000:]
+
+
+# -- settings, not config nodes, below the run assembly ---------------------------------------------------
+CONFIG_LIBRARIES = ("omegaconf", "hydra")
+
+
+def _below_run(name: str) -> bool:
+    return ORDER.index(layer_of(name)) > ORDER.index("run")
+
+
+def config_node_leaks(path: Path) -> list[str]:
+    """Imports of omegaconf/hydra (function-level ones included) and parameters named `cfg` or `*_cfg` in a
+    module's source."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [f"line {node.lineno}: import {a.name}" for a in node.names
+                      if a.name.split(".")[0] in CONFIG_LIBRARIES]
+        elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] in \
+                CONFIG_LIBRARIES:
+            found.append(f"line {node.lineno}: from {node.module} import ...")
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            args = node.args
+            for arg in [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]:
+                if arg is not None and (arg.arg == "cfg" or arg.arg.endswith("_cfg")):
+                    where = getattr(node, "name", "lambda")
+                    found.append(f"line {node.lineno}: {where}({arg.arg})")
+    return found
+
+
+def test_below_the_run_assembly_nothing_takes_a_config_node():
+    """Everything below the run assembly takes typed settings (vlm_finetune/settings.py), read once by
+    config.read_settings: no omegaconf or hydra import, no parameter named cfg / *_cfg."""
+    leaks = {name: found for name, path in package_modules().items()
+             if _below_run(name) and (found := config_node_leaks(path))}
+    assert leaks == {}
+
+
+def test_the_config_node_check_finds_a_planted_parameter_and_import(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text("def f(cfg):\n    return cfg\n\n\ndef g(x, model_cfg=None):\n    import omegaconf\n"
+                       "    from hydra.utils import instantiate\n    return x\n")
+    assert config_node_leaks(planted) == ["line 1: f(cfg)", "line 5: g(model_cfg)", "line 6: import omegaconf",
+                                          "line 7: from hydra.utils import ..."]
+    clean = tmp_path / "clean.py"
+    clean.write_text("def f(settings, config):\n    return settings\n")
+    assert config_node_leaks(clean) == []
+    # the layers the rule applies to: a training part and a model module are below, the recipe is not
+    assert _below_run("vlm_finetune.strategies") and _below_run("vlm_finetune.models.mgm.family")
+    assert not _below_run("vlm_finetune.train") and not _below_run("vlm_finetune.config")

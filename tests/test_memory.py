@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import FAST, compose_cfg
+from vlm_finetune.config import model_settings
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.memory.monitor import CSV_NAME, PNG_NAME, GiB, MemoryMonitor, PhaseRecord, find_spikes, read_csv
 from vlm_finetune.memory.oom import OOM_REPORT
@@ -168,7 +169,7 @@ def test_checkpointing_only_the_first_n_layers_saves_memory_in_between(tmp_path)
 
     def saved_bytes(value):
         cfg = compose_cfg([f"model.activation_checkpointing={value}"], tmp_path)
-        model = get_family("glm4v").build_model(cfg.model)
+        model = get_family("glm4v").build_model(model_settings(cfg.model))
         apply_activation_checkpointing(model, GLM4V, cfg.model.activation_checkpointing)
         model.train()
         layers = [m for m in model.modules() if isinstance(m, GLM4V.decoder_layer_classes)]
@@ -191,4 +192,4 @@ def test_checkpointing_only_the_first_n_layers_saves_memory_in_between(tmp_path)
     assert flags0 == [False, False] and flags1 == [True, False] and flags2 == [True, True]
     assert none > one > both
     with pytest.raises(ConfigError, match="has 2 decoder layers"):
-        apply_activation_checkpointing(get_family("glm4v").build_model(compose_cfg([], tmp_path).model), GLM4V, 3)
+        apply_activation_checkpointing(get_family("glm4v").build_model(model_settings(compose_cfg([], tmp_path).model)), GLM4V, 3)

@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from conftest import FAST, compose_cfg
+from vlm_finetune.config import lora_settings, model_settings, read_settings
 from vlm_finetune.data.sample import Message, Sample
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.models.mgm import checkpoint, config_file
@@ -25,7 +26,7 @@ MGM = get_family("mgm")
 
 def _config(model: str = "tiny_mgm", overrides: list[str] = ()):
     cfg = compose_cfg([f"model={model}", *overrides])
-    return cfg, MGM.config_from_options(cfg.model)
+    return cfg, MGM.config_from_options(model_settings(cfg.model))
 
 
 def _model(model: str = "tiny_mgm", overrides: list[str] = (), seed: int = 0) -> MgmForCausalLM:
@@ -231,7 +232,7 @@ def test_templates_render_mgm_prompts(name, expected):
 
 def test_processor_supervises_only_the_answer_and_expands_images(tmp_path):
     cfg = compose_cfg(["model=tiny_mgm"], tmp_path)
-    processor = MGM.load_processor(cfg.model)
+    processor = MGM.load_processor(model_settings(cfg.model), "truncate")
     image = Image.new("RGB", (112, 80), (255, 0, 0))
     enc = processor.encode(Sample(QA, [image]))
     ids, labels = enc.input_ids.tolist(), enc.labels.tolist()
@@ -267,20 +268,19 @@ def _plan(name: str, overrides: list[str] = ()):
     from vlm_finetune.trainability import apply_trainability, plan_trainability
 
     cfg = compose_cfg([f"model={name}", *overrides])
-    model = MGM.build_model(cfg.model)
-    plan = plan_trainability(MGM, model, parse_trainability(cfg.train), cfg.model, cfg.lora)
-    return cfg, apply_trainability(model, plan, cfg.lora), plan
+    model = MGM.build_model(model_settings(cfg.model))
+    plan = plan_trainability(MGM, model, parse_trainability(cfg.train), model_settings(cfg.model), lora_settings(cfg.lora))
+    return cfg, apply_trainability(model, plan, lora_settings(cfg.lora)), plan
 
 
 def test_frozen_towers_stay_in_eval_mode_without_grad():
-    from vlm_finetune.config import EvalSettings, LossSettings, OptimizerSettings
     from vlm_finetune.module import VLMModule
 
     cfg, model, plan = _plan("tiny_mgm", ["model.vision_aux.depths=[2,2,2,2]"])
     base = model.get_base_model()
     module = VLMModule(model, MGM, None, plan, lambda groups: torch.optim.AdamW(groups),
-                       OptimizerSettings.from_config(cfg.optimizer), None, LossSettings.from_config(cfg.loss),
-                       EvalSettings.from_config(cfg.eval))
+                       read_settings(cfg).optimizer, None, read_settings(cfg).loss,
+                       read_settings(cfg).eval)
     module.train()
     aux = base.model.vision_tower_aux
     assert not aux.training and not base.model.vision_tower.training
@@ -311,7 +311,7 @@ def test_strategies_see_the_moe_block_as_a_leaf_and_the_decoder_layer_as_a_unit(
 
     assert MixtralSparseMoeBlock in MGM.zero3_leaf_classes
     assert MixtralDecoderLayer in MGM.decoder_layer_classes
-    model = MGM.build_model(compose_cfg(["model=tiny_mgm_moe"]).model)
+    model = MGM.build_model(model_settings(compose_cfg(["model=tiny_mgm_moe"]).model))
     assert any(isinstance(m, MixtralSparseMoeBlock) for m in model.modules())
 
 
@@ -327,7 +327,7 @@ def test_tiny_mgm_trains_and_the_adapter_reloads(name, tmp_path):
     adapter = objects["run_dir"] / "adapter"
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
     cfg = compose_cfg([f"model={name}"], tmp_path)
-    reloaded = PeftModel.from_pretrained(MGM.build_model(cfg.model), str(adapter)).eval()
+    reloaded = PeftModel.from_pretrained(MGM.build_model(model_settings(cfg.model)), str(adapter)).eval()
     trained = objects["module"].model.eval()
     batch = next(iter(objects["datamodule"].val_dataloader()))
     keys = ("input_ids", "attention_mask", "images", "images_aux")
@@ -357,7 +357,7 @@ def test_merged_export_is_a_released_layout_mgm_folder(name, tmp_path):
         got = merged(**{k: batch[k] for k in keys})
     assert ((got - want).abs().max() / want.abs().max()) < 1e-4
     # LoRA really changed the weights that were merged
-    base = MGM.build_model(compose_cfg([f"model={name}"]).model).eval()
+    base = MGM.build_model(model_settings(compose_cfg([f"model={name}"]).model)).eval()
     with torch.no_grad():
         assert (base(**{k: batch[k] for k in keys}) - got).abs().max() > 1e-4
 
@@ -403,7 +403,9 @@ def test_mgm_strategies_build_for_gpu_profiles(trainer, tmp_path):
     from vlm_finetune.strategies import build_strategy
 
     cfg = compose_cfg(["model=mgm_8x7b", f"trainer={trainer}", "hardware=6x4090", "precision=bf16-mixed"], tmp_path)
-    strategy = build_strategy(cfg, MGM, resolve(cfg.hardware))
+    settings = read_settings(cfg)
+    strategy = build_strategy(settings.strategy, settings.precision, settings.data.micro_batch_size, MGM,
+                              resolve(settings.hardware))
     if trainer == "fsdp":
         assert isinstance(strategy, FSDPStrategy)
         wrapped = strategy.kwargs["auto_wrap_policy"]._module_classes
@@ -428,9 +430,9 @@ def test_planner_bytes_are_exact_for_tiny_mgm_moe(tmp_path):
 
     plan = plan_memory(["model=tiny_mgm_moe"])
     cfg = compose_cfg(["model=tiny_mgm_moe"], tmp_path)
-    model = MGM.build_model(cfg.model)
-    model = apply_trainability(model, plan_trainability(MGM, model, parse_trainability(cfg.train), cfg.model, cfg.lora),
-                               cfg.lora)
+    model = MGM.build_model(model_settings(cfg.model))
+    model = apply_trainability(model, plan_trainability(MGM, model, parse_trainability(cfg.train), model_settings(cfg.model), lora_settings(cfg.lora)),
+                               lora_settings(cfg.lora))
     seen, params = set(), 0
     for p in model.parameters():
         if id(p) not in seen:

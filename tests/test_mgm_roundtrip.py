@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from conftest import compose_cfg
+from vlm_finetune.config import model_settings
 from vlm_finetune.models.mgm import checkpoint, config_file
 from vlm_finetune.models.mgm.assets import ensure_tokenizer_folder
 from vlm_finetune.models.mgm.modeling import MgmForCausalLM
@@ -38,7 +39,7 @@ TRANSFORMERS4_TOKENIZERS = {"PreTrainedTokenizerFast", "LlamaTokenizer", "LlamaT
 def _model(name="tiny_mgm", overrides=(), seed=0) -> MgmForCausalLM:
     cfg = compose_cfg([f"model={name}", *overrides])
     torch.manual_seed(seed)
-    return MgmForCausalLM(MGM.config_from_options(cfg.model)).eval()
+    return MgmForCausalLM(MGM.config_from_options(model_settings(cfg.model))).eval()
 
 
 def mgm_loader_reads(folder: Path) -> dict[str, torch.Tensor]:
@@ -84,7 +85,7 @@ def test_written_config_carries_what_mgms_loader_needs(tmp_path):
     assert config["mm_use_im_patch_token"] is False and config["mm_use_im_start_end"] is False
     assert config["torch_dtype"] == "float32" and config["image_aspect_ratio"] == "pad"
     # generated configs name the towers by the local folder names MGM's builder accepts
-    _, real = compose_cfg(["model=mgm_2b"]), MGM.config_from_options(compose_cfg(["model=mgm_2b"]).model)
+    _, real = compose_cfg(["model=mgm_2b"]), MGM.config_from_options(model_settings(compose_cfg(["model=mgm_2b"]).model))
     assert "openai" in real.mm_vision_tower.lower()
     aux = real.mm_vision_tower_aux.lower()
     assert "openclip" in aux and "convnext" in aux and "large" in aux and "d-320" in aux
@@ -162,7 +163,7 @@ def test_gemma_gelu_follows_the_checkpoint():
     assert isinstance(act, GELUActivation) and torch.equal(act(x), torch.nn.functional.gelu(x))
     written = config_file.config_to_dict(cfg)
     assert written["hidden_act"] == written["hidden_activation"] == "gelu"
-    tiny = config_file.config_to_dict(MGM.config_from_options(compose_cfg(["model=tiny_mgm"]).model))
+    tiny = config_file.config_to_dict(MGM.config_from_options(model_settings(compose_cfg(["model=tiny_mgm"]).model)))
     assert tiny["hidden_act"] == tiny["hidden_activation"] == "gelu_pytorch_tanh"
 
 
@@ -189,7 +190,7 @@ def _folder_with_tokenizer(tmp_path: Path, kind: str, legacy: bool) -> Path:
     source = ensure_tokenizer_folder(os.environ["VLM_FINETUNE_CACHE"], 400, "vicuna_v1", kind, legacy)
     tokenizer = AutoTokenizer.from_pretrained(source)
     cfg = compose_cfg(["model=tiny_mgm", "model.template=vicuna_v1", "model.llm.model_type=llama"])
-    config = MGM.config_from_options(cfg.model, tokenizer)
+    config = MGM.config_from_options(model_settings(cfg.model), tokenizer)
     torch.manual_seed(0)
     folder = tmp_path / "MGM-7B-tiny"
     checkpoint.save_folder(MgmForCausalLM(config), folder)
@@ -206,8 +207,8 @@ def test_export_copies_the_tokenizer_files_byte_for_byte(kind, legacy, tmp_path)
     if kind == "sentencepiece":
         assert "tokenizer.model" in files and "tokenizer.json" not in files
     cfg = compose_cfg(["model=tiny_mgm", f"model.path={folder}", "model.template=vicuna_v1"], tmp_path / "run")
-    processor = MGM.load_processor(cfg.model)  # a SentencePiece-only folder loads (the sentencepiece package)
-    model = MGM.build_model(cfg.model)
+    processor = MGM.load_processor(model_settings(cfg.model), "truncate")  # a SentencePiece-only folder loads (the sentencepiece package)
+    model = MGM.build_model(model_settings(cfg.model))
     out = tmp_path / "export"
     out.mkdir()
     MGM.save_merged(model, out, processor)

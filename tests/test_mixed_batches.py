@@ -12,6 +12,7 @@ from test_accumulation import COMMON, _adapter, _assert_same_updates, _losses
 from torch.utils.data import DistributedSampler
 
 from conftest import compose_cfg, run_cli
+from vlm_finetune.config import model_settings, read_settings
 from vlm_finetune.train import train
 
 WORDS = "red green blue yellow circle square triangle diamond one two three four".split()
@@ -91,20 +92,19 @@ def test_text_only_and_image_micro_batches_under_zero3_match_one_process(mixed_d
 def test_vision_in_every_step_runs_the_vision_path_and_leaves_loss_and_gradients_alone(tmp_path, model, family_name):
     """One process: on a text-only micro-batch the blank image goes through the vision tower and the projector,
     and the loss and every gradient are bit for bit those without it (the projector's are 0)."""
-    from vlm_finetune.config import LossSettings
     from vlm_finetune.data.sample import Message, Sample
     from vlm_finetune.models.registry import get_family
     from vlm_finetune.module import VisionInEveryStep, batch_loss_sum
 
     cfg = compose_cfg([f"model={model}"], tmp_path)
     family = get_family(family_name)
-    processor = family.load_processor(cfg.model)
-    model_ = family.build_model(cfg.model)
+    processor = family.load_processor(model_settings(cfg.model), "truncate")
+    model_ = family.build_model(model_settings(cfg.model))
     samples = [Sample([Message("user", f"Name {n} colours."), Message("assistant", " ".join(WORDS[:n]))])
                for n in (2, 7)]
     batch = processor.collate([processor.encode(s) for s in samples])
     assert not any(k in batch for k in family.image_keys)
-    loss = LossSettings.from_config(cfg.loss)
+    loss = read_settings(cfg).loss
     calls = []
     vision_modules = [m for name, m in model_.named_modules() if name.endswith(("visual", "vision_tower", "mm_projector"))]
     assert vision_modules

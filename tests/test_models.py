@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import compose_cfg
+from vlm_finetune.config import model_settings
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.models.registry import get_family
 
@@ -13,7 +14,7 @@ from vlm_finetune.models.registry import get_family
 @pytest.mark.parametrize("name,billions,low,high", [("glm41v_9b", 10.34, 10.2, 10.5), ("glm45v", 104.4, 100, 110)])
 def test_real_size_builds_on_meta_with_expected_size(name, billions, low, high, tmp_path):
     cfg = compose_cfg([f"model={name}", "model.activation_checkpointing=false"], tmp_path)
-    model = get_family("glm4v").build_model(cfg.model, dtype=torch.bfloat16, device="meta")
+    model = get_family("glm4v").build_model(model_settings(cfg.model), dtype=torch.bfloat16, device="meta")
     total = sum(p.numel() for p in model.parameters())
     assert low * 1e9 < total < high * 1e9, total / 1e9
     assert all(p.device.type == "meta" for p in model.parameters())  # nothing allocated
@@ -27,13 +28,13 @@ def test_real_size_builds_on_meta_with_expected_size(name, billions, low, high, 
 def test_model_path_loads_a_checkpoint_folder(tmp_path):
     family = get_family("glm4v")
     tiny = compose_cfg([], tmp_path)
-    folder = family.checkpoint_folder(tiny.model)  # the generated tiny checkpoint is a normal HF folder
+    folder = family.checkpoint_folder(model_settings(tiny.model))  # the generated tiny checkpoint is a normal HF folder
     cfg = compose_cfg([f"model.path={folder}"], tmp_path)
-    assert family.checkpoint_folder(cfg.model) == folder
-    processor = family.load_processor(cfg.model)
-    model = family.build_model(cfg.model)
+    assert family.checkpoint_folder(model_settings(cfg.model)) == folder
+    processor = family.load_processor(model_settings(cfg.model), "truncate")
+    model = family.build_model(model_settings(cfg.model))
     assert model.config.image_token_id == processor.image_token_id
-    reference = family.build_model(tiny.model)
+    reference = family.build_model(model_settings(tiny.model))
     for (n1, p1), (n2, p2) in zip(model.named_parameters(), reference.named_parameters()):
         assert n1 == n2 and torch.equal(p1, p2)
 
@@ -41,4 +42,4 @@ def test_model_path_loads_a_checkpoint_folder(tmp_path):
 def test_model_path_without_config_is_a_clear_error(tmp_path):
     cfg = compose_cfg([f"model.path={tmp_path}"], tmp_path)
     with pytest.raises(ConfigError, match="has no config.json"):
-        get_family("glm4v").build_model(cfg.model)
+        get_family("glm4v").build_model(model_settings(cfg.model))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import compose_cfg
+from vlm_finetune.config import lora_settings, model_settings
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.models.moe_lora import _wrapper_chain
 from vlm_finetune.models.registry import get_family, parse_trainability
@@ -19,8 +20,8 @@ MODELS = {"tiny_mgm_moe": "mgm", "tiny_glm45v": "glm4v"}
 def _build(model: str, tmp_path, forward: str):
     cfg = compose_cfg([f"model={model}", "lora.llm_modules=experts", f"lora.expert_forward={forward}"], tmp_path)
     torch.manual_seed(0)
-    built, _ = build_trainable_model(get_family(MODELS[model]), cfg.model, parse_trainability(cfg.train), cfg.lora,
-                                     weights_policy("32-true"))
+    built, _ = build_trainable_model(get_family(MODELS[model]), model_settings(cfg.model), parse_trainability(cfg.train), lora_settings(cfg.lora),
+                                     weights_policy("32-true"), checkpointed_layers=False, checkpoint_scope="layer")
     wrappers = [m for m in built.modules() if "_per_expert_forward" in str(getattr(m, "forward", ""))]
     outermost = [m for m in built.modules() if type(m).__name__ == "ParamWrapper" and len(_wrapper_chain(m)) == 2]
     with torch.no_grad():  # LoRA B starts at zero: give it values, so that the update is not trivially zero

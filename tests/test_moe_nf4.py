@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import compose_cfg
+from vlm_finetune.config import model_settings
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.models import moe_nf4
 from vlm_finetune.models.registry import get_family
@@ -25,8 +26,8 @@ RUN = ["trainer.max_steps=30", "eval.generate=false", "trainer.val_every_n_steps
 def _quantised(model_name: str, tmp_path):
     cfg = compose_cfg([f"model={model_name}"], tmp_path)
     family = get_family(MODELS[model_name])
-    plain = family.build_model(cfg.model, dtype=torch.bfloat16)
-    four_bit = family.build_model(cfg.model, dtype=torch.bfloat16, quantization="nf4")
+    plain = family.build_model(model_settings(cfg.model), dtype=torch.bfloat16)
+    four_bit = family.build_model(model_settings(cfg.model), dtype=torch.bfloat16, quantization="nf4")
     return plain, four_bit
 
 
@@ -85,7 +86,7 @@ def test_nf4_moe_trains_like_bf16_and_the_adapter_reloads(model_name, tmp_path):
     print(f"{model_name}: val_loss nf4 {metrics['val_loss']:.4f}, bf16 {reference['val_loss']:.4f}")
     assert abs(metrics["val_loss"] - reference["val_loss"]) < 0.25 * reference["val_loss"], (metrics, reference)
     cfg = compose_cfg([f"model={model_name}"], tmp_path)
-    reloaded = PeftModel.from_pretrained(get_family(MODELS[model_name]).build_model(cfg.model), tmp_path / "nf4" / "adapter")
+    reloaded = PeftModel.from_pretrained(get_family(MODELS[model_name]).build_model(model_settings(cfg.model)), tmp_path / "nf4" / "adapter")
     names = [n for n, _ in reloaded.named_parameters() if "lora_A" in n]
     assert names and all(".self_attn." in n for n in names)
 

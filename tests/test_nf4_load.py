@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import CONF_DIR, compose_cfg
+from vlm_finetune.config import model_settings
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.models import _sharded
 from vlm_finetune.models.mgm import checkpoint as mgm_checkpoint
@@ -44,9 +45,9 @@ def test_the_streamed_nf4_load_holds_what_quantising_the_whole_model_holds(model
     family_name, layers = MODELS[model_name]
     family = get_family(family_name)
     cfg = compose_cfg([f"model={model_name}"], tmp_path)
-    folder = family.checkpoint_folder(cfg.model)
-    assert family.quantises_while_loading(cfg.model)
-    streamed = family.build_model(cfg.model, dtype=torch.bfloat16, quantization="nf4")
+    folder = family.checkpoint_folder(model_settings(cfg.model))
+    assert family.quantises_while_loading(model_settings(cfg.model))
+    streamed = family.build_model(model_settings(cfg.model), dtype=torch.bfloat16, quantization="nf4")
     reference = _whole_then_quantised(family_name, layers, folder)
     four_bit = [m for m in streamed.get_submodule(layers).modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert four_bit and not any(type(m) is torch.nn.Linear for m in streamed.get_submodule(layers).modules())
@@ -64,7 +65,7 @@ def test_the_streamed_nf4_load_holds_what_quantising_the_whole_model_holds(model
 def test_a_missing_layer_tensor_is_named_before_any_tensor_is_read(tmp_path, monkeypatch):
     family = get_family("mgm")
     cfg = compose_cfg(["model=tiny_mgm_moe"], tmp_path)
-    source = family.checkpoint_folder(cfg.model)
+    source = family.checkpoint_folder(model_settings(cfg.model))
     state = mgm_checkpoint.read_state(source)
     dropped = "model.layers.1.self_attn.q_proj.weight"
     del state[dropped]
@@ -85,7 +86,7 @@ def test_a_missing_layer_tensor_is_named_before_any_tensor_is_read(tmp_path, mon
 def test_trust_remote_code_with_nf4_is_a_clear_error(tmp_path):
     cfg = compose_cfg(["model=tiny_glm41v", "model.trust_remote_code=true"], tmp_path)
     with pytest.raises(ConfigError, match="precision=nf4 is not wired for a folder loaded with trust_remote_code"):
-        get_family("glm4v").build_model(cfg.model, dtype=torch.bfloat16, quantization="nf4")
+        get_family("glm4v").build_model(model_settings(cfg.model), dtype=torch.bfloat16, quantization="nf4")
 
 
 # a tiny_mgm_moe of 16 layers x 8 experts (hidden 512): 0.87 GB in float32 on disk, 0.43 GB in bf16
@@ -102,12 +103,13 @@ from vlm_finetune.memory.host import steady_heap
 from vlm_finetune.models.mgm import checkpoint
 from vlm_finetune.models.nf4_load import quantize_layers_nf4
 from vlm_finetune.models.registry import get_family
+from vlm_finetune.config import model_settings
 
 mode, conf, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 with initialize_config_dir(config_dir=conf, version_base="1.3"):
     cfg = compose(config_name="train", overrides=overrides)
 family = get_family("mgm")
-folder = family.checkpoint_folder(cfg.model)
+folder = family.checkpoint_folder(model_settings(cfg.model))
 assert (folder is None) == (mode == "config"), folder
 torch.set_num_threads(2)
 def status(field):
@@ -117,7 +119,7 @@ steady_heap()  # as train() holds it while the model loads (memory.release_host=
 Path("/proc/self/clear_refs").write_text("5")  # the peak so far becomes the resident size
 before = status("VmRSS")
 if mode in ("streamed", "config"):  # from the folder, or (config) from its options: preset not tiny, no folder
-    model = family.build_model(cfg.model, dtype=torch.bfloat16, quantization="nf4")
+    model = family.build_model(model_settings(cfg.model), dtype=torch.bfloat16, quantization="nf4")
 else:
     model = checkpoint.load_folder(folder, dtype=torch.bfloat16)
     quantize_layers_nf4(model.model.layers)
@@ -130,7 +132,7 @@ def test_the_nf4_load_holds_one_decoder_layer_in_16_bits_not_the_model(tmp_path)
     from vlm_finetune.memory.planner import plan_memory
 
     cfg = compose_cfg(WIDE, tmp_path)
-    tiny = get_family("mgm").checkpoint_folder(cfg.model)  # the family's writer, in float32
+    tiny = get_family("mgm").checkpoint_folder(model_settings(cfg.model))  # the family's writer, in float32
     folder = tmp_path / "bf16"  # as large checkpoints are released: in bf16
     folder.mkdir()
     state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in mgm_checkpoint.read_state(tiny).items()}
@@ -175,8 +177,8 @@ def _from_config(family_name: str, model_name: str, tmp_path: Path):
         else:
             cfg.model.config_overrides = {"text": dict(cfg.model.text), "vision": dict(cfg.model.vision)}
             cfg.model.preset = "glm45v" if model_name == "tiny_glm45v" else "glm41v_9b"
-    assert get_family(family_name).checkpoint_folder(cfg.model) is None
-    return cfg.model
+    assert get_family(family_name).checkpoint_folder(model_settings(cfg.model)) is None
+    return model_settings(cfg.model)
 
 
 def _weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:

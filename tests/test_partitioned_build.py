@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import compose_cfg, plain_and_partitioned_builds
 from conftest import whole_parameters as _whole
+from vlm_finetune.config import lora_settings, model_settings, strategy_settings
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.models._sharded import ShardReader
 from vlm_finetune.models.mgm import checkpoint
@@ -23,7 +24,7 @@ MGM = get_family("mgm")
 
 
 def test_built_from_config_under_zero_init_equals_the_ordinary_build(zero_init):
-    config = MGM.config_from_options(compose_cfg(["model=tiny_mgm_moe"]).model)
+    config = MGM.config_from_options(model_settings(compose_cfg(["model=tiny_mgm_moe"]).model))
     torch.manual_seed(3)
     plain = dict(MgmForCausalLM(config).named_parameters())
     from vlm_finetune.models._partitioned import initialised_whole
@@ -64,7 +65,7 @@ def test_shard_reader_reads_each_tensor_as_saved(tmp_path):
 
 
 def test_a_missing_expert_is_named_before_any_tensor_is_read(tmp_path):
-    config = MGM.config_from_options(compose_cfg(["model=tiny_mgm_moe"]).model)
+    config = MGM.config_from_options(model_settings(compose_cfg(["model=tiny_mgm_moe"]).model))
     folder = tmp_path / "moe"
     checkpoint.save_folder(MgmForCausalLM(config), folder)
     state = load_file(str(folder / "model.safetensors"))
@@ -79,7 +80,7 @@ def test_a_tiny_folder_first_made_inside_zero_init_holds_whole_weights(zero_init
     the folder is still written from an ordinary model, never from empty partition placeholders."""
     cfg = compose_cfg(["model=tiny_mgm", f"model.cache_dir={tmp_path}"], tmp_path)
     with zero_init():
-        folder = MGM.checkpoint_folder(cfg.model)
+        folder = MGM.checkpoint_folder(model_settings(cfg.model))
     state = load_file(str(folder / "model.safetensors"))
     assert tuple(state["model.embed_tokens.weight"].shape) == (cfg.model.vocab_size, cfg.model.llm.hidden_size)
     assert all(t.numel() > 0 for t in state.values())
@@ -92,7 +93,7 @@ def test_under_bf16_the_parameters_made_outside_zero_init_compute_in_bf16(zero_i
     cfg = compose_cfg(["model=tiny_mgm", "precision=bf16-mixed"], tmp_path)
     modes, policy = parse_trainability(cfg.train), weights_policy("bf16-mixed", "deepspeed")
     with zero_init():
-        model, plan = build_trainable_model(MGM, cfg.model, modes, cfg.lora, policy)
+        model, plan = build_trainable_model(MGM, model_settings(cfg.model), modes, lora_settings(cfg.lora), policy, checkpointed_layers=False, checkpoint_scope="layer")
     made_outside = {n: p for n, p in model.named_parameters() if not hasattr(p, "ds_id")}
     assert any("lora_" in n for n in made_outside) and any("modules_to_save" in n for n in made_outside)
     assert {p.dtype for p in made_outside.values()} == {torch.bfloat16}
@@ -110,7 +111,7 @@ def test_marking_the_moe_leaves_under_zero_init_gathers_no_parameter(zero_init, 
 
     from vlm_finetune.strategies import set_zero3_leaves
 
-    config = MGM.config_from_options(compose_cfg(["model=tiny_mgm_moe"]).model)
+    config = MGM.config_from_options(model_settings(compose_cfg(["model=tiny_mgm_moe"]).model))
     gathered = []
     original = Init._all_gather
 
@@ -125,7 +126,7 @@ def test_marking_the_moe_leaves_under_zero_init_gathers_no_parameter(zero_init, 
             model.apply(lambda module: None)
         assert gathered, "the count sees no gather: it would prove nothing"
         gathered.clear()
-        leaves = set_zero3_leaves(model, MGM, compose_cfg(["trainer=zero3"]).trainer)
+        leaves = set_zero3_leaves(model, MGM, strategy_settings(compose_cfg(["trainer=zero3"]).trainer))
     assert leaves and gathered == []
     moe = [m for m in model.modules() if isinstance(m, tuple(leaves))]
     assert moe and all(z3_leaf_module(m) for m in moe)

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import compose_cfg, plain_and_partitioned_builds, whole_parameters
+from vlm_finetune.config import model_settings
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.models.glm4v import partitioned
 from vlm_finetune.models.registry import get_family, parse_trainability
@@ -32,7 +33,7 @@ def _equal(partitioned_model, reference) -> None:
 def test_folder_and_lora_under_zero_init_equal_the_ordinary_load(zero_init, tmp_path, model):
     cfg = compose_cfg([f"model={model}"], tmp_path)
     modes, policy = parse_trainability(cfg.train), weights_policy("32-true", "deepspeed")
-    assert builds_partitioned(GLM, cfg.model, True, modes, policy, False)
+    assert builds_partitioned(GLM, model_settings(cfg.model), True, modes, policy, False)
     (plain, plan), (built, built_plan) = plain_and_partitioned_builds(zero_init, GLM, cfg)
     assert built_plan == plan
     base = [p for n, p in built.named_parameters() if "lora_" not in n and not p.requires_grad]
@@ -43,7 +44,7 @@ def test_folder_and_lora_under_zero_init_equal_the_ordinary_load(zero_init, tmp_
 def test_glm45v_built_from_config_under_zero_init_equals_the_ordinary_build(zero_init):
     from transformers import AutoModelForImageTextToText
 
-    config = GLM.build_config(compose_cfg(["model=tiny_glm45v"]).model)
+    config = GLM.build_config(model_settings(compose_cfg(["model=tiny_glm45v"]).model))
     torch.manual_seed(3)
     plain = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     torch.manual_seed(3)
@@ -57,7 +58,7 @@ def test_fused_experts_are_joined_as_transformers_joins_them(tmp_path):
     """Expert e's gate and up rows concatenated, experts stacked: what from_pretrained holds."""
     from transformers import AutoModelForImageTextToText
 
-    folder = GLM.checkpoint_folder(compose_cfg(["model=tiny_glm45v"]).model)
+    folder = GLM.checkpoint_folder(model_settings(compose_cfg(["model=tiny_glm45v"]).model))
     reference = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
     names = load_file(str(folder / "model.safetensors"))
     sources, lacking, unexpected = partitioned.released_sources(reference, list(names))
@@ -71,7 +72,7 @@ def test_fused_experts_are_joined_as_transformers_joins_them(tmp_path):
 
 
 def _copy_folder(tmp_path, model: str):
-    source = GLM.checkpoint_folder(compose_cfg([f"model={model}"]).model)
+    source = GLM.checkpoint_folder(model_settings(compose_cfg([f"model={model}"]).model))
     folder = tmp_path / model
     shutil.copytree(source, folder)
     return folder
@@ -84,7 +85,7 @@ def test_a_missing_expert_and_an_extra_key_are_named(zero_init, tmp_path):
     state["model.language_model.layers.1.mlp.surprise.weight"] = torch.zeros(2)
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "model.safetensors.index.json").unlink(missing_ok=True)  # the index would name the removed key
-    config = GLM.build_config(compose_cfg([f"model.path={folder}", "model=tiny_glm45v"]).model)
+    config = GLM.build_config(model_settings(compose_cfg([f"model.path={folder}", "model=tiny_glm45v"]).model))
     with zero_init(), pytest.raises(ConfigError) as err:
         partitioned.load_folder_partitioned(folder, config, torch.float32)
     message = str(err.value)
@@ -95,4 +96,4 @@ def test_a_missing_expert_and_an_extra_key_are_named(zero_init, tmp_path):
 def test_the_original_glm4v_9b_code_path_is_built_whole():
     cfg = compose_cfg(["model=tiny_glm41v", "model.trust_remote_code=true"])
     modes, policy = parse_trainability(cfg.train), weights_policy("32-true", "deepspeed")
-    assert not builds_partitioned(GLM, cfg.model, True, modes, policy, False)
+    assert not builds_partitioned(GLM, model_settings(cfg.model), True, modes, policy, False)

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import compose_cfg, plain_and_partitioned_builds
 from conftest import whole_parameters as _whole
+from vlm_finetune.config import model_settings
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.models._partitioned import initialised_whole
 from vlm_finetune.models.glm4v_orig import checkpoint
@@ -28,7 +29,7 @@ def _equal(whole: dict, reference: dict) -> None:
 
 
 def test_built_from_config_under_zero_init_equals_the_ordinary_build(zero_init, tmp_path):
-    config = GLM.build_config(compose_cfg(["model=tiny_glm4v"], tmp_path).model)
+    config = GLM.build_config(model_settings(compose_cfg(["model=tiny_glm4v"], tmp_path).model))
     torch.manual_seed(3)
     plain = dict(Glm4vOrigForCausalLM(config).named_parameters())
     torch.manual_seed(3)
@@ -43,7 +44,7 @@ def test_built_from_config_under_zero_init_equals_the_ordinary_build(zero_init, 
 def test_folder_and_lora_under_zero_init_equal_the_ordinary_load(zero_init, tmp_path):
     cfg = compose_cfg(["model=tiny_glm4v"], tmp_path)
     modes, policy = parse_trainability(cfg.train), weights_policy("32-true", "deepspeed")
-    assert builds_partitioned(GLM, cfg.model, True, modes, policy, False)
+    assert builds_partitioned(GLM, model_settings(cfg.model), True, modes, policy, False)
     (plain, plan), (partitioned, partitioned_plan) = plain_and_partitioned_builds(zero_init, GLM, cfg)
     assert partitioned_plan == plan
     base = [p for n, p in partitioned.named_parameters() if "lora_" not in n and not p.requires_grad]
@@ -55,7 +56,7 @@ def test_folder_and_lora_under_zero_init_equal_the_ordinary_load(zero_init, tmp_
 
 def test_the_streamed_load_splits_the_fused_qkv_as_the_released_layout_holds_it(tmp_path):
     """Against the whole-state conversion (`from_released` of every tensor at once): the same module tensors."""
-    folder = GLM.checkpoint_folder(compose_cfg(["model=tiny_glm4v"], tmp_path).model)
+    folder = GLM.checkpoint_folder(model_settings(compose_cfg(["model=tiny_glm4v"], tmp_path).model))
     cfg = checkpoint.read_config(folder)
     reference = checkpoint.from_released(checkpoint.read_state(folder), cfg)
     model = checkpoint.load_folder(folder)
@@ -66,7 +67,7 @@ def test_the_streamed_load_splits_the_fused_qkv_as_the_released_layout_holds_it(
 
 
 def test_a_missing_or_unknown_key_is_named_before_any_tensor_is_read(tmp_path, monkeypatch):
-    folder = GLM.checkpoint_folder(compose_cfg(["model=tiny_glm4v"], tmp_path).model)
+    folder = GLM.checkpoint_folder(model_settings(compose_cfg(["model=tiny_glm4v"], tmp_path).model))
     broken = tmp_path / "broken"
     broken.mkdir()
     for path in folder.iterdir():

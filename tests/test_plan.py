@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import compose_cfg
+from vlm_finetune.config import lora_settings, model_settings
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.memory import planner
 from vlm_finetune.memory.activations import decoder_layer_bytes_per_token, vision_block_bytes_per_patch
@@ -135,9 +136,9 @@ def test_parameter_gradient_optimizer_bytes_are_exact_for_the_tiny_model(precisi
     plan = plan_memory(overrides)
     cfg = compose_cfg(overrides, tmp_path)
     family = get_family("glm4v")
-    model = family.build_model(cfg.model, dtype=dtype)
-    trainability = plan_trainability(family, model, parse_trainability(cfg.train), cfg.model, cfg.lora)
-    model = apply_trainability(model, trainability, cfg.lora)
+    model = family.build_model(model_settings(cfg.model), dtype=dtype)
+    trainability = plan_trainability(family, model, parse_trainability(cfg.train), model_settings(cfg.model), lora_settings(cfg.lora))
+    model = apply_trainability(model, trainability, lora_settings(cfg.lora))
     if precision == "bf16-mixed":
         keep_trainables_fp32(model)
     params = sum(p.numel() * p.element_size() for p in model.parameters())

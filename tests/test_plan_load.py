@@ -4,6 +4,7 @@ memory (the MGM-8x7B on six 4090s report: six copies of the MoE before the first
 from __future__ import annotations
 
 from conftest import compose_cfg
+from vlm_finetune.config import lora_settings, model_settings
 from vlm_finetune.memory.planner import plan_memory
 from vlm_finetune.memory.report import GiB
 from vlm_finetune.models.registry import get_family, parse_trainability
@@ -55,7 +56,8 @@ def test_nf4_holds_one_decoder_layer_in_host_memory():
             "data.micro_batch_size=16", "trainer.accumulate_grad_batches=2", "hardware.host_memory_gib=64"]
     plan = plan_memory(args)
     cfg = compose_cfg(args)
-    count = count_model(cfg, mgm, weights_policy("nf4", "single"))
+    count = count_model(model_settings(cfg.model), parse_trainability(cfg.train), lora_settings(cfg.lora), mgm,
+                        weights_policy("nf4", "single"))
     layers = count.decoder_layer_bytes
     assert len(layers) == 32 and min(layers) == max(layers)  # 32 Mixtral layers, each 1.41 B parameters
     whole = plan_load(count, 1, 64).bytes_per_rank
@@ -89,8 +91,8 @@ def test_the_load_bytes_per_rank_are_the_built_models_bytes(tmp_path):
     cfg = compose_cfg([], tmp_path)
     plan = plan_memory([])
     family = get_family(cfg.model.family)
-    model, _ = build_trainable_model(family, cfg.model, parse_trainability(cfg.train), cfg.lora,
-                                     weights_policy(cfg.precision.name))
+    model, _ = build_trainable_model(family, model_settings(cfg.model), parse_trainability(cfg.train), lora_settings(cfg.lora),
+                                     weights_policy(cfg.precision.name), checkpointed_layers=False, checkpoint_scope="layer")
     built = sum(p.numel() * p.element_size() for p in model.parameters())
     assert plan.load.bytes_per_rank == built
     assert plan.load.ranks_per_node == 1 and plan.load.fits is True  # hardware=cpu: this machine's memory

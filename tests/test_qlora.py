@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import compose_cfg, run_cli
+from vlm_finetune.config import model_settings
 from vlm_finetune.models.registry import get_family
 from vlm_finetune.train import train
 
@@ -40,7 +41,7 @@ def test_nf4_quantises_only_the_llm_and_trains_like_bf16(tmp_path):
     from transformers import AutoModelForImageTextToText
 
     cfg = compose_cfg([], tmp_path)
-    base = AutoModelForImageTextToText.from_pretrained(get_family("glm4v").checkpoint_folder(cfg.model))
+    base = AutoModelForImageTextToText.from_pretrained(get_family("glm4v").checkpoint_folder(model_settings(cfg.model)))
     reloaded = PeftModel.from_pretrained(base, tmp_path / "nf4" / "adapter")
     assert sum(1 for n, _ in reloaded.named_parameters() if "lora_A" in n) == 12
 
@@ -79,7 +80,7 @@ def test_mgm_nf4_quantises_the_decoder_linears_and_trains_like_bf16(model, tmp_p
 
     family = get_family("mgm")
     cfg = compose_cfg([f"model={model}"], tmp_path)
-    plain = family.build_model(cfg.model)
+    plain = family.build_model(model_settings(cfg.model))
     expected = sum(1 for m in plain.model.layers.modules() if type(m) is nn.Linear)
     # LoRA on attention only for the MoE: its experts are 4-bit too (tests/test_moe_nf4.py), and take no LoRA there
     # (with LoRA on attention alone it needs more steps to halve its loss: 45 instead of 30)
@@ -94,5 +95,5 @@ def test_mgm_nf4_quantises_the_decoder_linears_and_trains_like_bf16(model, tmp_p
     assert metrics["total_parameters"] == reference["total_parameters"]
     assert metrics["train_loss"] < 0.5 * _losses(tmp_path / "nf4")[0]
     assert abs(metrics["val_loss"] - reference["val_loss"]) < 0.25 * reference["val_loss"], (metrics, reference)
-    reloaded = PeftModel.from_pretrained(family.build_model(cfg.model), tmp_path / "nf4" / "adapter")
+    reloaded = PeftModel.from_pretrained(family.build_model(model_settings(cfg.model)), tmp_path / "nf4" / "adapter")
     assert any("lora_A" in n for n, _ in reloaded.named_parameters())

@@ -20,6 +20,7 @@ from PIL import Image
 
 from conftest import FAST, compose_cfg
 from vlm_finetune.checkpointing import CheckpointError, load_checkpoint_file
+from vlm_finetune.config import model_settings
 from vlm_finetune.errors import ConfigError, DataError
 from vlm_finetune.train import train
 
@@ -309,7 +310,7 @@ def test_a_record_found_bad_only_while_training_is_named_and_skippable(tmp_path)
     (tmp_path / "train.json").write_text(json.dumps([dict(record, image="good.png"), dict(record, image="strip.png")]))
     records, skipped = load_conversations(tmp_path / "train.json", tmp_path)
     assert (len(records), skipped) == (2, 0)  # the up-front check lets it through
-    processor = get_family("glm4v").load_processor(compose_cfg([], tmp_path).model)
+    processor = get_family("glm4v").load_processor(model_settings(compose_cfg([], tmp_path).model), "truncate")
     dataset = ConversationDataset(records, str(tmp_path / "train.json"))
     with pytest.raises(DataError, match=r"train.json: record 1: absolute aspect ratio .*on_bad_record=skip"):
         EncodedDataset(dataset, processor, 256)[1]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import compose_cfg
-from vlm_finetune.config import LossSettings
+from vlm_finetune.config import lora_settings, model_settings, read_settings
 from vlm_finetune.data.shapes import ShapesDataset
 from vlm_finetune.models.registry import get_family, parse_trainability
 from vlm_finetune.module import batch_loss_sum
@@ -18,9 +18,9 @@ from vlm_finetune.trainability import build_trainable_model, decoder_layers, unw
 def _step(name: str, tmp_path, layers, scope: str = "layer", offload: bool = False, hooks=None, on_forward=None):
     cfg = compose_cfg([f"model={name}"], tmp_path)
     family = get_family(cfg.model.family)
-    processor = family.load_processor(cfg.model)
+    processor = family.load_processor(model_settings(cfg.model), "truncate")
     torch.manual_seed(0)
-    model, _ = build_trainable_model(family, cfg.model, parse_trainability(cfg.train), cfg.lora,
+    model, _ = build_trainable_model(family, model_settings(cfg.model), parse_trainability(cfg.train), lora_settings(cfg.lora),
                                      weights_policy("32-true"), checkpointed_layers=layers, checkpoint_scope=scope)
     if hooks is not None:
         hooks(model, family)
@@ -29,7 +29,7 @@ def _step(name: str, tmp_path, layers, scope: str = "layer", offload: bool = Fal
     model.train()
     saving = torch.autograd.graph.save_on_cpu(pin_memory=False) if offload else torch.enable_grad()
     with saving:
-        loss_sum, count = batch_loss_sum(family, model, batch, LossSettings.from_config(cfg.loss))
+        loss_sum, count = batch_loss_sum(family, model, batch, read_settings(cfg).loss)
     if on_forward is not None:
         on_forward()
     (loss_sum / count).backward()
@@ -91,8 +91,8 @@ def test_regional_compile_gives_the_same_loss_and_gradients(tmp_path):
 def test_attention_backends_are_checked_and_the_math_kernel_gives_the_same_step(tmp_path):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from vlm_finetune.config import attention_backends
     from vlm_finetune.errors import ConfigError
+    from vlm_finetune.settings import attention_backends
     from vlm_finetune.train import check_config
 
     assert attention_backends(["cudnn", "flash"]) == (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION)

@@ -12,6 +12,7 @@ import pytest
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
 
 from conftest import CONF_DIR, compose_cfg
+from vlm_finetune.config import hardware_settings, strategy_settings
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.hardware import Found, Hardware, preflight, resolve
 from vlm_finetune.models.registry import get_family
@@ -48,14 +49,16 @@ def test_profiles_exist():
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_combination_builds_or_is_rejected(trainer, hardware, precision, tmp_path):
     cfg = compose_cfg([f"trainer={trainer}", f"hardware={hardware}", f"precision={precision}"], tmp_path)
-    hw = resolve(cfg.hardware)
+    hw = resolve(hardware_settings(cfg.hardware))
     assert hw.devices >= 1 and hw.num_nodes >= 1
     expected = _expected_rejection(trainer, hw, precision)
     if expected:
         with pytest.raises(ConfigError, match=expected):
-            build_strategy(cfg, get_family("glm4v"), hw)
+            build_strategy(strategy_settings(cfg.trainer), cfg.precision.name, cfg.data.micro_batch_size,
+                           get_family("glm4v"), hw)
         return
-    strategy = build_strategy(cfg, get_family("glm4v"), hw)
+    strategy = build_strategy(strategy_settings(cfg.trainer), cfg.precision.name, cfg.data.micro_batch_size,
+                           get_family("glm4v"), hw)
     kind = {"single": str, "ddp": DDPStrategy, "fsdp": FSDPStrategy}.get(trainer, DeepSpeedStrategy)
     assert isinstance(strategy, kind)
     if trainer == "single":
@@ -79,7 +82,7 @@ def test_combination_builds_or_is_rejected(trainer, hardware, precision, tmp_pat
 
 def test_deepspeed_config_values(tmp_path):
     cfg = compose_cfg(["trainer=zero3_offload", "trainer.accumulate_grad_batches=4", "data.micro_batch_size=2"], tmp_path)
-    config = deepspeed_config(cfg.trainer, "bf16-mixed", 4, 2)
+    config = deepspeed_config(strategy_settings(cfg.trainer), "bf16-mixed", 2, on_gpu=True)
     assert config["train_micro_batch_size_per_gpu"] == 2
     assert "gradient_accumulation_steps" not in config  # Lightning sets it from trainer.accumulate_grad_batches
     assert config["zero_optimization"]["reduce_bucket_size"] == 500_000_000
@@ -102,8 +105,8 @@ def test_preflight_names_expected_found_and_fix():
 
 def test_auto_profile_resolves_to_what_is_found(tmp_path):
     cfg = compose_cfg(["hardware=auto"], tmp_path)
-    assert resolve(cfg.hardware, Found(0, (), 0.0, False)).accelerator == "cpu"
-    hw = resolve(cfg.hardware, Found(2, ("NVIDIA H100",) * 2, 79.1, True))
+    assert resolve(hardware_settings(cfg.hardware), Found(0, (), 0.0, False)).accelerator == "cpu"
+    hw = resolve(hardware_settings(cfg.hardware), Found(2, ("NVIDIA H100",) * 2, 79.1, True))
     assert (hw.accelerator, hw.devices, hw.gpu_memory_gib) == ("gpu", 2, 79.1)
 
 

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
 from conftest import FAST, compose_cfg
+from vlm_finetune.config import lora_settings, model_settings
 from vlm_finetune.data.datamodule import Collator, EncodedDataset
 from vlm_finetune.data.shapes import ShapesDataset
 from vlm_finetune.models.registry import get_family
@@ -64,7 +65,7 @@ def test_first_losses_are_pinned(shared_run):
 
 def test_frozen_weights_bit_identical_after_steps(shared_run):
     cfg, _, objects = shared_run
-    folder = get_family("glm4v").checkpoint_folder(cfg.model)
+    folder = get_family("glm4v").checkpoint_folder(model_settings(cfg.model))
     original = AutoModelForImageTextToText.from_pretrained(folder).state_dict()
     trained = unwrap(objects["module"].model)
     changed_trainable = 0
@@ -86,14 +87,14 @@ def test_frozen_weights_bit_identical_after_steps(shared_run):
 def test_lora_at_init_gives_the_base_output(tmp_path):
     cfg = compose_cfg([], tmp_path)
     family = get_family("glm4v")
-    processor = family.load_processor(cfg.model)
-    base = family.build_model(cfg.model)
+    processor = family.load_processor(model_settings(cfg.model), "truncate")
+    base = family.build_model(model_settings(cfg.model))
     batch = _batch(processor)
     expected = _logits(base, batch)
     from vlm_finetune.models.base import parse_trainability
 
-    plan = plan_trainability(family, base, parse_trainability(cfg.train), cfg.model, cfg.lora)
-    wrapped = apply_trainability(base, plan, cfg.lora)
+    plan = plan_trainability(family, base, parse_trainability(cfg.train), model_settings(cfg.model), lora_settings(cfg.lora))
+    wrapped = apply_trainability(base, plan, lora_settings(cfg.lora))
     n_lora = sum(1 for n, _ in wrapped.named_parameters() if "lora_B" in n)
     assert n_lora == 2 * 6  # 2 layers x (q, k, v, o, gate_up, down)
     torch.testing.assert_close(_logits(wrapped, batch), expected, rtol=0, atol=0)
@@ -118,7 +119,7 @@ def test_adapter_round_trip_reproduces_outputs(shared_run):
     batch = _batch(objects["processor"])
     module.model.eval()
     trained = _logits(module.model, batch)
-    base = AutoModelForImageTextToText.from_pretrained(family.checkpoint_folder(cfg.model))
+    base = AutoModelForImageTextToText.from_pretrained(family.checkpoint_folder(model_settings(cfg.model)))
     base_logits = _logits(base, batch)
     reloaded = PeftModel.from_pretrained(base, objects["run_dir"] / "adapter")
     reloaded.eval()

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import compose_cfg, run_cli
+from vlm_finetune.config import model_settings
 from vlm_finetune.models.registry import get_family
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,9 +89,9 @@ def test_zero_on_cpu_ranks_trains_the_ddp_adapter_and_it_reloads(model, trainer,
     if MODELS[model] == "glm4v":
         from transformers import AutoModelForImageTextToText
 
-        base = AutoModelForImageTextToText.from_pretrained(family.checkpoint_folder(cfg.model))
+        base = AutoModelForImageTextToText.from_pretrained(family.checkpoint_folder(model_settings(cfg.model)))
     else:
-        base = family.build_model(cfg.model)
+        base = family.build_model(model_settings(cfg.model))
     reloaded = PeftModel.from_pretrained(base, adapter)
     loaded = dict(reloaded.named_parameters())
     for key in lora_b:  # the saved B matrices are the ones now in the model

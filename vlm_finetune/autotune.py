@@ -9,38 +9,37 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
-from vlm_finetune.config import LossSettings, is_auto
 from vlm_finetune.data.sample import IGNORE_INDEX, Message, Sample
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.memory.planner import plan_memory
 from vlm_finetune.memory.search import largest_size
 from vlm_finetune.module import batch_loss_sum
 from vlm_finetune.precision import weights_policy
-from vlm_finetune.strategies import replicates_model
+from vlm_finetune.settings import RunSettings, is_auto
 from vlm_finetune.trainability import unwrap
 
 log = logging.getLogger(__name__)
 
 
-def check_auto_options(cfg: Any, hardware: Any) -> None:
+def check_auto_options(settings: RunSettings, hardware: Any) -> None:
     """Both `auto` options need a GPU; micro-batch auto also needs the global batch it keeps."""
-    if is_auto(cfg.data.micro_batch_size):
+    if is_auto(settings.data.micro_batch_size):
         if hardware.accelerator != "gpu":
             raise ConfigError("data.micro_batch_size=auto searches with real training steps on the GPU; this run has "
                               f"no GPU (hardware={hardware.name}). Set a number, e.g. data.micro_batch_size=4, or plan "
                               "it with python -m vlm_finetune.plan")
-        if not replicates_model(cfg.trainer):
+        if not settings.strategy.replicates_model:
             raise ConfigError(f"data.micro_batch_size=auto works with trainer=single|ddp (every GPU holds the model); "
-                              f"with trainer={cfg.trainer.name} set a number (python -m vlm_finetune.plan "
+                              f"with trainer={settings.strategy.name} set a number (python -m vlm_finetune.plan "
                               "data.micro_batch_size=auto ... predicts one)")
-        global_batch = cfg.data.get("global_batch_size")
+        global_batch = settings.data.global_batch_size
         if not isinstance(global_batch, int) or global_batch < 1:
             raise ConfigError("data.micro_batch_size=auto keeps the global batch the same: set "
                               "+data.global_batch_size=<samples per optimizer step over all GPUs>")
         if global_batch % hardware.world_size:
             raise ConfigError(f"data.global_batch_size={global_batch} is not divisible by the {hardware.world_size} "
                               "GPUs of the hardware profile")
-    if is_auto(cfg.model.activation_checkpointing) and hardware.accelerator != "gpu":
+    if is_auto(settings.model.activation_checkpointing) and hardware.accelerator != "gpu":
         raise ConfigError("model.activation_checkpointing=auto chooses how many decoder layers to checkpoint from the "
                           f"GPU memory budget; this run has no GPU (hardware={hardware.name}). Use true or false "
                           "(or a number of layers) on the CPU")
@@ -103,26 +102,26 @@ def synthetic_batch(processor: Any, size: int, seq: int, image_px: int, vocab_li
     return processor.collate([encoded] * size)
 
 
-def search_micro_batch(cfg: Any, family: Any, model: torch.nn.Module, processor: Any, hardware: Any,
+def search_micro_batch(settings: RunSettings, family: Any, model: torch.nn.Module, processor: Any, hardware: Any,
                        limit: int | None = None) -> tuple[int, int]:
     """The largest micro-batch that fits with real training steps (forward, backward, AdamW step) on this
     GPU, and the accumulation that keeps the global batch data.global_batch_size: (micro-batch, accumulation)."""
     device = torch.device("cuda", torch.cuda.current_device())
-    global_batch = int(cfg.data.global_batch_size)
+    global_batch = int(settings.data.global_batch_size)
     limit = limit or global_batch // hardware.world_size
     model.to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    policy = weights_policy(cfg.precision.name)  # autocast and image dtype (single / ddp only)
+    policy = weights_policy(settings.precision)  # autocast and image dtype (single / ddp only)
     mixed, dtype = policy.mixed, policy.load_dtype
-    loss = LossSettings.from_config(cfg.loss)
+    loss = settings.loss
     vocab = int(family.output_embedding(unwrap(model)).weight.shape[0])
-    image_px = int(cfg.model.get("max_image_size") or cfg.model.get("image_size"))
+    image_px = int(settings.model.options.get("max_image_size") or settings.model.image_size)
 
     def step(size: int) -> None:
         optimizer = torch.optim.AdamW(params, lr=0.0)
         try:
-            batch = synthetic_batch(processor, size, int(cfg.data.max_length), image_px, min(vocab, 150000))
+            batch = synthetic_batch(processor, size, int(settings.data.max_length), image_px, min(vocab, 150000))
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             if "pixel_values" in batch:
                 batch["pixel_values"] = batch["pixel_values"].to(dtype)

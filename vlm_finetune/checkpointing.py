@@ -24,6 +24,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.io import save_torch_atomic
+from vlm_finetune.settings import RunSettings
 
 log = logging.getLogger(__name__)
 
@@ -142,12 +143,20 @@ def _check_version(checkpoint: dict, path: Path, fix: str) -> dict:
     return checkpoint
 
 
-def run_fingerprint(cfg, world_size: int) -> dict:
-    from omegaconf import OmegaConf
-
-    values = {}
-    for key in FINGERPRINT_KEYS:
-        values[key] = world_size if key == "world_size" else OmegaConf.select(cfg, key, default=None)
+def run_fingerprint(settings: RunSettings, world_size: int) -> dict:
+    """The values a resume checkpoint must agree on, under their config keys (FINGERPRINT_KEYS)."""
+    strategy = settings.strategy
+    values = {
+        "model.name": settings.model.name, "seed": settings.seed, "data.source": settings.data.source,
+        "data.micro_batch_size": settings.data.micro_batch_size,
+        "trainer.accumulate_grad_batches": settings.accumulate_grad_batches,
+        "lora.r": settings.lora.r, "lora.alpha": settings.lora.alpha,
+        **{f"train.{part}": settings.trainability[part] for part in ("vision", "projector", "llm")},
+        "world_size": world_size, "trainer.strategy": strategy.strategy,
+        # what the config held: no zero_stage outside DeepSpeed
+        "trainer.zero_stage": strategy.zero_stage if strategy.strategy == "deepspeed" else None,
+    }
+    assert tuple(values) == FINGERPRINT_KEYS  # the two lists are kept together
     return values
 
 

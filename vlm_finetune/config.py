@@ -3,12 +3,27 @@ running app's overrides, and the small typed settings that inner code takes inst
 defaults live in conf/, once)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.hardware import env_global_rank
+from vlm_finetune.settings import (
+    CheckpointSettings,
+    DataSettings,
+    EvalSettings,
+    HardwareSettings,
+    LoraSettings,
+    LossSettings,
+    ModelSettings,
+    OptimizerSettings,
+    RunSettings,
+    SpeedSettings,
+    StrategySettings,
+    attention_backends,
+    frozen_mapping,
+)
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -30,10 +45,6 @@ def register_resolvers() -> None:
 
 
 register_resolvers()
-
-
-def is_auto(value: Any) -> bool:
-    return isinstance(value, str) and value.lower() == "auto"
 
 
 def group_options(group: str) -> list[str]:
@@ -111,57 +122,107 @@ def remote_code_as_asked(model_cfg: Any, asked: bool, source: str) -> Any:
     return model_cfg
 
 
-ATTENTION_BACKENDS = ("cudnn", "flash", "efficient", "math")
 
 
-def attention_backends(names: Any) -> tuple:
-    """speed.attention_backends ([cudnn, flash, ...], best first; null = PyTorch's own choice) as SDPA backends."""
-    from torch.nn.attention import SDPBackend
-
-    members = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-    unknown = [n for n in (names or []) if str(n) not in members]
-    if unknown:
-        raise ConfigError(f"speed.attention_backends: {unknown[0]!r} is not an SDPA backend; use some of "
-                          f"{list(ATTENTION_BACKENDS)}, best first (Hopper: [cudnn, flash, efficient])")
-    return tuple(members[str(n)] for n in (names or []))
+# -- the composed config, read once into settings ------------------------------------------------------------
+MODEL_FIELDS = ("family", "name", "preset", "path", "cache_dir", "init_seed", "image_size", "attn_implementation",
+                "liger_kernels", "activation_checkpointing", "trust_remote_code")
 
 
-LOSS_IMPLS = ("chunked", "plain", "liger")
+def plain(node: Any) -> Any:
+    """A config node as plain resolved Python data (mappings and lists); anything else as it is."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
-@dataclass(frozen=True)
-class LossSettings:
-    impl: str  # chunked | plain | liger
-    chunk_size: int  # supervised rows projected at a time (chunked)
-
-    @classmethod
-    def from_config(cls, loss_cfg: Any) -> LossSettings:
-        if loss_cfg.impl not in LOSS_IMPLS:
-            raise ConfigError(f"loss.impl={loss_cfg.impl!r} is unknown; use chunked, plain or liger")
-        chunk = loss_cfg.chunk_size
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-            raise ConfigError(f"loss.chunk_size={chunk!r} must be a positive number of rows, e.g. 1024")
-        return cls(str(loss_cfg.impl), chunk)
+def _required(node: Any, key: str, group: str) -> Any:
+    if key not in node:
+        raise ConfigError(f"the {group} config does not declare {group}.{key}; every {group} option must "
+                          f"(see conf/{group}/)")
+    return plain(node[key])
 
 
-@dataclass(frozen=True)
-class EvalSettings:
-    generate: bool
-    max_new_tokens: int
-    caption_metrics: bool
+def model_settings(node: Any) -> ModelSettings:
+    values = plain(node)
+    common = {key: _required(values, key, "model") for key in MODEL_FIELDS}
+    options = {k: v for k, v in values.items() if k not in MODEL_FIELDS}
+    path = common["path"]
+    return ModelSettings(**{**common, "path": str(path) if path else None, "cache_dir": str(common["cache_dir"]),
+                            "init_seed": int(common["init_seed"]), "image_size": int(common["image_size"]),
+                            "liger_kernels": bool(common["liger_kernels"]),
+                            "trust_remote_code": bool(common["trust_remote_code"])},
+                         options=frozen_mapping(options))
 
-    @classmethod
-    def from_config(cls, eval_cfg: Any) -> EvalSettings:
-        return cls(bool(eval_cfg.generate), int(eval_cfg.max_new_tokens), bool(eval_cfg.caption_metrics))
+
+def lora_settings(node: Any) -> LoraSettings:
+    values = plain(node)
+    try:
+        alpha, dropout = float(values["alpha"]), float(values["dropout"])
+    except (TypeError, ValueError):
+        raise ConfigError(f"lora.alpha={values['alpha']!r} and lora.dropout={values['dropout']!r} must be "
+                          "numbers") from None
+    return LoraSettings(r=values["r"], alpha=alpha, dropout=dropout, targets=frozen_mapping(values["targets"]),
+                        llm_modules=str(values["llm_modules"]), expert_forward=str(values["expert_forward"]))
 
 
-@dataclass(frozen=True)
-class OptimizerSettings:
-    lr: float
-    projector_lr: float | None  # the projector's own rate (None: the base rate)
+DEEPSPEED_KEYS = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
+                  "stage3_param_persistence_threshold", "stage3_max_live_parameters", "stage3_max_reuse_distance",
+                  "stage3_use_all_reduce_for_fetch_params")
 
-    @classmethod
-    def from_config(cls, optim_cfg: Any) -> OptimizerSettings:
-        projector = optim_cfg.get("projector_lr")
-        return cls(float(optim_cfg.lr), float(projector) if projector else None)
+
+def strategy_settings(node: Any) -> StrategySettings:
+    values = plain(node)
+    strategy = str(values["strategy"])
+    deepspeed = strategy == "deepspeed"
+    return StrategySettings(
+        name=str(values["name"]), strategy=strategy, zero_stage=int(values["zero_stage"]) if deepspeed else 0,
+        offload_optimizer=bool(values.get("offload_optimizer")),  # DeepSpeed's profiles declare the two
+        offload_parameters=bool(values.get("offload_parameters")),
+        collective_timeout_s=values["collective_timeout_s"], stop_grace_s=values["stop_grace_s"],
+        sharding_strategy=str(values["sharding_strategy"]) if strategy == "fsdp" else None,
+        deepspeed=frozen_mapping({k: values[k] for k in DEEPSPEED_KEYS} if deepspeed else {}))
+
+
+def data_settings(node: Any) -> DataSettings:
+    values = plain(node)
+    names = {f.name for f in dataclasses.fields(DataSettings)}
+    return DataSettings(**{name: values.get(name) for name in names})
+
+
+def hardware_settings(node: Any) -> HardwareSettings:
+    values = plain(node)
+    return HardwareSettings(**{f.name: values[f.name] for f in dataclasses.fields(HardwareSettings)})
+
+
+def checkpoint_settings(cfg: Any) -> CheckpointSettings:
+    values = plain(cfg.checkpoint)
+    return CheckpointSettings(every_n_steps=values["every_n_steps"], signals=tuple(values["signals"] or ()),
+                              requeue=bool(values["requeue"]), stop_signals=tuple(values["stop_signals"] or ()),
+                              resume=None if cfg.resume is None else str(cfg.resume))
+
+
+def optimizer_settings(node: Any) -> OptimizerSettings:
+    try:
+        lr = float(node.lr)
+    except (TypeError, ValueError):
+        raise ConfigError(f"optimizer.lr={node.lr!r} must be a positive number, e.g. 2e-4") from None
+    projector = node.projector_lr
+    return OptimizerSettings(name=str(node.name), lr=lr, projector_lr=float(projector) if projector else None,
+                             momentum=float(node.get("momentum") or 0.0))
+
+
+def read_settings(cfg: Any) -> RunSettings:
+    """The composed config as typed settings: what everything below the run assembly takes."""
+    return RunSettings(
+        seed=int(cfg.seed), precision=str(cfg.precision.name),
+        trainability=frozen_mapping({k: str(v) for k, v in plain(cfg.train).items()}),
+        model=model_settings(cfg.model), lora=lora_settings(cfg.lora), data=data_settings(cfg.data),
+        strategy=strategy_settings(cfg.trainer), hardware=hardware_settings(cfg.hardware),
+        checkpoint=checkpoint_settings(cfg),
+        loss=LossSettings(str(cfg.loss.impl), cfg.loss.chunk_size),
+        eval=EvalSettings(bool(cfg.eval.generate), int(cfg.eval.max_new_tokens), bool(cfg.eval.caption_metrics)),
+        optimizer=optimizer_settings(cfg.optimizer),
+        speed=SpeedSettings(str(cfg.speed.checkpoint_scope), bool(cfg.speed.offload_activations),
+                            bool(cfg.speed.compile), attention_backends(plain(cfg.speed.attention_backends))),
+        max_steps=cfg.trainer.max_steps, accumulate_grad_batches=cfg.trainer.accumulate_grad_batches)

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from peft import PeftModel
 
 from vlm_finetune.adapters import load_adapter
-from vlm_finetune.config import parse_overrides, remote_code_as_asked
+from vlm_finetune.config import model_settings, parse_overrides, remote_code_as_asked
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.io import atomic_folder
 from vlm_finetune.models.registry import get_family
@@ -63,9 +63,10 @@ def load_trained_model(run_dir: Path, dtype: torch.dtype = torch.float32, trust_
     """(base model with the run's trained weights as a PeftModel, or the plain model when the run used no
     LoRA; the family processor; the run's config)."""
     cfg, adapter = _run_config(run_dir, trust_remote_code)
-    family = get_family(cfg.model.family)
-    model = load_adapter(family.build_model(cfg.model, dtype=dtype), adapter, dtype)
-    processor = family.load_processor(cfg.model)
+    spec = model_settings(cfg.model)
+    family = get_family(spec.family)
+    model = load_adapter(family.build_model(spec, dtype=dtype), adapter, dtype)
+    processor = family.load_processor(spec, truncation=str(cfg.data.truncation))
     model.eval()
     return model, processor, cfg
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from vlm_finetune.adapters import is_adapter_folder, load_adapter
-from vlm_finetune.config import compose, group_options, parse_overrides, remote_code_as_asked
+from vlm_finetune.config import compose, group_options, model_settings, parse_overrides, remote_code_as_asked
 from vlm_finetune.data.images import load_rgb
 from vlm_finetune.data.sample import IMAGE_PLACEHOLDER, Message, Sample
 from vlm_finetune.errors import ConfigError
@@ -27,7 +27,9 @@ def _model_config(model: str | None, model_path: str | None, run_dir: str | None
         config = Path(run_dir) / "config.yaml"
         if not config.is_file():
             raise ConfigError(f"run_dir={run_dir} has no config.yaml; point it at a training run's folder")
-        return remote_code_as_asked(OmegaConf.load(config).model, trust_remote_code, f"run_dir={run_dir}")
+        cfg = OmegaConf.load(config)
+        remote_code_as_asked(cfg.model, trust_remote_code, f"run_dir={run_dir}")
+        return cfg
     if not model:
         raise ConfigError("model=<name> (one of conf/model/*.yaml) or run_dir=<run folder> is required")
     available = group_options("model")
@@ -35,7 +37,7 @@ def _model_config(model: str | None, model_path: str | None, run_dir: str | None
         raise ConfigError(f"model={model!r} is not a model config; use one of {available} "
                           "(and model_path=/a/checkpoint for a local checkpoint folder)")
     overrides = [f"model={model}"] + ([f"model.path={model_path}"] if model_path else [])
-    return compose(overrides, output_dir="/tmp").model
+    return compose(overrides, output_dir="/tmp")
 
 
 def answer(image: str | Path, prompt: str, model: str | None = None, adapter: str | Path | None = None,
@@ -44,7 +46,8 @@ def answer(image: str | Path, prompt: str, model: str | None = None, adapter: st
     """The model's greedy answer to `prompt` about `image`."""
     from PIL import UnidentifiedImageError
 
-    model_cfg = _model_config(model, model_path, str(run_dir) if run_dir else None, trust_remote_code)
+    cfg = _model_config(model, model_path, str(run_dir) if run_dir else None, trust_remote_code)
+    spec = model_settings(cfg.model)
     if run_dir and adapter is None:
         adapter = Path(run_dir) / "adapter"
     try:
@@ -54,9 +57,9 @@ def answer(image: str | Path, prompt: str, model: str | None = None, adapter: st
     if adapter is not None and not is_adapter_folder(Path(adapter)):
         raise ConfigError(f"adapter={adapter} is not an adapter folder (no adapter_config.json); use a run's "
                           "adapter/ folder or the output of python -m vlm_finetune.export")
-    family = get_family(model_cfg.family)
-    processor = family.load_processor(model_cfg)
-    network = family.build_model(model_cfg, dtype=torch.float32)
+    family = get_family(spec.family)
+    processor = family.load_processor(spec, truncation=str(cfg.data.truncation))
+    network = family.build_model(spec, dtype=torch.float32)
     if adapter is not None:
         network = load_adapter(network, Path(adapter))
     network.eval()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
 
 from vlm_finetune.errors import ConfigError
+from vlm_finetune.settings import HardwareSettings
 
 
 def env_global_rank() -> int:
@@ -60,17 +60,17 @@ def this_host_memory_gib() -> float:
         return 0.0
 
 
-def resolve(hw_cfg: Any, found: Found | None = None) -> Hardware:
+def resolve(profile: HardwareSettings, found: Found | None = None) -> Hardware:
     """The profile with `auto` fields (and a null host memory: this machine's) filled in from this machine."""
-    host = float(hw_cfg.host_memory_gib) if hw_cfg.host_memory_gib else this_host_memory_gib()
-    if hw_cfg.accelerator != "auto":
-        return Hardware(str(hw_cfg.name), str(hw_cfg.accelerator), int(hw_cfg.devices), int(hw_cfg.num_nodes),
-                        float(hw_cfg.gpu_memory_gib), bool(hw_cfg.supports_bf16), host)
+    host = float(profile.host_memory_gib) if profile.host_memory_gib else this_host_memory_gib()
+    if profile.accelerator != "auto":
+        return Hardware(str(profile.name), str(profile.accelerator), int(profile.devices), int(profile.num_nodes),
+                        float(profile.gpu_memory_gib), bool(profile.supports_bf16), host)
     found = found or detect()
     if found.gpus == 0:
         return Hardware("auto(cpu)", "cpu", 1, 1, 0.0, True, host)
-    devices = found.gpus if str(hw_cfg.devices) == "auto" else int(hw_cfg.devices)
-    return Hardware(f"auto({devices}x {found.gpu_names[0]})", "gpu", devices, int(hw_cfg.num_nodes),
+    devices = found.gpus if str(profile.devices) == "auto" else int(profile.devices)
+    return Hardware(f"auto({devices}x {found.gpu_names[0]})", "gpu", devices, int(profile.num_nodes),
                     found.min_gpu_memory_gib, found.bf16, host)
 
 

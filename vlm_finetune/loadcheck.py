@@ -44,16 +44,16 @@ def write_folder(overrides: list[str], folder: Path) -> None:
     in bf16 in the family's released layout with its tokenizer: what `model.path` loads."""
     import torch
 
-    from vlm_finetune.config import compose
+    from vlm_finetune.config import compose, read_settings
     from vlm_finetune.models.mgm import checkpoint
     from vlm_finetune.models.registry import get_family
 
-    cfg = compose(overrides)
-    family = get_family(cfg.model.family)
+    settings = read_settings(compose(overrides))
+    family = get_family(settings.model.family)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = family.build_model(cfg.model, dtype=torch.bfloat16, device=device)
+    model = family.build_model(settings.model, dtype=torch.bfloat16, device=device)
     checkpoint.save_folder(model, folder, dtype=torch.bfloat16)
-    family.load_processor(cfg.model).save_pretrained(str(folder))
+    family.load_processor(settings.model, truncation=settings.data.truncation).save_pretrained(str(folder))
 
 
 def _child(code: str, args: list[str], timeout: float) -> tuple[dict | None, str]:

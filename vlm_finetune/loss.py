@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from vlm_finetune.config import LossSettings
 from vlm_finetune.data.sample import IGNORE_INDEX
+from vlm_finetune.settings import LossSettings
 
 
 def _chunk_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 
 from vlm_finetune.autotune import resolve_activation_checkpointing, synthetic_batch
-from vlm_finetune.config import LossSettings, attention_backends, compose, is_auto
+from vlm_finetune.config import compose, read_settings
 from vlm_finetune.io import write_atomic
 from vlm_finetune.models.registry import get_family, parse_trainability
 from vlm_finetune.module import batch_loss_sum, step_contexts
 from vlm_finetune.precision import weights_policy
+from vlm_finetune.settings import is_auto
 from vlm_finetune.trainability import build_trainable_model, compile_regions, count_parameters, set_frozen_eval, unwrap
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,24 +35,26 @@ def make_batch(processor, seq: int, image_px: int, vocab_limit: int) -> dict:
 
 def bench_ours(overrides: list[str], seq: int, image_px: int, steps: int, device: str) -> dict:
     cfg = compose(overrides, output_dir="/tmp/vlm_finetune_bench")
-    family = get_family(cfg.model.family)
-    processor = family.load_processor(cfg.model)
-    policy = weights_policy(cfg.precision.name)
+    settings = read_settings(cfg)
+    family = get_family(settings.model.family)
+    processor = family.load_processor(settings.model, truncation=settings.data.truncation)
+    policy = weights_policy(settings.precision)
     dtype, mixed = policy.load_dtype, policy.mixed
-    loss_settings = LossSettings.from_config(cfg.loss)
+    loss_settings = settings.loss
     started = time.time()
-    checkpointing, scope = cfg.model.activation_checkpointing, cfg.speed.checkpoint_scope
+    checkpointing, scope = settings.model.activation_checkpointing, settings.speed.checkpoint_scope
     if is_auto(checkpointing):  # as train() does: the plan with the least recompute that fits
         checkpointing, scope = resolve_activation_checkpointing(cfg, overrides)
-    model, plan = build_trainable_model(family, cfg.model, parse_trainability(cfg.train), cfg.lora, policy,
-                                        checkpointed_layers=checkpointing, device=device, checkpoint_scope=scope)
-    if cfg.speed.compile:
+    model, plan = build_trainable_model(family, settings.model, parse_trainability(settings.trainability),
+                                        settings.lora, policy, checkpointed_layers=checkpointing,
+                                        checkpoint_scope=scope, device=device)
+    if settings.speed.compile:
         compile_regions(model, family)
     model = model.to(device)
     model.train()
     set_frozen_eval(model, plan)
     autocast = torch.autocast(device, dtype=dtype, enabled=mixed)
-    backends = attention_backends(cfg.speed.attention_backends)
+    backends = settings.speed.attention_backends
 
     build_s = time.time() - started
     trainable, total = count_parameters(model)

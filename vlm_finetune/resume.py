@@ -35,8 +35,9 @@ from vlm_finetune.checkpointing import (
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.hardware import env_global_rank
 from vlm_finetune.io import fsync_dir, fsync_tree, replace_folder
+from vlm_finetune.settings import RunSettings
 from vlm_finetune.signals import received
-from vlm_finetune.strategies import checkpoint_is_folder, is_deepspeed, is_resumable
+from vlm_finetune.strategies import is_deepspeed
 
 log = logging.getLogger(__name__)
 
@@ -250,25 +251,26 @@ def signal_numbers(names) -> tuple[int, ...]:
     return tuple(numbers)
 
 
-def open_resume_checkpoint(cfg, run_dir: Path, world_size: int) -> tuple[Path | None, dict | None]:
+def open_resume_checkpoint(settings: RunSettings, run_dir: Path, world_size: int) -> tuple[Path | None, dict | None]:
     """The checkpoint a run would continue from, opened and checked before any weight loads: it exists, it
     is readable, it is of the strategy's kind and its settings are this run's. Returns (path, checkpoint),
     or (None, None) when the run starts afresh. (Its tensor shapes are checked once the model is built.)"""
-    if not is_resumable(cfg.trainer):
+    strategy = settings.strategy
+    if not strategy.resumable:
         return None, None
-    path = find_resume_checkpoint(cfg.resume, run_dir)
+    path = find_resume_checkpoint(settings.checkpoint.resume, run_dir)
     if path is None:
         return None, None
-    if path.exists() and path.is_dir() != checkpoint_is_folder(cfg.trainer):
+    if path.exists() and path.is_dir() != strategy.checkpoint_is_folder:
         kind = "DeepSpeed's checkpoint folder" if path.is_dir() else "a single-file checkpoint"
-        raise CheckpointError(f"checkpoint {path} is {kind}, which trainer={cfg.trainer.name} cannot resume from; "
+        raise CheckpointError(f"checkpoint {path} is {kind}, which trainer={strategy.name} cannot resume from; "
                               "resume with the trainer that wrote it, or start a new run folder (resume=never)")
     checkpoint = load_checkpoint_file(path)
-    check_compatible(checkpoint, path, run_fingerprint(cfg, world_size))
+    check_compatible(checkpoint, path, run_fingerprint(settings, world_size))
     return path, checkpoint
 
 
-def resume_parts(cfg, run_dir: Path, module, world_size: int, path: Path | None,
+def resume_parts(settings: RunSettings, run_dir: Path, module, world_size: int, path: Path | None,
                  checkpoint: dict | None) -> tuple[ResumeCallback | None, Path | None, list, list]:
     """(checkpoint callback or None, checkpoint to resume from or None, trainer plugins, CSV rows to keep).
     `path` and `checkpoint` come from open_resume_checkpoint."""
@@ -279,24 +281,25 @@ def resume_parts(cfg, run_dir: Path, module, world_size: int, path: Path | None,
         # the preemption signal is handled by ResumeCallback (atomic save at a step boundary, then requeue),
         # not by Lightning's handler, which saves from inside the signal handler in the middle of a step
         plugins.append(SLURMEnvironment(auto_requeue=False))
-    if not is_resumable(cfg.trainer):
-        if cfg.resume not in (None, "never", "auto"):
-            raise ConfigError(f"resume={cfg.resume} works with trainer=single|ddp|zero*; trainer={cfg.trainer.name} "
+    strategy, saving = settings.strategy, settings.checkpoint
+    if not strategy.resumable:
+        if saving.resume not in (None, "never", "auto"):
+            raise ConfigError(f"resume={saving.resume} works with trainer=single|ddp|zero*; trainer={strategy.name} "
                               "writes no resumable checkpoints yet (use resume=never)")
         return None, None, plugins, []
-    if not checkpoint_is_folder(cfg.trainer):  # DeepSpeed writes its own folder (made atomic by ResumeCallback)
+    if not strategy.checkpoint_is_folder:  # DeepSpeed writes its own folder (made atomic by ResumeCallback)
         plugins.append(AtomicCheckpointIO())
-    fingerprint = run_fingerprint(cfg, world_size)
-    callback = ResumeCallback(run_dir / CHECKPOINT_DIR, cfg.checkpoint.every_n_steps, fingerprint,
-                              signal_numbers(cfg.checkpoint.signals), requeue=bool(cfg.checkpoint.requeue),
-                              stop_signals=signal_numbers(cfg.checkpoint.stop_signals))
+    fingerprint = run_fingerprint(settings, world_size)
+    callback = ResumeCallback(run_dir / CHECKPOINT_DIR, saving.every_n_steps, fingerprint,
+                              signal_numbers(saving.signals), requeue=saving.requeue,
+                              stop_signals=signal_numbers(saving.stop_signals))
     rows: list = []
     if path is not None:
         check_compatible(checkpoint, path, fingerprint, trainable_shapes(module))
         step = int(checkpoint.get("global_step", 0))
-        if step > int(cfg.trainer.max_steps):
+        if step > settings.max_steps:
             raise CheckpointError(f"checkpoint {path} is at step {step}, "
-                                  f"past trainer.max_steps={cfg.trainer.max_steps}; "
+                                  f"past trainer.max_steps={settings.max_steps}; "
                                   "raise trainer.max_steps or start a new run folder")
         if env_global_rank() == 0:
             rows = logged_rows_before(run_dir / "csv" / "metrics.csv", step)

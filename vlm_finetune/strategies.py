@@ -16,19 +16,14 @@ from vlm_finetune.errors import ConfigError
 from vlm_finetune.hardware import Hardware
 from vlm_finetune.models._partitioned import unpartitioned
 from vlm_finetune.models.base import Family
+from vlm_finetune.settings import StrategySettings
 
-STRATEGIES = ("single", "ddp", "fsdp", "deepspeed")
 SHARDED = ("fsdp", "deepspeed")
-# strategies whose runs write resumable checkpoints (a file; DeepSpeed: its own folder)
-RESUMABLE_STRATEGIES = ("single", "ddp", "deepspeed")
 
 
-def check_combination(trainer_cfg: Any, hardware: Hardware, precision: str) -> None:
+def check_combination(settings: StrategySettings, hardware: Hardware, precision: str) -> None:
     """Reject combinations that cannot work, naming the option and the fix."""
-    strategy = str(trainer_cfg.strategy)
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"trainer.strategy={strategy!r} is unknown; use trainer=single|ddp|fsdp|zero2|zero2_offload|"
-                          "zero3|zero3_offload")
+    strategy = settings.strategy
     if strategy == "single" and hardware.world_size > 1:
         raise ConfigError(f"trainer=single runs one process, but hardware={hardware.name} has {hardware.world_size} "
                           "devices; use trainer=ddp (model fits on one GPU) or trainer=zero3 / trainer=fsdp "
@@ -38,47 +33,46 @@ def check_combination(trainer_cfg: Any, hardware: Hardware, precision: str) -> N
                           f"(hardware={hardware.name} has no GPU). On the CPU use trainer=single or trainer=ddp, or "
                           "trainer=zero2 / trainer=zero3 to rehearse a sharded run with DeepSpeed's CPU backend")
     if precision == "nf4":
-        if strategy == "fsdp" or (strategy == "deepspeed" and int(trainer_cfg.zero_stage) == 3):
-            raise ConfigError(f"precision=nf4 cannot be combined with trainer={trainer_cfg.get('name', strategy)}: "
+        if strategy == "fsdp" or settings.is_zero3:
+            raise ConfigError(f"precision=nf4 cannot be combined with trainer={settings.name}: "
                               "4-bit base weights cannot be sharded by FSDP or ZeRO-3. Use trainer=ddp or "
                               "trainer=zero2 with precision=nf4 (each GPU holds the 4-bit base), or keep ZeRO-3 with "
                               "precision=bf16-mixed")
     if precision == "fp16-mixed" and hardware.accelerator != "gpu":
         raise ConfigError("precision=fp16-mixed needs a GPU (loss scaling is CUDA-only); "
                           "on the CPU use 32-true or bf16-mixed")
-    offload = bool(trainer_cfg.get("offload_optimizer")) or bool(trainer_cfg.get("offload_parameters"))
-    if offload and strategy != "deepspeed":
+    if (settings.offload_optimizer or settings.offload_parameters) and strategy != "deepspeed":
         raise ConfigError("optimizer/parameter offload is a DeepSpeed feature; use trainer=zero2_offload or "
                           "trainer=zero3_offload")
-    if bool(trainer_cfg.get("offload_parameters")) and int(trainer_cfg.get("zero_stage", 0)) != 3:
+    if settings.offload_parameters and settings.zero_stage != 3:
         raise ConfigError("trainer.offload_parameters=true needs ZeRO stage 3 (trainer=zero3_offload)")
 
 
-def deepspeed_config(trainer_cfg: Any, precision: str, accumulate: int, micro_batch_size: int,
-                     on_gpu: bool = True) -> dict:
+def deepspeed_config(settings: StrategySettings, precision: str, micro_batch_size: int, on_gpu: bool) -> dict:
     """The ZeRO config generated from the trainer profile."""
-    stage = int(trainer_cfg.zero_stage)
+    stage = settings.zero_stage
+    knobs = settings.deepspeed
     zero: dict[str, Any] = {
         "stage": stage,
         "overlap_comm": True,
         "contiguous_gradients": True,
-        "reduce_bucket_size": int(float(trainer_cfg.reduce_bucket_size)),
-        "allgather_bucket_size": int(float(trainer_cfg.allgather_bucket_size)),
+        "reduce_bucket_size": int(float(knobs["reduce_bucket_size"])),
+        "allgather_bucket_size": int(float(knobs["allgather_bucket_size"])),
     }
-    if trainer_cfg.offload_optimizer:
+    if settings.offload_optimizer:
         # pinned host buffers speed up GPU<->CPU copies; CPU processes have none
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if stage == 3:
         zero.update({
-            "stage3_prefetch_bucket_size": int(float(trainer_cfg.stage3_prefetch_bucket_size)),
-            "stage3_param_persistence_threshold": int(float(trainer_cfg.stage3_param_persistence_threshold)),
-            "stage3_max_live_parameters": int(float(trainer_cfg.stage3_max_live_parameters)),
-            "stage3_max_reuse_distance": int(float(trainer_cfg.stage3_max_reuse_distance)),
-            "stage3_use_all_reduce_for_fetch_params": bool(trainer_cfg.stage3_use_all_reduce_for_fetch_params),
+            "stage3_prefetch_bucket_size": int(float(knobs["stage3_prefetch_bucket_size"])),
+            "stage3_param_persistence_threshold": int(float(knobs["stage3_param_persistence_threshold"])),
+            "stage3_max_live_parameters": int(float(knobs["stage3_max_live_parameters"])),
+            "stage3_max_reuse_distance": int(float(knobs["stage3_max_reuse_distance"])),
+            "stage3_use_all_reduce_for_fetch_params": bool(knobs["stage3_use_all_reduce_for_fetch_params"]),
             # the adapter is gathered by us on save; never write a 16-bit copy of the whole model
             "stage3_gather_16bit_weights_on_model_save": False,
         })
-        if trainer_cfg.offload_parameters:
+        if settings.offload_parameters:
             zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
     # gradient_accumulation_steps and gradient_clipping are filled in by Lightning from the Trainer
     config = {
@@ -86,7 +80,7 @@ def deepspeed_config(trainer_cfg: Any, precision: str, accumulate: int, micro_ba
         "train_micro_batch_size_per_gpu": int(micro_batch_size),
         "zero_allow_untested_optimizer": True,
     }
-    if trainer_cfg.offload_optimizer:
+    if settings.offload_optimizer:
         # the optimizer is built by the module (torch AdamW, param groups); DeepSpeedCPUAdam would be
         # faster on offloaded states but needs its C++ op compiled on the machine
         config["zero_force_ds_cpu_optimizer"] = False
@@ -97,22 +91,21 @@ def deepspeed_config(trainer_cfg: Any, precision: str, accumulate: int, micro_ba
     return config
 
 
-def build_strategy(cfg: Any, family: Family, hardware: Hardware):
-    """The Lightning strategy for `cfg.trainer`, or "auto" for one process."""
-    t = cfg.trainer
-    precision = str(cfg.precision.name)
-    check_combination(t, hardware, precision)
-    if t.strategy == "single":
+def build_strategy(settings: StrategySettings, precision: str, micro_batch_size: int, family: Family,
+                   hardware: Hardware):
+    """The Lightning strategy for `trainer=`, or "auto" for one process."""
+    check_combination(settings, hardware, precision)
+    if settings.strategy == "single":
         return "auto"
-    timeout = collective_timeout(t)
-    if t.strategy == "ddp":
+    timeout = settings.collective_timeout
+    if settings.strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
         backend = "nccl" if hardware.accelerator == "gpu" else "gloo"
         # LoRA leaves most parameters frozen: no unused-parameter search, gradients as bucket views
         return DDPStrategy(process_group_backend=backend, find_unused_parameters=False, gradient_as_bucket_view=True,
                            timeout=timeout)
-    if t.strategy == "fsdp":
+    if settings.strategy == "fsdp":
         from lightning.pytorch.strategies import FSDPStrategy
 
         blocks = set(family.decoder_layer_classes) | set(family.vision_block_classes)
@@ -121,7 +114,7 @@ def build_strategy(cfg: Any, family: Family, hardware: Hardware):
             # no checkpoint wrapper of FSDP's own: the model already checkpoints exactly the layers
             # model.activation_checkpointing asks for (trainability.apply_activation_checkpointing)
             activation_checkpointing_policy=None,
-            sharding_strategy=str(t.sharding_strategy),
+            sharding_strategy=settings.sharding_strategy,
             cpu_offload=False,
             # frozen base and trainable LoRA weights share FSDP units: keep original parameters
             use_orig_params=True,
@@ -130,21 +123,13 @@ def build_strategy(cfg: Any, family: Family, hardware: Hardware):
             timeout=timeout,
         )
     on_gpu = hardware.accelerator == "gpu"
-    config = deepspeed_config(t, precision, int(t.accumulate_grad_batches), int(cfg.data.micro_batch_size), on_gpu)
+    config = deepspeed_config(settings, precision, micro_batch_size, on_gpu)
     if on_gpu:
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
         # checkpoints hold the trained weights and their optimizer partitions; the frozen base comes from the model
         return DeepSpeedStrategy(config=config, exclude_frozen_parameters=True, timeout=timeout)
     return cpu_deepspeed_strategy(config, timeout)
-
-
-def collective_timeout(trainer_cfg: Any) -> timedelta:
-    """The process groups' timeout: `trainer.collective_timeout_s` (watchdog.RunWatchdog uses the same)."""
-    seconds = trainer_cfg.get("collective_timeout_s", 600)
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
-        raise ConfigError(f"trainer.collective_timeout_s={seconds!r} must be a positive number of seconds")
-    return timedelta(seconds=float(seconds))
 
 
 def cpu_deepspeed_strategy(config: dict, timeout: timedelta | None = None):
@@ -201,28 +186,10 @@ def _without_shm_comm_op() -> Iterator[None]:
 
 
 # -- the configured strategy ---------------------------------------------------------------------------------
-def is_resumable(trainer_cfg: Any) -> bool:
-    return str(trainer_cfg.strategy) in RESUMABLE_STRATEGIES
-
-
-def replicates_model(trainer_cfg: Any) -> bool:
-    """Every device holds the whole model (one process, or DDP)."""
-    return str(trainer_cfg.strategy) in ("single", "ddp")
-
-
-def checkpoint_is_folder(trainer_cfg: Any) -> bool:
-    """DeepSpeed writes its checkpoint as a folder (one optimizer partition per rank); the others one file."""
-    return str(trainer_cfg.strategy) == "deepspeed"
-
-
-def is_zero3_config(trainer_cfg: Any) -> bool:
-    return str(trainer_cfg.strategy) == "deepspeed" and int(trainer_cfg.zero_stage) == 3
-
-
-def set_zero3_leaves(model: nn.Module, family: Family, trainer_cfg: Any) -> list[type]:
+def set_zero3_leaves(model: nn.Module, family: Family, settings: StrategySettings) -> list[type]:
     """Under ZeRO-3, mark the family's leaf modules present in `model` (MoE blocks are gathered whole: their
     experts fire data-dependently, and a rank that skips an expert would leave the gathers out of step)."""
-    if not is_zero3_config(trainer_cfg):
+    if not settings.is_zero3:
         return []
     leaves = [c for c in family.zero3_leaf_classes if any(isinstance(m, c) for m in model.modules())]
     if leaves:

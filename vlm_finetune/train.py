@@ -3,6 +3,7 @@ it reads the config, turns it into settings and objects, and nothing but the ent
 imports it."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -22,14 +23,7 @@ from vlm_finetune.adapters import AdapterSaver
 from vlm_finetune.autotune import check_auto_options, resolve_activation_checkpointing, search_micro_batch
 from vlm_finetune.callbacks import StepProgressBar
 from vlm_finetune.checkpointing import CHECKPOINT_DIR
-from vlm_finetune.config import (
-    EvalSettings,
-    LossSettings,
-    OptimizerSettings,
-    attention_backends,
-    hydra_overrides,
-    is_auto,
-)
+from vlm_finetune.config import hydra_overrides, read_settings
 from vlm_finetune.data.datamodule import VLMDataModule, build_datasets, check_samples_fit
 from vlm_finetune.data.packing import pack_length
 from vlm_finetune.errors import ConfigError
@@ -39,21 +33,14 @@ from vlm_finetune.memory.at_load import LoadMemory
 from vlm_finetune.memory.host import HostMemoryRelease, release_freed, reuse_heap, steady_heap
 from vlm_finetune.memory.monitor import MemoryMonitor
 from vlm_finetune.memory.oom import handle_oom
-from vlm_finetune.models.moe_lora import expert_forward
 from vlm_finetune.models.registry import get_family, parse_trainability
 from vlm_finetune.module import VLMModule
 from vlm_finetune.plots import plot_training_curves
 from vlm_finetune.precision import WeightsPolicy, check_precision, weights_policy
 from vlm_finetune.resume import open_resume_checkpoint, restore_csv_rows, resume_parts
 from vlm_finetune.rundir import RunFolderLock, finished_metrics, sweep_checkpoint_leftovers
-from vlm_finetune.strategies import (
-    build_strategy,
-    check_combination,
-    checkpoint_is_folder,
-    collective_timeout,
-    is_zero3_config,
-    set_zero3_leaves,
-)
+from vlm_finetune.settings import RunSettings, is_auto
+from vlm_finetune.strategies import build_strategy, check_combination, set_zero3_leaves
 from vlm_finetune.trainability import (
     build_trainable_model,
     builds_partitioned,
@@ -83,33 +70,30 @@ def _quiet_known_noise() -> None:
     logging.getLogger("lightning.fabric.utilities.rank_zero").setLevel(logging.WARNING)
 
 
-def check_config(cfg: DictConfig) -> tuple[dict, Hardware]:
-    """Every check that needs no weights: fails in seconds with the option and the fix.
-    Returns the trainability modes and the resolved hardware profile."""
-    modes = parse_trainability(cfg.train)
-    check_precision(cfg.precision.name)
-    hardware = resolve(cfg.hardware)
-    check_combination(cfg.trainer, hardware, cfg.precision.name)
-    preflight(hardware, cfg.precision.name)
-    if cfg.precision.name == "nf4" and importlib.util.find_spec("bitsandbytes") is None:
+def check_config(cfg: DictConfig) -> tuple[RunSettings, dict, Hardware]:
+    """Every check that needs no weights: fails in seconds with the option and the fix. Returns the settings
+    read from the config (what everything below the run takes), the trainability modes and the resolved
+    hardware profile."""
+    settings = read_settings(cfg)  # values checked as they are read (settings.py)
+    modes = parse_trainability(settings.trainability)
+    check_precision(settings.precision)
+    hardware = resolve(settings.hardware)
+    check_combination(settings.strategy, hardware, settings.precision)
+    preflight(hardware, settings.precision)
+    if settings.precision == "nf4" and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("precision=nf4 (QLoRA) loads the base in 4-bit with bitsandbytes, which is not installed: "
                           "pip install 'vlm_finetune[qlora]' (CUDA GPUs, and CPUs for rehearsal with tiny models)")
-    mbs = cfg.data.micro_batch_size
-    if not is_auto(mbs) and (isinstance(mbs, bool) or not isinstance(mbs, int) or mbs < 1):
-        raise ConfigError(f"data.micro_batch_size={mbs!r} must be a positive integer or auto (GPU)")
-    check_auto_options(cfg, hardware)
-    acc = cfg.trainer.accumulate_grad_batches
-    if not isinstance(acc, int) or acc < 1:
+    check_auto_options(settings, hardware)
+    acc = settings.accumulate_grad_batches
+    if isinstance(acc, bool) or not isinstance(acc, int) or acc < 1:
         raise ConfigError(f"trainer.accumulate_grad_batches={acc!r} must be a positive integer")
-    _check_values(cfg)
-    loss = LossSettings.from_config(cfg.loss)
-    attention_backends(cfg.speed.attention_backends)
-    if loss.impl == "liger":
+    _check_values(settings)
+    if settings.loss.impl == "liger":
         if hardware.accelerator != "gpu":
             raise ConfigError("loss.impl=liger needs a CUDA GPU (Triton kernels); use loss.impl=chunked")
         if importlib.util.find_spec("liger_kernel") is None:
             raise ConfigError("loss.impl=liger needs liger-kernel: pip install 'vlm_finetune[gpu]'")
-    return modes, hardware
+    return settings, modes, hardware
 
 
 # `+key=value` overrides that add keys something reads (everything else a `+` adds would be ignored)
@@ -117,27 +101,12 @@ ADDABLE_KEYS = ("callbacks.", "data.global_batch_size", "model.llm.", "model.vis
                 "model.config_overrides", "model.tokenizer_kind", "model.tokenizer_legacy", "hydra.")
 
 
-def _check_values(cfg: DictConfig) -> None:
+def _check_values(settings: RunSettings) -> None:
     """Values that would otherwise fail only once the model is built (or never)."""
-    if not isinstance(cfg.lora.r, int) or isinstance(cfg.lora.r, bool) or cfg.lora.r < 1:
-        raise ConfigError(f"lora.r={cfg.lora.r!r} must be a positive integer (the adapter's rank, e.g. 16)")
-    expert_forward(cfg.lora)
-    try:
-        lr = float(cfg.optimizer.lr)
-    except (TypeError, ValueError):
-        lr = float("nan")
-    if not math.isfinite(lr) or lr <= 0:
-        raise ConfigError(f"optimizer.lr={cfg.optimizer.lr!r} must be a positive number, e.g. 2e-4")
-    if not isinstance(cfg.trainer.max_steps, int) or cfg.trainer.max_steps < 0:
-        raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps!r} must be 0 or a positive number of "
-                          "optimizer steps")
-    collective_timeout(cfg.trainer)
-    grace = cfg.trainer.get("stop_grace_s", 20)
-    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or grace < 0:
-        raise ConfigError(f"trainer.stop_grace_s={grace!r} must be 0 or a positive number of seconds")
-    pack_length(cfg.data)  # data.packing's row length fits every sample
-    if cfg.data.truncation not in ("truncate", "drop"):
-        raise ConfigError(f"data.truncation={cfg.data.truncation!r}: use truncate or drop")
+    steps = settings.max_steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ConfigError(f"trainer.max_steps={steps!r} must be 0 or a positive number of optimizer steps")
+    pack_length(settings.data)  # data.packing's row length fits every sample
     added = [o for o in (hydra_overrides() or []) if o.startswith("+") and not o.startswith("++")]
     unread = [o for o in added if not o.lstrip("+").split("=", 1)[0].startswith(ADDABLE_KEYS)]
     if unread:
@@ -179,19 +148,25 @@ def _build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, strategy, ha
     )
 
 
-def _resolve_auto(cfg: DictConfig, family, model, processor, hardware: Hardware) -> None:
-    """`auto` options become numbers in the run's config (and so in its config.yaml): checkpointed layers
-    from the memory plan, before the model is built; the micro-batch from real steps, after."""
+def _resolve_auto(cfg: DictConfig, settings: RunSettings, family, model, processor, hardware: Hardware
+                  ) -> RunSettings:
+    """`auto` options become numbers in the settings and in the run's config (so in its config.yaml):
+    checkpointed layers from the memory plan, before the model is built; the micro-batch from real steps, after."""
     if model is None:
         chosen = resolve_activation_checkpointing(cfg, hydra_overrides())
         if chosen is not None:
             with open_dict(cfg):
                 cfg.model.activation_checkpointing, cfg.speed.checkpoint_scope = chosen
-    elif is_auto(cfg.data.micro_batch_size):  # real steps on this GPU; the global batch stays the same
-        micro, accumulate = search_micro_batch(cfg, family, model, processor, hardware)
+            settings = settings.replace(model=settings.model.replace(activation_checkpointing=chosen[0]),
+                                        speed=dataclasses.replace(settings.speed, checkpoint_scope=chosen[1]))
+    elif is_auto(settings.data.micro_batch_size):  # real steps on this GPU; the global batch stays the same
+        micro, accumulate = search_micro_batch(settings, family, model, processor, hardware)
         with open_dict(cfg):
             cfg.data.micro_batch_size = micro
             cfg.trainer.accumulate_grad_batches = accumulate
+        settings = settings.replace(data=settings.data.replace(micro_batch_size=micro),
+                                    accumulate_grad_batches=accumulate)
+    return settings
 
 
 def _wants_monitor(cfg: DictConfig, hardware: Hardware, callbacks: list) -> bool:
@@ -217,7 +192,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
     not run again."""
     started = time.time()
     _quiet_known_noise()
-    modes, hardware = check_config(cfg)
+    settings, modes, hardware = check_config(cfg)
     release = _host_release(cfg)
     run_dir = Path(cfg.output_dir)
     if cfg.resume == "auto" and (done := finished_metrics(run_dir, int(cfg.trainer.max_steps))) is not None:
@@ -230,7 +205,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
             sweep_checkpoint_leftovers(run_dir / CHECKPOINT_DIR)  # what a kill during a save left behind
         if release != "off":
             steady_heap()  # before anything loads: freed blocks of 1 MiB or more go back to the system
-        return _train(cfg, callbacks, modes, hardware, run_dir, started)
+        return _train(cfg, settings, callbacks, modes, hardware, run_dir, started)
     finally:
         if release != "off":
             reuse_heap()  # the steps of whatever runs next in this process reuse heap blocks
@@ -238,13 +213,13 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
             lock.release()
 
 
-def _model_builder(cfg: DictConfig, family, modes: dict, policy: WeightsPolicy):
+def _model_builder(settings: RunSettings, release: str, family, modes: dict, policy: WeightsPolicy):
     """`build(device=None, expected_plan=None) -> (model, plan)`: the model with its trainability plan, compiled
     regions and ZeRO-3 leaf modules, as configured; `device="meta"`: the structure only."""
     def build(device: str | None = None, expected_plan=None):
-        model, plan = build_trainable_model(family, cfg.model, modes, cfg.lora, policy,
-                                            checkpointed_layers=cfg.model.activation_checkpointing,
-                                            checkpoint_scope=cfg.speed.checkpoint_scope, device=device)
+        model, plan = build_trainable_model(family, settings.model, modes, settings.lora, policy,
+                                            checkpointed_layers=settings.model.activation_checkpointing,
+                                            checkpoint_scope=settings.speed.checkpoint_scope, device=device)
         if expected_plan is not None:  # built inside zero.Init (VLMModule.configure_model)
             if plan != expected_plan:
                 raise RuntimeError(f"the model built under ZeRO-3 has another trainability plan than its "
@@ -254,76 +229,81 @@ def _model_builder(cfg: DictConfig, family, modes: dict, policy: WeightsPolicy):
                 print(f"vlm_finetune: ZeRO-3: built partitioned; this rank holds {held:,} of the base's {whole:,} "
                       "parameters", flush=True)
         if device != "meta":
-            if cfg.speed.compile:
+            if settings.speed.compile:
                 compile_regions(model, family)
-            set_zero3_leaves(model, family, cfg.trainer)
-            if _host_release(cfg) != "off":
+            set_zero3_leaves(model, family, settings.strategy)
+            if release != "off":
                 release_freed()  # what building and loading freed
         return model, plan
     return build
 
 
-def _train(cfg: DictConfig, callbacks: list | None, modes: dict, hardware: Hardware, run_dir: Path,
-           started: float) -> tuple[dict, dict]:
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    torch.set_num_threads(max(1, int(cfg.hardware.cpu_threads or torch.get_num_threads())))
+def _train(cfg: DictConfig, settings: RunSettings, callbacks: list | None, modes: dict, hardware: Hardware,
+           run_dir: Path, started: float) -> tuple[dict, dict]:
+    L.seed_everything(settings.seed, workers=True, verbose=False)
+    torch.set_num_threads(max(1, int(settings.hardware.cpu_threads or torch.get_num_threads())))
     load_meter = LoadMemory()  # before anything of the model exists: the load's host growth and GPU peak
 
-    family = get_family(cfg.model.family)
+    family = get_family(settings.model.family)
     # a checkpoint of another run fails here, before any weight loads
-    resume_path, resume_checkpoint = open_resume_checkpoint(cfg, run_dir, hardware.world_size)
+    resume_path, resume_checkpoint = open_resume_checkpoint(settings, run_dir, hardware.world_size)
     # data first: a bad file fails here, before any weight loads
-    train_samples, val_samples, data_stats = build_datasets(cfg.data, int(cfg.seed))
-    processor = family.load_processor(cfg.model, truncation=cfg.data.truncation)
-    check_samples_fit(train_samples, processor, cfg.data.max_length, cfg.data.truncation)
+    data = settings.data
+    train_samples, val_samples, data_stats = build_datasets(data, settings.seed)
+    processor = family.load_processor(settings.model, truncation=data.truncation)
+    check_samples_fit(train_samples, processor, data.max_length, data.truncation)
 
-    policy = weights_policy(cfg.precision.name, cfg.trainer.strategy)
-    _resolve_auto(cfg, family, None, processor, hardware)  # checkpointing auto -> the fewest layers that fit
-    build = _model_builder(cfg, family, modes, policy)
+    policy = weights_policy(settings.precision, settings.strategy.strategy)
+    # checkpointing auto -> the fewest layers that fit
+    settings = _resolve_auto(cfg, settings, family, None, processor, hardware)
+    release = _host_release(cfg)
+    build = _model_builder(settings, release, family, modes, policy)
     # ZeRO-3: the model is built in VLMModule.configure_model, inside DeepSpeed's partitioned initialisation,
     # so no rank holds it whole; until then its structure on the meta device gives the plan and the counts
-    zero3 = is_zero3_config(cfg.trainer)
-    partitioned = builds_partitioned(family, cfg.model, zero3, modes, policy, is_auto(cfg.data.micro_batch_size))
+    zero3 = settings.strategy.is_zero3
+    partitioned = builds_partitioned(family, settings.model, zero3, modes, policy, is_auto(data.micro_batch_size))
     if zero3 and not partitioned and env_global_rank() == 0:
-        why = " (model.trust_remote_code=true: the folder's own modelling code)" if cfg.model.get(
-            "trust_remote_code") else ""
-        print(f"vlm_finetune: ZeRO-3: {cfg.model.name} is built whole on every rank before DeepSpeed partitions "
+        why = (" (model.trust_remote_code=true: the folder's own modelling code)" if settings.model.trust_remote_code
+               else "")
+        print(f"vlm_finetune: ZeRO-3: {settings.model.name} is built whole on every rank before DeepSpeed partitions "
               f"it{why}; the plan's load rows count that", flush=True)
     model, plan = build(device="meta") if partitioned else build()
-    _resolve_auto(cfg, family, model, processor, hardware)  # micro-batch auto -> real steps on the GPU
+    settings = _resolve_auto(cfg, settings, family, model, processor, hardware)  # micro-batch auto -> real steps
     trainable, total = count_parameters(model)
 
     if env_global_rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        print(f"vlm_finetune: {cfg.model.name}: {trainable:,} trainable / {total:,} parameters "
+        print(f"vlm_finetune: {settings.model.name}: {trainable:,} trainable / {total:,} parameters "
               "(" + ", ".join(f"{p.value}={m.value}" for p, m in modes.items()) + f"); run folder {run_dir}",
               flush=True)
 
-    datamodule = VLMDataModule(cfg.data, processor, cfg.data.micro_batch_size, cfg.trainer.accumulate_grad_batches,
-                               int(cfg.seed), train=train_samples, val=val_samples, stats=data_stats)
+    datamodule = VLMDataModule(settings.data, processor, settings.data.micro_batch_size,
+                               settings.accumulate_grad_batches, settings.seed, train=train_samples, val=val_samples,
+                               stats=data_stats)
     scheduler = hydra.utils.instantiate(cfg.scheduler.factory) if cfg.scheduler.factory else None
     module = VLMModule(model, family, processor, plan, hydra.utils.instantiate(cfg.optimizer.optimizer),
-                       OptimizerSettings.from_config(cfg.optimizer), scheduler, LossSettings.from_config(cfg.loss),
-                       EvalSettings.from_config(cfg.eval), question_types=list(data_stats.get("question_types", [])),
-                       offload_activations=bool(cfg.speed.offload_activations),
-                       attention_backends=attention_backends(cfg.speed.attention_backends),
+                       settings.optimizer, scheduler, settings.loss, settings.eval,
+                       question_types=list(data_stats.get("question_types", [])),
+                       offload_activations=settings.speed.offload_activations,
+                       attention_backends=settings.speed.attention_backends,
                        build_model=(lambda: build(expected_plan=plan)[0]) if partitioned else None)
 
     configured = [hydra.utils.instantiate(c) for c in (cfg.callbacks or {}).values() if c]
-    strategy = build_strategy(cfg, family, hardware)
-    resumer, ckpt_path, plugins, earlier_rows = resume_parts(cfg, run_dir, module, hardware.world_size, resume_path,
-                                                             resume_checkpoint)
+    strategy = build_strategy(settings.strategy, settings.precision, int(settings.data.micro_batch_size), family,
+                              hardware)
+    resumer, ckpt_path, plugins, earlier_rows = resume_parts(settings, run_dir, module, hardware.world_size,
+                                                             resume_path, resume_checkpoint)
     # a run stopped by a signal writes no adapter: what it trained so far is in the checkpoint
     saver = AdapterSaver(run_dir / "adapter", plan, processor,
                          interrupted=lambda: resumer is not None and resumer.preempted)
     own = [load_meter, saver] + ([resumer] if resumer is not None else [])
     # a rank stuck in a collective, or a stop signal the main thread cannot take (it is inside C++), ends
     # the run within trainer.collective_timeout_s / trainer.stop_grace_s
-    watchdog = RunWatchdog(collective_timeout(cfg.trainer).total_seconds(), float(cfg.trainer.get("stop_grace_s", 20)),
+    watchdog = RunWatchdog(settings.strategy.collective_timeout.total_seconds(), float(settings.strategy.stop_grace_s),
                            resumer.stop_signals if resumer is not None else ())
     own.append(watchdog)
-    if (release := _host_release(cfg)) != "off":
+    if release != "off":
         own.append(HostMemoryRelease(every_step=release == "step"))
     if _wants_monitor(cfg, hardware, list(callbacks or []) + configured):
         own.append(MemoryMonitor(run_dir))  # memory.csv / memory.png per phase; history for OOM snapshots
@@ -337,7 +317,7 @@ def _train(cfg: DictConfig, callbacks: list | None, modes: dict, hardware: Hardw
     # checked for foreign code before anything in it was unpickled (checkpointing.check_safe_to_load)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None,
-                    weights_only=not checkpoint_is_folder(cfg.trainer) if ckpt_path else None)
+                    weights_only=not settings.strategy.checkpoint_is_folder if ckpt_path else None)
     except torch.OutOfMemoryError as err:  # report (phase, sizes, snapshot, planner's advice), no partial files
         raise handle_oom(err, run_dir, trainer, hydra_overrides()) from err
     except RuntimeError as err:  # the process group's timeout (or a lost peer) came before the watchdog

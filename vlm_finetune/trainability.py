@@ -9,12 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlm_finetune.config import is_auto
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.models._partitioned import initialised_whole, is_partitioned, partitioning_active, unpartitioned
 from vlm_finetune.models.base import Family, Mode, Part
-from vlm_finetune.models.moe_lora import apply_per_expert_lora, expert_forward
+from vlm_finetune.models.moe_lora import apply_per_expert_lora
 from vlm_finetune.precision import WeightsPolicy
+from vlm_finetune.settings import LoraSettings, ModelSettings, is_auto
 
 
 @dataclass
@@ -31,13 +31,13 @@ class TrainablePlan:
         return self.lora_pattern is not None or bool(self.lora_parameters)
 
 
-def plan_trainability(family: Family, model: nn.Module, modes: dict[Part, Mode], model_cfg: Any,
-                      lora_cfg: Any) -> TrainablePlan:
+def plan_trainability(family: Family, model: nn.Module, modes: dict[Part, Mode], spec: ModelSettings,
+                      lora: LoraSettings) -> TrainablePlan:
     part_modules = family.part_module_names(model)
     lora_parts = [p for p, m in modes.items() if m is Mode.LORA]
-    patterns = [p for p in (family.lora_target_pattern(p, model_cfg, lora_cfg) for p in lora_parts) if p]
+    patterns = [p for p in (family.lora_target_pattern(p, spec, lora) for p in lora_parts) if p]
     lora_pattern = "|".join(f"(?:{p})" for p in patterns) if patterns else None
-    parameters = [name for p in lora_parts for name in family.lora_target_parameters(p, model_cfg, lora_cfg)]
+    parameters = [name for p in lora_parts for name in family.lora_target_parameters(p, spec, lora)]
     modules = dict(model.named_modules())
     full = [leaf for p, m in modes.items() if m is Mode.FULL for name in part_modules[p]
             for leaf in _saveable_modules(modules[name], name)]
@@ -54,7 +54,7 @@ def _saveable_modules(module: nn.Module, name: str) -> list[str]:
     return [name] if any(True for _ in module.parameters()) else []
 
 
-def apply_trainability(model: nn.Module, plan: TrainablePlan, lora_cfg: Any) -> nn.Module:
+def apply_trainability(model: nn.Module, plan: TrainablePlan, lora: LoraSettings) -> nn.Module:
     """Freeze everything, add LoRA where asked, unfreeze full parts. Returns the (possibly PEFT) model.
 
     With LoRA, fully trained parts become PEFT `modules_to_save`, so the adapter folder alone restores
@@ -64,18 +64,18 @@ def apply_trainability(model: nn.Module, plan: TrainablePlan, lora_cfg: Any) -> 
     if plan.uses_lora:
         from peft import LoraConfig, get_peft_model
 
-        if plan.lora_parameters and float(lora_cfg.dropout):
-            raise ConfigError(f"lora.dropout={lora_cfg.dropout}: LoRA on MoE expert tensors "
+        if plan.lora_parameters and lora.dropout:
+            raise ConfigError(f"lora.dropout={lora.dropout}: LoRA on MoE expert tensors "
                               f"({', '.join(plan.lora_parameters)}) cannot apply dropout; set lora.dropout=0 "
                               "or lora.llm_modules=attention")
         config = LoraConfig(
-            r=int(lora_cfg.r), lora_alpha=float(lora_cfg.alpha), lora_dropout=float(lora_cfg.dropout),
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
             target_modules=plan.lora_pattern if plan.lora_pattern is not None else [],
             target_parameters=list(plan.lora_parameters) or None,
             modules_to_save=list(plan.full_modules) or None, bias="none", init_lora_weights=True,
         )
         model = get_peft_model(model, config)
-        if plan.lora_parameters and expert_forward(lora_cfg) == "per_expert":
+        if plan.lora_parameters and lora.expert_forward == "per_expert":
             apply_per_expert_lora(model)  # each expert's LoRA on its own tokens, no whole W + delta per layer
     else:
         modules = dict(model.named_modules())
@@ -237,17 +237,17 @@ def compile_regions(model: nn.Module, family: Family) -> int:
     return len(blocks)
 
 
-def builds_partitioned(family: Family, model_cfg: Any, zero3: bool, modes: dict[Part, Mode], policy: WeightsPolicy,
+def builds_partitioned(family: Family, spec: ModelSettings, zero3: bool, modes: dict[Part, Mode], policy: WeightsPolicy,
                        auto_micro_batch: bool) -> bool:
     """Whether the run builds the model inside DeepSpeed's zero.Init (VLMModule.configure_model): under ZeRO-3,
     for a family and model that can (`Family.can_build_partitioned`), unless the micro-batch is searched with
     real steps on a whole model. `policy` and `modes` do not change it (`trainables_in_compute_dtype`)."""
-    return zero3 and family.can_build_partitioned(model_cfg) and not auto_micro_batch
+    return zero3 and family.can_build_partitioned(spec) and not auto_micro_batch
 
 
-def build_trainable_model(family: Family, model_cfg: Any, modes: dict[Part, Mode], lora_cfg: Any,
-                          policy: WeightsPolicy, checkpointed_layers: Any = 0, device: str | None = None,
-                          checkpoint_scope: str = "layer") -> tuple[nn.Module, TrainablePlan]:
+def build_trainable_model(family: Family, spec: ModelSettings, modes: dict[Part, Mode], lora: LoraSettings,
+                          policy: WeightsPolicy, checkpointed_layers: Any, checkpoint_scope: str,
+                          device: str | None = None) -> tuple[nn.Module, TrainablePlan]:
     """Build (or load) the model, checkpoint its first `checkpointed_layers` decoder layers, apply the
     trainability plan and keep trainables in float32 when the precision policy asks: the one recipe the
     run, the planner (`device="meta"`) and the benchmark share.
@@ -258,18 +258,18 @@ def build_trainable_model(family: Family, model_cfg: Any, modes: dict[Part, Mode
     quantization = policy.quantization if device != "meta" else None
     partitioned = device != "meta" and partitioning_active()
     with initialised_whole() if partitioned else contextlib.nullcontext():
-        model = family.build_model(model_cfg, dtype=policy.load_dtype, device=device, quantization=quantization)
+        model = family.build_model(spec, dtype=policy.load_dtype, device=device, quantization=quantization)
     if device == "meta" and any(p.device.type != "meta" for p in model.parameters()):
         raise ConfigError(f"model family {family.name!r} did not build on the meta device; "
                           "the planner loads no weights")
     apply_activation_checkpointing(model, family, checkpointed_layers, checkpoint_scope)
-    plan = plan_trainability(family, model, modes, model_cfg, lora_cfg)
+    plan = plan_trainability(family, model, modes, spec, lora)
     if policy.quantization and plan.lora_parameters:
-        raise ConfigError(f"lora.llm_modules={lora_cfg.get('llm_modules', 'all')} puts LoRA on the MoE experts "
+        raise ConfigError(f"lora.llm_modules={lora.llm_modules} puts LoRA on the MoE experts "
                           f"({', '.join(plan.lora_parameters)}), which precision={policy.quantization} holds in 4-bit "
                           "(dequantised one expert at a time, no LoRA on them); set lora.llm_modules=attention")
     with torch.device("meta") if device == "meta" else unpartitioned():
-        model = apply_trainability(model, plan, lora_cfg)
+        model = apply_trainability(model, plan, lora)
         if partitioned and policy.mixed and policy.load_dtype != torch.float32:
             trainables_in_compute_dtype(model, policy.load_dtype)
         elif policy.keep_trainables_fp32:

@@ -20,27 +20,27 @@ from vlm_finetune.data.grouping import LengthGroupedSampler, sample_lengths
 from vlm_finetune.data.packing import collate_packed, pack_length
 from vlm_finetune.data.sample import IGNORE_INDEX, Sample, SampleTooLong
 from vlm_finetune.errors import ConfigError, DataError
+from vlm_finetune.settings import DataSettings
 
 log = logging.getLogger(__name__)
 
 
-def build_datasets(data_cfg: Any, seed: int) -> tuple[Dataset, Dataset, dict]:
+def build_datasets(data: DataSettings, seed: int) -> tuple[Dataset, Dataset, dict]:
     """(train, val, stats) of Samples for `data.source`."""
-    source = data_cfg.source
+    source = data.source
     if source == "shapes":
         from vlm_finetune.data.shapes import QUESTION_TYPES, ShapesDataset
 
-        train = ShapesDataset("train", int(data_cfg.num_train), image_size=int(data_cfg.image_size), seed=seed)
-        val = ShapesDataset("val", int(data_cfg.num_val), image_size=int(data_cfg.image_size), seed=seed)
+        train = ShapesDataset("train", int(data.num_train), image_size=int(data.image_size), seed=seed)
+        val = ShapesDataset("val", int(data.num_val), image_size=int(data.image_size), seed=seed)
         return train, val, {"skipped_bad_records": 0, "question_types": list(QUESTION_TYPES)}
     if source == "conversations":
         from vlm_finetune.data.conversations import build_conversation_datasets
 
-        if not data_cfg.get("path"):
+        if not data.path:
             raise ConfigError("data=conversations needs data.path=/path/to/train.json (JSON or JSONL)")
-        return build_conversation_datasets(data_cfg.path, data_cfg.get("val_path"), data_cfg.get("image_root"),
-                                           data_cfg.get("on_bad_record", "error"),
-                                           float(data_cfg.get("val_fraction", 0.1)), seed)
+        return build_conversation_datasets(data.path, data.val_path, data.image_root, data.on_bad_record,
+                                           float(data.val_fraction), seed)
     raise ConfigError(f"data.source={source!r} is unknown; use 'shapes' or 'conversations'")
 
 
@@ -275,26 +275,26 @@ class StepWindowLoader:
 
 
 class VLMDataModule(L.LightningDataModule):
-    def __init__(self, data_cfg: Any, processor, micro_batch_size: int, accumulate_grad_batches: int, seed: int,
+    def __init__(self, data: DataSettings, processor, micro_batch_size: int, accumulate_grad_batches: int, seed: int,
                  train: Dataset | None = None, val: Dataset | None = None, stats: dict | None = None):
         super().__init__()
-        self.data_cfg = data_cfg
+        self.data = data
         self.processor = processor
         self.micro_batch_size = int(micro_batch_size)
         self.accumulate = int(accumulate_grad_batches)
         self.seed = seed
         if train is None or val is None:
-            train, val, stats = build_datasets(data_cfg, seed)
+            train, val, stats = build_datasets(data, seed)
         self.train_samples, self.val_samples = train, val
         self.stats = dict(stats or {})
 
     def _max_length(self):
-        value = self.data_cfg.get("max_length")
+        value = self.data.max_length
         return int(value) if value else None
 
     def _sampler(self, dataset: Dataset, shuffle: bool):
         trainer = self.trainer
-        if shuffle and self.data_cfg.group_by_length:
+        if shuffle and self.data.group_by_length:
             world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
             return LengthGroupedSampler(sample_lengths(self.train_samples), self.micro_batch_size, self.seed,
                                         rank, world)
@@ -307,13 +307,13 @@ class VLMDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         dataset = EncodedDataset(self.train_samples, self.processor, self._max_length(),
-                                 on_bad_record=self.data_cfg.on_bad_record)
+                                 on_bad_record=self.data.on_bad_record)
         batches = ResumableBatchSampler(self._sampler(dataset, True), self.micro_batch_size, drop_last=True)
         # the loader's own generator draws its per-epoch worker seed: without it each new epoch's iterator
         # takes a number from torch's global generator and moves the dropout that follows (exact resume)
         loader = DataLoader(dataset, batch_sampler=batches,
-                            collate_fn=Collator(self.processor, pack_length=pack_length(self.data_cfg)),
-                            num_workers=int(self.data_cfg.get("num_workers", 0)), persistent_workers=False,
+                            collate_fn=Collator(self.processor, pack_length=pack_length(self.data)),
+                            num_workers=int(self.data.num_workers), persistent_workers=False,
                             generator=torch.Generator().manual_seed(self.seed))
         if len(loader) < self.accumulate:
             raise ConfigError(f"the training set gives {len(loader)} micro-batch(es) per epoch, fewer than "
@@ -322,10 +322,10 @@ class VLMDataModule(L.LightningDataModule):
 
     def val_dataloader(self):
         dataset = EncodedDataset(self.val_samples, self.processor, self._max_length(), with_generation_prompt=True,
-                                 on_bad_record=self.data_cfg.on_bad_record)
-        batch_size = int(self.data_cfg.get("val_batch_size") or self.micro_batch_size)
+                                 on_bad_record=self.data.on_bad_record)
+        batch_size = int(self.data.val_batch_size or self.micro_batch_size)
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         return DataLoader(dataset, batch_size=batch_size, sampler=EvalShardSampler(len(dataset), rank, world),
                           collate_fn=Collator(self.processor, evaluation=True),
-                          num_workers=int(self.data_cfg.get("num_workers", 0)))
+                          num_workers=int(self.data.num_workers))

@@ -20,18 +20,19 @@ import torch
 
 from vlm_finetune.data.sample import IGNORE_INDEX, EncodedSample
 from vlm_finetune.errors import ConfigError
+from vlm_finetune.settings import DataSettings
 
 PADDING_MASK = "padding_mask"  # 1 for a sample's tokens, 0 for padding (for the counts; not a model input)
 SEGMENTS = "pack_segments"  # per row: [(sample length, images in it), ...], the row's padding not included
 
 
-def pack_length(data_cfg) -> int | None:
+def pack_length(data: DataSettings) -> int | None:
     """The row length when `data.packing` is on (`data.pack_length`, or `data.max_length` when null), else None.
     A sample is at most `data.max_length` long, so every sample fits in a row."""
-    if not data_cfg.get("packing", False):
+    if not data.packing:
         return None
-    max_length = data_cfg.get("max_length")
-    length = data_cfg.get("pack_length") or max_length
+    max_length = data.max_length
+    length = data.pack_length or max_length
     if isinstance(length, bool) or not isinstance(length, int) or length < 1:
         raise ConfigError(f"data.pack_length={length!r} must be a positive number of tokens (or null: "
                           "data.max_length), e.g. data.pack_length=4096")

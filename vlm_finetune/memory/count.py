@@ -3,16 +3,14 @@ with the real trainability plan (LoRA via peft, full parts) and precision policy
 part, kind and dtype, plus the module sizes the sharding strategies gather at once."""
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
 from vlm_finetune.models import moe_nf4
-from vlm_finetune.models.base import Family, parse_trainability
+from vlm_finetune.models.base import Family, Mode, Part
 from vlm_finetune.precision import WeightsPolicy
+from vlm_finetune.settings import LoraSettings, ModelSettings
 from vlm_finetune.trainability import TrainablePlan, build_trainable_model
 
 
@@ -43,26 +41,25 @@ class ModelCount:
     decoder_layer_bytes: tuple[int, ...] = ()  # each decoder layer's parameters, at the dtypes they are built in
 
 
-def count_model(cfg: Any, family: Family, policy: WeightsPolicy, persistence_threshold: int = 0) -> ModelCount:
+def count_model(spec: ModelSettings, modes: dict[Part, Mode], lora: LoraSettings, family: Family,
+                policy: WeightsPolicy, persistence_threshold: int = 0) -> ModelCount:
     """Build the model on the meta device, apply the real trainability plan, and count its parameters by
     part, kind and dtype. Nothing is allocated and no weight file is read. Memoised per family, model,
     trainability, LoRA, weights policy and threshold (suggestions re-plan the same model many times)."""
-    sections = {name: OmegaConf.to_container(cfg[name], resolve=True) for name in ("model", "train", "lora")}
-    # a config node is not hashable: the sections' YAML text is the cache key, and the config is rebuilt from it
-    return _count_cached(family, OmegaConf.to_yaml(sections), policy, persistence_threshold)
-
-
-@functools.lru_cache(maxsize=64)
-def _count_cached(family: Family, sections_yaml: str, policy: WeightsPolicy, persistence_threshold: int
-                  ) -> ModelCount:
-    sections = OmegaConf.create(sections_yaml)
-    model_cfg = OmegaConf.to_container(sections.model)
     # kernels and checkpointing change no parameter; Liger's patching needs a GPU
-    model_cfg.update(liger_kernels=False, activation_checkpointing=False)
-    model_cfg = OmegaConf.create(model_cfg)
-    model, plan = build_trainable_model(family, model_cfg, parse_trainability(sections.train), sections.lora,
-                                        policy, device="meta")
-    return _count(model, plan, family, persistence_threshold)
+    spec = spec.replace(liger_kernels=False, activation_checkpointing=False)
+    # settings hold read-only mappings, which do not hash: their text is the cache key
+    key = (family.name, repr(spec), repr(sorted(modes.items())), repr(lora), policy, persistence_threshold)
+    if key not in _COUNTS:
+        if len(_COUNTS) >= 64:
+            _COUNTS.pop(next(iter(_COUNTS)))
+        model, plan = build_trainable_model(family, spec, modes, lora, policy, checkpointed_layers=False,
+                                            checkpoint_scope="layer", device="meta")
+        _COUNTS[key] = _count(model, plan, family, persistence_threshold)
+    return _COUNTS[key]
+
+
+_COUNTS: dict[tuple, ModelCount] = {}
 
 
 def _clean_name(name: str) -> str:

@@ -3,11 +3,10 @@ count. Rows for parameters and optimizer states are in memory/state_rows.py, act
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from vlm_finetune.config import LossSettings
 from vlm_finetune.memory.count import ModelCount
 from vlm_finetune.precision import WeightsPolicy
+from vlm_finetune.settings import RunSettings, StrategySettings
 
 ADAM_STATES = 2
 
@@ -56,31 +55,26 @@ class PlanInputs:
         return sum(group.numel for group in self.count.groups if group.kind != "frozen")
 
 
-def strategy_and_stage(trainer_cfg: Any) -> tuple[str, int]:
+def strategy_and_stage(strategy: StrategySettings) -> tuple[str, int]:
     """trainer.strategy and the ZeRO stage (0 unless DeepSpeed)."""
-    strategy = str(trainer_cfg.strategy)
-    return strategy, int(trainer_cfg.get("zero_stage", 0)) if strategy == "deepspeed" else 0
+    return strategy.strategy, strategy.zero_stage
 
 
-def plan_inputs(cfg: Any, dims: dict, count: ModelCount, modes: dict, world: int, policy: WeightsPolicy
+def plan_inputs(settings: RunSettings, dims: dict, count: ModelCount, modes: dict, world: int, policy: WeightsPolicy
                 ) -> PlanInputs:
-    trainer = cfg.trainer
+    trainer = settings.strategy
     strategy, stage = strategy_and_stage(trainer)
-    loss = LossSettings.from_config(cfg.loss)
-    optimizer_name = str(cfg.optimizer.get("name", "adamw"))
-    if optimizer_name == "adamw":
-        states = ADAM_STATES
-    else:
-        states = 1 if float(cfg.optimizer.get("momentum", 0) or 0) else 0
+    loss, optimizer = settings.loss, settings.optimizer
+    states = ADAM_STATES if optimizer.name == "adamw" else (1 if optimizer.momentum else 0)
 
     def elements(key: str) -> int:
-        return int(float(trainer[key]))
+        return int(float(trainer.deepspeed[key]))
 
     return PlanInputs(
-        dims=dims, count=count, modes=modes, strategy=strategy, stage=stage, precision=str(cfg.precision.name),
-        half=policy.half, world=world, offload_optimizer=bool(trainer.get("offload_optimizer")),
-        offload_parameters=bool(trainer.get("offload_parameters")), optimizer_name=optimizer_name,
-        optimizer_states=states, lora_rank=int(cfg.lora.r), liger=bool(cfg.model.get("liger_kernels")),
+        dims=dims, count=count, modes=modes, strategy=strategy, stage=stage, precision=settings.precision,
+        half=policy.half, world=world, offload_optimizer=trainer.offload_optimizer,
+        offload_parameters=trainer.offload_parameters, optimizer_name=optimizer.name,
+        optimizer_states=states, lora_rank=settings.lora.r, liger=settings.model.liger_kernels,
         loss_impl=loss.impl, loss_chunk=loss.chunk_size,
         reduce_bucket=elements("reduce_bucket_size") if strategy == "deepspeed" else 0,
         allgather_bucket=elements("allgather_bucket_size") if strategy == "deepspeed" and stage != 3 else 0,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlm_finetune.config import compose, is_auto
+from vlm_finetune.config import compose, read_settings
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.hardware import resolve
 from vlm_finetune.memory.activations import (
@@ -40,6 +40,7 @@ from vlm_finetune.memory.state_rows import optimizer_rows, parameter_rows, strat
 from vlm_finetune.models.base import Mode, Part, parse_trainability
 from vlm_finetune.models.registry import get_family
 from vlm_finetune.precision import check_precision, weights_policy
+from vlm_finetune.settings import is_auto
 from vlm_finetune.strategies import check_combination
 from vlm_finetune.trainability import CHECKPOINT_SCOPES, builds_partitioned, checkpointed_layer_count
 
@@ -71,23 +72,24 @@ def plan_memory(overrides: list[str], seq: int | None = None, image_px: int | No
     """The memory plan of a training run configured by `overrides` (the training command's overrides), or
     by `cfg` when the run has composed it already. No suggestions (memory.suggest adds them)."""
     cfg = cfg if cfg is not None else compose(list(overrides))
-    precision = str(cfg.precision.name)
+    settings = read_settings(cfg)
+    precision = settings.precision
     check_precision(precision)
-    hardware = resolve(cfg.hardware)
-    check_combination(cfg.trainer, hardware, precision)
-    modes = parse_trainability(cfg.train)
-    family = get_family(cfg.model.family)
+    hardware = resolve(settings.hardware)
+    check_combination(settings.strategy, hardware, precision)
+    modes = parse_trainability(settings.trainability)
+    family = get_family(settings.model.family)
     seq, image_px = sample_geometry(cfg, seq, image_px)
-    dims = family.memory_dims(cfg.model, image_px)  # Family's default raises a ConfigError naming the method
-    strategy, stage = strategy_and_stage(cfg.trainer)
+    dims = family.memory_dims(settings.model, image_px)  # Family's default raises a ConfigError naming the method
+    strategy, stage = strategy_and_stage(settings.strategy)
     policy = weights_policy(precision, strategy)
-    threshold = int(float(cfg.trainer.get("stage3_param_persistence_threshold", 0))) if stage == 3 else 0
-    count = count_model(cfg, family, policy, threshold)
-    micro_batch = _micro_batch(cfg.data.micro_batch_size)
-    inputs = plan_inputs(cfg, dims, count, modes, hardware.world_size, policy)
+    threshold = int(float(settings.strategy.deepspeed["stage3_param_persistence_threshold"])) if stage == 3 else 0
+    count = count_model(settings.model, modes, settings.lora, family, policy, threshold)
+    micro_batch = _micro_batch(settings.data.micro_batch_size)
+    inputs = plan_inputs(settings, dims, count, modes, hardware.world_size, policy)
     num_layers = inputs.num_layers
-    checkpointed = checkpointed_layer_count(cfg.model.get("activation_checkpointing"), num_layers)
-    scope = str(cfg.speed.checkpoint_scope)
+    checkpointed = checkpointed_layer_count(settings.model.activation_checkpointing, num_layers)
+    scope = settings.speed.checkpoint_scope
     notes: list[str] = []
 
     def build(batch_size: int, checkpointed_layers: int, scope: str = scope) -> MemoryPlan:
@@ -120,15 +122,15 @@ def plan_memory(overrides: list[str], seq: int | None = None, image_px: int | No
                      "parameter, frozen weights included")
     result = build(micro_batch, checkpointed, scope)
     result.notes = notes
-    partitioned = builds_partitioned(family, cfg.model, stage == 3, modes, policy,
-                                     is_auto(cfg.data.micro_batch_size))
-    on_host = hardware.accelerator != "gpu" or bool(cfg.trainer.get("offload_parameters"))
-    streamed = precision == "nf4" and family.quantises_while_loading(cfg.model)
+    partitioned = builds_partitioned(family, settings.model, stage == 3, modes, policy,
+                                     is_auto(settings.data.micro_batch_size))
+    on_host = hardware.accelerator != "gpu" or settings.strategy.offload_parameters
+    streamed = precision == "nf4" and family.quantises_while_loading(settings.model)
     four_bit = sum(r.bytes for r in result.rows if r.four_bit)
     result.load = plan_load(count, hardware.devices, hardware.host_memory_gib, hardware.world_size, partitioned,
                             on_host, streamed, four_bit if hardware.accelerator != "gpu" else 0)
     if result.fits is not None:  # GPUs: one GPU at the load, against the step's budget
-        sliced = partitioned and family.checkpoint_folder(cfg.model) is not None
+        sliced = partitioned and family.checkpoint_folder(settings.model) is not None
         result.load.gpu_bytes_per_rank, result.load.gpu_what = gpu_at_load(
             result.total("parameters"), count, inputs.shards_parameters, precision == "nf4", inputs.offload_parameters,
             sliced)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlm_finetune.config import compose, group_options
+from vlm_finetune.config import compose, group_options, strategy_settings
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.memory.planner import plan_memory, sample_geometry, strategy_and_stage
 from vlm_finetune.memory.report import MemoryPlan, Suggestion
@@ -36,7 +36,7 @@ def _hardware_profiles() -> list[str]:
 
 def _candidates(overrides: list[str], plan: MemoryPlan, cfg: Any) -> list[tuple[str, str, list[list[str]]]]:
     """(kind, label, override lists to try in order) for each kind of change, cheapest first."""
-    strategy, stage = strategy_and_stage(cfg.trainer)
+    strategy, stage = strategy_and_stage(strategy_settings(cfg.trainer))
     shards_parameters = strategy == "fsdp" or stage == 3
     out = []
     if not shards_parameters and plan.world_size > 1:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import abc
 import enum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Mapping, Protocol
 
 import torch
 from torch import nn
 
 from vlm_finetune.data.sample import EncodedSample, Sample
 from vlm_finetune.errors import ConfigError
+from vlm_finetune.settings import LoraSettings, ModelSettings
 
 
 class Part(str, enum.Enum):
@@ -33,11 +34,14 @@ ALLOWED_MODES = {
 }
 
 
-def parse_trainability(train_cfg: Any) -> dict[Part, Mode]:
+def parse_trainability(values: Mapping[str, str]) -> dict[Part, Mode]:
     """`train: {vision: frozen, projector: full, llm: lora}` -> {Part: Mode}, with a clear error."""
     result = {}
     for part in Part:
-        raw = str(train_cfg.get(part.value, "frozen")).lower()
+        if part.value not in values:
+            raise ConfigError(f"train.{part.value} is not set; use one of "
+                              f"{'|'.join(m.value for m in ALLOWED_MODES[part])}")
+        raw = str(values[part.value]).lower()
         try:
             mode = Mode(raw)
         except ValueError:
@@ -108,25 +112,32 @@ class Family(abc.ABC):
         """Qualified module names (in the unwrapped model) that make up each part."""
 
     @abc.abstractmethod
-    def lora_target_pattern(self, part: Part, model_cfg: Any, lora_cfg: Any) -> str | None:
+    def lora_target_pattern(self, part: Part, spec: ModelSettings, lora: LoraSettings) -> str | None:
         """A regex over module names selecting the linear layers that take LoRA in this part (None: no
         module takes LoRA, e.g. when only `lora_target_parameters` do)."""
 
-    def lora_target_parameters(self, part: Part, model_cfg: Any, lora_cfg: Any) -> list[str]:
+    def lora_target_parameters(self, part: Part, spec: ModelSettings, lora: LoraSettings) -> list[str]:
         """Parameters that take LoRA directly (PEFT's target_parameters: fused MoE expert tensors)."""
         return []
 
+    def llm_scope(self, lora: LoraSettings, allowed: tuple[str, ...], note: str = "") -> str:
+        """lora.llm_modules when this family takes it (`allowed`), else a ConfigError naming the choices."""
+        if lora.llm_modules not in allowed:
+            raise ConfigError(f"lora.llm_modules={lora.llm_modules!r}: model.family={self.name} takes one of "
+                              f"{'|'.join(allowed)}{note}")
+        return lora.llm_modules
+
     # -- builders -----------------------------------------------------------------------------------
     @abc.abstractmethod
-    def build_model(self, model_cfg: Any, dtype: torch.dtype = torch.float32, device: str | None = None,
+    def build_model(self, spec: ModelSettings, dtype: torch.dtype = torch.float32, device: str | None = None,
                     quantization: str | None = None) -> nn.Module:
-        """The model of `model_cfg`: a checkpoint folder loaded, or built from its config with random
+        """The model of `spec`: a checkpoint folder loaded, or built from its config with random
         weights. `device="meta"` builds the structure only (no weight file read: the planner counts on
         it); `quantization="nf4"` loads the LLM's linear layers in 4-bit. Activation checkpointing is not
         the builder's business (trainability.apply_activation_checkpointing)."""
 
     @abc.abstractmethod
-    def load_processor(self, model_cfg: Any, truncation: str = "truncate") -> FamilyProcessor:
+    def load_processor(self, spec: ModelSettings, truncation: str) -> FamilyProcessor:
         """The processor that turns Samples into this family's inputs (`truncation`: data.truncation)."""
 
     # -- forward ------------------------------------------------------------------------------------
@@ -148,11 +159,11 @@ class Family(abc.ABC):
     # builds the whole model and DeepSpeed partitions it when its engine starts
     builds_partitioned: bool = False
 
-    def can_build_partitioned(self, model_cfg: Any) -> bool:
+    def can_build_partitioned(self, spec: ModelSettings) -> bool:
         """`builds_partitioned` for this model configuration (a family may build some of its models whole)."""
         return self.builds_partitioned
 
-    def quantises_while_loading(self, model_cfg: Any) -> bool:
+    def quantises_while_loading(self, spec: ModelSettings) -> bool:
         """Whether precision=nf4 quantises this model's decoder layers one at a time as its folder is read, or
         as each is made when the model is built from its config (models/nf4_load.py), rather than holding the
         whole model in 16 bits first."""
@@ -169,17 +180,22 @@ class Family(abc.ABC):
 
     # -- planner and export -------------------------------------------------------------------------
     @staticmethod
-    def user_folder(model_cfg: Any, expected: str) -> Path | None:
+    def user_folder(spec: ModelSettings, expected: str) -> Path | None:
         """`model.path` when set (a folder with a config.json; else a ConfigError naming `expected`, what such
         a folder holds), None when it is not set."""
-        if not model_cfg.get("path"):
+        if not spec.path:
             return None
-        folder = Path(str(model_cfg.path)).expanduser()
+        folder = Path(spec.path).expanduser()
         if not (folder / "config.json").is_file():
             raise ConfigError(f"model.path={folder} has no config.json; point it at {expected}")
         return folder
 
-    def memory_dims(self, model_cfg: Any, image_size: int) -> dict[str, int]:
+    def checkpoint_folder(self, spec: ModelSettings) -> Path | None:
+        """The folder the model loads from (`model.path`, or the family's generated tiny folder); None: the model
+        is built from its config with random weights (the planner and the loaders ask)."""
+        return self.user_folder(spec, "a checkpoint folder with a config.json")
+
+    def memory_dims(self, spec: ModelSettings, image_size: int) -> dict[str, int]:
         """Architecture sizes for the memory planner (`python -m vlm_finetune.plan`), read from the config
         without building the model. Keys (ints):
         - LLM: `hidden`, `layers` (decoder layers), `intermediate` (dense MLP width), `heads`, `kv_heads`,
@@ -193,7 +209,7 @@ class Family(abc.ABC):
         - optional `vision_extra_saved_elements_per_image`: what trainable modules between the towers and
           the LLM save for backward per image, beyond the tokens
         The default stops the planner with a ConfigError naming this method."""
-        raise ConfigError(f"model family {self.name!r} does not declare memory_dims(model_cfg, image_size), which "
+        raise ConfigError(f"model family {self.name!r} does not declare memory_dims(spec, image_size), which "
                           "the planner needs for activations; implement it in the family (see models/base.py)")
 
     def save_merged(self, model: nn.Module, folder: Path, processor: FamilyProcessor) -> None:

@@ -22,18 +22,7 @@ import types
 import torch
 from torch import nn
 
-from vlm_finetune.errors import ConfigError
 from vlm_finetune.models.moe_nf4 import EXPERT_TENSORS, expert_modules
-
-EXPERT_FORWARDS = ("per_expert", "peft")
-
-
-def expert_forward(lora_cfg) -> str:
-    """lora.expert_forward, checked (a ConfigError names the choices)."""
-    forward = str(lora_cfg.get("expert_forward", "per_expert"))
-    if forward not in EXPERT_FORWARDS:
-        raise ConfigError(f"lora.expert_forward={forward!r} is not one of {'|'.join(EXPERT_FORWARDS)}")
-    return forward
 
 
 def _param_wrapper_class() -> type:

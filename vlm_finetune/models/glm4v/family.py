@@ -3,7 +3,6 @@ and, through `trust_remote_code`, the original GLM-4V-9B checkpoint folder."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -15,6 +14,7 @@ from vlm_finetune.models.glm4v import assets
 from vlm_finetune.models.glm4v.partitioned import build_from_config, load_folder_nf4, load_folder_partitioned
 from vlm_finetune.models.glm4v.processor import Glm4vProcessor
 from vlm_finetune.models.nf4_load import build_quantised
+from vlm_finetune.settings import LoraSettings, ModelSettings
 
 # LLM linear layers of a GLM-4.1V decoder layer (see shared/reference/glm4v.md), per `lora.llm_modules`
 ATTENTION = r"self_attn\.(q_proj|k_proj|v_proj|o_proj)"
@@ -47,14 +47,6 @@ def _real_size_config(preset: str, tokenizer, overrides: dict | None):
     return config
 
 
-def _llm_scope(lora_cfg: Any) -> str:
-    scope = str(lora_cfg.get("llm_modules", "all") or "all")
-    if scope not in LLM_SCOPES:
-        raise ConfigError(f"lora.llm_modules={scope!r}: use attention, mlp (dense MLP, or GLM-4.5V's experts), "
-                          "experts or all")
-    return scope
-
-
 def apply_liger_kernels(model: nn.Module) -> None:
     """Liger's fused RMSNorm and SwiGLU in place (GPU only); the loss stays ours (see loss.impl)."""
     if not torch.cuda.is_available():
@@ -72,13 +64,13 @@ class Glm4vFamily(Family):
     input_keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
     builds_partitioned = True
 
-    def can_build_partitioned(self, model_cfg: Any) -> bool:
+    def can_build_partitioned(self, spec: ModelSettings) -> bool:
         # the original GLM-4V-9B through its own modelling code (trust_remote_code) is loaded whole
-        return not model_cfg.get("trust_remote_code", False)
+        return not spec.trust_remote_code
 
-    def quantises_while_loading(self, model_cfg: Any) -> bool:
+    def quantises_while_loading(self, spec: ModelSettings) -> bool:
         # from a folder as it is read, from its config as each decoder layer is made; not through remote code
-        return not model_cfg.get("trust_remote_code", False)
+        return not spec.trust_remote_code
 
     @property
     def decoder_layer_classes(self) -> tuple[type[nn.Module], ...]:
@@ -101,34 +93,34 @@ class Glm4vFamily(Family):
         return (Glm4vMoeTextMoE,)
 
     # -- folders ----------------------------------------------------------------------------------
-    def checkpoint_folder(self, model_cfg: Any) -> Path | None:
+    def checkpoint_folder(self, spec: ModelSettings) -> Path | None:
         """The folder the model loads from: `model.path`, or the tiny checkpoint made on first use."""
-        folder = self.user_folder(model_cfg, "a checkpoint folder (config.json, *.safetensors, tokenizer and "
+        folder = self.user_folder(spec, "a checkpoint folder (config.json, *.safetensors, tokenizer and "
                                               "preprocessor files)")
         if folder is not None:
             return folder
-        if model_cfg.preset in ("tiny", "tiny_moe"):  # tiny GLM-4.1V, or tiny GLM-4.5V (MoE)
-            return assets.ensure_tiny_checkpoint(model_cfg.cache_dir, model_cfg.text, model_cfg.vision,
-                                                 model_cfg.image_size, model_cfg.max_image_size,
-                                                 model_cfg.vocab_size, model_cfg.init_seed,
-                                                 moe=model_cfg.preset == "tiny_moe")
-        if model_cfg.preset not in PRESETS:
-            raise ConfigError(f"model.preset={model_cfg.preset!r} is unknown for glm4v; use one of {PRESETS}")
+        if spec.preset in ("tiny", "tiny_moe"):  # tiny GLM-4.1V, or tiny GLM-4.5V (MoE)
+            return assets.ensure_tiny_checkpoint(spec.cache_dir, spec.option("text"), spec.option("vision"),
+                                                 spec.image_size, spec.option("max_image_size"),
+                                                 spec.option("vocab_size"), spec.init_seed,
+                                                 moe=spec.preset == "tiny_moe")
+        if spec.preset not in PRESETS:
+            raise ConfigError(f"model.preset={spec.preset!r} is unknown for glm4v; use one of {PRESETS}")
         return None  # real size from config, random weights
 
-    def processor_folder(self, model_cfg: Any) -> Path:
-        folder = self.checkpoint_folder(model_cfg)
+    def processor_folder(self, spec: ModelSettings) -> Path:
+        folder = self.checkpoint_folder(spec)
         if folder is not None:
             return folder
-        return assets.ensure_processor_folder(model_cfg.cache_dir, model_cfg.vocab_size, model_cfg.image_size,
-                                              model_cfg.max_image_size)
+        return assets.ensure_processor_folder(spec.cache_dir, spec.option("vocab_size"), spec.image_size,
+                                              spec.option("max_image_size"))
 
     # -- builders ---------------------------------------------------------------------------------
-    def load_processor(self, model_cfg: Any, truncation: str = "truncate") -> Glm4vProcessor:
+    def load_processor(self, spec: ModelSettings, truncation: str) -> Glm4vProcessor:
         from transformers import AutoImageProcessor, AutoTokenizer
 
-        folder = self.processor_folder(model_cfg)
-        trust = bool(model_cfg.get("trust_remote_code", False))
+        folder = self.processor_folder(spec)
+        trust = spec.trust_remote_code
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)
         try:
             image_processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=trust)
@@ -138,40 +130,41 @@ class Glm4vFamily(Family):
         merge_size = int(getattr(image_processor, "merge_size", 2))
         return Glm4vProcessor(tokenizer, image_processor, merge_size=merge_size, truncation=truncation)
 
-    def build_config(self, model_cfg: Any):
+    def build_config(self, spec: ModelSettings):
         """The HF config of the model, without building it (cheap: used by planners and checks)."""
         from transformers import AutoConfig, AutoTokenizer
 
-        folder = self.checkpoint_folder(model_cfg)
+        folder = self.checkpoint_folder(spec)
         if folder is not None:
-            return AutoConfig.from_pretrained(folder, trust_remote_code=bool(model_cfg.get("trust_remote_code")))
-        tokenizer = AutoTokenizer.from_pretrained(self.processor_folder(model_cfg))
-        return _real_size_config(model_cfg.preset, tokenizer, model_cfg.get("config_overrides"))
+            return AutoConfig.from_pretrained(folder, trust_remote_code=spec.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(self.processor_folder(spec))
+        # config_overrides: optional (the real-size configs declare it, `+model.config_overrides` adds it)
+        return _real_size_config(spec.preset, tokenizer, spec.options.get("config_overrides"))
 
-    def build_model(self, model_cfg: Any, dtype: torch.dtype = torch.float32, device: str | None = None,
+    def build_model(self, spec: ModelSettings, dtype: torch.dtype = torch.float32, device: str | None = None,
                     quantization: str | None = None) -> nn.Module:
         """Load `model.path` (or the tiny folder), or build a real-size model from its config with random
         weights; `device` places a from-config build directly there (no CPU copy of 10 B parameters)."""
         from transformers import AutoModelForImageTextToText
 
-        attn = model_cfg.get("attn_implementation", "sdpa")
-        folder = self.checkpoint_folder(model_cfg)
+        attn = spec.attn_implementation
+        folder = self.checkpoint_folder(spec)
         if device == "meta":  # shapes only (planner): the folder's config, no weight file is read
-            config = self.build_config(model_cfg)
+            config = self.build_config(spec)
             config._attn_implementation = attn
             with torch.device("meta"):
-                if model_cfg.get("trust_remote_code"):
+                if spec.trust_remote_code:
                     from transformers import AutoModelForCausalLM
 
                     return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=True)
                 return AutoModelForImageTextToText.from_config(config, dtype=dtype)
         if partitioning_active():  # ZeRO-3's zero.Init (can_build_partitioned): no rank holds the whole model
-            config = self.build_config(model_cfg)
+            config = self.build_config(spec)
             config._attn_implementation = attn
             model = load_folder_partitioned(folder, config, dtype) if folder is not None else \
                 build_from_config(config, dtype)
         elif folder is not None:
-            trust = bool(model_cfg.get("trust_remote_code", False))
+            trust = spec.trust_remote_code
             if trust:
                 if quantization:
                     raise ConfigError(f"precision={quantization} is not wired for a folder loaded with "
@@ -181,13 +174,13 @@ class Glm4vFamily(Family):
                 # the original GLM-4V-9B ships ChatGLM modelling code in its folder
                 model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=True)
             elif quantization == "nf4":  # each decoder layer quantised as it is read (GLM-4.5V's experts per expert)
-                config = self.build_config(model_cfg)
+                config = self.build_config(spec)
                 config._attn_implementation = attn
                 model = load_folder_nf4(folder, config, dtype)
             else:
                 model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, attn_implementation=attn)
         else:
-            config = self.build_config(model_cfg)
+            config = self.build_config(spec)
             config._attn_implementation = attn
 
             def make() -> nn.Module:
@@ -198,15 +191,15 @@ class Glm4vFamily(Family):
             model = make() if quantization is None else build_quantised(
                 make, self.decoder_layer_classes, "model.language_model.layers", "model.language_model",
                 device or "cpu")
-        if model_cfg.get("liger_kernels"):
+        if spec.liger_kernels:
             apply_liger_kernels(model)
         return model
 
-    def memory_dims(self, model_cfg: Any, image_size: int) -> dict:
+    def memory_dims(self, spec: ModelSettings, image_size: int) -> dict:
         """Architecture sizes the memory planner needs (keys documented in models/base.py), read from the
         HF config without building the model; image geometry for one square image of `image_size` pixels
         as the GLM-4V processor resizes it (sides rounded to multiples of patch x merge)."""
-        config = self.build_config(model_cfg)
+        config = self.build_config(spec)
         if getattr(config, "model_type", "") not in ("glm4v", "glm4v_moe"):
             raise ConfigError(f"the memory planner models GLM-4.1V / GLM-4.5V configs; model_type="
                               f"{getattr(config, 'model_type', '?')!r} (e.g. the ChatGLM-based GLM-4V-9B) "
@@ -249,15 +242,16 @@ class Glm4vFamily(Family):
             Part.LLM: ["model.language_model", "lm_head"],
         }
 
-    def lora_target_pattern(self, part: Part, model_cfg: Any, lora_cfg: Any) -> str | None:
-        custom = (lora_cfg.get("targets") or {}).get(part.value)
+    def lora_target_pattern(self, part: Part, spec: ModelSettings, lora: LoraSettings) -> str | None:
+        custom = lora.target(part.value)
         if custom:
-            return str(custom)
+            return custom
         if part is Part.VISION:
             return VISION_LORA_PATTERN
         if part is not Part.LLM:
             raise ConfigError(f"train.{part.value}=lora is not supported for GLM-4V; use frozen or full")
-        scope, moe = _llm_scope(lora_cfg), self.is_moe(model_cfg)
+        scope = self.llm_scope(lora, LLM_SCOPES, " (mlp: the dense MLP, or GLM-4.5V's experts)")
+        moe = self.is_moe(spec)
         if scope == "experts" and not moe:
             raise ConfigError("lora.llm_modules=experts needs an MoE model (glm45v, tiny_glm45v); use mlp")
         if moe:  # attention linears; the experts through lora_target_parameters
@@ -265,19 +259,19 @@ class Glm4vFamily(Family):
         return {"attention": r".*language_model\.layers\.\d+\." + ATTENTION,
                 "mlp": r".*language_model\.layers\.\d+\." + DENSE_MLP}.get(scope, LLM_LORA_PATTERN)
 
-    def lora_target_parameters(self, part: Part, model_cfg: Any, lora_cfg: Any) -> list[str]:
+    def lora_target_parameters(self, part: Part, spec: ModelSettings, lora: LoraSettings) -> list[str]:
         """GLM-4.5V's fused expert tensors, when `lora.llm_modules` is mlp, experts or all."""
-        if part is not Part.LLM or (lora_cfg.get("targets") or {}).get(part.value):
+        if part is not Part.LLM or lora.target(part.value):
             return []
-        if self.is_moe(model_cfg) and _llm_scope(lora_cfg) in ("mlp", "experts", "all"):
+        if self.is_moe(spec) and self.llm_scope(lora, LLM_SCOPES) in ("mlp", "experts", "all"):
             return list(EXPERT_PARAMETERS)
         return []
 
-    def is_moe(self, model_cfg: Any) -> bool:
+    def is_moe(self, spec: ModelSettings) -> bool:
         """GLM-4.5V (Glm4vMoe), read from the preset or, for a folder, from its config."""
-        if not model_cfg.get("path") and model_cfg.get("preset") in PRESETS:
-            return model_cfg.preset in ("tiny_moe", "glm45v")
-        return getattr(self.build_config(model_cfg), "model_type", "") == "glm4v_moe"
+        if not spec.path and spec.preset in PRESETS:
+            return spec.preset in ("tiny_moe", "glm45v")
+        return getattr(self.build_config(spec), "model_type", "") == "glm4v_moe"
 
     def hidden_states(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k in self.input_keys}

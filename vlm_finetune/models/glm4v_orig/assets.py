@@ -4,6 +4,7 @@ layout (config.json, two safetensors shards + index, tokenizer.model, tokenizer_
 through `checkpoint.load_folder`, the path `model.path=/a/glm-4v-9b` takes."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -28,12 +29,9 @@ RELEASED_CONFIG = {
 }
 
 
-def plain_dict(cfg) -> dict:
-    from omegaconf import OmegaConf
-
-    if cfg is None:
-        return {}
-    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+def plain_dict(values) -> dict:
+    """A mapping (of plain settings data) as a deep copy the caller may change; None -> {}."""
+    return {} if values is None else copy.deepcopy(dict(values))
 
 
 def released_config(overrides: dict | None = None, special_ids: dict | None = None) -> dict:
@@ -96,10 +94,11 @@ def ensure_tokenizer_folder(cache_dir: str | os.PathLike, vocab_size: int, image
     return cached_folder(target, write)
 
 
-def ensure_tiny_checkpoint(cache_dir: str | os.PathLike, model_cfg) -> Path:
-    """The tiny folder of `model_cfg` (`config`: released field names over the released values, `vocab_size`,
-    `init_seed`), made once; its weights in two shards, as a multi-shard released folder."""
-    plain = plain_dict(model_cfg)
+def ensure_tiny_checkpoint(cache_dir: str | os.PathLike, model: dict) -> Path:
+    """The tiny folder of the model settings `model` (ModelSettings.as_dict: `config`, released field names over
+    the released values, `vocab_size`, `init_seed`), made once; its weights in two shards, as a multi-shard
+    released folder."""
+    plain = plain_dict(model)
     spec = {"kind": "tiny-glm4v-orig", "version": 1,
             **{k: plain.get(k) for k in ("config", "vocab_size", "init_seed", "initializer_range")}}
     target = Path(cache_dir) / f"{plain.get('name', 'tiny_glm4v')}-{fingerprint(spec)}"

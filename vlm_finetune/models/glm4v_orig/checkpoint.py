@@ -86,10 +86,10 @@ def config_from_dict(raw: dict, initializer_range: float | None = None) -> Glm4v
                            initializer_range=float(text.initializer_range), source=dict(raw))
 
 
-def config_to_dict(cfg: Glm4vOrigConfig, dtype: torch.dtype | None = None) -> dict:
+def config_to_dict(arch: Glm4vOrigConfig, dtype: torch.dtype | None = None) -> dict:
     """Back to the released field names (every field of the config.json it came from is kept)."""
-    t, v = cfg.text_config, cfg.vision
-    out = dict(cfg.source)
+    t, v = arch.text_config, arch.vision
+    out = dict(arch.source)
     out.update({
         "model_type": "chatglm", "architectures": out.get("architectures", ["ChatGLMModel"]),
         "num_layers": t.num_hidden_layers, "hidden_size": t.hidden_size, "ffn_hidden_size": t.intermediate_size,
@@ -101,7 +101,7 @@ def config_to_dict(cfg: Glm4vOrigConfig, dtype: torch.dtype | None = None) -> di
         "add_bias_linear": False, "add_qkv_bias": bool(t.attention_bias), "rmsnorm": True, "post_layer_norm": True,
         "apply_residual_connection_post_layernorm": False, "tie_word_embeddings": bool(t.tie_word_embeddings),
         "pad_token_id": t.pad_token_id, "eos_token_id": t.eos_token_id,
-        "boi_token_id": cfg.boi_token_id, "eoi_token_id": cfg.eoi_token_id,
+        "boi_token_id": arch.boi_token_id, "eoi_token_id": arch.eoi_token_id,
     })
     vision = dict(out.get("vision_config") or {})
     vision.update({k: getattr(v, k) for k in VISION_FIELDS}, num_positions=v.num_positions)
@@ -131,12 +131,12 @@ _TOP = {"transformer.embedding.word_embeddings.weight": "model.embed_tokens.weig
 _PROJECTOR = ("conv.", "linear_proj.", "boi", "eoi")
 
 
-def _qkv_sizes(cfg: Glm4vOrigConfig) -> list[int]:
-    t = cfg.text_config
+def _qkv_sizes(arch: Glm4vOrigConfig) -> list[int]:
+    t = arch.text_config
     return [t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim, t.num_key_value_heads * t.head_dim]
 
 
-def module_names(name: str, cfg: Glm4vOrigConfig) -> list[str]:
+def module_names(name: str, arch: Glm4vOrigConfig) -> list[str]:
     """The module tensors one released tensor becomes (q / k / v for the fused QKV; none for an ignored buffer);
     a name it does not know is kept as it is (the load reports it as unexpected)."""
     if name in IGNORED:
@@ -158,29 +158,29 @@ def module_names(name: str, cfg: Glm4vOrigConfig) -> list[str]:
 _QKV_PART = re.compile(r"\.self_attn\.([qkv])_proj\.(weight|bias)$")
 
 
-def assemble(name: str, tensor: torch.Tensor, cfg: Glm4vOrigConfig) -> torch.Tensor:
+def assemble(name: str, tensor: torch.Tensor, arch: Glm4vOrigConfig) -> torch.Tensor:
     """The module tensor `name` cut from the released tensor it comes from (`module_names`): its block of the
     fused QKV (contiguous blocks [Q | K | V]), or the tensor itself."""
     match = _QKV_PART.search(name)
     if match and name.startswith("model.layers."):
-        return torch.split(tensor, _qkv_sizes(cfg), dim=0)["qkv".index(match.group(1))]
+        return torch.split(tensor, _qkv_sizes(arch), dim=0)["qkv".index(match.group(1))]
     return tensor
 
 
-def from_released(state: dict[str, torch.Tensor], cfg: Glm4vOrigConfig) -> dict[str, torch.Tensor]:
+def from_released(state: dict[str, torch.Tensor], arch: Glm4vOrigConfig) -> dict[str, torch.Tensor]:
     """Released names -> module names (the fused QKV split into q / k / v); names it does not know are kept as
     they are (the load reports them as unexpected)."""
-    return {module: assemble(module, tensor, cfg) for name, tensor in state.items()
-            for module in module_names(name, cfg)}
+    return {module: assemble(module, tensor, arch) for name, tensor in state.items()
+            for module in module_names(name, arch)}
 
 
-def to_released(state: dict[str, torch.Tensor], cfg: Glm4vOrigConfig) -> dict[str, torch.Tensor]:
+def to_released(state: dict[str, torch.Tensor], arch: Glm4vOrigConfig) -> dict[str, torch.Tensor]:
     """Module state dict -> released names and tensors (q / k / v fused back)."""
     inverse_top = {v: k for k, v in _TOP.items()}
     inverse = {v: k for k, v in _RENAMES.items()}
     out, qkv = {}, {}
     for name, tensor in state.items():
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+        if name == "lm_head.weight" and arch.tie_word_embeddings:
             continue
         if name in inverse_top:
             out[inverse_top[name]] = tensor
@@ -252,10 +252,10 @@ def load_folder(folder: Path, dtype: torch.dtype = torch.float32, device: str | 
     from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 
     folder = Path(folder)
-    cfg = read_config(folder, initializer_range)
+    arch = read_config(folder, initializer_range)
     reader = folder_reader(folder)
-    sources = {module: [name] for name in reader.names for module in module_names(name, cfg)}
-    model, partitioned = built_for_loading(lambda: Glm4vOrigForCausalLM(cfg), dtype)
+    sources = {module: [name] for name in reader.names for module in module_names(name, arch)}
+    model, partitioned = built_for_loading(lambda: Glm4vOrigForCausalLM(arch), dtype)
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(sources)), sorted(set(sources) - expected)
     if missing or unexpected:
@@ -264,13 +264,13 @@ def load_folder(folder: Path, dtype: torch.dtype = torch.float32, device: str | 
     if not partitioned:
         model.to_empty(device=device)
     try:
-        stream_into(model, sources, lambda name, tensors: assemble(name, tensors[0], cfg), reader)
+        stream_into(model, sources, lambda name, tensors: assemble(name, tensors[0], arch), reader)
     except ValueError as err:
         raise ConfigError(f"GLM-4V-9B checkpoint {folder}: {err}; check that config.json belongs to these "
                           "weights") from err
     # the rotary frequencies are a buffer, not in the checkpoint: recomputed (an ordinary module under ZeRO-3)
     with unpartitioned(), torch.device(device):
-        model.model.rotary_emb = GlmRotaryEmbedding(cfg.text_config)
+        model.model.rotary_emb = GlmRotaryEmbedding(arch.text_config)
     return model
 
 

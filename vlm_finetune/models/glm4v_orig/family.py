@@ -3,7 +3,6 @@ released folders (`model.path`) load without running their Python files and merg
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -14,6 +13,7 @@ from vlm_finetune.models.glm4v_orig import assets, checkpoint
 from vlm_finetune.models.glm4v_orig.modeling import EvaTransformerLayer, Glm4vOrigConfig, Glm4vOrigForCausalLM
 from vlm_finetune.models.glm4v_orig.processor import Glm4vOrigProcessor
 from vlm_finetune.models.glm4v_orig.tokenizer import load_tokenizer
+from vlm_finetune.settings import LoraSettings, ModelSettings
 
 # LLM linear layers per `lora.llm_modules`: the released recipe's `query_key_value` is q/k/v here
 LLM_LORA = {"qkv": r"self_attn\.(q_proj|k_proj|v_proj)", "attention": r"self_attn\.(q_proj|k_proj|v_proj|o_proj)",
@@ -38,83 +38,80 @@ class Glm4vOrigFamily(Family):
         return (EvaTransformerLayer,)
 
     # -- folders and configs --------------------------------------------------------------------------
-    def checkpoint_folder(self, model_cfg: Any) -> Path | None:
+    def checkpoint_folder(self, spec: ModelSettings) -> Path | None:
         """`model.path`, the tiny folder made on first use, or None (real size from the config)."""
-        folder = self.user_folder(model_cfg, "a GLM-4V-9B folder (config.json, *.safetensors + index, "
+        folder = self.user_folder(spec, "a GLM-4V-9B folder (config.json, *.safetensors + index, "
                                               "tokenizer.model, tokenizer_config.json)")
         if folder is not None:
             return folder
-        if str(model_cfg.get("preset", "")).startswith("tiny"):
-            return assets.ensure_tiny_checkpoint(model_cfg.cache_dir, model_cfg)
+        if str(spec.preset or "").startswith("tiny"):
+            return assets.ensure_tiny_checkpoint(spec.cache_dir, spec.as_dict())
         return None
 
-    def tokenizer_folder(self, model_cfg: Any) -> Path:
-        folder = self.checkpoint_folder(model_cfg)
+    def tokenizer_folder(self, spec: ModelSettings) -> Path:
+        folder = self.checkpoint_folder(spec)
         if folder is not None:
             return folder
-        raw = assets.released_config(assets.plain_dict(model_cfg.get("config")))
-        return assets.ensure_tokenizer_folder(model_cfg.cache_dir, int(model_cfg.vocab_size),
+        raw = assets.released_config(assets.plain_dict(spec.option("config")))
+        return assets.ensure_tokenizer_folder(spec.cache_dir, int(spec.option("vocab_size")),
                                               int(raw["vision_config"]["image_size"]))
 
-    def build_config(self, model_cfg: Any) -> Glm4vOrigConfig:
-        folder = self.checkpoint_folder(model_cfg)
+    def build_config(self, spec: ModelSettings) -> Glm4vOrigConfig:
+        folder = self.checkpoint_folder(spec)
         if folder is not None:
             return checkpoint.read_config(folder)
         # real size, random weights: the locally made tokenizer's special ids stand in for the released ones
-        tokenizer = load_tokenizer(self.tokenizer_folder(model_cfg))
-        raw = assets.released_config(assets.plain_dict(model_cfg.get("config")), assets.tokenizer_ids(tokenizer))
-        return checkpoint.config_from_dict(raw, model_cfg.get("initializer_range"))
+        tokenizer = load_tokenizer(self.tokenizer_folder(spec))
+        raw = assets.released_config(assets.plain_dict(spec.option("config")), assets.tokenizer_ids(tokenizer))
+        return checkpoint.config_from_dict(raw, spec.option("initializer_range"))
 
     # -- builders -------------------------------------------------------------------------------------
-    def load_processor(self, model_cfg: Any, truncation: str = "truncate") -> Glm4vOrigProcessor:
-        folder = self.tokenizer_folder(model_cfg)
-        cfg = self.build_config(model_cfg)
-        return Glm4vOrigProcessor(load_tokenizer(folder), cfg.vision.image_size, cfg.vision.patch_tokens,
-                                  stop_token=str(model_cfg.get("stop_token") or "<|user|>"), truncation=truncation,
+    def load_processor(self, spec: ModelSettings, truncation: str) -> Glm4vOrigProcessor:
+        folder = self.tokenizer_folder(spec)
+        config = self.build_config(spec)
+        return Glm4vOrigProcessor(load_tokenizer(folder), config.vision.image_size, config.vision.patch_tokens,
+                                  stop_token=str(spec.option("stop_token")), truncation=truncation,
                                   tokenizer_folder=folder)
 
-    def build_model(self, model_cfg: Any, dtype: torch.dtype = torch.float32, device: str | None = None,
+    def build_model(self, spec: ModelSettings, dtype: torch.dtype = torch.float32, device: str | None = None,
                     quantization: str | None = None) -> nn.Module:
         if quantization:
             raise ConfigError(f"precision={quantization}: 4-bit loading is not wired for model.family=glm4v_orig "
                               "yet; use bf16-mixed")
-        if model_cfg.get("liger_kernels"):
+        if spec.liger_kernels:
             raise ConfigError("model.liger_kernels=true is not wired for GLM-4V-9B; set it to false")
-        folder = self.checkpoint_folder(model_cfg)
+        folder = self.checkpoint_folder(spec)
         if device is not None and str(device) == "meta":  # the planner: structure only, no weights read
             with torch.device("meta"):
-                model = Glm4vOrigForCausalLM(self.build_config(model_cfg)).to(dtype)
+                model = Glm4vOrigForCausalLM(self.build_config(spec)).to(dtype)
         elif folder is not None:
             model = checkpoint.load_folder(folder, dtype=dtype, device=device or "cpu")
         else:
             previous = torch.get_default_dtype()
             torch.set_default_dtype(dtype if dtype.is_floating_point else torch.float32)
             try:
-                config = self.build_config(model_cfg)
+                config = self.build_config(spec)
                 with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
-                    torch.manual_seed(int(model_cfg.get("init_seed", 0)))  # the caller's random state untouched
+                    torch.manual_seed(spec.init_seed)  # the caller's random state untouched
                     model = Glm4vOrigForCausalLM(config)
             finally:
                 torch.set_default_dtype(previous)
-        model.set_attn_implementation(str(model_cfg.get("attn_implementation", "sdpa")))
+        model.set_attn_implementation(spec.attn_implementation)
         return model
 
     # -- structure ------------------------------------------------------------------------------------
     def part_module_names(self, model: nn.Module) -> dict[Part, list[str]]:
         return {Part.VISION: ["vision"], Part.PROJECTOR: ["projector"], Part.LLM: ["model", "lm_head"]}
 
-    def lora_target_pattern(self, part: Part, model_cfg: Any, lora_cfg: Any) -> str | None:
-        custom = (lora_cfg.get("targets") or {}).get(part.value)
+    def lora_target_pattern(self, part: Part, spec: ModelSettings, lora: LoraSettings) -> str | None:
+        custom = lora.target(part.value)
         if custom:
-            return str(custom)
+            return custom
         if part is Part.VISION:
             return VISION_LORA_PATTERN
         if part is not Part.LLM:
             raise ConfigError(f"train.{part.value}=lora is not supported for GLM-4V-9B; use frozen or full")
-        scope = str(lora_cfg.get("llm_modules", "all") or "all")
-        if scope not in LLM_LORA:
-            raise ConfigError(f"lora.llm_modules={scope!r}: use one of {sorted(LLM_LORA)} for GLM-4V-9B "
-                              "(qkv is the released recipe's query_key_value)")
+        scope = self.llm_scope(lora, tuple(LLM_LORA), " (qkv is the released recipe's query_key_value)")
         return r".*model\.layers\.\d+\.(" + LLM_LORA[scope] + ")"
 
     def hidden_states(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -125,12 +122,12 @@ class Glm4vOrigFamily(Family):
         return model.lm_head
 
     # -- planner and export ---------------------------------------------------------------------------
-    def memory_dims(self, model_cfg: Any, image_size: int) -> dict:
+    def memory_dims(self, spec: ModelSettings, image_size: int) -> dict:
         """Sizes for the memory planner (keys in models/base.py). The geometry is fixed by the config (every
         image is squashed to vision_config.image_size): 6401 ViT tokens (80 x 80 patches + cls) and 1602 LLM
         rows at 1120 px, whatever `image_size`. A trainable adapter saves, per image, the conv input (the
         ViT's patch tokens) and the GLU's inputs: four of width hidden and four of the ffn width per row."""
-        cfg = self.build_config(model_cfg)
+        cfg = self.build_config(spec)
         text, vision = cfg.text_config, cfg.vision
         heads, kv_heads, head_dim = int(text.num_attention_heads), int(text.num_key_value_heads), int(text.head_dim)
         rows, glu_width = vision.patch_tokens, int(text.hidden_size) + int(text.intermediate_size)
@@ -145,7 +142,7 @@ class Glm4vOrigFamily(Family):
             "image_side": vision.image_size,
             "vision_extra_saved_elements_per_image": vision.grid**2 * vision.hidden_size + rows * 4 * glu_width,
             "vision_post_norm": 1,  # EVA2-CLIP blocks (memory.activations.eva_block_bytes_per_patch)
-            "vision_eager_attention": int(str(model_cfg.get("attn_implementation", "sdpa")) == "eager"),
+            "vision_eager_attention": int(spec.attn_implementation == "eager"),
         }
 
     def save_merged(self, model: nn.Module, folder: Path, processor: Glm4vOrigProcessor) -> None:

@@ -87,11 +87,11 @@ class Glm4vOrigConfig:
 
 # -- EVA2-CLIP ---------------------------------------------------------------------------------------
 class PatchEmbedding(nn.Module):
-    def __init__(self, cfg: VisionSettings):
+    def __init__(self, arch: VisionSettings):
         super().__init__()
-        self.proj = nn.Conv2d(cfg.in_channels, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-        self.cls_embedding = nn.Parameter(torch.zeros(1, cfg.hidden_size))
-        self.position_embedding = nn.Embedding(cfg.num_positions, cfg.hidden_size)
+        self.proj = nn.Conv2d(arch.in_channels, arch.hidden_size, kernel_size=arch.patch_size, stride=arch.patch_size)
+        self.cls_embedding = nn.Parameter(torch.zeros(1, arch.hidden_size))
+        self.position_embedding = nn.Embedding(arch.num_positions, arch.hidden_size)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.proj(images.to(self.proj.weight.dtype)).flatten(2).transpose(1, 2)  # row-major grid
@@ -101,11 +101,11 @@ class PatchEmbedding(nn.Module):
 
 
 class VisionAttention(nn.Module):
-    def __init__(self, cfg: VisionSettings):
+    def __init__(self, arch: VisionSettings):
         super().__init__()
-        self.num_heads = cfg.num_heads
-        self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.num_heads = arch.num_heads
+        self.query_key_value = nn.Linear(arch.hidden_size, 3 * arch.hidden_size)
+        self.dense = nn.Linear(arch.hidden_size, arch.hidden_size)
         self.attn_implementation = "sdpa"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,10 +121,10 @@ class VisionAttention(nn.Module):
 
 
 class VisionMLP(nn.Module):
-    def __init__(self, cfg: VisionSettings):
+    def __init__(self, arch: VisionSettings):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.fc1 = nn.Linear(arch.hidden_size, arch.intermediate_size)
+        self.fc2 = nn.Linear(arch.intermediate_size, arch.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU
@@ -140,12 +140,12 @@ class EvaTransformerLayer(_checkpointing_layer_base()):
     """x + LN(Attn(x)), then + LN(MLP(x)): the norms inside the residual, after the sublayer (the released
     names: `input_layernorm` normalises the attention output, `post_attention_layernorm` the MLP output)."""
 
-    def __init__(self, cfg: VisionSettings):
+    def __init__(self, arch: VisionSettings):
         super().__init__()
-        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.attention = VisionAttention(cfg)
-        self.mlp = VisionMLP(cfg)
-        self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.input_layernorm = nn.LayerNorm(arch.hidden_size, eps=arch.layer_norm_eps)
+        self.attention = VisionAttention(arch)
+        self.mlp = VisionMLP(arch)
+        self.post_attention_layernorm = nn.LayerNorm(arch.hidden_size, eps=arch.layer_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.input_layernorm(self.attention(x))
@@ -153,9 +153,9 @@ class EvaTransformerLayer(_checkpointing_layer_base()):
 
 
 class EvaTransformer(nn.Module):
-    def __init__(self, cfg: VisionSettings):
+    def __init__(self, arch: VisionSettings):
         super().__init__()
-        self.layers = nn.ModuleList(EvaTransformerLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(EvaTransformerLayer(arch) for _ in range(arch.num_hidden_layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
@@ -166,10 +166,10 @@ class EvaTransformer(nn.Module):
 class EvaVisionTower(nn.Module):
     """Patches + cls through the transformer; returns the patch tokens (cls dropped), no final norm."""
 
-    def __init__(self, cfg: VisionSettings):
+    def __init__(self, arch: VisionSettings):
         super().__init__()
-        self.patch_embedding = PatchEmbedding(cfg)
-        self.transformer = EvaTransformer(cfg)
+        self.patch_embedding = PatchEmbedding(arch)
+        self.transformer = EvaTransformer(arch)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.transformer(self.patch_embedding(images))[:, 1:]
@@ -193,13 +193,13 @@ class GLU(nn.Module):
 class VisionAdapter(nn.Module):
     """Patch tokens [n, grid*grid, C] -> [n, boi + (grid/2)^2 + eoi, hidden] / scaling_factor."""
 
-    def __init__(self, cfg: VisionSettings, hidden: int, ffn: int):
+    def __init__(self, arch: VisionSettings, hidden: int, ffn: int):
         super().__init__()
-        self.conv = nn.Conv2d(cfg.hidden_size, hidden, kernel_size=2, stride=2)
+        self.conv = nn.Conv2d(arch.hidden_size, hidden, kernel_size=2, stride=2)
         self.linear_proj = GLU(hidden, ffn)
         self.boi = nn.Parameter(torch.zeros(1, 1, hidden))
         self.eoi = nn.Parameter(torch.zeros(1, 1, hidden))
-        self.scaling_factor = float(cfg.scaling_factor)
+        self.scaling_factor = float(arch.scaling_factor)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         n, length, channels = patches.shape

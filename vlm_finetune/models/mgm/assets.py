@@ -5,6 +5,7 @@ The tiny checkpoint is written in MGM's released layout by `checkpoint.save_fold
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -34,13 +35,9 @@ KINDS = ("bpe", "sentencepiece")
 SENTENCEPIECE_TEXT = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]")
 
 
-def plain_dict(cfg) -> dict:
-    """A config node (or mapping) as a plain resolved dict; None -> {}."""
-    from omegaconf import OmegaConf
-
-    if cfg is None:
-        return {}
-    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+def plain_dict(values) -> dict:
+    """A mapping (of plain settings data) as a deep copy the caller may change; None -> {}."""
+    return {} if values is None else copy.deepcopy(dict(values))
 
 
 def transformers4_compatible(folder: Path) -> None:
@@ -128,19 +125,20 @@ def ensure_tokenizer_folder(cache_dir: str | os.PathLike, vocab_size: int, templ
     return cached_folder(target, write)
 
 
-def tokenizer_options(model_cfg) -> dict:
+def tokenizer_options(model: dict) -> dict:
     """The locally made tokenizer's kind: `+model.tokenizer_kind=sentencepiece` (and `+model.tokenizer_legacy=true`)
     for a SentencePiece tokenizer like the Llama family's; the byte-level BPE by default."""
-    options = {"kind": str(model_cfg.get("tokenizer_kind") or "bpe")}
+    options = {"kind": str(model.get("tokenizer_kind") or "bpe")}  # optional keys (no model config declares them)
     if options["kind"] != "bpe":
-        options["legacy"] = bool(model_cfg.get("tokenizer_legacy", False))
+        options["legacy"] = bool(model.get("tokenizer_legacy"))
     return options
 
 
-def ensure_tiny_checkpoint(cache_dir: str | os.PathLike, model_cfg, build_config) -> Path:
+def ensure_tiny_checkpoint(cache_dir: str | os.PathLike, settings, build_config) -> Path:
     """A complete tiny MGM folder in the released layout: config.json, model.safetensors, tokenizer,
-    preprocessor_config.json. `build_config(model_cfg, tokenizer)` gives the MgmConfig."""
-    plain = plain_dict(model_cfg)
+    preprocessor_config.json. `settings` are the model's (ModelSettings); `build_config(settings, tokenizer)`
+    gives the MgmConfig."""
+    plain = settings.as_dict()
     spec = {"kind": "tiny-mgm", "version": 4, **{k: plain.get(k) for k in (
         "llm", "vision", "vision_aux", "image_size_aux", "image_grid", "image_global", "template", "vocab_size",
         "init_seed", "projector_type", "tokenizer_kind", "tokenizer_legacy")}}
@@ -157,7 +155,7 @@ def ensure_tiny_checkpoint(cache_dir: str | os.PathLike, model_cfg, build_config
         tokenizer_folder = ensure_tokenizer_folder(cache_dir, int(plain["vocab_size"]), str(plain["template"]),
                                                    **tokenizer_options(plain))
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
-        config = build_config(model_cfg, tokenizer)
+        config = build_config(settings, tokenizer)
         seed = int(plain["init_seed"])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

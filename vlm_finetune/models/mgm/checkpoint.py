@@ -35,13 +35,13 @@ _LLM_MLP = re.compile(r"^model\.layers\.\d+\.mlp\.")
 _EXPERT = re.compile(r"^(model\.layers\.\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
 
 
-def to_released(state: dict[str, torch.Tensor], cfg: MgmConfig) -> dict[str, torch.Tensor]:
+def to_released(state: dict[str, torch.Tensor], arch: MgmConfig) -> dict[str, torch.Tensor]:
     """Module state dict -> released key names and tensors (drops the tied head)."""
     out = {}
     for name, tensor in state.items():
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+        if name == "lm_head.weight" and arch.tie_word_embeddings:
             continue
-        if cfg.backbone == "mixtral" and _LLM_MLP.match(name):
+        if arch.backbone == "mixtral" and _LLM_MLP.match(name):
             layer = name.split(".mlp.")[0]
             if name.endswith("mlp.gate.weight"):
                 out[f"{layer}.block_sparse_moe.gate.weight"] = tensor
@@ -60,9 +60,9 @@ def to_released(state: dict[str, torch.Tensor], cfg: MgmConfig) -> dict[str, tor
     return out
 
 
-def from_released(state: dict[str, torch.Tensor], cfg: MgmConfig) -> dict[str, torch.Tensor]:
+def from_released(state: dict[str, torch.Tensor], arch: MgmConfig) -> dict[str, torch.Tensor]:
     """Released key names -> this model's state dict (fuses Mixtral's per-expert Linears)."""
-    sources = released_sources(list(state), cfg)
+    sources = released_sources(list(state), arch)
     return {name: assemble(name, [state[s] for s in names]) for name, names in sources.items()}
 
 
@@ -88,10 +88,10 @@ def read_state(folder: Path) -> dict[str, torch.Tensor]:
     return {name: reader.get(name) for name in reader.names}
 
 
-def released_sources(names: list[str], cfg: MgmConfig) -> dict[str, list[str]]:
+def released_sources(names: list[str], arch: MgmConfig) -> dict[str, list[str]]:
     """This model's state-dict names -> the released tensors each is made of (`assemble` joins them): the
     name-level `from_released`, so that the keys are checked before any tensor is read."""
-    if cfg.backbone != "mixtral":
+    if arch.backbone != "mixtral":
         return {name: [name] for name in names}
     out, experts = {}, {}
     for name in names:
@@ -103,7 +103,7 @@ def released_sources(names: list[str], cfg: MgmConfig) -> dict[str, list[str]]:
             out[name.replace(".block_sparse_moe.", ".mlp.")] = [name]
         else:
             out[name] = [name]
-    n_experts = int(cfg.text_config.num_local_experts)
+    n_experts = int(arch.text_config.num_local_experts)
     for layer, by_expert in experts.items():
         missing = [f"{layer}.block_sparse_moe.experts.{e}.{w}.weight" for e in range(n_experts)
                    for w in ("w1", "w2", "w3") if w not in by_expert.get(e, {})]
@@ -150,12 +150,12 @@ def load_folder(folder: Path, dtype: torch.dtype = torch.float32, device: str | 
     tensor at a time is whole in memory besides the model (or this rank's partition of it). `quantization="nf4"`:
     the decoder layers are quantised one at a time as they are read (nf4_load.stream_quantised)."""
     folder = Path(folder)
-    cfg = read_config(folder)
+    arch = read_config(folder)
     reader = folder_reader(folder)
-    sources = released_sources(reader.names, cfg)
-    model, partitioned = built_for_loading(lambda: MgmForCausalLM(cfg), dtype)
+    sources = released_sources(reader.names, arch)
+    model, partitioned = built_for_loading(lambda: MgmForCausalLM(arch), dtype)
     expected = set(model.state_dict())
-    skip = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    skip = {"lm_head.weight"} if arch.tie_word_embeddings else set()
     expected -= skip
     for name in skip:
         sources.pop(name, None)  # some exports keep the tied copy; it is the same tensor
@@ -171,7 +171,7 @@ def load_folder(folder: Path, dtype: torch.dtype = torch.float32, device: str | 
             stream_into(model, sources, assemble, reader, skip)
     except ValueError as err:
         raise ConfigError(f"MGM checkpoint {folder}: {err}; check that config.json belongs to these weights") from err
-    if cfg.tie_word_embeddings:
+    if arch.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     with unpartitioned():
         _restore_buffers(model, device)  # after the cast: rotary frequencies stay float32, as transformers keeps them

@@ -110,7 +110,7 @@ def config_from_dict(raw: dict) -> MgmConfig:
                    and not (k == "rope_scaling" and v is None)}  # transformers 5 warns on the old field
     text = text_config_for(backbone, text_fields)
     mm = {k: raw[k] for k in MM_FIELDS if k in raw}
-    cfg = MgmConfig(
+    arch = MgmConfig(
         text_config=text,
         vision_config=_clip_for(str(raw.get("mm_vision_tower", MgmConfig.mm_vision_tower)), raw.get("vision_config")),
         aux=_aux_for(str(raw.get("mm_vision_tower_aux", MgmConfig.mm_vision_tower_aux)), raw.get("vision_aux_config")),
@@ -131,17 +131,17 @@ def config_from_dict(raw: dict) -> MgmConfig:
             "mm_hidden_size_aux", "image_aspect_ratio")},
         source=dict(raw),
     )
-    if raw.get("mm_hidden_size_aux") not in (None, cfg.mm_hidden_size_aux):
+    if raw.get("mm_hidden_size_aux") not in (None, arch.mm_hidden_size_aux):
         raise ConfigError(f"config.json: mm_hidden_size_aux={raw['mm_hidden_size_aux']} but the ConvNeXt stages "
-                          f"{cfg.aux['dims']} sum to {cfg.mm_hidden_size_aux}")
-    if cfg.vision_config.hidden_size != cfg.mm_hidden_size:
-        raise ConfigError(f"config.json: mm_hidden_size={cfg.mm_hidden_size} but the CLIP tower's hidden size is "
-                          f"{cfg.vision_config.hidden_size}")
-    cfg.check()
-    return cfg
+                          f"{arch.aux['dims']} sum to {arch.mm_hidden_size_aux}")
+    if arch.vision_config.hidden_size != arch.mm_hidden_size:
+        raise ConfigError(f"config.json: mm_hidden_size={arch.mm_hidden_size} but the CLIP tower's hidden size is "
+                          f"{arch.vision_config.hidden_size}")
+    arch.check()
+    return arch
 
 
-def config_to_dict(cfg: MgmConfig, dtype: torch.dtype | None = None) -> dict:
+def config_to_dict(arch: MgmConfig, dtype: torch.dtype | None = None) -> dict:
     """MgmConfig -> config.json in MGM's layout: every field of the config.json it was loaded from, then the LLM's
     fields (flat, in transformers 5's form and, for rotary settings and Gemma's activation, transformers 4's as
     well: MGM's code reads those), MGM's mm_* fields and our tower configs.
@@ -149,33 +149,33 @@ def config_to_dict(cfg: MgmConfig, dtype: torch.dtype | None = None) -> dict:
     Fields MGM's own loader needs to give the same model: `optimize_vision_tower_aux: true` (otherwise it keeps
     the ConvNeXt of `mm_vision_tower_aux` and ignores the one in the weights, which training may have changed),
     `mm_use_im_patch_token: false` (otherwise it adds a token and grows the vocabulary)."""
-    text = cfg.text_config.to_dict()
+    text = arch.text_config.to_dict()
     for key in ("model_type", "architectures", "transformers_version", "dtype", "torch_dtype"):
         text.pop(key, None)
-    out = dict(cfg.source)
-    out.update({"architectures": [ARCHITECTURES[cfg.backbone]], "model_type": MODEL_TYPES[cfg.backbone], **text})
+    out = dict(arch.source)
+    out.update({"architectures": [ARCHITECTURES[arch.backbone]], "model_type": MODEL_TYPES[arch.backbone], **text})
     rope = rope_fields(text)
-    if rope.get("rope_scaling") is not None and cfg.source.get("rope_scaling") is not None:
+    if rope.get("rope_scaling") is not None and arch.source.get("rope_scaling") is not None:
         rope.pop("rope_scaling")  # a released value in transformers 4's form stays as it was
     out.update(rope)
-    if cfg.backbone == "gemma":  # transformers >= 4.39 reads hidden_activation first, 4.38 only hidden_act
+    if arch.backbone == "gemma":  # transformers >= 4.39 reads hidden_activation first, 4.38 only hidden_act
         out["hidden_activation"] = out["hidden_act"]
     if dtype is not None:
         out["torch_dtype"] = str(dtype).removeprefix("torch.")
-    out.update(cfg.extra)
+    out.update(arch.extra)
     out.update({
-        "mm_vision_tower": cfg.mm_vision_tower, "mm_vision_tower_aux": cfg.mm_vision_tower_aux,
-        "mm_hidden_size": cfg.mm_hidden_size, "mm_hidden_size_aux": cfg.mm_hidden_size_aux, "use_mm_proj": True,
-        "mm_projector_type": cfg.mm_projector_type, "mm_vision_select_layer": cfg.mm_vision_select_layer,
-        "mm_vision_select_feature": cfg.mm_vision_select_feature, "image_size_aux": cfg.image_size_aux,
-        "image_grid": cfg.image_grid, "image_global": cfg.image_global, "image_aspect_ratio": cfg.image_aspect_ratio,
+        "mm_vision_tower": arch.mm_vision_tower, "mm_vision_tower_aux": arch.mm_vision_tower_aux,
+        "mm_hidden_size": arch.mm_hidden_size, "mm_hidden_size_aux": arch.mm_hidden_size_aux, "use_mm_proj": True,
+        "mm_projector_type": arch.mm_projector_type, "mm_vision_select_layer": arch.mm_vision_select_layer,
+        "mm_vision_select_feature": arch.mm_vision_select_feature, "image_size_aux": arch.image_size_aux,
+        "image_grid": arch.image_grid, "image_global": arch.image_global, "image_aspect_ratio": arch.image_aspect_ratio,
         "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "optimize_vision_tower_aux": True,
     })
     out.setdefault("optimize_vision_tower", False)
-    out["vision_config"] = {k: v for k, v in cfg.vision_config.to_dict().items()
+    out["vision_config"] = {k: v for k, v in arch.vision_config.to_dict().items()
                             if k not in ("transformers_version", "architectures")}
-    out["vision_aux_config"] = dict(cfg.aux)
-    out["template"] = cfg.template
+    out["vision_aux_config"] = dict(arch.aux)
+    out["template"] = arch.template
     return out
 
 

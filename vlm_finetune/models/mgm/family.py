@@ -3,7 +3,6 @@ CLIP + ConvNeXt towers and patch info mining."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -14,6 +13,7 @@ from vlm_finetune.models.mgm import assets, checkpoint, config_file
 from vlm_finetune.models.mgm.modeling import CLIP_L_336, CONVNEXT, ConvNeXtBlock, MgmConfig, MgmForCausalLM
 from vlm_finetune.models.mgm.processor import MgmImages, MgmProcessor
 from vlm_finetune.models.nf4_load import build_quantised
+from vlm_finetune.settings import LoraSettings, ModelSettings
 
 PROJECTOR_MODULES = ("model.mm_projector", "model.vlm_uni_query_projector", "model.vlm_uni_aux_projector",
                      "model.vlm_uni_val_projector")
@@ -63,22 +63,22 @@ class MgmFamily(Family):
         return (MixtralSparseMoeBlock,)
 
     # -- configs and folders ------------------------------------------------------------------------
-    def config_from_options(self, model_cfg: Any, tokenizer=None) -> MgmConfig:
+    def config_from_options(self, spec: ModelSettings, tokenizer=None) -> MgmConfig:
         """MgmConfig from the `model=` YAML (`llm`, `vision`, `vision_aux`, image and template options)."""
         from transformers import CLIPVisionConfig
 
-        llm = assets.plain_dict(model_cfg.get("llm"))
+        llm = assets.plain_dict(spec.option("llm"))
         if "model_type" not in llm:
             raise ConfigError(f"model.llm must name the backbone: model.llm.model_type=gemma|llama|mistral|mixtral "
-                              f"(model={model_cfg.get('name')})")
+                              f"(model={spec.name})")
         model_type = llm.pop("model_type")
-        if tokenizer is not None and str(model_cfg.get("preset", "")).startswith("tiny"):
+        if tokenizer is not None and str(spec.preset or "").startswith("tiny"):
             llm.setdefault("vocab_size", len(tokenizer))
             llm.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
         text = config_file.text_config_for(model_type, llm)
-        vision = assets.plain_dict(model_cfg.get("vision")) or dict(CLIP_L_336)
-        aux = model_cfg.get("vision_aux", "convnext_large_d_320")
+        vision = assets.plain_dict(spec.option("vision")) or dict(CLIP_L_336)
+        aux = spec.option("vision_aux")
         aux_path = MgmConfig.mm_vision_tower_aux
         if isinstance(aux, str):
             if aux not in CONVNEXT:
@@ -91,41 +91,41 @@ class MgmFamily(Family):
         vision_config = CLIPVisionConfig(**vision)
         cfg = MgmConfig(
             text_config=text, vision_config=vision_config, aux=aux, mm_hidden_size=vision_config.hidden_size,
-            mm_projector_type=str(model_cfg.get("projector_type", "mlp2x_gelu")),
-            image_size_aux=int(model_cfg.image_size_aux), image_grid=int(model_cfg.get("image_grid", 1)),
-            image_global=bool(model_cfg.get("image_global", False)),
-            template=str(model_cfg.get("template") or config_file.default_template(model_type, int(text.vocab_size))),
+            mm_projector_type=str(spec.option("projector_type")),
+            image_size_aux=int(spec.option("image_size_aux")), image_grid=int(spec.option("image_grid")),
+            image_global=bool(spec.option("image_global")),
+            template=str(spec.option("template") or config_file.default_template(model_type, int(text.vocab_size))),
             mm_vision_tower_aux=aux_path,
         )
         cfg.check()
         return cfg
 
-    def checkpoint_folder(self, model_cfg: Any) -> Path | None:
-        folder = self.user_folder(model_cfg, "an MGM checkpoint folder (config.json, *.safetensors[.index.json], "
+    def checkpoint_folder(self, spec: ModelSettings) -> Path | None:
+        folder = self.user_folder(spec, "an MGM checkpoint folder (config.json, *.safetensors[.index.json], "
                                               "tokenizer files)")
         if folder is not None:
             return folder
-        if str(model_cfg.get("preset", "")).startswith("tiny"):
-            return assets.ensure_tiny_checkpoint(model_cfg.cache_dir, model_cfg, self.config_from_options)
+        if str(spec.preset or "").startswith("tiny"):
+            return assets.ensure_tiny_checkpoint(spec.cache_dir, spec, self.config_from_options)
         return None
 
-    def quantises_while_loading(self, model_cfg: Any) -> bool:
+    def quantises_while_loading(self, spec: ModelSettings) -> bool:
         return True  # from a folder as it is read, from its config as each decoder layer is made
 
-    def build_config(self, model_cfg: Any) -> MgmConfig:
-        folder = self.checkpoint_folder(model_cfg)
+    def build_config(self, spec: ModelSettings) -> MgmConfig:
+        folder = self.checkpoint_folder(spec)
         if folder is not None:
             return config_file.read_config(folder)
-        return self.config_from_options(model_cfg)
+        return self.config_from_options(spec)
 
-    def load_processor(self, model_cfg: Any, truncation: str = "truncate") -> MgmProcessor:
+    def load_processor(self, spec: ModelSettings, truncation: str) -> MgmProcessor:
         from transformers import AutoTokenizer
 
-        folder = self.checkpoint_folder(model_cfg)
-        cfg = config_file.read_config(folder) if folder is not None else self.config_from_options(model_cfg)
-        template = str(model_cfg.get("template") or cfg.template)
+        folder = self.checkpoint_folder(spec)
+        config = config_file.read_config(folder) if folder is not None else self.config_from_options(spec)
+        template = str(spec.option("template") or config.template)
         tokenizer_folder = folder if folder is not None else assets.ensure_tokenizer_folder(
-            model_cfg.cache_dir, int(model_cfg.vocab_size), template, **assets.tokenizer_options(model_cfg))
+            spec.cache_dir, int(spec.option("vocab_size")), template, **assets.tokenizer_options(spec.as_dict()))
         from transformers.utils import logging as hf_logging
 
         level = hf_logging.get_verbosity()
@@ -136,32 +136,32 @@ class MgmFamily(Family):
             raise ConfigError(f"no tokenizer could be loaded from {tokenizer_folder} ({err})") from err
         finally:
             hf_logging.set_verbosity(level)
-        images = MgmImages(cfg.image_size_aux, cfg.vision_config.image_size, cfg.image_grid, cfg.image_global,
-                           aspect_ratio=cfg.image_aspect_ratio)
-        return MgmProcessor(tokenizer, images, cfg.image_tokens, template, truncation=truncation,
+        images = MgmImages(config.image_size_aux, config.vision_config.image_size, config.image_grid,
+                           config.image_global, aspect_ratio=config.image_aspect_ratio)
+        return MgmProcessor(tokenizer, images, config.image_tokens, template, truncation=truncation,
                             tokenizer_folder=tokenizer_folder)
 
-    def build_model(self, model_cfg: Any, dtype: torch.dtype = torch.float32, device: str | None = None,
+    def build_model(self, spec: ModelSettings, dtype: torch.dtype = torch.float32, device: str | None = None,
                     quantization: str | None = None) -> nn.Module:
         if quantization not in (None, "nf4"):
             raise ConfigError(f"precision={quantization}: MGM loads 4-bit weights as nf4 only; use precision=nf4")
-        attn = model_cfg.get("attn_implementation", "sdpa")
-        folder = self.checkpoint_folder(model_cfg)
+        attn = spec.attn_implementation
+        folder = self.checkpoint_folder(spec)
         on_meta = device is not None and str(device) == "meta"
         if on_meta:  # the planner: structure only, no weights read
             with torch.device("meta"):
-                model = MgmForCausalLM(self.build_config(model_cfg)).to(dtype)
+                model = MgmForCausalLM(self.build_config(spec)).to(dtype)
         elif folder is not None:  # nf4: each decoder layer quantised as it is read
             model = checkpoint.load_folder(folder, dtype=dtype, device=device or "cpu", quantization=quantization)
         else:
-            cfg = self.config_from_options(model_cfg)
+            config = self.config_from_options(spec)
 
             def make() -> MgmForCausalLM:
                 previous = torch.get_default_dtype()
                 torch.set_default_dtype(dtype if dtype.is_floating_point else torch.float32)
                 try:
                     with torch.device(device or "cpu"):
-                        return MgmForCausalLM(cfg)
+                        return MgmForCausalLM(config)
                 finally:
                     torch.set_default_dtype(previous)
 
@@ -170,7 +170,7 @@ class MgmFamily(Family):
                 make, self.decoder_layer_classes, "model.layers", "model", device or "cpu")
         model.config.text_config._attn_implementation = attn
         model.config.vision_config._attn_implementation = attn
-        if model_cfg.get("liger_kernels"):
+        if spec.liger_kernels:
             raise ConfigError("model.liger_kernels=true is not wired for MGM yet; set it to false")
         return model
 
@@ -183,23 +183,16 @@ class MgmFamily(Family):
             Part.LLM: [n for n in LLM_MODULES if n in names],
         }
 
-    def _llm_scope(self, lora_cfg: Any) -> str:
-        scope = str(lora_cfg.get("llm_modules", "all") or "all")
-        if scope not in LLM_SCOPES:
-            raise ConfigError(f"lora.llm_modules={scope!r}: use attention, mlp (dense MLP or MoE experts), experts "
-                              "or all")
-        return scope
-
-    def lora_target_pattern(self, part: Part, model_cfg: Any, lora_cfg: Any) -> str | None:
-        custom = (lora_cfg.get("targets") or {}).get(part.value)
+    def lora_target_pattern(self, part: Part, spec: ModelSettings, lora: LoraSettings) -> str | None:
+        custom = lora.target(part.value)
         if custom:
-            return str(custom)
+            return custom
         if part is Part.VISION:
             return VISION_LORA_PATTERN
         if part is not Part.LLM:
             raise ConfigError(f"train.{part.value}=lora is not supported for MGM; use frozen or full")
-        scope = self._llm_scope(lora_cfg)
-        moe = self._is_moe(model_cfg)
+        scope = self.llm_scope(lora, LLM_SCOPES, " (mlp: the dense MLP, or the experts of an MoE)")
+        moe = self._is_moe(spec)
         pieces = []
         if scope in ("attention", "all"):
             pieces.append(ATTENTION)
@@ -211,27 +204,27 @@ class MgmFamily(Family):
             return None  # experts only: LoRA on parameters, no module targets
         return r".*model\.layers\.\d+\.(" + "|".join(pieces) + ")"
 
-    def lora_target_parameters(self, part: Part, model_cfg: Any, lora_cfg: Any) -> list[str]:
+    def lora_target_parameters(self, part: Part, spec: ModelSettings, lora: LoraSettings) -> list[str]:
         """Parameters that take LoRA directly (the fused MoE expert tensors)."""
-        if part is not Part.LLM or (lora_cfg.get("targets") or {}).get(part.value):
+        if part is not Part.LLM or lora.target(part.value):
             return []
-        if self._is_moe(model_cfg) and self._llm_scope(lora_cfg) in ("mlp", "experts", "all"):
+        if self._is_moe(spec) and self.llm_scope(lora, LLM_SCOPES) in ("mlp", "experts", "all"):
             return list(EXPERT_PARAMETERS)
         return []
 
-    def _is_moe(self, model_cfg: Any) -> bool:
-        llm = model_cfg.get("llm") or {}
+    def _is_moe(self, spec: ModelSettings) -> bool:
+        llm = spec.option("llm") or {}
         if llm.get("model_type"):
             return llm.get("model_type") == "mixtral"
-        return self.build_config(model_cfg).backbone == "mixtral"
+        return self.build_config(spec).backbone == "mixtral"
 
-    def memory_dims(self, model_cfg: Any, image_size: int) -> dict:
+    def memory_dims(self, spec: ModelSettings, image_size: int) -> dict:
         """Sizes for the memory planner (keys in models/base.py). The "vision tower" is CLIP (the layers up to the
         selected one run); MGM's image geometry is fixed by its config, whatever `image_size` is. Patch info
         mining with trainable projectors saves, per CLIP view, the shared LayerNorm input, both LayerNorm outputs
         (2880 wide at real size) and the keys and values of its s x s sub-grids:
         `vision_extra_saved_elements_per_image`."""
-        cfg = self.build_config(model_cfg)
+        cfg = self.build_config(spec)
         text, vision = cfg.text_config, cfg.vision_config
         heads = int(text.num_attention_heads)
         head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
