@@ -1,4 +1,4 @@
-"""The load's memory, measured beside the planner's load rows (a check of the GPU suite, vlm_finetune/suite.py).
+"""The load's memory, measured beside the planner's load rows (a check of the GPU suite, vlm_finetune/bench/suite.py).
 
 A real-size MoE cut to a few decoder layers (MGM-8x7B: Mixtral's 4096-wide layers of 8 experts, CLIP-L and
 ConvNeXt-L; the dry run: tiny_mgm_moe) is written once as a released-layout folder with random bf16 weights
@@ -18,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from vlm_finetune.measure import result_line, run_python
+from vlm_finetune.bench.measure import result_line, run_python
 
 GiB = 2**30
 TOLERANCE = 0.25
@@ -76,7 +76,7 @@ def check(dry_run: bool, work_dir: Path, timeout: float, layers: int = 2) -> lis
     folder = Path(work_dir) / "folder"
     source = model_overrides(dry_run, layers)
     if not (folder / "config.json").is_file():
-        result, err = _child("import json, sys; from pathlib import Path; from vlm_finetune.loadcheck import "
+        result, err = _child("import json, sys; from pathlib import Path; from vlm_finetune.bench.load_compare import "
                              "write_folder; write_folder(json.loads(sys.argv[1]), Path(sys.argv[2])); "
                              "print('RESULT {}')", [json.dumps(source), str(folder)], timeout)
         if result is None:

@@ -22,7 +22,7 @@ from vlm_finetune.module import batch_loss_sum, step_contexts
 from vlm_finetune.precision import weights_policy
 from vlm_finetune.trainability import build_trainable_model, compile_regions, count_parameters, set_frozen_eval, unwrap
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 DEFAULT_BASELINE = ROOT.parent / "shared" / "bench" / "glm4v_baseline.py"
 
 
