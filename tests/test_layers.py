@@ -14,7 +14,7 @@ MAX_LINES = 450
 LAYERS = [
     ("entry", ("vlm_finetune.__main__", "vlm_finetune.plan", "vlm_finetune.export", "vlm_finetune.generate",
                "vlm_finetune.bench")),
-    ("run", ("vlm_finetune.train", "vlm_finetune.bench.measure", "vlm_finetune.autotune", "vlm_finetune.memory.planner", "vlm_finetune.memory.load",
+    ("run", ("vlm_finetune.train", "vlm_finetune.bench.measure", "vlm_finetune.autotune", "vlm_finetune.memory.planner", "vlm_finetune.memory.load_plan",
              "vlm_finetune.memory.suggest", "vlm_finetune.memory.oom")),
     ("training", ("vlm_finetune.module", "vlm_finetune.strategies", "vlm_finetune.checkpointing", "vlm_finetune.resume",
                   "vlm_finetune.adapters", "vlm_finetune.callbacks", "vlm_finetune.memory", "vlm_finetune.trainability",

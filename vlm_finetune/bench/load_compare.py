@@ -7,7 +7,7 @@ ConvNeXt-L; the dry run: tiny_mgm_moe) is written once as a released-layout fold
 - `trainer=zero3` at world size 1: built inside zero.Init, the folder streamed one tensor at a time;
 - `precision=nf4 trainer=single`: each decoder layer quantised as it is read (models/nf4_load.py).
 
-Each run records its own load (memory/at_load.py: the host growth from the run's start to the peak when
+Each run records its own load (memory/load_measured.py: the host growth from the run's start to the peak when
 training starts, the model loaded and the strategy set up, and the GPU's peak allocated bytes then). The
 planner plans the same command (`plan_memory`, the folder's config) and its host and GPU load rows stand
 beside the measured figures, with their ratio (ok within 25 %)."""
@@ -88,7 +88,7 @@ def check(dry_run: bool, work_dir: Path, timeout: float, layers: int = 2) -> lis
         overrides = [source[0], f"model.path={folder}", *extra, *RUN]
         run_dir = Path(work_dir) / case.replace(" ", "_").replace(",", "")
         shutil.rmtree(run_dir, ignore_errors=True)  # this check's own run of an earlier suite: run it again
-        # the run measures its own load (memory/at_load.py) and writes it to metrics.json
+        # the run measures its own load (memory/load_measured.py) and writes it to metrics.json
         result, err = _child("import runpy, sys; sys.argv = ['vlm_finetune', *sys.argv[1:]]; "
                              "runpy.run_module('vlm_finetune', run_name='__main__')",
                              [*overrides, f"hydra.run.dir={run_dir}"], timeout)
