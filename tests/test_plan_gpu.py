@@ -17,7 +17,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.gpu, pytest.mark.slow,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (H100 80 GB class)")]
-# what the benchmark runs for "ours" (bench.main adds the first two on a GPU)
+# what the benchmark runs for "ours" (bench/cli.py main adds the first two on a GPU)
 BASE = ["precision=bf16-mixed", "train.projector=frozen", "model=glm41v_9b", "data.micro_batch_size=1",
         "hardware=auto", "model.liger_kernels=true"]
 

@@ -34,7 +34,7 @@ from vlm_finetune.memory.planner import plan_memory
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 GiB = 2**30
-# the recipe the goals are stated for (bench.main adds the first two on a GPU)
+# the recipe the goals are stated for (bench/cli.py main adds the first two on a GPU)
 GPU_BASE = ["precision=bf16-mixed", "train.projector=frozen", "model=glm41v_9b", "data.micro_batch_size=1",
             "hardware=auto", "model.liger_kernels=true"]
 
