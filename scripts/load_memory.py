@@ -230,7 +230,7 @@ def main() -> None:
     summary["checks"] = checks
     print(json.dumps(summary, indent=2, default=str))
     if args.report is not None:
-        from vlm_finetune.databench import replace_section
+        from vlm_finetune.bench.data import replace_section
 
         replace_section(args.report, render(summary, " ".join(sys.argv[1:]), args.layers, args.steps), SECTION)
     del torch

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlm_finetune import bench
+from vlm_finetune.bench import cli as bench
 from vlm_finetune.config import model_settings
 
 
@@ -43,13 +43,13 @@ def test_make_batch_has_exact_length_and_supervision(tmp_path):
 def test_bench_load_appends_its_table_and_fails_on_a_failed_row(tmp_path, monkeypatch):
     """`python -m vlm_finetune.bench load`: the load check's rows (run for real by the suite's dry run, slow) as a
     dated table under its own title, exit 1 when a row failed."""
-    from vlm_finetune import loadcheck
+    from vlm_finetune.bench import load_compare
 
     rows = [dict(check="load", case="zero3, world size 1", status="ok", note="n", seconds=1.0,
                  figures={"host_gib": 7.85, "plan_host_gib": 6.05, "host_plan_over_measured": 0.771}),
             dict(check="load", case="nf4, single", status="failed", figures={}, note="exit 1", seconds=1.0)]
     seen = []
-    monkeypatch.setattr(loadcheck, "check", lambda dry_run, work_dir, timeout: seen.append(dry_run) or rows)
+    monkeypatch.setattr(load_compare, "check", lambda dry_run, work_dir, timeout: seen.append(dry_run) or rows)
     report = tmp_path / "benchmarks.md"
     assert bench.main(["load", "--dry-run", "--report", str(report), "--work-dir", str(tmp_path / "w")]) == 1
     text = report.read_text()

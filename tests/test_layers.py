@@ -10,11 +10,12 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "vlm_finetune"
 MAX_LINES = 450
 
-# the layer of each module (the first matching prefix wins); lower layers never import higher ones
+# the layer of each module (the longest matching prefix wins); lower layers never import higher ones
 LAYERS = [
-    ("entry", ("vlm_finetune.__main__", "vlm_finetune.plan", "vlm_finetune.export", "vlm_finetune.generate", "vlm_finetune.loadcheck",
-               "vlm_finetune.bench", "vlm_finetune.suite", "vlm_finetune.databench")),
-    ("run", ("vlm_finetune.train", "vlm_finetune.config", "vlm_finetune.rundir", "vlm_finetune.measure", "vlm_finetune.autotune", "vlm_finetune.memory.planner", "vlm_finetune.memory.load",
+    ("entry", ("vlm_finetune.__main__", "vlm_finetune.plan", "vlm_finetune.export", "vlm_finetune.generate",
+               "vlm_finetune.bench")),
+    ("run", ("vlm_finetune.train", "vlm_finetune.config", "vlm_finetune.rundir", "vlm_finetune.bench.measure",
+             "vlm_finetune.autotune", "vlm_finetune.memory.planner", "vlm_finetune.memory.load_plan",
              "vlm_finetune.memory.suggest", "vlm_finetune.memory.oom")),
     ("training", ("vlm_finetune.module", "vlm_finetune.strategies", "vlm_finetune.checkpointing", "vlm_finetune.resume",
                   "vlm_finetune.adapters", "vlm_finetune.callbacks", "vlm_finetune.memory", "vlm_finetune.trainability",

@@ -1,5 +1,5 @@
 """GPU-only: the planner's predicted peak against the peak a real training step allocates (the benchmark's
-own measurement, `vlm_finetune.bench.bench_ours`), and checkpointing=auto against full checkpointing.
+own measurement, `vlm_finetune.bench.measure.bench_ours`), and checkpointing=auto against full checkpointing.
 Acceptance of issue 6: within 10% at GLM-4.1V-9B size, LoRA r=16, frozen ViT, one 672 px image, batch 1,
 2048 and 8192 tokens with checkpointing on and off, and the ViT trained at 1344 px. Each case runs in its
 own process so that one case's allocator state does not leak into the next. Not yet run on a GPU."""
@@ -17,13 +17,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.gpu, pytest.mark.slow,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (H100 80 GB class)")]
-# what the benchmark runs for "ours" (bench.main adds the first two on a GPU)
+# what the benchmark runs for "ours" (bench/cli.py main adds the first two on a GPU)
 BASE = ["precision=bf16-mixed", "train.projector=frozen", "model=glm41v_9b", "data.micro_batch_size=1",
         "hardware=auto", "model.liger_kernels=true"]
 
 
 def measure(overrides: list[str], seq: int, image: int) -> dict:
-    code = ("import json, sys; from vlm_finetune.bench import bench_ours; "
+    code = ("import json, sys; from vlm_finetune.bench.measure import bench_ours; "
             "print('RESULT ' + json.dumps(bench_ours(json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), 5, 'cuda')))")
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(overrides), str(seq), str(image)], cwd=ROOT,
                           capture_output=True, text=True, timeout=1200, env=dict(os.environ, PYTHONUNBUFFERED="1"))

@@ -49,7 +49,7 @@ def test_nf4_holds_one_decoder_layer_in_host_memory():
     it is made): the host holds the towers, embeddings and head, one decoder layer in bf16 and its largest tensor
     once more (joined from the checkpoint's per-expert matrices), and a 64 GB workstation fits."""
     from vlm_finetune.memory.count import count_model
-    from vlm_finetune.memory.load import plan_load
+    from vlm_finetune.memory.load_plan import plan_load
 
     mgm = get_family("mgm")
     args = ["model=mgm_8x7b", "hardware=1xa6000", "trainer=single", "precision=nf4", "lora.llm_modules=attention",

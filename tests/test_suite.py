@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from vlm_finetune import bench, suite
+from vlm_finetune.bench import cli as bench
+from vlm_finetune.bench import suite
 
 pytestmark = pytest.mark.slow
 

@@ -29,8 +29,8 @@ from vlm_finetune.data.packing import pack_length
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.hardware import Hardware, env_global_rank, preflight, resolve
 from vlm_finetune.io import write_atomic
-from vlm_finetune.memory.at_load import LoadMemory
 from vlm_finetune.memory.host import HostMemoryRelease, release_freed, reuse_heap, steady_heap
+from vlm_finetune.memory.load_measured import LoadMemory
 from vlm_finetune.memory.monitor import MemoryMonitor
 from vlm_finetune.memory.oom import handle_oom
 from vlm_finetune.models.registry import get_family, parse_trainability

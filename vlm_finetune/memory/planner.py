@@ -33,7 +33,7 @@ from vlm_finetune.memory.activations import (
 )
 from vlm_finetune.memory.count import count_model
 from vlm_finetune.memory.inputs import PlanInputs, plan_inputs, strategy_and_stage
-from vlm_finetune.memory.load import gpu_at_load, plan_load
+from vlm_finetune.memory.load_plan import gpu_at_load, plan_load
 from vlm_finetune.memory.report import GiB, MemoryPlan, Row
 from vlm_finetune.memory.search import fastest_checkpointing, largest_micro_batch
 from vlm_finetune.memory.state_rows import optimizer_rows, parameter_rows, strategy_rows

@@ -18,7 +18,7 @@ class Row:
     item: str
     bytes: int
     where: str = "gpu"
-    four_bit: bool = False  # nf4 weights: what the host holds of them while a CPU rank loads (memory/load.py)
+    four_bit: bool = False  # nf4 weights: what the host holds of them while a CPU rank loads (memory/load_plan.py)
 
 
 @dataclass
@@ -48,7 +48,7 @@ class MemoryPlan:
     suggestions: list[Suggestion] = field(default_factory=list)
     parameters: int = 0  # of the model as configured (LoRA included), counted on the meta device
     trainable_parameters: int = 0
-    load: Any = None  # memory.load.LoadPlan: host memory per node while the model loads
+    load: Any = None  # memory.load_plan.LoadPlan: host memory per node while the model loads
     checkpoint_scope: str = "layer"  # what the checkpointed layers recompute: the whole layer, or its MLP
 
     def total(self, category: str | None = None, where: str = "gpu") -> int:

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from vlm_finetune import bench
-from vlm_finetune.databench import SECTION, replace_section, summarise, write_conversations
+from vlm_finetune.bench import cli as bench
+from vlm_finetune.bench.data import SECTION, replace_section, summarise, write_conversations
 
 SMALL = ["model.text.hidden_size=128", "model.text.intermediate_size=256", "model.text.num_hidden_layers=2"]
 

@@ -1,7 +1,7 @@
 """Side-by-side benchmark: this project's training step against the plain transformers + peft recipe
-(`python -m vlm_finetune.bench suite` runs every GPU check instead: vlm_finetune/suite.py; `... bench data`
-compares padded, length-grouped and packed micro-batches on the CPU: vlm_finetune/databench.py; `... bench load`
-measures the load's host and GPU memory beside the planner's load rows: vlm_finetune/loadcheck.py).
+(`python -m vlm_finetune.bench suite` runs every GPU check instead: vlm_finetune/bench/suite.py; `... bench data`
+compares padded, length-grouped and packed micro-batches on the CPU: vlm_finetune/bench/data.py; `... bench load`
+measures the load's host and GPU memory beside the planner's load rows: vlm_finetune/bench/load_compare.py).
 
     python -m vlm_finetune.bench model=glm41v_9b --seq 8192 --image 672 --baseline-liger 1 [hydra overrides]
 
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from vlm_finetune import databench, suite
-from vlm_finetune.measure import DEFAULT_BASELINE, ROOT, append_report, bench_ours, make_batch, run_baseline
+from vlm_finetune.bench import data, suite
+from vlm_finetune.bench.measure import DEFAULT_BASELINE, ROOT, append_report, bench_ours, make_batch, run_baseline
 
 __all__ = ["DEFAULT_BASELINE", "bench_ours", "main", "make_batch", "render", "run_baseline"]
 
@@ -57,12 +57,12 @@ def render(ours: dict, base: dict, command: str, device_name: str, date: str) ->
 
 def main(argv: list[str] | None = None) -> tuple[dict, dict] | int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["suite"]:  # every GPU check in one command (vlm_finetune/suite.py)
+    if argv[:1] == ["suite"]:  # every GPU check in one command (vlm_finetune/bench/suite.py)
         return suite.main(argv[1:])
-    if argv[:1] == ["load"]:  # the load's memory beside the planner's load rows (vlm_finetune/loadcheck.py)
+    if argv[:1] == ["load"]:  # the load's memory beside the planner's load rows (vlm_finetune/bench/load_compare.py)
         return suite.load_main(argv[1:])
-    if argv[:1] == ["data"]:  # padded, length-grouped and packed micro-batches on the CPU (vlm_finetune/databench.py)
-        return databench.main(argv[1:])
+    if argv[:1] == ["data"]:  # padded, length-grouped and packed micro-batches on the CPU (vlm_finetune/bench/data.py)
+        return data.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m vlm_finetune.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq", type=int, default=2048)
@@ -98,7 +98,3 @@ def main(argv: list[str] | None = None) -> tuple[dict, dict] | int:
     append_report(args.report, text)
     return ours, base
 
-
-if __name__ == "__main__":
-    outcome = main()
-    sys.exit(outcome if isinstance(outcome, int) else 0)

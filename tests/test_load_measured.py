@@ -1,4 +1,4 @@
-"""Every run measures its own load (memory/at_load.py): the host growth from the run's start to the peak when
+"""Every run measures its own load (memory/load_measured.py): the host growth from the run's start to the peak when
 training starts, or None where an earlier peak of the process hides it, never a guess."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 PROBE = r"""
 import gc, json, sys, torch
 from types import SimpleNamespace
-from vlm_finetune.memory.at_load import LoadMemory
+from vlm_finetune.memory.load_measured import LoadMemory
 if sys.argv[1] == "hidden":  # a peak before the run: 512 MiB touched, then freed
     big = torch.ones(128 * 2**20)
     del big

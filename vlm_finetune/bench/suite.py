@@ -8,7 +8,7 @@ in one command, for the rare minutes a GPU is at hand.
   zero3_offload and their adapter reloads with PEFT;
 - the memory monitor's CSV and PNG of one run;
 - the load: MGM-8x7B cut to two layers, read from a released-layout folder under ZeRO-3 at world size 1 and in
-  nf4, host and GPU memory at the load beside the planner's load rows (vlm_finetune/loadcheck.py; alone:
+  nf4, host and GPU memory at the load beside the planner's load rows (vlm_finetune/bench/load_compare.py; alone:
   `python -m vlm_finetune.bench load`).
 
 Each check runs in its own process with its own time limit; a failure is a row, and the suite goes on. It
@@ -27,14 +27,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlm_finetune import loadcheck
+from vlm_finetune.bench import load_compare
+from vlm_finetune.bench.measure import DEFAULT_BASELINE, append_report, result_line, run_baseline, run_python
 from vlm_finetune.io import write_atomic
-from vlm_finetune.measure import DEFAULT_BASELINE, append_report, result_line, run_baseline, run_python
 from vlm_finetune.memory.planner import plan_memory
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 GiB = 2**30
-# the recipe the goals are stated for (bench.main adds the first two on a GPU)
+# the recipe the goals are stated for (bench/cli.py main adds the first two on a GPU)
 GPU_BASE = ["precision=bf16-mixed", "train.projector=frozen", "model=glm41v_9b", "data.micro_batch_size=1",
             "hardware=auto", "model.liger_kernels=true"]
 
@@ -89,7 +89,8 @@ def workloads(dry_run: bool) -> list[Workload]:
 
 
 def measure_ours(work: Workload, device: str, steps: int, timeout: float) -> Row:
-    code = ("import json, sys; from vlm_finetune.measure import bench_ours; print('RESULT ' + json.dumps(bench_ours("
+    code = ("import json, sys; from vlm_finetune.bench.measure import bench_ours; "
+            "print('RESULT ' + json.dumps(bench_ours("
             "json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])))")
     started = time.time()
     rc, out, err = run_python(code, [json.dumps(work.overrides), str(work.seq), str(work.image), str(steps), device],
@@ -236,11 +237,11 @@ def run_suite(dry_run: bool, report: Path, work_dir: Path, budget_s: float) -> l
     return rows
 
 
-LOAD_CHECK_S = 240.0  # the load check (vlm_finetune/loadcheck.py): a 7 GB folder written, two one-step runs
+LOAD_CHECK_S = 240.0  # the load check (vlm_finetune/bench/load_compare.py): a 7 GB folder written, two one-step runs
 
 
 def load_rows(dry_run: bool, work_dir: Path, timeout: float) -> list[Row]:
-    return [Row(**row) for row in loadcheck.check(dry_run, work_dir, timeout)]
+    return [Row(**row) for row in load_compare.check(dry_run, work_dir, timeout)]
 
 
 def write_rows(rows: list[Row], report: Path, command: str, device: str, dry_run: bool, title: str = "GPU suite"
@@ -258,10 +259,11 @@ def write_rows(rows: list[Row], report: Path, command: str, device: str, dry_run
 
 
 def load_main(argv: list[str]) -> int:
-    """`python -m vlm_finetune.bench load [--dry-run]`: the suite's load check alone (vlm_finetune/loadcheck.py)."""
+    """`python -m vlm_finetune.bench load [--dry-run]`: the suite's load check alone
+    (vlm_finetune/bench/load_compare.py)."""
     import torch
 
-    parser = _parser("load", loadcheck.__doc__, "the tiny MoE on the CPU", "/tmp/vlm_finetune_load")
+    parser = _parser("load", load_compare.__doc__, "the tiny MoE on the CPU", "/tmp/vlm_finetune_load")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds for each of its three processes")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"

@@ -38,7 +38,7 @@ from PIL import Image
 from vlm_finetune.data.sample import IGNORE_INDEX
 from vlm_finetune.io import write_atomic
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 SECTION = "## Data-side benchmark on the CPU"
 # a tiny GLM-4.1V made wide enough that a step's time follows the positions it computes (at the default tiny
 # size a step is mostly fixed overhead); data.max_length is the row length when packed
@@ -137,7 +137,7 @@ def run_mode(mode: str, data: Path, work: Path, steps: int, micro: int, override
             *MODEL, f"data.micro_batch_size={micro}", f"trainer.max_steps={steps}",
             "trainer.val_every_n_steps=null", "eval.generate=false", "trainer.enable_progress_bar=false",
             "checkpoint.every_n_steps=null", "hardware.cpu_threads=1", *MODES[mode], *overrides,
-            "+callbacks.databench._target_=vlm_finetune.databench.StepStats", f"+callbacks.databench.out={stats}",
+            "+callbacks.databench._target_=vlm_finetune.bench.data.StepStats", f"+callbacks.databench.out={stats}",
             f"hydra.run.dir={work / mode}"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-m", "vlm_finetune", *args], capture_output=True, text=True, env=env,

@@ -1,4 +1,4 @@
-"""The load's memory, measured beside the planner's load rows (a check of the GPU suite, vlm_finetune/suite.py).
+"""The load's memory, measured beside the planner's load rows (a check of the GPU suite, vlm_finetune/bench/suite.py).
 
 A real-size MoE cut to a few decoder layers (MGM-8x7B: Mixtral's 4096-wide layers of 8 experts, CLIP-L and
 ConvNeXt-L; the dry run: tiny_mgm_moe) is written once as a released-layout folder with random bf16 weights
@@ -7,7 +7,7 @@ ConvNeXt-L; the dry run: tiny_mgm_moe) is written once as a released-layout fold
 - `trainer=zero3` at world size 1: built inside zero.Init, the folder streamed one tensor at a time;
 - `precision=nf4 trainer=single`: each decoder layer quantised as it is read (models/nf4_load.py).
 
-Each run records its own load (memory/at_load.py: the host growth from the run's start to the peak when
+Each run records its own load (memory/load_measured.py: the host growth from the run's start to the peak when
 training starts, the model loaded and the strategy set up, and the GPU's peak allocated bytes then). The
 planner plans the same command (`plan_memory`, the folder's config) and its host and GPU load rows stand
 beside the measured figures, with their ratio (ok within 25 %)."""
@@ -18,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from vlm_finetune.measure import result_line, run_python
+from vlm_finetune.bench.measure import result_line, run_python
 
 GiB = 2**30
 TOLERANCE = 0.25
@@ -76,7 +76,7 @@ def check(dry_run: bool, work_dir: Path, timeout: float, layers: int = 2) -> lis
     folder = Path(work_dir) / "folder"
     source = model_overrides(dry_run, layers)
     if not (folder / "config.json").is_file():
-        result, err = _child("import json, sys; from pathlib import Path; from vlm_finetune.loadcheck import "
+        result, err = _child("import json, sys; from pathlib import Path; from vlm_finetune.bench.load_compare import "
                              "write_folder; write_folder(json.loads(sys.argv[1]), Path(sys.argv[2])); "
                              "print('RESULT {}')", [json.dumps(source), str(folder)], timeout)
         if result is None:
@@ -88,7 +88,7 @@ def check(dry_run: bool, work_dir: Path, timeout: float, layers: int = 2) -> lis
         overrides = [source[0], f"model.path={folder}", *extra, *RUN]
         run_dir = Path(work_dir) / case.replace(" ", "_").replace(",", "")
         shutil.rmtree(run_dir, ignore_errors=True)  # this check's own run of an earlier suite: run it again
-        # the run measures its own load (memory/at_load.py) and writes it to metrics.json
+        # the run measures its own load (memory/load_measured.py) and writes it to metrics.json
         result, err = _child("import runpy, sys; sys.argv = ['vlm_finetune', *sys.argv[1:]]; "
                              "runpy.run_module('vlm_finetune', run_name='__main__')",
                              [*overrides, f"hydra.run.dir={run_dir}"], timeout)

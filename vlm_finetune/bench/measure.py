@@ -23,7 +23,7 @@ from vlm_finetune.precision import weights_policy
 from vlm_finetune.settings import is_auto
 from vlm_finetune.trainability import build_trainable_model, compile_regions, count_parameters, set_frozen_eval, unwrap
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 DEFAULT_BASELINE = ROOT.parent / "shared" / "bench" / "glm4v_baseline.py"
 
 
