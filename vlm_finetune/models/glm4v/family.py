@@ -14,6 +14,7 @@ from vlm_finetune.models.base import Family, Part
 from vlm_finetune.models.glm4v import assets
 from vlm_finetune.models.glm4v.partitioned import build_from_config, load_folder_nf4, load_folder_partitioned
 from vlm_finetune.models.glm4v.processor import Glm4vProcessor
+from vlm_finetune.models.lora_targets import LoraTargets
 from vlm_finetune.models.nf4_load import build_quantised
 
 # LLM linear layers of a GLM-4.1V decoder layer (see shared/reference/glm4v.md), per `lora.llm_modules`
@@ -29,6 +30,8 @@ VISION_LORA_PATTERN = r".*visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(gate_proj
 # the connector that maps ViT features into the LLM's embedding space
 PROJECTOR_MODULES = ("model.visual.downsample", "model.visual.merger")
 PRESETS = ("tiny", "tiny_moe", "glm41v_9b", "glm45v")
+LORA = LoraTargets("GLM-4V", VISION_LORA_PATTERN, LLM_SCOPES,
+                   "use attention, mlp (dense MLP, or GLM-4.5V's experts), experts or all")
 
 
 def _real_size_config(preset: str, tokenizer, overrides: dict | None):
@@ -45,14 +48,6 @@ def _real_size_config(preset: str, tokenizer, overrides: dict | None):
     for key, value in assets.special_token_ids(tokenizer).items():
         setattr(config, key, value)
     return config
-
-
-def _llm_scope(lora_cfg: Any) -> str:
-    scope = str(lora_cfg.get("llm_modules", "all") or "all")
-    if scope not in LLM_SCOPES:
-        raise ConfigError(f"lora.llm_modules={scope!r}: use attention, mlp (dense MLP, or GLM-4.5V's experts), "
-                          "experts or all")
-    return scope
 
 
 def apply_liger_kernels(model: nn.Module) -> None:
@@ -250,28 +245,20 @@ class Glm4vFamily(Family):
         }
 
     def lora_target_pattern(self, part: Part, model_cfg: Any, lora_cfg: Any) -> str | None:
-        custom = (lora_cfg.get("targets") or {}).get(part.value)
-        if custom:
-            return str(custom)
-        if part is Part.VISION:
-            return VISION_LORA_PATTERN
-        if part is not Part.LLM:
-            raise ConfigError(f"train.{part.value}=lora is not supported for GLM-4V; use frozen or full")
-        scope, moe = _llm_scope(lora_cfg), self.is_moe(model_cfg)
-        if scope == "experts" and not moe:
-            raise ConfigError("lora.llm_modules=experts needs an MoE model (glm45v, tiny_glm45v); use mlp")
-        if moe:  # attention linears; the experts through lora_target_parameters
-            return r".*language_model\.layers\.\d+\." + ATTENTION if scope in ("attention", "all") else None
-        return {"attention": r".*language_model\.layers\.\d+\." + ATTENTION,
-                "mlp": r".*language_model\.layers\.\d+\." + DENSE_MLP}.get(scope, LLM_LORA_PATTERN)
+        def llm(scope: str) -> str | None:
+            moe = self.is_moe(model_cfg)
+            if scope == "experts" and not moe:
+                raise ConfigError("lora.llm_modules=experts needs an MoE model (glm45v, tiny_glm45v); use mlp")
+            if moe:  # attention linears; the experts through lora_target_parameters
+                return r".*language_model\.layers\.\d+\." + ATTENTION if scope in ("attention", "all") else None
+            return {"attention": r".*language_model\.layers\.\d+\." + ATTENTION,
+                    "mlp": r".*language_model\.layers\.\d+\." + DENSE_MLP}.get(scope, LLM_LORA_PATTERN)
+
+        return LORA.pattern(part, lora_cfg, llm)
 
     def lora_target_parameters(self, part: Part, model_cfg: Any, lora_cfg: Any) -> list[str]:
         """GLM-4.5V's fused expert tensors, when `lora.llm_modules` is mlp, experts or all."""
-        if part is not Part.LLM or (lora_cfg.get("targets") or {}).get(part.value):
-            return []
-        if self.is_moe(model_cfg) and _llm_scope(lora_cfg) in ("mlp", "experts", "all"):
-            return list(EXPERT_PARAMETERS)
-        return []
+        return LORA.expert_parameters(part, lora_cfg, lambda: self.is_moe(model_cfg), EXPERT_PARAMETERS)
 
     def is_moe(self, model_cfg: Any) -> bool:
         """GLM-4.5V (Glm4vMoe), read from the preset or, for a folder, from its config."""

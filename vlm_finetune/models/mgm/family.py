@@ -10,6 +10,7 @@ from torch import nn
 
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.models.base import Family, Part
+from vlm_finetune.models.lora_targets import LoraTargets
 from vlm_finetune.models.mgm import assets, checkpoint, config_file
 from vlm_finetune.models.mgm.modeling import CLIP_L_336, CONVNEXT, ConvNeXtBlock, MgmConfig, MgmForCausalLM
 from vlm_finetune.models.mgm.processor import MgmImages, MgmProcessor
@@ -33,6 +34,8 @@ AUX_TOWER_PATHS = {
 }
 VISION_LORA_PATTERN = (r".*vision_tower\.vision_tower\.vision_model\.encoder\.layers\.\d+\."
                        r"(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))")
+LORA = LoraTargets("MGM", VISION_LORA_PATTERN, LLM_SCOPES,
+                   "use attention, mlp (dense MLP or MoE experts), experts or all")
 
 
 class MgmFamily(Family):
@@ -183,41 +186,25 @@ class MgmFamily(Family):
             Part.LLM: [n for n in LLM_MODULES if n in names],
         }
 
-    def _llm_scope(self, lora_cfg: Any) -> str:
-        scope = str(lora_cfg.get("llm_modules", "all") or "all")
-        if scope not in LLM_SCOPES:
-            raise ConfigError(f"lora.llm_modules={scope!r}: use attention, mlp (dense MLP or MoE experts), experts "
-                              "or all")
-        return scope
-
     def lora_target_pattern(self, part: Part, model_cfg: Any, lora_cfg: Any) -> str | None:
-        custom = (lora_cfg.get("targets") or {}).get(part.value)
-        if custom:
-            return str(custom)
-        if part is Part.VISION:
-            return VISION_LORA_PATTERN
-        if part is not Part.LLM:
-            raise ConfigError(f"train.{part.value}=lora is not supported for MGM; use frozen or full")
-        scope = self._llm_scope(lora_cfg)
-        moe = self._is_moe(model_cfg)
-        pieces = []
-        if scope in ("attention", "all"):
-            pieces.append(ATTENTION)
-        if scope in ("mlp", "all") and not moe:
-            pieces.append(DENSE_MLP)
-        if scope == "experts" and not moe:
-            raise ConfigError("lora.llm_modules=experts needs an MoE backbone (mgm_8x7b, tiny_mgm_moe); use mlp")
-        if not pieces:
-            return None  # experts only: LoRA on parameters, no module targets
-        return r".*model\.layers\.\d+\.(" + "|".join(pieces) + ")"
+        def llm(scope: str) -> str | None:
+            moe = self._is_moe(model_cfg)
+            pieces = []
+            if scope in ("attention", "all"):
+                pieces.append(ATTENTION)
+            if scope in ("mlp", "all") and not moe:
+                pieces.append(DENSE_MLP)
+            if scope == "experts" and not moe:
+                raise ConfigError("lora.llm_modules=experts needs an MoE backbone (mgm_8x7b, tiny_mgm_moe); use mlp")
+            if not pieces:
+                return None  # experts only: LoRA on parameters, no module targets
+            return r".*model\.layers\.\d+\.(" + "|".join(pieces) + ")"
+
+        return LORA.pattern(part, lora_cfg, llm)
 
     def lora_target_parameters(self, part: Part, model_cfg: Any, lora_cfg: Any) -> list[str]:
         """Parameters that take LoRA directly (the fused MoE expert tensors)."""
-        if part is not Part.LLM or (lora_cfg.get("targets") or {}).get(part.value):
-            return []
-        if self._is_moe(model_cfg) and self._llm_scope(lora_cfg) in ("mlp", "experts", "all"):
-            return list(EXPERT_PARAMETERS)
-        return []
+        return LORA.expert_parameters(part, lora_cfg, lambda: self._is_moe(model_cfg), EXPERT_PARAMETERS)
 
     def _is_moe(self, model_cfg: Any) -> bool:
         llm = model_cfg.get("llm") or {}
