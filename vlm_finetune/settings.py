@@ -66,7 +66,7 @@ class ModelSettings:
         return {**dict(self.options), **fields}
 
 
-# what lora.llm_modules may name; each family takes those it has (Family.llm_scope)
+# what lora.llm_modules may name; each family takes those it has (models/lora_targets.py)
 LLM_SCOPES = ("qkv", "attention", "mlp", "experts", "all")
 EXPERT_FORWARDS = ("per_expert", "peft")
 

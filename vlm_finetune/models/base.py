@@ -120,13 +120,6 @@ class Family(abc.ABC):
         """Parameters that take LoRA directly (PEFT's target_parameters: fused MoE expert tensors)."""
         return []
 
-    def llm_scope(self, lora: LoraSettings, allowed: tuple[str, ...], note: str = "") -> str:
-        """lora.llm_modules when this family takes it (`allowed`), else a ConfigError naming the choices."""
-        if lora.llm_modules not in allowed:
-            raise ConfigError(f"lora.llm_modules={lora.llm_modules!r}: model.family={self.name} takes one of "
-                              f"{'|'.join(allowed)}{note}")
-        return lora.llm_modules
-
     # -- builders -----------------------------------------------------------------------------------
     @abc.abstractmethod
     def build_model(self, spec: ModelSettings, dtype: torch.dtype = torch.float32, device: str | None = None,

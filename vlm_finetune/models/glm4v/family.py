@@ -13,6 +13,7 @@ from vlm_finetune.models.base import Family, Part
 from vlm_finetune.models.glm4v import assets
 from vlm_finetune.models.glm4v.partitioned import build_from_config, load_folder_nf4, load_folder_partitioned
 from vlm_finetune.models.glm4v.processor import Glm4vProcessor
+from vlm_finetune.models.lora_targets import LoraTargets
 from vlm_finetune.models.nf4_load import build_quantised
 from vlm_finetune.settings import LoraSettings, ModelSettings
 
@@ -29,6 +30,8 @@ VISION_LORA_PATTERN = r".*visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(gate_proj
 # the connector that maps ViT features into the LLM's embedding space
 PROJECTOR_MODULES = ("model.visual.downsample", "model.visual.merger")
 PRESETS = ("tiny", "tiny_moe", "glm41v_9b", "glm45v")
+LORA = LoraTargets("GLM-4V", VISION_LORA_PATTERN, LLM_SCOPES,
+                   "use attention, mlp (dense MLP, or GLM-4.5V's experts), experts or all")
 
 
 def _real_size_config(preset: str, tokenizer, overrides: dict | None):
@@ -243,29 +246,20 @@ class Glm4vFamily(Family):
         }
 
     def lora_target_pattern(self, part: Part, spec: ModelSettings, lora: LoraSettings) -> str | None:
-        custom = lora.target(part.value)
-        if custom:
-            return custom
-        if part is Part.VISION:
-            return VISION_LORA_PATTERN
-        if part is not Part.LLM:
-            raise ConfigError(f"train.{part.value}=lora is not supported for GLM-4V; use frozen or full")
-        scope = self.llm_scope(lora, LLM_SCOPES, " (mlp: the dense MLP, or GLM-4.5V's experts)")
-        moe = self.is_moe(spec)
-        if scope == "experts" and not moe:
-            raise ConfigError("lora.llm_modules=experts needs an MoE model (glm45v, tiny_glm45v); use mlp")
-        if moe:  # attention linears; the experts through lora_target_parameters
-            return r".*language_model\.layers\.\d+\." + ATTENTION if scope in ("attention", "all") else None
-        return {"attention": r".*language_model\.layers\.\d+\." + ATTENTION,
-                "mlp": r".*language_model\.layers\.\d+\." + DENSE_MLP}.get(scope, LLM_LORA_PATTERN)
+        def llm(scope: str) -> str | None:
+            moe = self.is_moe(spec)
+            if scope == "experts" and not moe:
+                raise ConfigError("lora.llm_modules=experts needs an MoE model (glm45v, tiny_glm45v); use mlp")
+            if moe:  # attention linears; the experts through lora_target_parameters
+                return r".*language_model\.layers\.\d+\." + ATTENTION if scope in ("attention", "all") else None
+            return {"attention": r".*language_model\.layers\.\d+\." + ATTENTION,
+                    "mlp": r".*language_model\.layers\.\d+\." + DENSE_MLP}.get(scope, LLM_LORA_PATTERN)
+
+        return LORA.pattern(part, lora, llm)
 
     def lora_target_parameters(self, part: Part, spec: ModelSettings, lora: LoraSettings) -> list[str]:
         """GLM-4.5V's fused expert tensors, when `lora.llm_modules` is mlp, experts or all."""
-        if part is not Part.LLM or lora.target(part.value):
-            return []
-        if self.is_moe(spec) and self.llm_scope(lora, LLM_SCOPES) in ("mlp", "experts", "all"):
-            return list(EXPERT_PARAMETERS)
-        return []
+        return LORA.expert_parameters(part, lora, lambda: self.is_moe(spec), EXPERT_PARAMETERS)
 
     def is_moe(self, spec: ModelSettings) -> bool:
         """GLM-4.5V (Glm4vMoe), read from the preset or, for a folder, from its config."""

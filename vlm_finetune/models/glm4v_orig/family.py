@@ -13,6 +13,7 @@ from vlm_finetune.models.glm4v_orig import assets, checkpoint
 from vlm_finetune.models.glm4v_orig.modeling import EvaTransformerLayer, Glm4vOrigConfig, Glm4vOrigForCausalLM
 from vlm_finetune.models.glm4v_orig.processor import Glm4vOrigProcessor
 from vlm_finetune.models.glm4v_orig.tokenizer import load_tokenizer
+from vlm_finetune.models.lora_targets import LoraTargets
 from vlm_finetune.settings import LoraSettings, ModelSettings
 
 # LLM linear layers per `lora.llm_modules`: the released recipe's `query_key_value` is q/k/v here
@@ -20,6 +21,8 @@ LLM_LORA = {"qkv": r"self_attn\.(q_proj|k_proj|v_proj)", "attention": r"self_att
             "mlp": r"mlp\.(gate_up_proj|down_proj)",
             "all": r"self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_up_proj|down_proj)"}
 VISION_LORA_PATTERN = r".*vision\.transformer\.layers\.\d+\.(attention\.(query_key_value|dense)|mlp\.(fc1|fc2))"
+LORA = LoraTargets("GLM-4V-9B", VISION_LORA_PATTERN, tuple(LLM_LORA),
+                   f"use one of {sorted(LLM_LORA)} for GLM-4V-9B (qkv is the released recipe's query_key_value)")
 
 
 class Glm4vOrigFamily(Family):
@@ -104,15 +107,7 @@ class Glm4vOrigFamily(Family):
         return {Part.VISION: ["vision"], Part.PROJECTOR: ["projector"], Part.LLM: ["model", "lm_head"]}
 
     def lora_target_pattern(self, part: Part, spec: ModelSettings, lora: LoraSettings) -> str | None:
-        custom = lora.target(part.value)
-        if custom:
-            return custom
-        if part is Part.VISION:
-            return VISION_LORA_PATTERN
-        if part is not Part.LLM:
-            raise ConfigError(f"train.{part.value}=lora is not supported for GLM-4V-9B; use frozen or full")
-        scope = self.llm_scope(lora, tuple(LLM_LORA), " (qkv is the released recipe's query_key_value)")
-        return r".*model\.layers\.\d+\.(" + LLM_LORA[scope] + ")"
+        return LORA.pattern(part, lora, lambda scope: r".*model\.layers\.\d+\.(" + LLM_LORA[scope] + ")")
 
     def hidden_states(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model.forward_hidden(batch["input_ids"], batch.get("attention_mask"), batch.get("pixel_values"),

@@ -12,17 +12,17 @@ assistant reply: its "\\n", its text and the stop token (`stop_token`: <|user|> 
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from vlm_finetune.data.sample import IGNORE_INDEX, IMAGE_PLACEHOLDER, EncodedSample, Sample, SampleTooLong, pad_encoded
+from vlm_finetune.data.sample import IMAGE_PLACEHOLDER, EncodedSample, Sample
 from vlm_finetune.errors import DataError
 from vlm_finetune.models.glm4v_orig.modeling import CLIP_MEAN, CLIP_STD
 from vlm_finetune.models.glm4v_orig.tokenizer import CONFIG_FILE, RANK_FILE
+from vlm_finetune.models.processor_base import LabelledIds, VLMProcessorBase
 
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 STOP_TOKENS = ("<|user|>", "<|endoftext|>")
@@ -43,18 +43,16 @@ class Glm4vOrigImages:
         return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
-class Glm4vOrigProcessor:
+class Glm4vOrigProcessor(VLMProcessorBase):
+    image_keys = ("pixel_values",)
+
     def __init__(self, tokenizer, image_size: int, image_rows: int, stop_token: str = "<|user|>",
                  truncation: str = "truncate", tokenizer_folder: str | Path | None = None):
-        if truncation not in ("truncate", "drop"):
-            raise ValueError(f"data.truncation={truncation!r}: use 'truncate' or 'drop'")
+        super().__init__(tokenizer, truncation, tokenizer_folder)
         if stop_token not in STOP_TOKENS:
             raise DataError(f"model.stop_token={stop_token!r}: use one of {STOP_TOKENS}")
-        self.tokenizer = tokenizer
-        self.tokenizer_folder = Path(tokenizer_folder) if tokenizer_folder is not None else None
         self.images = Glm4vOrigImages(image_size)
         self.image_rows = int(image_rows)  # patch rows per image (1600 at 1120 px)
-        self.truncation = truncation
         names = ("[gMASK]", "<sop>", "<|begin_of_image|>", "<|end_of_image|>", "<|endoftext|>", "<|observation|>",
                  *ROLE_TOKENS.values())
         vocab = tokenizer.get_vocab()
@@ -65,30 +63,23 @@ class Glm4vOrigProcessor:
         self.ids = {t: vocab[t] for t in names}
         self.eos_token_id = self.ids[stop_token]
         self.pad_token_id = self.ids["<|endoftext|>"]
+        self.image_end_id = self.ids["<|end_of_image|>"]
         # the released generation stops: <|endoftext|>, <|user|>, <|observation|>
-        self.stop_ids = [self.ids[t] for t in ("<|endoftext|>", "<|user|>", "<|observation|>")]
+        self.stop_token_ids = [self.ids[t] for t in ("<|endoftext|>", "<|user|>", "<|observation|>")]
         self.newline = self._text("\n")
 
-    def _text(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-
     def image_span(self) -> list[int]:
-        return [self.ids["<|begin_of_image|>"]] + [self.ids["<|endoftext|>"]] * self.image_rows + [
-            self.ids["<|end_of_image|>"]]
+        return [self.ids["<|begin_of_image|>"]] + [self.ids["<|endoftext|>"]] * self.image_rows + [self.image_end_id]
 
     def encode(self, sample: Sample, max_length: int | None = None, for_generation: bool = False) -> EncodedSample:
-        messages = list(sample.messages)
-        if for_generation:
-            if not messages or messages[-1].role != "assistant":
-                raise DataError("a sample for generation must end with the assistant reply to predict")
-            messages = messages[:-1]
+        messages = self._conversation(sample, for_generation)
         placeholders = sum(m.content.count(IMAGE_PLACEHOLDER) for m in messages)
         if placeholders > 1:
             raise DataError(f"GLM-4V-9B takes one image per conversation; this one has {placeholders} <image> "
                             "placeholders")
         if placeholders > len(sample.images):
             raise DataError("the conversation has an <image> placeholder but no image")
-        ids, labels = [self.ids["[gMASK]"], self.ids["<sop>"]], [IGNORE_INDEX, IGNORE_INDEX]
+        seq = LabelledIds([self.ids["[gMASK]"], self.ids["<sop>"]])
         stop = self.eos_token_id
         stop_is_role = stop == self.ids["<|user|>"]
         supervise_role = False  # the previous reply's stop token is this turn's <|user|>
@@ -97,56 +88,29 @@ class Glm4vOrigProcessor:
                 raise DataError(f"role {message.role!r} is not one of {sorted(ROLE_TOKENS)}")
             role = self.ids[ROLE_TOKENS[message.role]]
             if message.role == "assistant":
-                reply = self.newline + self._text(message.content)
-                ids += [role] + reply
-                labels += [IGNORE_INDEX] + reply
+                seq.prompt([role])
+                seq.supervised(self.newline + self._text(message.content))
                 supervise_role = stop_is_role and k + 1 < len(messages) and messages[k + 1].role == "user"
                 if not supervise_role:  # the released history has no token between a reply and <|user|>
-                    ids.append(stop)
-                    labels.append(stop)
+                    seq.supervised([stop])
                 continue
-            head = [role] + self.newline
+            seq.add([role], supervise_role)
+            seq.prompt(self.newline)
             text = message.content
             if IMAGE_PLACEHOLDER in text:  # the image goes right after the role line, before the text
-                head += self.image_span()
+                seq.prompt(self.image_span())
                 text = text.replace(IMAGE_PLACEHOLDER + "\n", "", 1).replace(IMAGE_PLACEHOLDER, "", 1)
-            body = self._text(text)
-            ids += head + body
-            labels += [role if supervise_role else IGNORE_INDEX] + [IGNORE_INDEX] * (len(head) - 1 + len(body))
+            seq.prompt(self._text(text))
             supervise_role = False
         if for_generation:
-            ids.append(self.ids["<|assistant|>"])
-            labels.append(IGNORE_INDEX)
-        truncated = False
-        if max_length is not None and len(ids) > max_length:
-            eoi = self.ids["<|end_of_image|>"]
-            last_image = max((i for i, t in enumerate(ids) if t == eoi), default=-1)
-            if self.truncation == "drop" or for_generation or last_image >= max_length:
-                raise SampleTooLong(f"{len(ids)} tokens > data.max_length={max_length}")
-            ids, labels, truncated = ids[:max_length], labels[:max_length], True
+            seq.prompt([self.ids["<|assistant|>"]])
+        ids, labels, truncated = self._fit(seq.ids, seq.labels, max_length, for_generation)
+        # the image is prepared only for a sample that is kept
         image_inputs = {"pixel_values": self.images(sample.images[0])[None]} if placeholders else {}
-        labels_t = torch.tensor(labels, dtype=torch.long)
-        return EncodedSample(input_ids=torch.tensor(ids, dtype=torch.long), labels=labels_t, image_inputs=image_inputs,
-                             num_supervised_tokens=int((labels_t[1:] != IGNORE_INDEX).sum()), truncated=truncated)
-
-    def collate(self, encoded: list[EncodedSample], padding_side: str = "right") -> dict[str, torch.Tensor]:
-        input_ids, attention_mask, labels = pad_encoded(encoded, self.pad_token_id, padding_side, IGNORE_INDEX)
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        with_images = [e.image_inputs["pixel_values"] for e in encoded if e.image_inputs]
-        if with_images:
-            batch["pixel_values"] = torch.cat(with_images)
-        return batch
-
-    def decode(self, token_ids: torch.Tensor) -> str:
-        ids = [int(t) for t in token_ids]
-        cut = [ids.index(s) for s in self.stop_ids if s in ids]
-        if cut:
-            ids = ids[: min(cut)]
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return self._encoded(ids, labels, image_inputs, truncated)
 
     def save_pretrained(self, folder: str) -> None:
         """tokenizer.model and tokenizer_config.json of the folder the tokenizer came from, byte for byte."""
         if self.tokenizer_folder is None:
             raise DataError("this processor's tokenizer has no folder to copy tokenizer.model from")
-        for name in (RANK_FILE, CONFIG_FILE):
-            shutil.copyfile(self.tokenizer_folder / name, Path(folder) / name)
+        self._copy_tokenizer_files(folder, (RANK_FILE, CONFIG_FILE))

@@ -9,6 +9,7 @@ from torch import nn
 
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.models.base import Family, Part
+from vlm_finetune.models.lora_targets import LoraTargets
 from vlm_finetune.models.mgm import assets, checkpoint, config_file
 from vlm_finetune.models.mgm.modeling import CLIP_L_336, CONVNEXT, ConvNeXtBlock, MgmConfig, MgmForCausalLM
 from vlm_finetune.models.mgm.processor import MgmImages, MgmProcessor
@@ -33,6 +34,8 @@ AUX_TOWER_PATHS = {
 }
 VISION_LORA_PATTERN = (r".*vision_tower\.vision_tower\.vision_model\.encoder\.layers\.\d+\."
                        r"(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))")
+LORA = LoraTargets("MGM", VISION_LORA_PATTERN, LLM_SCOPES,
+                   "use attention, mlp (dense MLP or MoE experts), experts or all")
 
 
 class MgmFamily(Family):
@@ -184,33 +187,24 @@ class MgmFamily(Family):
         }
 
     def lora_target_pattern(self, part: Part, spec: ModelSettings, lora: LoraSettings) -> str | None:
-        custom = lora.target(part.value)
-        if custom:
-            return custom
-        if part is Part.VISION:
-            return VISION_LORA_PATTERN
-        if part is not Part.LLM:
-            raise ConfigError(f"train.{part.value}=lora is not supported for MGM; use frozen or full")
-        scope = self.llm_scope(lora, LLM_SCOPES, " (mlp: the dense MLP, or the experts of an MoE)")
-        moe = self._is_moe(spec)
-        pieces = []
-        if scope in ("attention", "all"):
-            pieces.append(ATTENTION)
-        if scope in ("mlp", "all") and not moe:
-            pieces.append(DENSE_MLP)
-        if scope == "experts" and not moe:
-            raise ConfigError("lora.llm_modules=experts needs an MoE backbone (mgm_8x7b, tiny_mgm_moe); use mlp")
-        if not pieces:
-            return None  # experts only: LoRA on parameters, no module targets
-        return r".*model\.layers\.\d+\.(" + "|".join(pieces) + ")"
+        def llm(scope: str) -> str | None:
+            moe = self._is_moe(spec)
+            pieces = []
+            if scope in ("attention", "all"):
+                pieces.append(ATTENTION)
+            if scope in ("mlp", "all") and not moe:
+                pieces.append(DENSE_MLP)
+            if scope == "experts" and not moe:
+                raise ConfigError("lora.llm_modules=experts needs an MoE backbone (mgm_8x7b, tiny_mgm_moe); use mlp")
+            if not pieces:
+                return None  # experts only: LoRA on parameters, no module targets
+            return r".*model\.layers\.\d+\.(" + "|".join(pieces) + ")"
+
+        return LORA.pattern(part, lora, llm)
 
     def lora_target_parameters(self, part: Part, spec: ModelSettings, lora: LoraSettings) -> list[str]:
         """Parameters that take LoRA directly (the fused MoE expert tensors)."""
-        if part is not Part.LLM or lora.target(part.value):
-            return []
-        if self._is_moe(spec) and self.llm_scope(lora, LLM_SCOPES) in ("mlp", "experts", "all"):
-            return list(EXPERT_PARAMETERS)
-        return []
+        return LORA.expert_parameters(part, lora, lambda: self._is_moe(spec), EXPERT_PARAMETERS)
 
     def _is_moe(self, spec: ModelSettings) -> bool:
         llm = spec.option("llm") or {}

@@ -15,7 +15,6 @@ into grid crops (row-major) plus a global view in HD mode.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +22,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vlm_finetune.data.sample import IGNORE_INDEX, IMAGE_PLACEHOLDER, EncodedSample, Sample, SampleTooLong, pad_encoded
+from vlm_finetune.data.sample import IMAGE_PLACEHOLDER, EncodedSample, Sample
 from vlm_finetune.errors import DataError
 from vlm_finetune.models.mgm.modeling import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN_INDEX
 from vlm_finetune.models.mgm.templates import get_template
+from vlm_finetune.models.processor_base import LabelledIds, VLMProcessorBase
 
 PROCESSOR_FILE = "preprocessor_config.json"
 # the files of a tokenizer folder: copied byte for byte into exports (transformers 4, which MGM's code uses,
@@ -98,18 +98,16 @@ class MgmImages:
                 "image_grid": self.image_grid, "image_global": self.image_global}
 
 
-class MgmProcessor:
+class MgmProcessor(VLMProcessorBase):
+    image_keys = ("images", "images_aux")
+    image_end_id = IMAGE_TOKEN_INDEX  # MGM's image positions are placeholder ids, so the last one ends a span
+
     def __init__(self, tokenizer, images: MgmImages, tokens_per_image: int, template: str,
                  truncation: str = "truncate", tokenizer_folder: str | Path | None = None):
-        if truncation not in ("truncate", "drop"):
-            raise ValueError(f"data.truncation={truncation!r}: use 'truncate' or 'drop'")
-        self.tokenizer = tokenizer
-        #: where the tokenizer was read from: its files are copied verbatim by save_pretrained
-        self.tokenizer_folder = Path(tokenizer_folder) if tokenizer_folder is not None else None
+        super().__init__(tokenizer, truncation, tokenizer_folder)
         self.images = images
         self.tokens_per_image = int(tokens_per_image)
         self.template = get_template(template)
-        self.truncation = truncation
         vocab = tokenizer.get_vocab()
         missing = [t for t in self.template.special_tokens if t not in vocab]
         if missing:
@@ -120,8 +118,9 @@ class MgmProcessor:
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else (tokenizer.unk_token_id or 0)
 
-    def _text(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        return (self.eos_token_id,)  # read at decode time: follows eos_token_id if it is changed
 
     def tokenize(self, prompt: str, spans: list[tuple[int, int]] = ()) -> tuple[list[int], list[int]]:
         """(ids, labels) of a rendered prompt as MGM tokenises it: each piece between `<image>` placeholders
@@ -129,8 +128,7 @@ class MgmProcessor:
         the first piece starts with BOS, `tokens_per_image` image positions per placeholder. A token of the text
         (not one the tokenizer adds, such as BOS) is supervised when its first character lies in one of `spans`."""
         bos = self.tokenizer.bos_token_id
-        ids: list[int] = []
-        labels: list[int] = []
+        seq = LabelledIds()
         start, drop = 0, 0
         for k, piece in enumerate(prompt.split(IMAGE_PLACEHOLDER)):
             try:
@@ -142,23 +140,16 @@ class MgmProcessor:
             if k == 0:
                 drop = 1 if tokens and bos is not None and tokens[0] == bos else 0
             else:
-                ids += [IMAGE_TOKEN_INDEX] * self.tokens_per_image
-                labels += [IGNORE_INDEX] * self.tokens_per_image
+                seq.prompt([IMAGE_TOKEN_INDEX] * self.tokens_per_image)
                 tokens, offsets, of_text = tokens[drop:], offsets[drop:], of_text[drop:]
             for token, (first, _), text in zip(tokens, offsets, of_text):
                 first += start
-                supervised = text is not None and any(a <= first < b for a, b in spans)
-                ids.append(token)
-                labels.append(token if supervised else IGNORE_INDEX)
+                seq.add([token], text is not None and any(a <= first < b for a, b in spans))
             start += len(piece) + len(IMAGE_PLACEHOLDER)
-        return ids, labels
+        return seq.ids, seq.labels
 
     def encode(self, sample: Sample, max_length: int | None = None, for_generation: bool = False) -> EncodedSample:
-        messages = list(sample.messages)
-        if for_generation:
-            if not messages or messages[-1].role != "assistant":
-                raise DataError("a sample for generation must end with the assistant reply to predict")
-            messages = messages[:-1]
+        messages = self._conversation(sample, for_generation)
         prompt, spans = self.template.prompt(messages, for_generation)
         ids, labels = self.tokenize(prompt, spans)
         n_images = ids.count(IMAGE_TOKEN_INDEX) // max(self.tokens_per_image, 1)
@@ -169,30 +160,11 @@ class MgmProcessor:
             pairs = [self.images(image) for image in sample.images[:n_images]]
             image_inputs = {"images": torch.stack([p[0] for p in pairs]),
                             "images_aux": torch.stack([p[1] for p in pairs])}
-        truncated = False
-        if max_length is not None and len(ids) > max_length:
-            last_image = max((i for i, t in enumerate(ids) if t == IMAGE_TOKEN_INDEX), default=-1)
-            if self.truncation == "drop" or for_generation or last_image >= max_length:
-                raise SampleTooLong(f"{len(ids)} tokens > data.max_length={max_length}")
-            ids, labels, truncated = ids[:max_length], labels[:max_length], True
-        labels_t = torch.tensor(labels, dtype=torch.long)
-        return EncodedSample(input_ids=torch.tensor(ids, dtype=torch.long), labels=labels_t, image_inputs=image_inputs,
-                             num_supervised_tokens=int((labels_t[1:] != IGNORE_INDEX).sum()), truncated=truncated)
-
-    def collate(self, encoded: list[EncodedSample], padding_side: str = "right") -> dict[str, torch.Tensor]:
-        input_ids, attention_mask, labels = pad_encoded(encoded, self.pad_token_id, padding_side, IGNORE_INDEX)
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        with_images = [e.image_inputs for e in encoded if e.image_inputs]
-        if with_images:
-            batch["images"] = torch.cat([x["images"] for x in with_images])
-            batch["images_aux"] = torch.cat([x["images_aux"] for x in with_images])
-        return batch
+        return self._finish(ids, labels, image_inputs, max_length, for_generation)
 
     def decode(self, token_ids: torch.Tensor) -> str:
-        ids = [int(t) for t in token_ids if int(t) >= 0]
-        if self.eos_token_id in ids:
-            ids = ids[: ids.index(self.eos_token_id)]
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        # image positions (negative placeholder ids) are no text
+        return super().decode([t for t in token_ids if int(t) >= 0])
 
     def save_pretrained(self, folder: str) -> None:
         """The tokenizer files of the folder the tokenizer came from, byte for byte (a tokenizer given without
@@ -200,8 +172,7 @@ class MgmProcessor:
         source = self.tokenizer_folder
         copied = [name for name in TOKENIZER_FILES if source is not None and (source / name).is_file()]
         if copied:
-            for name in copied:
-                shutil.copyfile(source / name, Path(folder) / name)
+            self._copy_tokenizer_files(folder, copied)
         else:
             self.tokenizer.save_pretrained(folder)
         config = dict(self.images.to_dict(), template=self.template.name, image_tokens=self.tokens_per_image)
