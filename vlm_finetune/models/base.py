@@ -151,6 +151,9 @@ class Family(abc.ABC):
     # VLMModule.configure_model, and streams a folder's tensors into each rank's partition); otherwise each rank
     # builds the whole model and DeepSpeed partitions it when its engine starts
     builds_partitioned: bool = False
+    # whether precision=nf4 (QLoRA) loads this family's LLM in 4 bits; a family without it refuses nf4 in build_model
+    # with a ConfigError, before any weight is read
+    supports_nf4: bool = True
 
     def can_build_partitioned(self, spec: ModelSettings) -> bool:
         """`builds_partitioned` for this model configuration (a family may build some of its models whole)."""

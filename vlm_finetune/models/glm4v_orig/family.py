@@ -27,6 +27,7 @@ LORA = LoraTargets("GLM-4V-9B", VISION_LORA_PATTERN, tuple(LLM_LORA),
 
 class Glm4vOrigFamily(Family):
     name = "glm4v_orig"
+    supports_nf4 = False  # 4-bit loading is not wired for the released GLM-4V-9B layout yet
     input_keys = ("input_ids", "attention_mask", "pixel_values")
     builds_partitioned = True  # its folders stream into each rank's partition (checkpoint.load_folder)
 
