@@ -116,7 +116,7 @@ def search_micro_batch(settings: RunSettings, family: Any, model: torch.nn.Modul
     mixed, dtype = policy.mixed, policy.load_dtype
     loss = settings.loss
     vocab = int(family.output_embedding(unwrap(model)).weight.shape[0])
-    image_px = int(settings.model.options.get("max_image_size") or settings.model.image_size)
+    image_px = settings.model.largest_image_side
 
     def step(size: int) -> None:
         optimizer = torch.optim.AdamW(params, lr=0.0)

@@ -57,6 +57,12 @@ class ModelSettings:
         """Whether an optional key was given (the `+model.x=...` ones that no model config declares)."""
         return self.options.get(key) is not None
 
+    @property
+    def largest_image_side(self) -> int:
+        """The side of the largest image the processor makes: max_image_size where the model has one (GLM-4.1V's
+        pixel budget), else image_size."""
+        return int(self.options.get("max_image_size") or self.image_size)
+
     def replace(self, **changes: Any) -> ModelSettings:
         return dataclasses.replace(self, **changes)
 

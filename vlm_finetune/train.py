@@ -178,7 +178,7 @@ def _wants_monitor(cfg: DictConfig, hardware: Hardware, callbacks: list) -> bool
 def _host_release(cfg: DictConfig) -> str:
     """memory.release_host resolved: off | load (after the build and the engine's setup: auto) | step (true: also
     after every optimizer step)."""
-    setting = cfg.memory.get("release_host", "auto")
+    setting = cfg.memory.release_host
     if setting is not True and setting is not False and not is_auto(setting):
         raise ConfigError(f"memory.release_host={setting!r} is not one of auto|true|false")
     if setting is False:

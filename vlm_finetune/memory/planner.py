@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlm_finetune.config import compose, read_settings
+from vlm_finetune.config import compose, model_settings, read_settings
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.hardware import resolve
 from vlm_finetune.memory.activations import (
@@ -51,9 +51,11 @@ FRAGMENTATION = 0.06                  # reserved / allocated - 1 seen on the H10
 
 
 def sample_geometry(cfg: Any, seq: int | None, image_px: int | None) -> tuple[int, int]:
-    """(tokens per sample, image side in pixels): the given values, else the configured ones."""
+    """(tokens per sample, image side in pixels): the given values, else the configured ones (the largest
+    image a GLM-4.1V processor makes, max_image_size, where the model config has one)."""
+    model = model_settings(cfg.model)
     seq = int(seq or cfg.data.max_length)
-    image_px = int(image_px or cfg.model.get("max_image_size") or cfg.model.get("image_size") or 336)
+    image_px = int(image_px or model.largest_image_side)
     return seq, image_px
 
 

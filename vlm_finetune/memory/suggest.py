@@ -55,11 +55,11 @@ def _candidates(overrides: list[str], plan: MemoryPlan, cfg: Any) -> list[tuple[
         out.append(("checkpointing", "activation checkpointing",
                     [_replace(overrides, "model.activation_checkpointing", "auto"),
                      _replace(overrides, "model.activation_checkpointing", "true")]))
-    if not cfg.trainer.get("offload_optimizer"):
+    if not strategy_settings(cfg.trainer).offload_optimizer:
         target = "zero3_offload" if shards_parameters else "zero2_offload"
         out.append(("offload", "offload to CPU memory (DeepSpeed)",
                     [_replace(overrides, "trainer", target), _replace(overrides, "trainer", "zero3_offload")]))
-    if str(cfg.precision.name) != "nf4" and cfg.model.get("path"):
+    if str(cfg.precision.name) != "nf4" and cfg.model.path:
         tries = [_replace(overrides, "precision", "nf4")]
         if shards_parameters:  # 4-bit weights cannot be sharded
             unsharded = "zero2" if plan.world_size > 1 else "single"
