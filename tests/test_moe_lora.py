@@ -124,3 +124,55 @@ def test_per_expert_lora_makes_no_whole_expert_stack():
     # MiB (measured 568 and 34): W + delta of the 128 MiB stack and its gradient, against first-use buffers
     assert growth["peft"] >= 256, growth
     assert growth["per_expert"] <= 100 and 4 * growth["per_expert"] < growth["peft"], growth
+
+
+@pytest.mark.parametrize("forward", ["per_expert", "peft"])
+def test_under_zero3_the_per_expert_lora_keeps_no_expert_stack_for_backward(forward, zero_init, tmp_path):
+    """tiny_mgm_moe built inside zero.Init and run by a DeepSpeed ZeRO-3 engine (one gloo rank; the MoE blocks are
+    leaf modules, gathered whole for their forward and again for their backward): between the forward and the
+    backward, autograd holds no tensor whose storage is as large as one layer's expert stack, except the
+    parameters themselves (DeepSpeed frees their gathered data after the layer). PEFT's parametrization (the
+    control) saves W + delta, a whole stack, per layer; the per-expert forward saves token blocks and factors."""
+    import deepspeed
+
+    from vlm_finetune.config import read_settings, strategy_settings
+    from vlm_finetune.data.datamodule import Collator, EncodedDataset
+    from vlm_finetune.data.shapes import ShapesDataset
+    from vlm_finetune.module import batch_loss_sum
+    from vlm_finetune.strategies import set_zero3_leaves
+
+    cfg = compose_cfg(["model=tiny_mgm_moe", "lora.llm_modules=experts", f"lora.expert_forward={forward}",
+                       "trainer=zero3", "trainer.stage3_param_persistence_threshold=0"], tmp_path)
+    settings, family = read_settings(cfg), get_family("mgm")
+    torch.manual_seed(0)
+    with zero_init():
+        model, _ = build_trainable_model(family, settings.model, parse_trainability(cfg.train), settings.lora,
+                                         weights_policy("32-true", "deepspeed"), checkpointed_layers=False,
+                                         checkpoint_scope="layer")
+    assert set_zero3_leaves(model, family, strategy_settings(cfg.trainer))
+    config = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+              "train_micro_batch_size_per_gpu": 2, "zero_allow_untested_optimizer": True}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(trainable, lr=0.1), config=config)
+    stacks = [p.ds_numel for n, p in model.named_parameters() if n.endswith("gate_up_proj") and len(p.ds_shape) == 3]
+    stack = min(stacks) * 4  # bytes of one layer's float32 gate/up experts
+    assert len(stacks) == 2
+    processor = family.load_processor(settings.model, "truncate")
+    items = EncodedDataset(ShapesDataset("val", 2, image_size=settings.model.image_size, seed=2), processor, None)
+    batch = Collator(processor)([items[i] for i in range(2)])
+    held = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if not isinstance(tensor, torch.nn.Parameter) and tensor.untyped_storage().nbytes() >= stack:
+            held.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss_sum, count = batch_loss_sum(family, engine.module, batch, settings.loss)
+    engine.backward(loss_sum / count)  # the backward runs with what was saved
+    lora_grads = [p for n, p in engine.module.named_parameters() if "lora_" in n and "experts" in n]
+    assert lora_grads and torch.isfinite(loss_sum)
+    if forward == "peft":
+        assert len(held) >= 2, held  # W + delta of each MoE layer's stacks: the check can see them
+    else:
+        assert held == [], held

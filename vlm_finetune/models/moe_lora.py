@@ -52,8 +52,30 @@ def _factors(chain: list[nn.Module]) -> dict[str, tuple[torch.Tensor, torch.Tens
     return out
 
 
+class _FrozenExpertLinear(torch.autograd.Function):
+    """x @ weight[e].T for a frozen fused expert tensor, saving the parameter itself for backward, never a slice
+    of it. A slice (what `linear(x, weight[e])` saves) keeps the whole stack's storage alive until backward: under
+    ZeRO-3 that is the layer's gathered experts, held from the forward to the backward of every MoE layer. The
+    parameter's own data is what DeepSpeed gathers again for the layer's backward (its leaf module), as its own
+    linear saves `weight`; in one process it is the weight, which is held anyway."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, expert: int) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        ctx.expert, ctx.x_dtype = expert, x.dtype
+        return nn.functional.linear(x, weight[expert])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        return (grad.to(weight.dtype) @ weight[ctx.expert]).to(ctx.x_dtype), None, None
+
+
 def _linear(x: torch.Tensor, weight: torch.Tensor, factors, expert: torch.Tensor) -> torch.Tensor:
-    out = nn.functional.linear(x, weight[expert])
+    if weight.requires_grad:  # experts trained fully: autograd's own linear (it needs x for the weight's gradient)
+        out = nn.functional.linear(x, weight[expert])
+    else:
+        out = _FrozenExpertLinear.apply(x, weight, int(expert))
     if factors is None:
         return out
     lhs, rhs, scaling = factors  # delta_e = scaling * lhs[e] @ rhs[e], shaped like weight[e] (out x in)

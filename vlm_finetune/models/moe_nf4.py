@@ -17,9 +17,11 @@ CODE_BYTES = 16 * 4  # the nf4 code book: 16 float32 values, kept with each quan
 
 
 def expert_modules(root: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Modules holding fused 3-D expert weights (gate_up_proj and down_proj parameters)."""
+    """Modules holding fused 3-D expert weights (gate_up_proj and down_proj parameters; under ZeRO-3 a partitioned
+    parameter's own shape is an empty placeholder, its whole shape `ds_shape`)."""
     return [(name, m) for name, m in root.named_modules()
-            if all(isinstance(m._parameters.get(t), torch.Tensor) and m._parameters[t].dim() == 3
+            if all(isinstance(m._parameters.get(t), torch.Tensor)
+                   and len(getattr(m._parameters[t], "ds_shape", m._parameters[t].shape)) == 3
                    for t in EXPERT_TENSORS)]
 
 
