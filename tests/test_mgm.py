@@ -315,6 +315,7 @@ def test_strategies_see_the_moe_block_as_a_leaf_and_the_decoder_layer_as_a_unit(
     assert any(isinstance(m, MixtralSparseMoeBlock) for m in model.modules())
 
 
+@pytest.mark.slow  # 2 x 10 s; the quick suite keeps the family contract (pinned losses, adapter reload)
 @pytest.mark.parametrize("name", ["tiny_mgm", "tiny_mgm_moe"])
 def test_tiny_mgm_trains_and_the_adapter_reloads(name, tmp_path):
     from peft import PeftModel

@@ -69,6 +69,7 @@ def test_expert_weights_are_stored_in_4_bit_and_dequantise_per_expert(model_name
                             if k.endswith(("_nf4", "_absmax", "_code")))
 
 
+@pytest.mark.slow  # a training comparison; the quick suite keeps the family contract's nf4 storage check
 @pytest.mark.parametrize("model_name", list(MODELS))
 def test_nf4_moe_trains_like_bf16_and_the_adapter_reloads(model_name, tmp_path):
     from peft import PeftModel

@@ -19,6 +19,7 @@ RUN = ["trainer.max_steps=30", "eval.generate=false", "trainer.val_every_n_steps
        "trainer.enable_progress_bar=false"]
 
 
+@pytest.mark.slow  # a training comparison; the quick suite keeps the family contract's nf4 storage check
 def test_nf4_quantises_only_the_llm_and_trains_like_bf16(tmp_path):
     metrics, objects = train(compose_cfg(RUN + ["precision=nf4"], tmp_path / "nf4"))
     model = objects["module"].model
@@ -73,6 +74,7 @@ def test_nf4_under_zero2_on_two_cpu_ranks_trains_and_saves_the_adapter(tmp_path)
     assert len(lora_b) == 12 and max(float(v.abs().max()) for v in lora_b) > 0
 
 
+@pytest.mark.slow  # a training comparison; the quick suite keeps the family contract's nf4 storage check
 @pytest.mark.parametrize("model", ["tiny_mgm", "tiny_mgm_moe"])
 def test_mgm_nf4_quantises_the_decoder_linears_and_trains_like_bf16(model, tmp_path):
     from peft import PeftModel
