@@ -12,7 +12,7 @@ from vlm_finetune.hardware import Hardware
 from vlm_finetune.memory.planner import plan_memory
 from vlm_finetune.models.registry import FAMILIES, get_family, parse_trainability
 from vlm_finetune.precision import weights_policy
-from vlm_finetune.strategies import build_strategy
+from vlm_finetune.strategies import ZeroSizes, build_strategy
 from vlm_finetune.trainability import build_trainable_model, decoder_layers, unwrap
 
 # a tiny model of every registered family (MoE and dense LLMs); each has 2 decoder layers
@@ -50,7 +50,7 @@ def _fsdp_setup(model, cfg, family):
     from lightning.fabric.strategies.fsdp import _setup_activation_checkpointing
 
     strategy = build_strategy(strategy_settings(cfg.trainer), cfg.precision.name, cfg.data.micro_batch_size,
-                              family, GPU)
+                              family, GPU, ZeroSizes(1000, 1000))
     _setup_activation_checkpointing(model, strategy._activation_checkpointing_kwargs)
     return model
 

@@ -16,7 +16,7 @@ from vlm_finetune.config import hardware_settings, strategy_settings
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.hardware import Found, Hardware, preflight, resolve
 from vlm_finetune.models.registry import get_family
-from vlm_finetune.strategies import build_strategy, deepspeed_config
+from vlm_finetune.strategies import ZeroSizes, build_strategy, deepspeed_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINERS = sorted(p.stem for p in (Path(CONF_DIR) / "trainer").glob("*.yaml"))
@@ -55,10 +55,10 @@ def test_combination_builds_or_is_rejected(trainer, hardware, precision, tmp_pat
     if expected:
         with pytest.raises(ConfigError, match=expected):
             build_strategy(strategy_settings(cfg.trainer), cfg.precision.name, cfg.data.micro_batch_size,
-                           get_family("glm4v"), hw)
+                           get_family("glm4v"), hw, ZeroSizes(1000, 1000))
         return
     strategy = build_strategy(strategy_settings(cfg.trainer), cfg.precision.name, cfg.data.micro_batch_size,
-                           get_family("glm4v"), hw)
+                           get_family("glm4v"), hw, ZeroSizes(1000, 1000))
     kind = {"single": str, "ddp": DDPStrategy, "fsdp": FSDPStrategy}.get(trainer, DeepSpeedStrategy)
     assert isinstance(strategy, kind)
     if trainer == "single":
@@ -82,11 +82,24 @@ def test_combination_builds_or_is_rejected(trainer, hardware, precision, tmp_pat
 
 def test_deepspeed_config_values(tmp_path):
     cfg = compose_cfg(["trainer=zero3_offload", "trainer.accumulate_grad_batches=4", "data.micro_batch_size=2"], tmp_path)
-    config = deepspeed_config(strategy_settings(cfg.trainer), "bf16-mixed", 2, on_gpu=True)
+    config = deepspeed_config(strategy_settings(cfg.trainer), "bf16-mixed", 2, on_gpu=True,
+                              sizes=ZeroSizes(3_000_000, 40_000_000))
     assert config["train_micro_batch_size_per_gpu"] == 2
     assert "gradient_accumulation_steps" not in config  # Lightning sets it from trainer.accumulate_grad_batches
-    assert config["zero_optimization"]["reduce_bucket_size"] == 500_000_000
-    assert config["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
+    zero = config["zero_optimization"]
+    # auto: the buckets hold the 3 M trainable elements, two 40 M layers live, one kept for reuse
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 3_000_000
+    assert zero["stage3_max_live_parameters"] == 80_000_000 and zero["stage3_max_reuse_distance"] == 40_000_000
+    assert zero["offload_param"] == {"device": "cpu", "pin_memory": True}
+    # never above DeepSpeed's own defaults, and a number in the profile is used as given
+    big = deepspeed_config(strategy_settings(cfg.trainer), "bf16-mixed", 2, True, ZeroSizes(9 * 10**9, 2 * 10**9))
+    assert big["zero_optimization"]["reduce_bucket_size"] == 500_000_000
+    assert big["zero_optimization"]["stage3_max_live_parameters"] == 1_000_000_000
+    given = compose_cfg(["trainer=zero3", "trainer.reduce_bucket_size=2e7", "trainer.stage3_max_reuse_distance=0"],
+                        tmp_path)
+    mine = deepspeed_config(strategy_settings(given.trainer), "bf16-mixed", 2, True, ZeroSizes(3_000_000, 40_000_000))
+    assert mine["zero_optimization"]["reduce_bucket_size"] == 20_000_000
+    assert mine["zero_optimization"]["stage3_max_reuse_distance"] == 0
 
 
 def test_preflight_names_expected_found_and_fix():

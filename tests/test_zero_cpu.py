@@ -128,6 +128,9 @@ def test_planner_bytes_per_rank_equal_what_deepspeed_holds(model, trainer, preci
         assert held["parameters"] == plan.total("parameters"), (rank, held, plan.total("parameters"))
         assert held["master"] + held["states"] == plan.total("optimizer"), (rank, held, plan.total("optimizer"))
         assert held["master"] > 0 and held["states"] == 2 * held["master"]  # AdamW: two fp32 states
+        # the reduce bucket(s) as DeepSpeed allocates them, sized from the trainable parameters (trainer.*=auto)
+        bucket_row = sum(r.bytes for r in plan.rows if "reduce bucket" in r.item)
+        assert held["reduce_buckets"] == bucket_row > 0, (rank, held, bucket_row)
 
 
 def test_bf16_zero3_built_partitioned_trains_as_zero2(tmp_path):

@@ -14,10 +14,31 @@ def _bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _bucket_bytes(optimizer) -> int:
+    """The reduce buckets DeepSpeed holds now (ZeRO-3: one tensor per dtype, from the start; ZeRO-2: a list, two
+    with overlap_comm, made for each backward and released after it)."""
+    total = 0
+    for bucket in getattr(optimizer, "ipg_buckets", {}).values():
+        buffers = bucket.buffer if isinstance(bucket.buffer, list) else [bucket.buffer]
+        total += sum(_bytes(b) for b in buffers if torch.is_tensor(b))
+    return total
+
+
 class Probe(L.Callback):
     def __init__(self, path: str):
         self.path = path
         self.done = False
+        self.buckets = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        optimizer = trainer.strategy.model.optimizer
+        if hasattr(optimizer, "setup_buckets"):  # ZeRO-1/2 make their buckets when a backward starts
+            original = optimizer.setup_buckets
+
+            def setup_buckets():
+                original()
+                self.buckets = max(self.buckets, _bucket_bytes(optimizer))
+            optimizer.setup_buckets = setup_buckets
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.done or trainer.global_step < 1:
@@ -39,6 +60,8 @@ class Probe(L.Callback):
                            if m.untyped_storage().data_ptr() != w.untyped_storage().data_ptr())
         states = sum(_bytes(v) for s in optimizer.optimizer.state.values() for k, v in s.items()
                      if torch.is_tensor(v) and k != "step")
-        record = {"rank": trainer.global_rank, "parameters": params, "master": master_bytes, "states": states}
+        buckets = max(self.buckets, _bucket_bytes(optimizer))
+        record = {"rank": trainer.global_rank, "parameters": params, "master": master_bytes, "states": states,
+                  "reduce_buckets": buckets}
         with open(f"{self.path}.{trainer.global_rank}.json", "w") as handle:
             json.dump(record, handle)

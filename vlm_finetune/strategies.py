@@ -6,6 +6,7 @@ weights for saving, the output head's weight for the loss, and which runs resume
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Iterator
 
@@ -16,7 +17,7 @@ from vlm_finetune.errors import ConfigError
 from vlm_finetune.hardware import Hardware
 from vlm_finetune.models._partitioned import unpartitioned
 from vlm_finetune.models.base import Family
-from vlm_finetune.settings import StrategySettings
+from vlm_finetune.settings import StrategySettings, is_auto
 
 SHARDED = ("fsdp", "deepspeed")
 
@@ -48,27 +49,71 @@ def check_combination(settings: StrategySettings, hardware: Hardware, precision:
         raise ConfigError("trainer.offload_parameters=true needs ZeRO stage 3 (trainer=zero3_offload)")
 
 
-def deepspeed_config(settings: StrategySettings, precision: str, micro_batch_size: int, on_gpu: bool) -> dict:
-    """The ZeRO config generated from the trainer profile."""
+@dataclass(frozen=True)
+class ZeroSizes:
+    """What ZeRO's `auto` knobs are sized from, in elements."""
+
+    trainable_numel: int  # every trainable parameter (the gradients a bucket reduces)
+    largest_unit_numel: int  # the largest decoder layer or vision block (gathered together under ZeRO-3)
+
+    @classmethod
+    def of(cls, model: nn.Module, family: Family) -> ZeroSizes:
+        """Read from a model: whole, partitioned (ZeRO-3's `ds_numel`) or on the meta device."""
+        def numel(p: torch.Tensor) -> int:
+            return int(getattr(p, "ds_numel", p.numel()))
+
+        units = tuple(family.decoder_layer_classes) + tuple(family.vision_block_classes)
+        unit_numels = [sum(numel(p) for p in m.parameters()) for m in model.modules() if isinstance(m, units)]
+        return cls(sum(numel(p) for p in model.parameters() if p.requires_grad), max(unit_numels or [0]))
+
+
+# DeepSpeed's own defaults: what an `auto` bucket and live-parameter limit never exceed
+AUTO_BUCKET_CAP = 500_000_000
+AUTO_LIVE_CAP = 1_000_000_000
+
+
+def zero_knobs(settings: StrategySettings, sizes: ZeroSizes) -> dict[str, int]:
+    """The ZeRO sizes, in elements: a number in the trainer profile as given; `auto` sized from the model. Buckets
+    hold every trainable gradient at most (DeepSpeed allocates a bucket whole, however little trains); ZeRO-3 keeps
+    at most two of the largest layers gathered at once, and a parameter gathered for reuse only when it is used
+    again within one such layer."""
+    def value(key: str, auto: int) -> int:
+        raw = settings.deepspeed[key]
+        return int(auto) if is_auto(raw) else int(float(raw))
+
+    bucket = min(AUTO_BUCKET_CAP, max(sizes.trainable_numel, 1))
+    unit = max(sizes.largest_unit_numel, 1)
+    return {"reduce_bucket_size": value("reduce_bucket_size", bucket),
+            "allgather_bucket_size": value("allgather_bucket_size", bucket),
+            "stage3_prefetch_bucket_size": value("stage3_prefetch_bucket_size", unit),
+            "stage3_param_persistence_threshold": value("stage3_param_persistence_threshold", 100_000),
+            "stage3_max_live_parameters": value("stage3_max_live_parameters", min(AUTO_LIVE_CAP, 2 * unit)),
+            "stage3_max_reuse_distance": value("stage3_max_reuse_distance", min(AUTO_LIVE_CAP, unit))}
+
+
+def deepspeed_config(settings: StrategySettings, precision: str, micro_batch_size: int, on_gpu: bool,
+                     sizes: ZeroSizes) -> dict:
+    """The ZeRO config generated from the trainer profile (its `auto` sizes from `sizes`)."""
     stage = settings.zero_stage
-    knobs = settings.deepspeed
+    knobs = zero_knobs(settings, sizes)
     zero: dict[str, Any] = {
         "stage": stage,
         "overlap_comm": True,
         "contiguous_gradients": True,
-        "reduce_bucket_size": int(float(knobs["reduce_bucket_size"])),
-        "allgather_bucket_size": int(float(knobs["allgather_bucket_size"])),
+        "reduce_bucket_size": knobs["reduce_bucket_size"],
+        "allgather_bucket_size": knobs["allgather_bucket_size"],
     }
     if settings.offload_optimizer:
         # pinned host buffers speed up GPU<->CPU copies; CPU processes have none
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if stage == 3:
         zero.update({
-            "stage3_prefetch_bucket_size": int(float(knobs["stage3_prefetch_bucket_size"])),
-            "stage3_param_persistence_threshold": int(float(knobs["stage3_param_persistence_threshold"])),
-            "stage3_max_live_parameters": int(float(knobs["stage3_max_live_parameters"])),
-            "stage3_max_reuse_distance": int(float(knobs["stage3_max_reuse_distance"])),
-            "stage3_use_all_reduce_for_fetch_params": bool(knobs["stage3_use_all_reduce_for_fetch_params"]),
+            "stage3_prefetch_bucket_size": knobs["stage3_prefetch_bucket_size"],
+            "stage3_param_persistence_threshold": knobs["stage3_param_persistence_threshold"],
+            "stage3_max_live_parameters": knobs["stage3_max_live_parameters"],
+            "stage3_max_reuse_distance": knobs["stage3_max_reuse_distance"],
+            "stage3_use_all_reduce_for_fetch_params":
+                bool(settings.deepspeed["stage3_use_all_reduce_for_fetch_params"]),
             # the adapter is gathered by us on save; never write a 16-bit copy of the whole model
             "stage3_gather_16bit_weights_on_model_save": False,
         })
@@ -92,8 +137,9 @@ def deepspeed_config(settings: StrategySettings, precision: str, micro_batch_siz
 
 
 def build_strategy(settings: StrategySettings, precision: str, micro_batch_size: int, family: Family,
-                   hardware: Hardware):
-    """The Lightning strategy for `trainer=`, or "auto" for one process."""
+                   hardware: Hardware, sizes: ZeroSizes):
+    """The Lightning strategy for `trainer=`, or "auto" for one process (`sizes`: the model's, for ZeRO's auto
+    knobs)."""
     check_combination(settings, hardware, precision)
     if settings.strategy == "single":
         return "auto"
@@ -123,7 +169,7 @@ def build_strategy(settings: StrategySettings, precision: str, micro_batch_size:
             timeout=timeout,
         )
     on_gpu = hardware.accelerator == "gpu"
-    config = deepspeed_config(settings, precision, micro_batch_size, on_gpu)
+    config = deepspeed_config(settings, precision, micro_batch_size, on_gpu, sizes)
     if on_gpu:
         from lightning.pytorch.strategies import DeepSpeedStrategy
 

@@ -40,7 +40,7 @@ from vlm_finetune.precision import WeightsPolicy, check_precision, weights_polic
 from vlm_finetune.resume import open_resume_checkpoint, restore_csv_rows, resume_parts
 from vlm_finetune.rundir import RunFolderLock, finished_metrics, sweep_checkpoint_leftovers
 from vlm_finetune.settings import RunSettings, is_auto
-from vlm_finetune.strategies import build_strategy, check_combination, set_zero3_leaves
+from vlm_finetune.strategies import ZeroSizes, build_strategy, check_combination, set_zero3_leaves
 from vlm_finetune.trainability import (
     build_trainable_model,
     builds_partitioned,
@@ -291,7 +291,7 @@ def _train(cfg: DictConfig, settings: RunSettings, callbacks: list | None, modes
 
     configured = [hydra.utils.instantiate(c) for c in (cfg.callbacks or {}).values() if c]
     strategy = build_strategy(settings.strategy, settings.precision, int(settings.data.micro_batch_size), family,
-                              hardware)
+                              hardware, ZeroSizes.of(model, family))
     resumer, ckpt_path, plugins, earlier_rows = resume_parts(settings, run_dir, module, hardware.world_size,
                                                              resume_path, resume_checkpoint)
     # a run stopped by a signal writes no adapter: what it trained so far is in the checkpoint

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from vlm_finetune.memory.count import ModelCount
 from vlm_finetune.precision import WeightsPolicy
 from vlm_finetune.settings import RunSettings, StrategySettings
+from vlm_finetune.strategies import ZeroSizes, zero_knobs
 
 ADAM_STATES = 2
 
@@ -36,6 +37,8 @@ class PlanInputs:
     allgather_bucket: int = 0
     prefetch_bucket: int = 0
     max_live_parameters: int = 0
+    max_reuse_distance: int = 0  # ZeRO-3: a parameter used again within this many elements stays gathered
+    expert_lora_stacks: bool = False  # LoRA on fused MoE experts through PEFT's parametrization (W + delta per layer)
 
     @property
     def act_bytes(self) -> int:
@@ -60,15 +63,21 @@ def strategy_and_stage(strategy: StrategySettings) -> tuple[str, int]:
     return strategy.strategy, strategy.zero_stage
 
 
-def plan_inputs(settings: RunSettings, dims: dict, count: ModelCount, modes: dict, world: int, policy: WeightsPolicy
-                ) -> PlanInputs:
+def plan_inputs(settings: RunSettings, dims: dict, count: ModelCount, modes: dict, world: int, policy: WeightsPolicy,
+                expert_lora: bool) -> PlanInputs:
+    """`expert_lora`: LoRA goes on the fused MoE expert tensors (Family.lora_target_parameters)."""
     trainer = settings.strategy
     strategy, stage = strategy_and_stage(trainer)
     loss, optimizer = settings.loss, settings.optimizer
     states = ADAM_STATES if optimizer.name == "adamw" else (1 if optimizer.momentum else 0)
 
+    knobs = {}
+    if strategy == "deepspeed":  # `auto` sized as the run sizes it, from the model's counts
+        trainable = sum(group.numel for group in count.groups if group.kind != "frozen")
+        knobs = zero_knobs(trainer, ZeroSizes(trainable, max(count.unit_numels or [0])))
+
     def elements(key: str) -> int:
-        return int(float(trainer.deepspeed[key]))
+        return knobs[key]
 
     return PlanInputs(
         dims=dims, count=count, modes=modes, strategy=strategy, stage=stage, precision=settings.precision,
@@ -79,4 +88,6 @@ def plan_inputs(settings: RunSettings, dims: dict, count: ModelCount, modes: dic
         reduce_bucket=elements("reduce_bucket_size") if strategy == "deepspeed" else 0,
         allgather_bucket=elements("allgather_bucket_size") if strategy == "deepspeed" and stage != 3 else 0,
         prefetch_bucket=elements("stage3_prefetch_bucket_size") if stage == 3 else 0,
-        max_live_parameters=elements("stage3_max_live_parameters") if stage == 3 else 0)
+        max_live_parameters=elements("stage3_max_live_parameters") if stage == 3 else 0,
+        max_reuse_distance=elements("stage3_max_reuse_distance") if stage == 3 else 0,
+        expert_lora_stacks=expert_lora and settings.lora.expert_forward == "peft")

@@ -88,7 +88,9 @@ def plan_memory(overrides: list[str], seq: int | None = None, image_px: int | No
     threshold = int(float(settings.strategy.deepspeed["stage3_param_persistence_threshold"])) if stage == 3 else 0
     count = count_model(settings.model, modes, settings.lora, family, policy, threshold)
     micro_batch = _micro_batch(settings.data.micro_batch_size)
-    inputs = plan_inputs(settings, dims, count, modes, hardware.world_size, policy)
+    expert_lora = modes[Part.LLM] is Mode.LORA and bool(family.lora_target_parameters(Part.LLM, settings.model,
+                                                                                        settings.lora))
+    inputs = plan_inputs(settings, dims, count, modes, hardware.world_size, policy, expert_lora)
     num_layers = inputs.num_layers
     checkpointed = checkpointed_layer_count(settings.model.activation_checkpointing, num_layers)
     scope = settings.speed.checkpoint_scope
@@ -230,6 +232,13 @@ def activation_rows(inputs: PlanInputs, tokens: int, micro_batch: int, images: i
         rows += [Row("activations", f"LLM checkpoint boundaries, {checkpointed_layers} layers", int(boundaries)),
                  Row("activations", "LLM recompute of one checkpointed layer", int(recompute))]
     rows.append(Row("activations", "LLM backward working set (gradients in flight)", int(backward_working)))
+    if inputs.expert_lora_stacks and moe_layers:
+        # lora.expert_forward=peft: each MoE layer that runs with saved activations (and the one recomputed) keeps
+        # its whole W + delta stacks for backward, and the backward makes one stack's gradient
+        stack = inputs.count.expert_numel // moe_layers * act_bytes
+        held = kept_moe + (1 if checkpointed_layers > dense_layers else 0)
+        rows.append(Row("activations", f"PEFT expert LoRA: W + delta of {held} MoE layer(s) saved, one gradient "
+                                       "(lora.expert_forward=peft)", int((held + 1) * stack)))
 
     image_tokens = int(dims["image_tokens_per_image"])
     rows.append(Row("activations", f"image tokens ({image_tokens * images * micro_batch} into the LLM)",

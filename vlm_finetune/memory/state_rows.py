@@ -98,13 +98,25 @@ def strategy_rows(inputs: PlanInputs) -> list[Row]:
     count = inputs.count
     if inputs.strategy == "deepspeed":
         trainable_numel = inputs.trainable_numel
-        rows = [Row("strategy", "ZeRO reduce bucket (contiguous gradients)",
-                    min(inputs.reduce_bucket, trainable_numel) * gathered_size)]
         if inputs.stage == 3:
+            # DeepSpeed allocates the bucket whole (stage3.py: torch.empty(reduce_bucket_size)), however little trains
+            rows = [Row("strategy", f"ZeRO-3 reduce bucket ({inputs.reduce_bucket:.2g} elements, allocated whole)",
+                        inputs.reduce_bucket * gathered_size)]
             fetch = count.largest_fetch_numel
             live = min(fetch + min(inputs.prefetch_bucket, fetch), max(inputs.max_live_parameters, fetch))
             rows.append(Row("strategy", "ZeRO-3 gathered module + prefetch bucket", live * gathered_size))
+            # after the first step a parameter used again within max_reuse_distance elements stays gathered: what
+            # the forward leaves gathered for the backward, at most the model (census: every parameter when the
+            # distance exceeds the model)
+            # a distance within one gathered module keeps only the module in use (the row above)
+            whole = sum(group.numel - group.persistent_numel for group in count.groups)
+            kept = min(inputs.max_reuse_distance, whole) if inputs.max_reuse_distance > fetch else 0
+            rows.append(Row("strategy", f"ZeRO-3 parameters kept gathered for reuse (stage3_max_reuse_distance "
+                                        f"{inputs.max_reuse_distance:.2g})", kept * gathered_size))
         else:
+            # stage 2 with overlap_comm: two buckets, allocated whole (stage_1_and_2.py: buf_0 and buf_1)
+            rows = [Row("strategy", f"ZeRO-2 reduce buckets (2 x {inputs.reduce_bucket:.2g} elements, overlap_comm)",
+                        2 * inputs.reduce_bucket * gathered_size)]
             rows.append(Row("strategy", "ZeRO-2 all-gather bucket (updated parameters)",
                             min(inputs.allgather_bucket, trainable_numel) * gathered_size))
         return rows
