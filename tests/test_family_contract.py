@@ -190,20 +190,11 @@ def test_the_exported_adapter_reloads_to_the_trained_logits(model, finished_run)
 @pytest.mark.slow
 @pytest.mark.parametrize("model", TINY_MODELS)
 def test_a_run_stopped_at_step_2_and_resumed_equals_the_uninterrupted_run(model, tmp_path):
-    from test_resume import SignalAt, _trainable
-
-    from vlm_finetune.train import train
+    from test_resume import stopped_and_resumed_equals_whole
 
     overrides = RUN + [f"model={model}", "eval.generate=false", "trainer.val_every_n_steps=null",
                        "checkpoint.every_n_steps=null"]
-    full_metrics, full = train(compose_cfg(overrides, tmp_path / "full"))
-    stopped, _ = train(compose_cfg(overrides, tmp_path / "part"), callbacks=[SignalAt(2)])
-    assert stopped == {"preempted": 1, "global_step": 2}
-    resumed_metrics, resumed = train(compose_cfg(overrides, tmp_path / "part"))
-    assert resumed_metrics["global_step"] == full_metrics["global_step"] == 4
-    expected, got = _trainable(full["module"]), _trainable(resumed["module"])
-    assert expected.keys() == got.keys() and expected
-    assert max(float((expected[k] - got[k]).abs().max()) for k in expected) <= 1e-6
+    stopped_and_resumed_equals_whole(overrides, tmp_path, stop_step=2, steps=4)
     assert _losses(tmp_path / "part") == pytest.approx(_losses(tmp_path / "full"), abs=1e-6)
 
 

@@ -94,18 +94,12 @@ def test_packing_is_checked_before_weights_load(tmp_path):
 
 def test_a_packed_length_grouped_run_stopped_at_step_5_resumes_to_the_uninterrupted_one(varied, tmp_path):
     """Across epochs (3 micro-batches per epoch): the grouped order of each epoch is rebuilt from the seed."""
-    from test_resume import SignalAt, _logged_losses, _trainable
+    from test_resume import _logged_losses, stopped_and_resumed_equals_whole
 
     overrides = [o for o in _overrides(varied, "tiny_glm41v", True) if not o.startswith("trainer.max_steps")] + [
         "data.group_by_length=true", "trainer.max_steps=10", "checkpoint.every_n_steps=5",
         "trainer.val_every_n_steps=null"]
-    full_metrics, full = train(compose_cfg(overrides, tmp_path / "full"))
-    stopped, _ = train(compose_cfg(overrides, tmp_path / "part"), callbacks=[SignalAt(5)])
-    assert stopped == {"preempted": 1, "global_step": 5}
-    resumed_metrics, resumed = train(compose_cfg(overrides, tmp_path / "part"))
-    assert resumed_metrics["global_step"] == full_metrics["global_step"] == 10
-    expected, got = _trainable(full["module"]), _trainable(resumed["module"])
-    assert max(float((expected[k] - got[k]).abs().max()) for k in expected) <= 1e-6
+    stopped_and_resumed_equals_whole(overrides, tmp_path, stop_step=5, steps=10)
     part, whole = _logged_losses(tmp_path / "part"), _logged_losses(tmp_path / "full")
     assert [s for s, _ in part] == [s for s, _ in whole] == list(range(10))  # every step once
     assert [v for _, v in part] == pytest.approx([v for _, v in whole], abs=1e-6)

@@ -50,6 +50,19 @@ def _trainable(module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
 
 
+def stopped_and_resumed_equals_whole(overrides: list[str], tmp_path: Path, stop_step: int, steps: int) -> None:
+    """The run of `overrides` uninterrupted (in tmp_path/full) and stopped by the preemption signal at `stop_step`
+    then resumed in its folder (tmp_path/part): both reach `steps`, with the same trainable weights (1e-6)."""
+    full_metrics, full = train(compose_cfg(overrides, tmp_path / "full"))
+    stopped, _ = train(compose_cfg(overrides, tmp_path / "part"), callbacks=[SignalAt(stop_step)])
+    assert stopped == {"preempted": 1, "global_step": stop_step}
+    resumed_metrics, resumed = train(compose_cfg(overrides, tmp_path / "part"))
+    assert resumed_metrics["global_step"] == full_metrics["global_step"] == steps
+    expected, got = _trainable(full["module"]), _trainable(resumed["module"])
+    assert expected.keys() == got.keys() and expected
+    assert max(float((expected[k] - got[k]).abs().max()) for k in expected) <= 1e-6
+
+
 @pytest.mark.parametrize("accumulate, stop_step, micro_batch", [
     (1, 10, 0),   # mid-epoch (16 micro-batches per epoch)
     (2, 8, 1),    # at the end of the first epoch, signal on the second micro-batch of the step
