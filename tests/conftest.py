@@ -15,6 +15,8 @@ import vlm_finetune.config  # noqa: F401  (registers the resolvers conf/train.ya
 from vlm_finetune.config import lora_settings, model_settings
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# the tiny model of each family, found on disk (conf/model/tiny_*.yaml): the family contract runs over them
+TINY_MODELS = sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("tiny_*.yaml"))
 # fast settings for tiny runs in tests (the default run's recipe is longer)
 FAST = ["trainer.max_steps=4", "data.num_train=64", "data.num_val=8", "data.micro_batch_size=4",
         "trainer.enable_progress_bar=false", "eval.max_new_tokens=3", "scheduler.warmup_steps=1"]

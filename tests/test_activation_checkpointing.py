@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import compose_cfg
+from conftest import TINY_MODELS, compose_cfg
 from vlm_finetune.config import lora_settings, model_settings, strategy_settings
 from vlm_finetune.data.shapes import ShapesDataset
 from vlm_finetune.hardware import Hardware
@@ -16,7 +16,7 @@ from vlm_finetune.strategies import ZeroSizes, build_strategy
 from vlm_finetune.trainability import build_trainable_model, decoder_layers, unwrap
 
 # a tiny model of every registered family (MoE and dense LLMs); each has 2 decoder layers
-TINY = {"tiny_glm41v": "glm4v", "tiny_glm4v": "glm4v_orig", "tiny_mgm": "mgm", "tiny_mgm_moe": "mgm"}
+TINY = {name: compose_cfg([f"model={name}"]).model.family for name in TINY_MODELS}
 GPU = Hardware("test-gpu", "gpu", 1, 1, 80.0, True)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, compose_cfg
+from conftest import FAST, TINY_MODELS, compose_cfg
 from vlm_finetune.config import read_settings
 from vlm_finetune.data.datamodule import Collator, EncodedDataset
 from vlm_finetune.data.packing import pack_length
@@ -27,8 +27,6 @@ from vlm_finetune.models.registry import FAMILIES, Part, get_family
 from vlm_finetune.module import batch_loss_sum
 from vlm_finetune.trainability import decoder_layers, unwrap
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY_MODELS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("tiny_*.yaml"))
 RUN = FAST + ["trainer.log_every_n_steps=1"]
 
 # First train_loss values of the 4-step run of each tiny model (RUN; torch 2.13 CPU, fp32), the same before and
