@@ -11,6 +11,7 @@ from vlm_finetune.config import model_settings
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path")
 @pytest.mark.skipif(not bench.DEFAULT_BASELINE.is_file(),
                     reason=f"the baseline script is not at {bench.DEFAULT_BASELINE} (shared/ beside the checkout)")
+@pytest.mark.slow  # the baseline recipe and ours, each in its own process: 8 s
 def test_cpu_bench_runs_both_and_appends_report(tmp_path):
     report = tmp_path / "benchmarks.md"
     report.write_text("# Benchmarks\n\nearlier entry\n")

@@ -73,9 +73,13 @@ def test_adapter_export_is_the_peft_folder(shared_run, tmp_path, _asset_cache):
     assert (out / "adapter_config.json").is_file() and (out / "tokenizer.json").is_file()
 
 
-def test_export_of_a_folder_that_is_not_a_run_fails_clearly(tmp_path, _asset_cache):
-    result = _export(f"run_dir={tmp_path}", "merge=true", cache=_asset_cache)
-    assert result.returncode == 2 and "has no config.json" not in result.stderr
-    assert f"run_dir={tmp_path} has no config.yaml" in result.stderr
-    result = _export(f"run_dir={tmp_path}", "merge=maybe", cache=_asset_cache)
-    assert result.returncode == 2 and "merge='maybe': use true or false" in result.stderr
+def test_export_of_a_folder_that_is_not_a_run_fails_clearly(tmp_path, capsys):
+    """The command line's own function, in this process (the module entry is `sys.exit(main())`; the other
+    export tests run it as `python -m vlm_finetune.export`)."""
+    from vlm_finetune.export import main
+
+    assert main([f"run_dir={tmp_path}", "merge=true"]) == 2
+    stderr = capsys.readouterr().err
+    assert "has no config.json" not in stderr and f"run_dir={tmp_path} has no config.yaml" in stderr
+    assert main([f"run_dir={tmp_path}", "merge=maybe"]) == 2
+    assert "merge='maybe': use true or false" in capsys.readouterr().err

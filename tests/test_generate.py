@@ -37,15 +37,16 @@ def test_answer_is_what_validation_generates(shared_run, tmp_path, _asset_cache)
     assert result.stdout.strip().splitlines()[-1] == expected
 
 
-def test_bad_inputs_fail_with_the_fix(tmp_path):
+def test_bad_inputs_fail_with_the_fix(tmp_path, capsys):
+    """The command line's own function, in this process (test_answer_is_what_validation_generates runs the
+    module entry, `python -m vlm_finetune.generate`)."""
+    from vlm_finetune.generate import main
+
     (tmp_path / "not_an_image.png").write_text("hello")
-    result = subprocess.run([sys.executable, "-m", "vlm_finetune.generate", "model=tiny_glm41v",
-                             f"image={tmp_path / 'not_an_image.png'}", "prompt=what?"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "cannot be read as an image" in result.stderr
-    result = subprocess.run([sys.executable, "-m", "vlm_finetune.generate", "model=nope", "image=x.png", "prompt=a"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "model='nope' is not a model config; use one of" in result.stderr
+    assert main(["model=tiny_glm41v", f"image={tmp_path / 'not_an_image.png'}", "prompt=what?"]) == 2
+    assert "cannot be read as an image" in capsys.readouterr().err
+    assert main(["model=nope", "image=x.png", "prompt=a"]) == 2
+    assert "model='nope' is not a model config; use one of" in capsys.readouterr().err
 
 
 def test_caption_metrics_are_logged_per_validation(tmp_path):

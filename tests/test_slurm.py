@@ -75,6 +75,7 @@ def test_array_task_beyond_the_sweep_file_fails_clearly(cluster, tmp_path, _asse
     assert f"sweep file {sweep} has no line 1" in log and "--array=0-<lines - 1>" in log
 
 
+@pytest.mark.slow  # two jobs through a real SLURM and a Hydra sweep: 14 s
 def test_submitit_multirun_submits_one_job_per_combination(cluster, tmp_path, _asset_cache):
     import subprocess
 
