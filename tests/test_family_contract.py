@@ -200,24 +200,31 @@ def test_a_run_stopped_at_step_2_and_resumed_equals_the_uninterrupted_run(model,
 @pytest.mark.distributed
 @pytest.mark.parametrize("model", TINY_MODELS)
 def test_two_rank_zero3_trains_the_adapter_of_one_process(model, tmp_path):
-    """Two CPU ranks under ZeRO-3 (every parameter partitioned) and one process, the same global batch (2 x 4 and
-    1 x 8 samples per step, SGD): the same trained adapter."""
+    """Two CPU ranks under ZeRO-3 (every parameter partitioned; a family that builds partitioned holds half the base
+    on each rank from the start) and one process, the same global batch (2 x 4 and 1 x 8 samples per step, SGD):
+    the same trained adapter."""
+    import re
+
     from safetensors.torch import load_file
 
     from conftest import run_cli
+    from vlm_finetune.train import train
 
     common = [f"model={model}", "precision=32-true", "trainer.max_steps=3", "data.num_train=96", "data.num_val=4",
               "eval.generate=false", "trainer.val_every_n_steps=null", "lora.dropout=0.0", "optimizer=sgd",
               "optimizer.lr=0.2", "scheduler=constant", "trainer.enable_progress_bar=false", "hardware=cpu"]
-    runs = {"one": common + ["trainer=single", "data.micro_batch_size=8"],
-            "zero3": common + ["trainer=zero3", "hardware.devices=2", "data.micro_batch_size=4",
-                               "trainer.stage3_param_persistence_threshold=0"]}
-    adapters = {}
-    for name, args in runs.items():
-        result = run_cli([*args, f"hydra.run.dir={tmp_path / name}"], timeout=600,
-                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        assert result.returncode == 0, result.stderr[-3000:]
-        adapters[name] = load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
+    train(compose_cfg(common + ["trainer=single", "data.micro_batch_size=8"], tmp_path / "one"))
+    zero3 = common + ["trainer=zero3", "hardware.devices=2", "data.micro_batch_size=4",
+                      "trainer.stage3_param_persistence_threshold=0", f"hydra.run.dir={tmp_path / 'zero3'}"]
+    result = run_cli(zero3, timeout=600, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    settings = _settings(model, tmp_path)
+    if get_family(settings.model.family).can_build_partitioned(settings.model):
+        built = re.search(r"ZeRO-3: built partitioned; this rank holds ([\d,]+) of the base's ([\d,]+)", result.stdout)
+        held, whole = (int(g.replace(",", "")) for g in built.groups())
+        assert whole > 100_000 and whole / 2 <= held <= whole / 2 + 1000, (held, whole)  # and padding
+    adapters = {name: load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
+                for name in ("one", "zero3")}
     one, zero3 = adapters["one"], adapters["zero3"]
     assert one.keys() == zero3.keys() and any("lora_B" in k for k in one)
     for key, value in one.items():

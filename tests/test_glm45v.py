@@ -109,11 +109,9 @@ def single_runs(tmp_path_factory):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("trainer,extra", [
-    ("zero2", []),
-    # every parameter partitioned; the MoE blocks are gathered whole as ZeRO-3 leaf modules
-    ("zero3", ["trainer.stage3_param_persistence_threshold=0"]),
-])
+# ZeRO-3 (every parameter partitioned, the MoE blocks gathered whole as leaf modules) against one process is the
+# family contract's (tests/test_family_contract.py)
+@pytest.mark.parametrize("trainer,extra", [("zero2", [])])
 def test_two_cpu_ranks_under_zero_train_the_single_process_adapter(single_runs, trainer, extra, tmp_path):
     """2 ranks x micro-batch 2 x accumulation 2 against 1 process x micro-batch 8: same logged losses, same
     trained adapter (to 1e-5 of its update)."""
