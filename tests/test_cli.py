@@ -68,6 +68,7 @@ def test_corrupt_image_fails_fast_with_file_and_record(tmp_path, _asset_cache):
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "adapter").exists()
 
 
+@pytest.mark.slow  # a whole run from the command line: 8 s
 def test_skip_mode_counts_bad_records(tmp_path, _asset_cache):
     data = _make_dataset(tmp_path / "data", 12)
     (tmp_path / "data" / "images" / "3.png").unlink()
@@ -79,6 +80,7 @@ def test_skip_mode_counts_bad_records(tmp_path, _asset_cache):
     assert json.loads((run_dir / "metrics.json").read_text())["skipped_bad_records"] == 1
 
 
+@pytest.mark.slow  # command-line starts: 12 s
 def test_a_plus_key_that_nothing_reads_stops_before_weights_load(tmp_path, _asset_cache):
     """`+data.pathh=...` (a misspelling added with '+') would be ignored silently: it is refused at once."""
     run_dir = tmp_path / "run"

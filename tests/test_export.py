@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -62,6 +63,7 @@ def test_merged_export_matches_base_plus_adapter(shared_run, tmp_path, _asset_ca
     assert (expected - base_logits).abs().max() > 1e-2  # the trained weights are in there
 
 
+@pytest.mark.slow  # the command line; the family contract's adapter export and reload stay quick
 def test_adapter_export_is_the_peft_folder(shared_run, tmp_path, _asset_cache):
     run_dir = shared_run[2]["run_dir"]
     out = tmp_path / "adapter_only"

@@ -101,6 +101,7 @@ def test_sigterm_ends_a_hung_run_within_seconds(tmp_path):
     assert took < 30
 
 
+@pytest.mark.slow  # a stuck process ended by the watchdog: 6 s
 def test_the_watchdog_ends_a_process_that_ignores_sigterm_in_c_code(tmp_path):
     """One process, no training: the main thread sleeps inside C (a blocking read) with a Python SIGTERM
     handler installed, as when it waits in a collective; the watchdog thread ends it after the grace."""

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 PROBE = r"""
 import gc, json, sys, torch
 from types import SimpleNamespace
@@ -34,5 +36,6 @@ def test_the_load_growth_is_measured_from_the_run_start():
     assert "load_gpu_peak_gib" not in metrics  # a CPU run: not measured, left out
 
 
+@pytest.mark.slow  # a run in a fresh process; the growth test stays quick
 def test_an_earlier_peak_makes_the_figure_none_not_a_guess():
     assert "load_host_growth_gib" not in _probe("hidden")

@@ -65,8 +65,10 @@ def stopped_and_resumed_equals_whole(overrides: list[str], tmp_path: Path, stop_
 
 @pytest.mark.parametrize("accumulate, stop_step, micro_batch", [
     (1, 10, 0),   # mid-epoch (16 micro-batches per epoch)
-    (2, 8, 1),    # at the end of the first epoch, signal on the second micro-batch of the step
-    (2, 5, 0),    # signal on the first micro-batch: the save waits for the end of the step
+    # at the end of the first epoch, signal on the second micro-batch of the step
+    pytest.param(2, 8, 1, marks=pytest.mark.slow),
+    # signal on the first micro-batch: the save waits for the end of the step
+    pytest.param(2, 5, 0, marks=pytest.mark.slow),
 ])
 def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path, accumulate, stop_step, micro_batch):
     overrides = RESUME + [f"trainer.accumulate_grad_batches={accumulate}"]
@@ -93,6 +95,7 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path, accumulate, 
     assert resumed["trainer"].lr_scheduler_configs[0].scheduler.last_epoch == 20
 
 
+@pytest.mark.slow  # a killed process; test_kill_at_any_moment_of_a_save_loop stays quick
 def test_kill_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path):
     """A real tiny run, checkpointing every 2 steps, is SIGKILLed half-way through writing its second
     checkpoint. The first checkpoint is still whole, and the run resumes from it to the end."""

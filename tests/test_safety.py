@@ -121,6 +121,7 @@ def test_export_never_deletes_what_it_did_not_write(shared_run, tmp_path):
     assert (first / "adapter_config.json").is_file()
 
 
+@pytest.mark.slow  # three command-line starts: 12 s
 def test_a_refused_start_removes_only_what_it_created(tmp_path):
     folder = tmp_path / "existing"
     (folder / ".hydra").mkdir(parents=True)
@@ -197,6 +198,7 @@ def test_sigterm_saves_writes_no_adapter_and_the_rerun_resumes_exactly(tmp_path)
     assert max(float((expected[n] - got[n]).abs().max()) for n in expected) <= 1e-6
 
 
+@pytest.mark.slow  # the command line; the in-process SIGTERM save stays quick
 def test_the_command_line_exits_non_zero_on_sigterm(tmp_path):
     run_dir = tmp_path / "run"
     probe = tmp_path / "probe"

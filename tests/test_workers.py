@@ -2,6 +2,7 @@
 exact resume, as loading in the training process (issue 15, point 5)."""
 from __future__ import annotations
 
+import pytest
 from test_resume import SignalAt, _logged_losses, _trainable
 
 from conftest import FAST, compose_cfg
@@ -17,6 +18,7 @@ def _same(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
+@pytest.mark.slow  # data workers in their own processes: 5 s
 def test_workers_give_the_same_run_and_resume_exactly(tmp_path):
     _, inline = train(compose_cfg(RUN + ["data.num_workers=0"], tmp_path / "inline"))
     _, workers = train(compose_cfg(RUN + ["data.num_workers=2"], tmp_path / "workers"))
