@@ -175,8 +175,8 @@ def main() -> None:
     from safetensors.torch import load_file
 
     from vlm_finetune.config import compose
-    from vlm_finetune.memory.planner import plan_memory
     from vlm_finetune.models.registry import get_family
+    from vlm_finetune.plan import plan_memory
 
     base = run_overrides(args.layers, args.steps)
     cfg = compose(base)

@@ -33,9 +33,9 @@ def main() -> None:
                         "shapes default, is not sized like training yet: issue 35)")
     parser.add_argument("extra", nargs="*", help="overrides added to the zero3 runs (to try DeepSpeed settings)")
     args = parser.parse_args()
+    import load_memory
     from safetensors.torch import load_file
 
-    import load_memory
     from vlm_finetune.config import compose, model_settings
     from vlm_finetune.models.registry import get_family
 

@@ -9,8 +9,8 @@ from conftest import TINY_MODELS, compose_cfg
 from vlm_finetune.config import lora_settings, model_settings, strategy_settings
 from vlm_finetune.data.shapes import ShapesDataset
 from vlm_finetune.hardware import Hardware
-from vlm_finetune.memory.planner import plan_memory
 from vlm_finetune.models.registry import FAMILIES, get_family, parse_trainability
+from vlm_finetune.plan import plan_memory
 from vlm_finetune.precision import weights_policy
 from vlm_finetune.strategies import ZeroSizes, build_strategy
 from vlm_finetune.trainability import build_trainable_model, decoder_layers, unwrap

@@ -10,7 +10,7 @@ from test_plan import _saved_bytes
 
 from vlm_finetune.memory.activations import eager_attention_matrix_bytes, eva_block_bytes_per_patch
 from vlm_finetune.memory.report import GiB
-from vlm_finetune.memory.suggest import plan_with_suggestions as plan_memory
+from vlm_finetune.plan import plan_with_suggestions as plan_memory
 
 SEED = ["model=glm4v_9b", "hardware=1xa6000", "precision=bf16-mixed", "data.micro_batch_size=1"]
 # the official finetune_vision.py recipe: LoRA r=8 on query_key_value (both towers), the released code's

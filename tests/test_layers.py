@@ -185,12 +185,16 @@ def test_the_code_passes_ruff():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-1000:]
 
 
-# -- settings, not config nodes, below the run assembly ---------------------------------------------------
+# -- settings, not config nodes, below the edge ---------------------------------------------------------
 CONFIG_LIBRARIES = ("omegaconf", "hydra")
+# where the composed config is read: the recipe and the Hydra edge (the entry points above them)
+CONFIG_EDGE = ("vlm_finetune.train", "vlm_finetune.config")
 
 
 def _below_run(name: str) -> bool:
-    return ORDER.index(layer_of(name)) > ORDER.index("run")
+    """Below the edge: every module but the entry points, the recipe and config.py (the planner, autotune,
+    suggestions and the run folder included)."""
+    return layer_of(name) != "entry" and name not in CONFIG_EDGE
 
 
 def config_node_leaks(path: Path) -> list[str]:
@@ -214,8 +218,9 @@ def config_node_leaks(path: Path) -> list[str]:
 
 
 def test_below_the_run_assembly_nothing_takes_a_config_node():
-    """Everything below the run assembly takes typed settings (vlm_finetune/settings.py), read once by
-    config.read_settings: no omegaconf or hydra import, no parameter named cfg / *_cfg."""
+    """Everything below the edge (train.py, config.py and the entry points) takes typed settings
+    (vlm_finetune/settings.py), read once by config.read_settings: no omegaconf or hydra import, no parameter named
+    cfg / *_cfg."""
     leaks = {name: found for name, path in package_modules().items()
              if _below_run(name) and (found := config_node_leaks(path))}
     assert leaks == {}
@@ -232,4 +237,5 @@ def test_the_config_node_check_finds_a_planted_parameter_and_import(tmp_path):
     assert config_node_leaks(clean) == []
     # the layers the rule applies to: a training part and a model module are below, the recipe is not
     assert _below_run("vlm_finetune.strategies") and _below_run("vlm_finetune.models.mgm.family")
+    assert _below_run("vlm_finetune.memory.planner") and _below_run("vlm_finetune.autotune")
     assert not _below_run("vlm_finetune.train") and not _below_run("vlm_finetune.config")

@@ -425,8 +425,8 @@ def test_mgm_strategies_build_for_gpu_profiles(trainer, tmp_path):
 
 # -- memory planner -------------------------------------------------------------------------------
 def test_planner_bytes_are_exact_for_tiny_mgm_moe(tmp_path):
-    from vlm_finetune.memory.planner import plan_memory
     from vlm_finetune.models.base import parse_trainability
+    from vlm_finetune.plan import plan_memory
     from vlm_finetune.trainability import apply_trainability, plan_trainability
 
     plan = plan_memory(["model=tiny_mgm_moe"])
@@ -450,9 +450,9 @@ def test_planner_bytes_are_exact_for_tiny_mgm_moe(tmp_path):
 
 @pytest.mark.slow
 def test_planner_mgm_8x7b_on_six_4090s_gives_a_verdict_and_a_fitting_suggestion(capsys):
-    from vlm_finetune.memory import planner
-    from vlm_finetune.memory.suggest import plan_with_suggestions as plan_memory
+    from vlm_finetune import plan as planner
     from vlm_finetune.plan import main
+    from vlm_finetune.plan import plan_with_suggestions as plan_memory
 
     overrides = ["model=mgm_8x7b", "trainer=zero3", "hardware=6x4090"]
     assert main(overrides) == 0

@@ -60,7 +60,7 @@ def test_expert_weights_are_stored_in_4_bit_and_dequantise_per_expert(model_name
             want, got = reference(hidden, index, weights), module(hidden, index, weights)
         assert float((want - got).norm() / want.norm()) < 0.3  # 4-bit rounding of random std-0.1 weights
     # the planner's expert bytes (meta build, no weight read) are exactly the bytes the quantised model holds
-    from vlm_finetune.memory.planner import plan_memory
+    from vlm_finetune.plan import plan_memory
 
     plan = plan_memory([f"model={model_name}", "precision=nf4", "lora.llm_modules=attention"])
     row = next(r for r in plan.rows if r.item.startswith("llm frozen experts nf4"))
@@ -94,7 +94,7 @@ def test_nf4_moe_trains_like_bf16_and_the_adapter_reloads(model_name, tmp_path):
 
 @pytest.mark.parametrize("scope", ["all", "experts"])
 def test_lora_on_4_bit_experts_is_a_clear_error(scope, tmp_path):
-    from vlm_finetune.memory.planner import plan_memory
+    from vlm_finetune.plan import plan_memory
 
     overrides = ["model=tiny_mgm_moe", "precision=nf4", f"lora.llm_modules={scope}"]
     with pytest.raises(ConfigError, match="lora.llm_modules=attention"):

@@ -129,7 +129,7 @@ print("RESULT " + json.dumps({"growth": status("VmHWM") - before}))
 
 @pytest.mark.slow
 def test_the_nf4_load_holds_one_decoder_layer_in_16_bits_not_the_model(tmp_path):
-    from vlm_finetune.memory.planner import plan_memory
+    from vlm_finetune.plan import plan_memory
 
     cfg = compose_cfg(WIDE, tmp_path)
     tiny = get_family("mgm").checkpoint_folder(model_settings(cfg.model))  # the family's writer, in float32

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from conftest import compose_cfg
+from vlm_finetune import plan as planner
 from vlm_finetune.config import lora_settings, model_settings
 from vlm_finetune.errors import ConfigError
-from vlm_finetune.memory import planner
 from vlm_finetune.memory.activations import decoder_layer_bytes_per_token, vision_block_bytes_per_patch
 from vlm_finetune.memory.report import GiB
-from vlm_finetune.memory.suggest import plan_with_suggestions as plan_memory
 from vlm_finetune.plan import main
+from vlm_finetune.plan import plan_with_suggestions as plan_memory
 
 
 def _saved_bytes(fn, exclude: set[int]) -> int:

@@ -40,8 +40,8 @@ def measure(overrides: list[str], seq: int, image: int) -> dict:
     (4096, 1344, ["model.activation_checkpointing=true", "train.vision=full", "model.max_image_size=1344"]),
 ])
 def test_planned_peak_is_within_10_percent_of_the_measured_peak(seq, image, extra):
-    from vlm_finetune.memory.planner import plan_memory
     from vlm_finetune.memory.report import GiB
+    from vlm_finetune.plan import plan_memory
 
     overrides = BASE + extra
     plan = plan_memory(overrides, seq=seq, image_px=image)
@@ -55,8 +55,8 @@ def test_planned_peak_is_within_10_percent_of_the_measured_peak(seq, image, extr
 def test_checkpointing_auto_is_faster_than_full_within_the_budget():
     """At 16384 tokens on one H100 the plan checkpoints only some layers; that run is faster than
     checkpointing every layer and its measured peak stays within the budget."""
-    from vlm_finetune.memory.planner import plan_memory
     from vlm_finetune.memory.report import GiB
+    from vlm_finetune.plan import plan_memory
 
     seq = 16384
     plan = plan_memory(BASE + ["model.activation_checkpointing=auto"], seq=seq, image_px=672)

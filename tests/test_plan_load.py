@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from conftest import compose_cfg
 from vlm_finetune.config import lora_settings, model_settings
-from vlm_finetune.memory.planner import plan_memory
 from vlm_finetune.memory.report import GiB
 from vlm_finetune.models.registry import get_family, parse_trainability
+from vlm_finetune.plan import plan_memory
 from vlm_finetune.precision import weights_policy
 from vlm_finetune.trainability import build_trainable_model
 

@@ -110,7 +110,7 @@ def test_zero_on_cpu_ranks_trains_the_ddp_adapter_and_it_reloads(model, trainer,
 def test_planner_bytes_per_rank_equal_what_deepspeed_holds(model, trainer, precision, extra, tmp_path):
     """The planner's parameter and optimizer bytes per GPU, from a meta-device build, against the tensors
     DeepSpeed really holds on each of two ranks after a step (zero_probe.py reads them)."""
-    from vlm_finetune.memory.planner import plan_memory
+    from vlm_finetune.plan import plan_memory
 
     overrides = [f"model={model}", f"trainer={trainer}", f"precision={precision}", "hardware=cpu",
                  "hardware.devices=2", *extra]

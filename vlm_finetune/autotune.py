@@ -11,7 +11,7 @@ from PIL import Image
 
 from vlm_finetune.data.sample import IGNORE_INDEX, Message, Sample
 from vlm_finetune.errors import ConfigError
-from vlm_finetune.memory.planner import plan_memory
+from vlm_finetune.memory.planner import plan_run
 from vlm_finetune.memory.search import largest_size
 from vlm_finetune.module import batch_loss_sum
 from vlm_finetune.precision import weights_policy
@@ -45,13 +45,14 @@ def check_auto_options(settings: RunSettings, hardware: Any) -> None:
                           "(or a number of layers) on the CPU")
 
 
-def resolve_activation_checkpointing(cfg: Any, overrides: list[str] | None = None) -> tuple[int, str] | None:
+def resolve_activation_checkpointing(settings: RunSettings, overrides: list[str] | None = None
+                                     ) -> tuple[int, str] | None:
     """For `model.activation_checkpointing=auto`, (layers, scope) of the plan with the least recompute whose
     planned peak fits the hardware budget: whole layers or only their MLPs (selective), unless the command
     line fixes `speed.checkpoint_scope`; every whole layer when nothing fits. None when it is not auto."""
-    if not is_auto(cfg.model.activation_checkpointing):
+    if not is_auto(settings.model.activation_checkpointing):
         return None
-    plan = plan_memory(list(overrides or []), cfg=cfg)
+    plan = plan_run(settings, list(overrides or []))
     what = "decoder layers" if plan.checkpoint_scope == "layer" else "decoder layers' MLPs (selective)"
     print(f"vlm_finetune: activation checkpointing auto: {plan.checkpointed_layers} of {plan.num_layers} {what} "
           f"(planned peak {plan.peak_bytes / 2**30:.1f} GiB of {plan.budget_bytes / 2**30:.1f} GiB)", flush=True)

@@ -7,8 +7,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
+
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.hardware import env_global_rank
+from vlm_finetune.rundir import note_folder
 from vlm_finetune.settings import (
     CheckpointSettings,
     DataSettings,
@@ -26,6 +29,14 @@ from vlm_finetune.settings import (
 )
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class RunDirSnapshot(Callback):
+    """A Hydra callback (conf/train.yaml: hydra.callbacks) that notes, before Hydra creates the run folder,
+    whether it exists and what is in it (rundir.remove_created takes back only what this start made)."""
+
+    def on_run_start(self, config: Any, **kwargs: Any) -> None:
+        note_folder(Path(str(config.hydra.run.dir)))
 
 
 def register_resolvers() -> None:
@@ -71,6 +82,12 @@ def compose(overrides: list[str], output_dir: str = "/tmp/vlm_finetune_plan"):
         raise ConfigError(f"the overrides {overrides} do not compose: {err}") from err
     finally:
         restore_gh_from_backup(backup)
+
+
+def settings_for(overrides: list[str]) -> RunSettings:
+    """The settings of the training config these overrides compose (what the planner's suggestions and the
+    out-of-memory report plan from)."""
+    return read_settings(compose(list(overrides)))
 
 
 def hydra_overrides() -> list[str] | None:

@@ -6,9 +6,23 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vlm_finetune.config import settings_for
 from vlm_finetune.errors import ConfigError
-from vlm_finetune.memory import planner
-from vlm_finetune.memory.suggest import plan_with_suggestions
+from vlm_finetune.memory import planner, suggest
+from vlm_finetune.memory.report import MemoryPlan
+
+
+def plan_memory(overrides: list[str], seq: int | None = None, image_px: int | None = None,
+                images: int = 1) -> MemoryPlan:
+    """The memory plan of the training run these overrides configure (no suggestions)."""
+    return planner.plan_run(settings_for(overrides), list(overrides), seq, image_px, images)
+
+
+def plan_with_suggestions(overrides: list[str], seq: int | None = None, image_px: int | None = None,
+                          images: int = 1) -> MemoryPlan:
+    """The plan of these overrides with, when it does not fit, the changes that make it fit."""
+    return suggest.plan_with_suggestions(settings_for(overrides), list(overrides), settings_for, seq, image_px,
+                                         images)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,9 +8,6 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
-
-from hydra.experimental.callback import Callback
 
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.io import sweep_partial_files
@@ -20,13 +17,10 @@ LOCK_NAME = ".vlm_finetune.lock"
 _BEFORE: dict[str, set[str] | None] = {}
 
 
-class RunDirSnapshot(Callback):
-    """A Hydra callback (conf/train.yaml) that notes, before Hydra creates the run folder, whether it exists
-    and what is in it."""
-
-    def on_run_start(self, config: Any, **kwargs: Any) -> None:
-        folder = Path(str(config.hydra.run.dir)).resolve()
-        _BEFORE[str(folder)] = {p.name for p in folder.iterdir()} if folder.is_dir() else None
+def note_folder(run_dir: Path) -> None:
+    """What the run folder holds before this invocation writes to it (config.RunDirSnapshot calls it)."""
+    folder = Path(run_dir).resolve()
+    _BEFORE[str(folder)] = {p.name for p in folder.iterdir()} if folder.is_dir() else None
 
 
 def remove_created(run_dir: Path) -> list[Path]:

@@ -23,7 +23,7 @@ from vlm_finetune.adapters import AdapterSaver
 from vlm_finetune.autotune import check_auto_options, resolve_activation_checkpointing, search_micro_batch
 from vlm_finetune.callbacks import StepProgressBar
 from vlm_finetune.checkpointing import CHECKPOINT_DIR
-from vlm_finetune.config import hydra_overrides, read_settings
+from vlm_finetune.config import hydra_overrides, read_settings, settings_for
 from vlm_finetune.data.datamodule import VLMDataModule, build_datasets, check_samples_fit
 from vlm_finetune.data.packing import pack_length
 from vlm_finetune.errors import ConfigError
@@ -153,7 +153,7 @@ def _resolve_auto(cfg: DictConfig, settings: RunSettings, family, model, process
     """`auto` options become numbers in the settings and in the run's config (so in its config.yaml):
     checkpointed layers from the memory plan, before the model is built; the micro-batch from real steps, after."""
     if model is None:
-        chosen = resolve_activation_checkpointing(cfg, hydra_overrides())
+        chosen = resolve_activation_checkpointing(settings, hydra_overrides())
         if chosen is not None:
             with open_dict(cfg):
                 cfg.model.activation_checkpointing, cfg.speed.checkpoint_scope = chosen
@@ -319,7 +319,7 @@ def _train(cfg: DictConfig, settings: RunSettings, callbacks: list | None, modes
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None,
                     weights_only=not settings.strategy.checkpoint_is_folder if ckpt_path else None)
     except torch.OutOfMemoryError as err:  # report (phase, sizes, snapshot, planner's advice), no partial files
-        raise handle_oom(err, run_dir, trainer, hydra_overrides()) from err
+        raise handle_oom(err, run_dir, trainer, hydra_overrides(), settings_for) from err
     except RuntimeError as err:  # the process group's timeout (or a lost peer) came before the watchdog
         if hardware.world_size < 2 or not is_collective_failure(err):
             raise

@@ -70,7 +70,7 @@ def _ratio(planned: float, measured: float | None) -> float | None:
 
 def check(dry_run: bool, work_dir: Path, timeout: float, layers: int = 2) -> list[dict]:
     """The rows (check, case, status, figures, note, seconds) of the load check: the folder, then each case."""
-    from vlm_finetune.memory.planner import plan_memory
+    from vlm_finetune.plan import plan_memory
 
     started = time.time()
     folder = Path(work_dir) / "folder"

@@ -44,7 +44,7 @@ def bench_ours(overrides: list[str], seq: int, image_px: int, steps: int, device
     started = time.time()
     checkpointing, scope = settings.model.activation_checkpointing, settings.speed.checkpoint_scope
     if is_auto(checkpointing):  # as train() does: the plan with the least recompute that fits
-        checkpointing, scope = resolve_activation_checkpointing(cfg, overrides)
+        checkpointing, scope = resolve_activation_checkpointing(settings, overrides)
     model, plan = build_trainable_model(family, settings.model, parse_trainability(settings.trainability),
                                         settings.lora, policy, checkpointed_layers=checkpointing,
                                         checkpoint_scope=scope, device=device)

@@ -30,7 +30,7 @@ from pathlib import Path
 from vlm_finetune.bench import load_compare
 from vlm_finetune.bench.measure import DEFAULT_BASELINE, append_report, result_line, run_baseline, run_python
 from vlm_finetune.io import write_atomic
-from vlm_finetune.memory.planner import plan_memory
+from vlm_finetune.plan import plan_memory
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 GiB = 2**30

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from vlm_finetune.memory.count import ModelCount
 from vlm_finetune.precision import WeightsPolicy
-from vlm_finetune.settings import RunSettings, StrategySettings
+from vlm_finetune.settings import RunSettings
 from vlm_finetune.strategies import ZeroSizes, zero_knobs
 
 ADAM_STATES = 2
@@ -58,16 +58,11 @@ class PlanInputs:
         return sum(group.numel for group in self.count.groups if group.kind != "frozen")
 
 
-def strategy_and_stage(strategy: StrategySettings) -> tuple[str, int]:
-    """trainer.strategy and the ZeRO stage (0 unless DeepSpeed)."""
-    return strategy.strategy, strategy.zero_stage
-
-
 def plan_inputs(settings: RunSettings, dims: dict, count: ModelCount, modes: dict, world: int, policy: WeightsPolicy,
                 expert_lora: bool) -> PlanInputs:
     """`expert_lora`: LoRA goes on the fused MoE expert tensors (Family.lora_target_parameters)."""
     trainer = settings.strategy
-    strategy, stage = strategy_and_stage(trainer)
+    strategy, stage = trainer.strategy, trainer.zero_stage
     loss, optimizer = settings.loss, settings.optimizer
     states = ADAM_STATES if optimizer.name == "adamw" else (1 if optimizer.momentum else 0)
 

@@ -10,7 +10,7 @@ import torch
 
 from vlm_finetune.io import atomic_path, sweep_partial_files, write_atomic
 from vlm_finetune.memory.monitor import CudaMemoryStats, GiB, MemoryMonitor, MemoryStats
-from vlm_finetune.memory.suggest import plan_with_suggestions
+from vlm_finetune.memory.suggest import SettingsFor, plan_with_suggestions
 
 OOM_REPORT = "oom_report.txt"
 OOM_SNAPSHOT = "oom_memory_snapshot.pickle"
@@ -26,9 +26,11 @@ _SIZE = re.compile(r"Tried to allocate ([\d.]+ [KMGT]?i?B)")
 
 
 def oom_report(run_dir: Path, error: BaseException, monitor: MemoryMonitor | None, overrides: list[str] | None,
-               step: int | None = None, stats: MemoryStats | None = None) -> Path:
+               step: int | None = None, stats: MemoryStats | None = None,
+               settings_for: SettingsFor | None = None) -> Path:
     """Write the memory snapshot (CUDA) and `oom_report.txt` into the run folder, atomically; returns the
-    report's path. Names the phase, the sizes involved and the planner's suggestions."""
+    report's path. Names the phase, the sizes involved and the planner's suggestions (planned from the settings
+    `settings_for` gives for the run's overrides)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     stats = stats or (monitor.stats if monitor is not None else None)
     if stats is None and torch.cuda.is_available():
@@ -64,18 +66,18 @@ def oom_report(run_dir: Path, error: BaseException, monitor: MemoryMonitor | Non
     else:
         lines.append("memory snapshot: not written (the memory monitor was off: memory.monitor=true records it)")
     lines += ["", "what the planner suggests:"]
-    lines += _planner_advice(overrides)
+    lines += _planner_advice(overrides, settings_for)
     report = run_dir / OOM_REPORT
     write_atomic(report, "\n".join(lines) + "\n")
     return report
 
 
-def _planner_advice(overrides: list[str] | None) -> list[str]:
-    if overrides is None:
+def _planner_advice(overrides: list[str] | None, settings_for: SettingsFor | None) -> list[str]:
+    if overrides is None or settings_for is None:
         return ["  (the run's command-line overrides are unknown here) run: python -m vlm_finetune.plan <the same "
                 "overrides as training>"]
     try:
-        plan = plan_with_suggestions(list(overrides))
+        plan = plan_with_suggestions(settings_for(overrides), list(overrides), settings_for)
     except Exception as err:  # the report must be written whatever the planner thinks
         return [f"  planner unavailable: {err}",
                 f"  run: python -m vlm_finetune.plan {' '.join(overrides)}"]
@@ -92,13 +94,14 @@ def _planner_advice(overrides: list[str] | None) -> list[str]:
     return out
 
 
-def handle_oom(error: BaseException, run_dir: Path, trainer: Any, overrides: list[str] | None) -> TrainingOutOfMemory:
+def handle_oom(error: BaseException, run_dir: Path, trainer: Any, overrides: list[str] | None,
+               settings_for: SettingsFor) -> TrainingOutOfMemory:
     """Report an out-of-memory error of a training run: snapshot + report, no partial files left. Returns
     the error to raise (with the report's path and the phase in its message)."""
     monitor = next((callback for callback in getattr(trainer, "callbacks", []) if isinstance(callback, MemoryMonitor)),
                    None)
     step = getattr(trainer, "global_step", None)
-    report = oom_report(run_dir, error, monitor, overrides, step)
+    report = oom_report(run_dir, error, monitor, overrides, step, settings_for=settings_for)
     sweep_partial_files(run_dir)
     phase = monitor.phase if monitor is not None and monitor.stats is not None else "unknown phase"
     return TrainingOutOfMemory(f"CUDA out of memory in {phase} at optimizer step {step}; report: {report}. "

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlm_finetune.config import compose, model_settings, read_settings
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.hardware import resolve
 from vlm_finetune.memory.activations import (
@@ -32,7 +31,7 @@ from vlm_finetune.memory.activations import (
     trained_vision_rows,
 )
 from vlm_finetune.memory.count import count_model
-from vlm_finetune.memory.inputs import PlanInputs, plan_inputs, strategy_and_stage
+from vlm_finetune.memory.inputs import PlanInputs, plan_inputs
 from vlm_finetune.memory.load_plan import gpu_at_load, plan_load
 from vlm_finetune.memory.report import GiB, MemoryPlan, Row
 from vlm_finetune.memory.search import fastest_checkpointing, largest_micro_batch
@@ -40,7 +39,7 @@ from vlm_finetune.memory.state_rows import optimizer_rows, parameter_rows, strat
 from vlm_finetune.models.base import Mode, Part, parse_trainability
 from vlm_finetune.models.registry import get_family
 from vlm_finetune.precision import check_precision, weights_policy
-from vlm_finetune.settings import is_auto
+from vlm_finetune.settings import RunSettings, is_auto
 from vlm_finetune.strategies import check_combination
 from vlm_finetune.trainability import CHECKPOINT_SCOPES, builds_partitioned, checkpointed_layer_count
 
@@ -50,13 +49,10 @@ NCCL_BYTES = int(0.5 * GiB)           # NCCL communicators and their buffers, mu
 FRAGMENTATION = 0.06                  # reserved / allocated - 1 seen on the H100 runs: 1.03-1.09
 
 
-def sample_geometry(cfg: Any, seq: int | None, image_px: int | None) -> tuple[int, int]:
+def sample_geometry(settings: RunSettings, seq: int | None, image_px: int | None) -> tuple[int, int]:
     """(tokens per sample, image side in pixels): the given values, else the configured ones (the largest
     image a GLM-4.1V processor makes, max_image_size, where the model config has one)."""
-    model = model_settings(cfg.model)
-    seq = int(seq or cfg.data.max_length)
-    image_px = int(image_px or model.largest_image_side)
-    return seq, image_px
+    return int(seq or settings.data.max_length), int(image_px or settings.model.largest_image_side)
 
 
 def _micro_batch(value: Any) -> int | None:
@@ -69,21 +65,20 @@ def _micro_batch(value: Any) -> int | None:
 
 
 # --- the plan ---------------------------------------------------------------------------------------------
-def plan_memory(overrides: list[str], seq: int | None = None, image_px: int | None = None, images: int = 1,
-                cfg: Any = None) -> MemoryPlan:
-    """The memory plan of a training run configured by `overrides` (the training command's overrides), or
-    by `cfg` when the run has composed it already. No suggestions (memory.suggest adds them)."""
-    cfg = cfg if cfg is not None else compose(list(overrides))
-    settings = read_settings(cfg)
+def plan_run(settings: RunSettings, overrides: list[str], seq: int | None = None, image_px: int | None = None,
+             images: int = 1) -> MemoryPlan:
+    """The memory plan of a training run with these settings (`overrides`: the training command's overrides
+    they were composed from, for the plan's command line). No suggestions (memory.suggest adds them);
+    `vlm_finetune.plan.plan_memory(overrides)` composes and plans."""
     precision = settings.precision
     check_precision(precision)
     hardware = resolve(settings.hardware)
     check_combination(settings.strategy, hardware, precision)
     modes = parse_trainability(settings.trainability)
     family = get_family(settings.model.family)
-    seq, image_px = sample_geometry(cfg, seq, image_px)
+    seq, image_px = sample_geometry(settings, seq, image_px)
     dims = family.memory_dims(settings.model, image_px)  # Family's default raises a ConfigError naming the method
-    strategy, stage = strategy_and_stage(settings.strategy)
+    strategy, stage = settings.strategy.strategy, settings.strategy.zero_stage
     policy = weights_policy(precision, strategy)
     threshold = int(float(settings.strategy.deepspeed["stage3_param_persistence_threshold"])) if stage == 3 else 0
     count = count_model(settings.model, modes, settings.lora, family, policy, threshold)

@@ -1,27 +1,28 @@
 """Changes that make a plan fit: for each kind of change, cheapest kind first, the first override set whose own
 plan fits; when no single change does, the kinds combined in the same order. Every suggestion is re-planned
-from its own overrides, so its prediction is the one `python -m vlm_finetune.plan` would print for it."""
+from its own overrides, so its prediction is the one `python -m vlm_finetune.plan` would print for it. The
+settings of other overrides come from the caller (`settings_for`: the entry point composes them)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Callable
 
-from vlm_finetune.config import compose, group_options, strategy_settings
+from vlm_finetune.config import group_options
 from vlm_finetune.errors import ConfigError
-from vlm_finetune.memory.planner import plan_memory, sample_geometry, strategy_and_stage
+from vlm_finetune.memory.planner import plan_run, sample_geometry
 from vlm_finetune.memory.report import MemoryPlan, Suggestion
+from vlm_finetune.settings import RunSettings
 
 SUGGESTION_ORDER = ("shard", "micro_batch", "checkpointing", "offload", "nf4", "more_gpus")
+SettingsFor = Callable[[list[str]], RunSettings]
 
 
-def plan_with_suggestions(overrides: list[str], seq: int | None = None, image_px: int | None = None,
-                          images: int = 1, cfg: Any = None) -> MemoryPlan:
-    """The plan of `overrides` (planner.plan_memory) with, when it does not fit, the changes that make it
-    fit."""
-    cfg = cfg if cfg is not None else compose(list(overrides))
-    plan = plan_memory(overrides, seq, image_px, images, cfg=cfg)
+def plan_with_suggestions(settings: RunSettings, overrides: list[str], settings_for: SettingsFor,
+                          seq: int | None = None, image_px: int | None = None, images: int = 1) -> MemoryPlan:
+    """The plan of `settings` (planner.plan_run) with, when it does not fit, the changes that make it fit."""
+    plan = plan_run(settings, overrides, seq, image_px, images)
     if plan.fits is False:
-        seq, image_px = sample_geometry(cfg, seq, image_px)
-        plan.suggestions = suggestions(list(overrides), plan, seq, image_px, images, cfg)
+        seq, image_px = sample_geometry(settings, seq, image_px)
+        plan.suggestions = suggestions(list(overrides), plan, seq, image_px, images, settings, settings_for)
     return plan
 
 
@@ -34,9 +35,10 @@ def _hardware_profiles() -> list[str]:
     return [name for name in group_options("hardware") if name not in ("auto", "cpu")]
 
 
-def _candidates(overrides: list[str], plan: MemoryPlan, cfg: Any) -> list[tuple[str, str, list[list[str]]]]:
+def _candidates(overrides: list[str], plan: MemoryPlan, settings: RunSettings, settings_for: SettingsFor
+                ) -> list[tuple[str, str, list[list[str]]]]:
     """(kind, label, override lists to try in order) for each kind of change, cheapest first."""
-    strategy, stage = strategy_and_stage(strategy_settings(cfg.trainer))
+    strategy, stage = settings.strategy.strategy, settings.strategy.zero_stage
     shards_parameters = strategy == "fsdp" or stage == 3
     out = []
     if not shards_parameters and plan.world_size > 1:
@@ -44,7 +46,7 @@ def _candidates(overrides: list[str], plan: MemoryPlan, cfg: Any) -> list[tuple[
                     [_replace(overrides, "trainer", "zero3"), _replace(overrides, "trainer", "fsdp")]))
     micro_batch = plan.micro_batch_size
     if micro_batch > 1:
-        accumulation = int(cfg.trainer.accumulate_grad_batches)
+        accumulation = int(settings.accumulate_grad_batches)
         tries = []
         for smaller in sorted((size for size in range(1, micro_batch) if micro_batch % size == 0), reverse=True):
             changed = _replace(overrides, "data.micro_batch_size", str(smaller))
@@ -55,11 +57,11 @@ def _candidates(overrides: list[str], plan: MemoryPlan, cfg: Any) -> list[tuple[
         out.append(("checkpointing", "activation checkpointing",
                     [_replace(overrides, "model.activation_checkpointing", "auto"),
                      _replace(overrides, "model.activation_checkpointing", "true")]))
-    if not strategy_settings(cfg.trainer).offload_optimizer:
+    if not settings.strategy.offload_optimizer:
         target = "zero3_offload" if shards_parameters else "zero2_offload"
         out.append(("offload", "offload to CPU memory (DeepSpeed)",
                     [_replace(overrides, "trainer", target), _replace(overrides, "trainer", "zero3_offload")]))
-    if str(cfg.precision.name) != "nf4" and cfg.model.path:
+    if settings.precision != "nf4" and settings.model.path:
         tries = [_replace(overrides, "precision", "nf4")]
         if shards_parameters:  # 4-bit weights cannot be sharded
             unsharded = "zero2" if plan.world_size > 1 else "single"
@@ -69,7 +71,7 @@ def _candidates(overrides: list[str], plan: MemoryPlan, cfg: Any) -> list[tuple[
         out.append(("nf4", "4-bit base (QLoRA)", tries))
     bigger = []
     for name in _hardware_profiles():
-        hardware = compose([f"hardware={name}"]).hardware
+        hardware = settings_for([f"hardware={name}"]).hardware
         gpus = int(hardware.devices) * int(hardware.num_nodes)
         if gpus * float(hardware.gpu_memory_gib) > plan.world_size * plan.gpu_memory_gib:
             changed = _replace(overrides, "hardware", name)
@@ -81,20 +83,21 @@ def _candidates(overrides: list[str], plan: MemoryPlan, cfg: Any) -> list[tuple[
     return out
 
 
-def _try(overrides: list[str], seq, image_px, images) -> MemoryPlan | None:
+def _try(overrides: list[str], seq, image_px, images, settings_for: SettingsFor) -> MemoryPlan | None:
     try:
-        return plan_memory(overrides, seq, image_px, images)
+        return plan_run(settings_for(overrides), overrides, seq, image_px, images)
     except ConfigError:
         return None  # a combination the trainer refuses (e.g. nf4 with ZeRO-3) is no suggestion
 
 
-def suggestions(overrides: list[str], plan: MemoryPlan, seq, image_px, images, cfg: Any) -> list[Suggestion]:
+def suggestions(overrides: list[str], plan: MemoryPlan, seq, image_px, images, settings: RunSettings,
+                settings_for: SettingsFor) -> list[Suggestion]:
     """For each kind of change, cheapest kind first, the first override set whose own plan fits. When no
     single change fits, changes are combined in the same order until the plan fits."""
     found: list[Suggestion] = []
-    for _kind, label, tries in _candidates(overrides, plan, cfg):
+    for _kind, label, tries in _candidates(overrides, plan, settings, settings_for):
         for candidate in tries:
-            candidate_plan = _try(candidate, seq, image_px, images)
+            candidate_plan = _try(candidate, seq, image_px, images, settings_for)
             if candidate_plan is not None and candidate_plan.fits:
                 found.append(Suggestion(label, candidate, candidate_plan))
                 break
@@ -103,10 +106,10 @@ def suggestions(overrides: list[str], plan: MemoryPlan, seq, image_px, images, c
     combined, current, labels = list(overrides), plan, []
     for _ in range(len(SUGGESTION_ORDER)):
         step = None
-        for _kind, label, tries in _candidates(combined, current, compose(combined)):
+        for _kind, label, tries in _candidates(combined, current, settings_for(combined), settings_for):
             best = None
             for candidate in tries:
-                candidate_plan = _try(candidate, seq, image_px, images)
+                candidate_plan = _try(candidate, seq, image_px, images, settings_for)
                 if candidate_plan is None or candidate_plan.peak_bytes >= current.peak_bytes:
                     continue
                 if best is None or candidate_plan.peak_bytes < best[1].peak_bytes:
