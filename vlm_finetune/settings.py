@@ -3,6 +3,7 @@ and everything below it takes instead of config nodes. Nothing here has a defaul
 where each default is written once. The checks that need no model are made where the values are read."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -53,9 +54,10 @@ class ModelSettings:
                               f"reads; add it to conf/model/{self.name}.yaml")
         return self.options[key]
 
-    def has(self, key: str) -> bool:
-        """Whether an optional key was given (the `+model.x=...` ones that no model config declares)."""
-        return self.options.get(key) is not None
+    def option_copy(self, key: str) -> dict:
+        """A family's own mapping (`llm`, `vision`, `config`, ...) as a deep copy the family may change; null: {}."""
+        value = self.option(key)
+        return {} if value is None else copy.deepcopy(dict(value))
 
     @property
     def largest_image_side(self) -> int:

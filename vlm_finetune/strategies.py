@@ -77,18 +77,23 @@ def zero_knobs(settings: StrategySettings, sizes: ZeroSizes) -> dict[str, int]:
     hold every trainable gradient at most (DeepSpeed allocates a bucket whole, however little trains); ZeRO-3 keeps
     at most two of the largest layers gathered at once, and a parameter gathered for reuse only when it is used
     again within one such layer."""
-    def value(key: str, auto: int) -> int:
-        raw = settings.deepspeed[key]
-        return int(auto) if is_auto(raw) else int(float(raw))
-
     bucket = min(AUTO_BUCKET_CAP, max(sizes.trainable_numel, 1))
     unit = max(sizes.largest_unit_numel, 1)
-    return {"reduce_bucket_size": value("reduce_bucket_size", bucket),
-            "allgather_bucket_size": value("allgather_bucket_size", bucket),
-            "stage3_prefetch_bucket_size": value("stage3_prefetch_bucket_size", unit),
-            "stage3_param_persistence_threshold": value("stage3_param_persistence_threshold", 100_000),
-            "stage3_max_live_parameters": value("stage3_max_live_parameters", min(AUTO_LIVE_CAP, 2 * unit)),
-            "stage3_max_reuse_distance": value("stage3_max_reuse_distance", min(AUTO_LIVE_CAP, unit))}
+    auto = {"reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
+            "stage3_max_live_parameters": min(AUTO_LIVE_CAP, 2 * unit),
+            "stage3_max_reuse_distance": min(AUTO_LIVE_CAP, unit)}
+    knobs = {}
+    for key in ("stage3_prefetch_bucket_size", "stage3_param_persistence_threshold", *auto):
+        raw = settings.deepspeed[key]
+        if key in auto and is_auto(raw):
+            knobs[key] = auto[key]
+            continue
+        try:
+            knobs[key] = int(float(raw))
+        except (TypeError, ValueError):
+            raise ConfigError(f"trainer.{key}={raw!r} must be a number of elements"
+                              + (" or auto" if key in auto else "")) from None
+    return knobs
 
 
 def deepspeed_config(settings: StrategySettings, precision: str, micro_batch_size: int, on_gpu: bool,

@@ -4,7 +4,6 @@ layout (config.json, two safetensors shards + index, tokenizer.model, tokenizer_
 through `checkpoint.load_folder`, the path `model.path=/a/glm-4v-9b` takes."""
 from __future__ import annotations
 
-import copy
 import json
 import os
 from pathlib import Path
@@ -27,11 +26,6 @@ RELEASED_CONFIG = {
                       "hidden_size": 1792, "patch_size": 14, "num_heads": 16, "intermediate_size": 15360,
                       "layer_norm_eps": 1e-06, "num_positions": 6401, "image_size": 1120, "scaling_factor": 8},
 }
-
-
-def plain_dict(values) -> dict:
-    """A mapping (of plain settings data) as a deep copy the caller may change; None -> {}."""
-    return {} if values is None else copy.deepcopy(dict(values))
 
 
 def released_config(overrides: dict | None = None, special_ids: dict | None = None) -> dict:
@@ -98,7 +92,7 @@ def ensure_tiny_checkpoint(cache_dir: str | os.PathLike, model: dict) -> Path:
     """The tiny folder of the model settings `model` (ModelSettings.as_dict: `config`, released field names over
     the released values, `vocab_size`, `init_seed`), made once; its weights in two shards, as a multi-shard
     released folder."""
-    plain = plain_dict(model)
+    plain = model
     spec = {"kind": "tiny-glm4v-orig", "version": 1,
             **{k: plain.get(k) for k in ("config", "vocab_size", "init_seed", "initializer_range")}}
     target = Path(cache_dir) / f"{plain.get('name', 'tiny_glm4v')}-{fingerprint(spec)}"

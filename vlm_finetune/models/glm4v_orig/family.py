@@ -56,7 +56,7 @@ class Glm4vOrigFamily(Family):
         folder = self.checkpoint_folder(spec)
         if folder is not None:
             return folder
-        raw = assets.released_config(assets.plain_dict(spec.option("config")))
+        raw = assets.released_config(spec.option_copy("config"))
         return assets.ensure_tokenizer_folder(spec.cache_dir, int(spec.option("vocab_size")),
                                               int(raw["vision_config"]["image_size"]))
 
@@ -66,7 +66,7 @@ class Glm4vOrigFamily(Family):
             return checkpoint.read_config(folder)
         # real size, random weights: the locally made tokenizer's special ids stand in for the released ones
         tokenizer = load_tokenizer(self.tokenizer_folder(spec))
-        raw = assets.released_config(assets.plain_dict(spec.option("config")), assets.tokenizer_ids(tokenizer))
+        raw = assets.released_config(spec.option_copy("config"), assets.tokenizer_ids(tokenizer))
         return checkpoint.config_from_dict(raw, spec.option("initializer_range"))
 
     # -- builders -------------------------------------------------------------------------------------

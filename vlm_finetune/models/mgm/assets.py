@@ -5,7 +5,6 @@ The tiny checkpoint is written in MGM's released layout by `checkpoint.save_fold
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 from pathlib import Path
@@ -33,11 +32,6 @@ TEMPLATE_WORDS = "USER: ASSISTANT: user model system assistant Answer the questi
 KINDS = ("bpe", "sentencepiece")
 # not user-defined pieces of the SentencePiece model: its own unk/bos/eos pieces, and [INST] / [/INST] (text)
 SENTENCEPIECE_TEXT = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]")
-
-
-def plain_dict(values) -> dict:
-    """A mapping (of plain settings data) as a deep copy the caller may change; None -> {}."""
-    return {} if values is None else copy.deepcopy(dict(values))
 
 
 def transformers4_compatible(folder: Path) -> None:

@@ -70,7 +70,7 @@ class MgmFamily(Family):
         """MgmConfig from the `model=` YAML (`llm`, `vision`, `vision_aux`, image and template options)."""
         from transformers import CLIPVisionConfig
 
-        llm = assets.plain_dict(spec.option("llm"))
+        llm = spec.option_copy("llm")
         if "model_type" not in llm:
             raise ConfigError(f"model.llm must name the backbone: model.llm.model_type=gemma|llama|mistral|mixtral "
                               f"(model={spec.name})")
@@ -80,7 +80,7 @@ class MgmFamily(Family):
             llm.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
         text = config_file.text_config_for(model_type, llm)
-        vision = assets.plain_dict(spec.option("vision")) or dict(CLIP_L_336)
+        vision = spec.option_copy("vision") or dict(CLIP_L_336)
         aux = spec.option("vision_aux")
         aux_path = MgmConfig.mm_vision_tower_aux
         if isinstance(aux, str):
@@ -90,7 +90,7 @@ class MgmFamily(Family):
             aux_path = AUX_TOWER_PATHS[aux]
             aux = dict(CONVNEXT[aux])
         else:
-            aux = assets.plain_dict(aux)
+            aux = spec.option_copy("vision_aux")
         vision_config = CLIPVisionConfig(**vision)
         cfg = MgmConfig(
             text_config=text, vision_config=vision_config, aux=aux, mm_hidden_size=vision_config.hidden_size,
