@@ -59,6 +59,20 @@ def resolve_activation_checkpointing(settings: RunSettings, overrides: list[str]
     return int(plan.checkpointed_layers), plan.checkpoint_scope
 
 
+def resolve_val_batch(settings: RunSettings, overrides: list[str] | None = None) -> int | None:
+    """For `data.val_batch_size=auto`, the plan's validation batch: the largest (up to 8 training micro-batches and
+    the rank's share of the validation set) whose peak stays within the training step's (memory/validation.py).
+    None when it is not auto."""
+    if not is_auto(settings.data.val_batch_size):
+        return None
+    plan = plan_run(settings, list(overrides or []))
+    chosen = plan.validation
+    print(f"vlm_finetune: data.val_batch_size auto: {chosen.batch_size} (validation's planned peak "
+          f"{chosen.allocated_bytes / 2**30:.2f} GiB within the step's {plan.allocated_bytes / 2**30:.2f} GiB)",
+          flush=True)
+    return int(chosen.batch_size)
+
+
 def largest_fitting(step: Callable[[int], None], limit: int) -> int:
     """The largest size in 1..limit for which `step(size)` raises no torch.OutOfMemoryError (the planner's
     search: sizes doubled, then bisected). Raises ConfigError when even 1 does not fit."""

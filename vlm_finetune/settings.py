@@ -166,7 +166,7 @@ class DataSettings:
 
     source: str
     micro_batch_size: Any  # a positive integer, or auto (resolved by the run before the data module exists)
-    val_batch_size: int | None
+    val_batch_size: Any  # a positive integer; None: the micro-batch; auto: the plan's (memory/validation.py)
     max_length: int | None
     truncation: str  # truncate | drop
     on_bad_record: str  # error | skip
@@ -195,6 +195,8 @@ class DataSettings:
         mbs = self.micro_batch_size
         if not is_auto(mbs):
             _positive_int(mbs, "data.micro_batch_size", "or auto (GPU)")
+        if self.val_batch_size is not None and not is_auto(self.val_batch_size):
+            _positive_int(self.val_batch_size, "data.val_batch_size", "or auto (the plan's: within the step's peak)")
 
     def replace(self, **changes: Any) -> DataSettings:
         return dataclasses.replace(self, **changes)

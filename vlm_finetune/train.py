@@ -20,7 +20,12 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vlm_finetune.adapters import AdapterSaver
-from vlm_finetune.autotune import check_auto_options, resolve_activation_checkpointing, search_micro_batch
+from vlm_finetune.autotune import (
+    check_auto_options,
+    resolve_activation_checkpointing,
+    resolve_val_batch,
+    search_micro_batch,
+)
 from vlm_finetune.callbacks import StepProgressBar
 from vlm_finetune.checkpointing import CHECKPOINT_DIR
 from vlm_finetune.config import hydra_overrides, read_settings, settings_for
@@ -151,7 +156,8 @@ def _build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, strategy, ha
 def _resolve_auto(cfg: DictConfig, settings: RunSettings, family, model, processor, hardware: Hardware
                   ) -> RunSettings:
     """`auto` options become numbers in the settings and in the run's config (so in its config.yaml):
-    checkpointed layers from the memory plan, before the model is built; the micro-batch from real steps, after."""
+    checkpointed layers and the validation batch from the memory plan, before the model is built; the micro-batch
+    from real steps, after."""
     if model is None:
         chosen = resolve_activation_checkpointing(settings, hydra_overrides())
         if chosen is not None:
@@ -159,6 +165,11 @@ def _resolve_auto(cfg: DictConfig, settings: RunSettings, family, model, process
                 cfg.model.activation_checkpointing, cfg.speed.checkpoint_scope = chosen
             settings = settings.replace(model=settings.model.replace(activation_checkpointing=chosen[0]),
                                         speed=dataclasses.replace(settings.speed, checkpoint_scope=chosen[1]))
+        val_batch = resolve_val_batch(settings, hydra_overrides())
+        if val_batch is not None:
+            with open_dict(cfg):
+                cfg.data.val_batch_size = val_batch
+            settings = settings.replace(data=settings.data.replace(val_batch_size=val_batch))
     elif is_auto(settings.data.micro_batch_size):  # real steps on this GPU; the global batch stays the same
         micro, accumulate = search_micro_batch(settings, family, model, processor, hardware)
         with open_dict(cfg):

@@ -20,7 +20,7 @@ from vlm_finetune.data.grouping import LengthGroupedSampler, sample_lengths
 from vlm_finetune.data.packing import collate_packed, pack_length
 from vlm_finetune.data.sample import IGNORE_INDEX, Sample, SampleTooLong
 from vlm_finetune.errors import ConfigError, DataError
-from vlm_finetune.settings import DataSettings
+from vlm_finetune.settings import DataSettings, is_auto
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +323,8 @@ class VLMDataModule(L.LightningDataModule):
     def val_dataloader(self):
         dataset = EncodedDataset(self.val_samples, self.processor, self._max_length(), with_generation_prompt=True,
                                  on_bad_record=self.data.on_bad_record)
-        batch_size = int(self.data.val_batch_size or self.micro_batch_size)
+        asked = self.data.val_batch_size  # auto is the plan's number once a run resolved it; the micro-batch without one
+        batch_size = self.micro_batch_size if asked is None or is_auto(asked) else int(asked)
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         return DataLoader(dataset, batch_size=batch_size, sampler=EvalShardSampler(len(dataset), rank, world),

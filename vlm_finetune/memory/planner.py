@@ -36,6 +36,7 @@ from vlm_finetune.memory.load_plan import gpu_at_load, plan_load
 from vlm_finetune.memory.report import GiB, MemoryPlan, Row
 from vlm_finetune.memory.search import fastest_checkpointing, largest_micro_batch
 from vlm_finetune.memory.state_rows import optimizer_rows, parameter_rows, strategy_rows
+from vlm_finetune.memory.validation import plan_validation
 from vlm_finetune.models.base import Mode, Part, parse_trainability
 from vlm_finetune.models.registry import get_family
 from vlm_finetune.precision import check_precision, weights_policy
@@ -47,6 +48,7 @@ from vlm_finetune.trainability import CHECKPOINT_SCOPES, builds_partitioned, che
 CUDA_CONTEXT_BYTES = int(0.6 * GiB)   # CUDA context + cuBLAS/cuDNN workspaces: outside the allocator's count
 NCCL_BYTES = int(0.5 * GiB)           # NCCL communicators and their buffers, multi-GPU only
 FRAGMENTATION = 0.06                  # reserved / allocated - 1 seen on the H100 runs: 1.03-1.09
+STATIC_CATEGORIES = ("parameters", "gradients", "optimizer", "strategy")  # held between steps, and in validation
 
 
 def sample_geometry(settings: RunSettings, seq: int | None, image_px: int | None) -> tuple[int, int]:
@@ -121,6 +123,12 @@ def plan_run(settings: RunSettings, overrides: list[str], seq: int | None = None
                      "parameter, frozen weights included")
     result = build(micro_batch, checkpointed, scope)
     result.notes = notes
+    val_batch = settings.data.val_batch_size
+    static = sum(row.bytes for row in result.rows if row.where == "gpu" and row.category in STATIC_CATEGORIES)
+    result.validation = plan_validation(
+        inputs, static, result.allocated_bytes, seq, images, micro_batch,
+        None if is_auto(val_batch) else int(val_batch or micro_batch),
+        settings.eval.max_new_tokens if settings.eval.generate else 0, settings.data.num_val)
     partitioned = builds_partitioned(family, settings.model, stage == 3, modes, policy,
                                      is_auto(settings.data.micro_batch_size))
     on_host = hardware.accelerator != "gpu" or settings.strategy.offload_parameters

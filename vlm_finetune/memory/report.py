@@ -50,6 +50,7 @@ class MemoryPlan:
     trainable_parameters: int = 0
     load: Any = None  # memory.load_plan.LoadPlan: host memory per node while the model loads
     checkpoint_scope: str = "layer"  # what the checkpointed layers recompute: the whole layer, or its MLP
+    validation: Any = None  # memory.validation.ValidationPlan: the validation phase and its batch
 
     def total(self, category: str | None = None, where: str = "gpu") -> int:
         return sum(row.bytes for row in self.rows
@@ -61,9 +62,15 @@ class MemoryPlan:
         return self.total() - self.total("overhead")
 
     @property
+    def validation_excess(self) -> int:
+        """What validation at the asked batch holds beyond the step's peak (0 at the auto batch)."""
+        return 0 if self.validation is None else max(0, self.validation.allocated_bytes - self.allocated_bytes)
+
+    @property
     def peak_bytes(self) -> int:
-        """Predicted peak per GPU including runtime overhead (what must fit in the GPU)."""
-        return self.total()
+        """Predicted peak per GPU including runtime overhead (what must fit in the GPU): the step's, or the
+        validation's where an asked data.val_batch_size makes that larger."""
+        return self.total() + self.validation_excess
 
     @property
     def budget_bytes(self) -> int:
@@ -114,6 +121,12 @@ class MemoryPlan:
         cpu = [row for row in self.rows if row.where == "cpu" and row.bytes >= 0.005 * GiB]
         for row in cpu:
             lines.append(f"{'cpu memory':<12} {row.item:<62} {row.bytes / GiB:>11.2f}")
+        if self.validation is not None:
+            lines += self.validation.render(self.allocated_bytes)
+            if self.validation_excess:
+                lines.append(f"note: validation at batch {self.validation.batch_size} is the run's peak, "
+                             f"{self.validation_excess / GiB:.2f} GiB above the step's; data.val_batch_size=auto "
+                             "sizes it within the step")
         lines += ["", f"verdict: {self.verdict} ({self.peak_bytes / GiB:.2f} GiB of {self.budget_bytes / GiB:.2f} GiB)"]
         if self.load is not None:
             lines += self.load.render()
