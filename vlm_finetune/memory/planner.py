@@ -124,11 +124,17 @@ def plan_run(settings: RunSettings, overrides: list[str], seq: int | None = None
     result = build(micro_batch, checkpointed, scope)
     result.notes = notes
     val_batch = settings.data.val_batch_size
-    static = sum(row.bytes for row in result.rows if row.where == "gpu" and row.category in STATIC_CATEGORIES)
+    # between steps: parameters, gradients, optimizer states and the strategy's standing buffers
+    static = sum(row.bytes for row in result.rows
+                 if row.where == "gpu" and row.category in STATIC_CATEGORIES and not row.in_flight)
+    # the validation's forward gathers module by module as the step's does (measured: scripts/phase_peaks.py), but
+    # keeps nothing gathered for reuse: the reuse follows the training step's trace
+    gathering = sum(row.bytes for row in result.rows if row.in_flight == "gather")
     result.validation = plan_validation(
-        inputs, static, result.allocated_bytes, seq, images, micro_batch,
+        inputs, static + gathering, result.allocated_bytes, seq, images, micro_batch,
         None if is_auto(val_batch) else int(val_batch or micro_batch),
         settings.eval.max_new_tokens if settings.eval.generate else 0, settings.data.num_val)
+    result.save_bytes = static + inputs.trainable_numel * 4  # the trainables gathered whole, in float32, to write
     partitioned = builds_partitioned(family, settings.model, stage == 3, modes, policy,
                                      is_auto(settings.data.micro_batch_size))
     on_host = hardware.accelerator != "gpu" or settings.strategy.offload_parameters
@@ -243,6 +249,14 @@ def activation_rows(inputs: PlanInputs, tokens: int, micro_batch: int, images: i
         rows.append(Row("activations", f"PEFT expert LoRA: W + delta of {held} MoE layer(s) saved, one gradient "
                                        "(lora.expert_forward=peft)", int((held + 1) * stack)))
 
+    if inputs.stage == 3 and moe_layers and inputs.count.expert_numel and not inputs.expert_lora:
+        # frozen fused experts (no LoRA on them): the grouped-GEMM forward saves its weights for the input's
+        # gradient, so under ZeRO-3 each MoE layer that keeps its activations keeps its gathered expert stack until
+        # its backward (scripts/phase_peaks.py, LoRA on attention); checkpointed layers keep only the one recomputed
+        stack = inputs.count.expert_numel // moe_layers * act_bytes
+        held = kept_moe + (1 if checkpointed_layers > dense_layers else 0)
+        rows.append(Row("activations", f"ZeRO-3: frozen experts' gathered weights saved by {held} MoE layer(s)",
+                        int(held * stack)))
     image_tokens = int(dims["image_tokens_per_image"])
     rows.append(Row("activations", f"image tokens ({image_tokens * images * micro_batch} into the LLM)",
                     int(image_tokens * images * micro_batch * hidden * act_bytes)))

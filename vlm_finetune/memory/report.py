@@ -19,6 +19,9 @@ class Row:
     bytes: int
     where: str = "gpu"
     four_bit: bool = False  # nf4 weights: what the host holds of them while a CPU rank loads (memory/load_plan.py)
+    # held only while the model runs, not between steps: "gather" (modules gathered for a forward or backward, in
+    # validation too), "reuse" (kept gathered along the training step's trace); "" for what stays
+    in_flight: str = ""
 
 
 @dataclass
@@ -51,6 +54,7 @@ class MemoryPlan:
     load: Any = None  # memory.load_plan.LoadPlan: host memory per node while the model loads
     checkpoint_scope: str = "layer"  # what the checkpointed layers recompute: the whole layer, or its MLP
     validation: Any = None  # memory.validation.ValidationPlan: the validation phase and its batch
+    save_bytes: int = 0  # a checkpoint or adapter write: what the step holds between steps + the trainables whole
 
     def total(self, category: str | None = None, where: str = "gpu") -> int:
         return sum(row.bytes for row in self.rows

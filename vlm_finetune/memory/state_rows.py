@@ -104,7 +104,8 @@ def strategy_rows(inputs: PlanInputs) -> list[Row]:
                         inputs.reduce_bucket * gathered_size)]
             fetch = count.largest_fetch_numel
             live = min(fetch + min(inputs.prefetch_bucket, fetch), max(inputs.max_live_parameters, fetch))
-            rows.append(Row("strategy", "ZeRO-3 gathered module + prefetch bucket", live * gathered_size))
+            rows.append(Row("strategy", "ZeRO-3 gathered module + prefetch bucket", live * gathered_size,
+                            in_flight="gather"))
             # after the first step a parameter used again within max_reuse_distance elements stays gathered: what
             # the forward leaves gathered for the backward, at most the model (census: every parameter when the
             # distance exceeds the model)
@@ -112,7 +113,7 @@ def strategy_rows(inputs: PlanInputs) -> list[Row]:
             whole = sum(group.numel - group.persistent_numel for group in count.groups)
             kept = min(inputs.max_reuse_distance, whole) if inputs.max_reuse_distance > fetch else 0
             rows.append(Row("strategy", f"ZeRO-3 parameters kept gathered for reuse (stage3_max_reuse_distance "
-                                        f"{inputs.max_reuse_distance:.2g})", kept * gathered_size))
+                                        f"{inputs.max_reuse_distance:.2g})", kept * gathered_size, in_flight="reuse"))
         else:
             # stage 2 with overlap_comm: two buckets, allocated whole (stage_1_and_2.py: buf_0 and buf_1)
             rows = [Row("strategy", f"ZeRO-2 reduce buckets (2 x {inputs.reduce_bucket:.2g} elements, overlap_comm)",
