@@ -8,7 +8,7 @@ whole model kept gathered (live parameters and reuse distance at DeepSpeed's own
 The plan is asked for the shapes the run really had: the measured step's padded length and the validation's
 largest batch (`--seq`, `data.val_batch_size`). Phases: step (forward, backward, optimizer step), validation, save.
 
-    python scripts/phase_peaks.py [--out /tmp/phase_peaks] [--wide] [--only NAME] [--markdown]
+    python scripts/phase_peaks.py [--out /tmp/phase_peaks] [--wide] [--only NAME] [--markdown] [overrides ...]
 
 About 3 minutes a variation on two cores (the default width). Prints a table; exits non-zero when a phase is
 further than 15% from its plan."""
@@ -81,11 +81,12 @@ def main() -> None:
     parser.add_argument("--wide", action="store_true", help="the issue's 1.6 GB model (about 10 minutes a run)")
     parser.add_argument("--only", choices=sorted(VARIATIONS), action="append")
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    parser.add_argument("extra", nargs="*", help="overrides added to every variation (DeepSpeed settings to try)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     results = {}
     for name in args.only or VARIATIONS:
-        overrides = model_overrides(args.wide) + VARIATIONS[name]
+        overrides = model_overrides(args.wide) + VARIATIONS[name] + args.extra
         results[name] = compare(overrides, measure(args.out / name.replace(" ", "_"), overrides))
     ok = all(row["within"] for phases in results.values() for row in phases.values())
     if args.markdown:

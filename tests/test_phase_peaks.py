@@ -52,9 +52,4 @@ def test_the_zero3_plan_is_within_15_percent_of_each_phase_peak(tmp_path):
     assert set(rows) == {"step", "validation", "save"}
     for phase, row in rows.items():
         assert row["measured_mib"] > 50, (phase, row)  # the model's partition at least: a real measurement
-    for phase in ("validation", "save"):
-        assert abs(rows[phase]["ratio"] - 1) <= TOLERANCE, (phase, rows[phase])
-    # the step is not there yet: 0.85 of the measured peak (what DeepSpeed keeps gathered in the backward with
-    # LoRA on the experts is more than the reuse row says; issue 35's note). Strict: it fails once the plan is right
-    if abs(rows["step"]["ratio"] - 1) > TOLERANCE:
-        pytest.xfail(f"the step's plan is {rows['step']['ratio']:.2f} of the measured peak (issue 35, open)")
+        assert abs(row["ratio"] - 1) <= TOLERANCE, (phase, row)

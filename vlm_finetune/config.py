@@ -185,7 +185,7 @@ def lora_settings(node: Any) -> LoraSettings:
 
 DEEPSPEED_KEYS = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
                   "stage3_param_persistence_threshold", "stage3_max_live_parameters", "stage3_max_reuse_distance",
-                  "stage3_use_all_reduce_for_fetch_params")
+                  "stage3_use_all_reduce_for_fetch_params", "stage3_allgather_sequential")
 
 
 def strategy_settings(node: Any) -> StrategySettings:

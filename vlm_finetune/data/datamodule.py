@@ -323,7 +323,7 @@ class VLMDataModule(L.LightningDataModule):
     def val_dataloader(self):
         dataset = EncodedDataset(self.val_samples, self.processor, self._max_length(), with_generation_prompt=True,
                                  on_bad_record=self.data.on_bad_record)
-        asked = self.data.val_batch_size  # auto is the plan's number once a run resolved it; the micro-batch without one
+        asked = self.data.val_batch_size  # a run resolves auto from its plan; without a run, the micro-batch
         batch_size = self.micro_batch_size if asked is None or is_auto(asked) else int(asked)
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)

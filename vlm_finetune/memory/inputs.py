@@ -40,6 +40,8 @@ class PlanInputs:
     max_reuse_distance: int = 0  # ZeRO-3: a parameter used again within this many elements stays gathered
     expert_lora_stacks: bool = False  # LoRA on fused MoE experts through PEFT's parametrization (W + delta per layer)
     expert_lora: bool = False  # LoRA on the fused MoE experts (either path)
+    gathers_in_place: bool = False  # ZeRO-3 gathers straight into each parameter's buffer (no flat buffer to copy)
+    prefetches: bool = True  # ZeRO-3 prefetches the next module (not with stage3_allgather_sequential)
 
     @property
     def act_bytes(self) -> int:
@@ -86,4 +88,7 @@ def plan_inputs(settings: RunSettings, dims: dict, count: ModelCount, modes: dic
         prefetch_bucket=elements("stage3_prefetch_bucket_size") if stage == 3 else 0,
         max_live_parameters=elements("stage3_max_live_parameters") if stage == 3 else 0,
         max_reuse_distance=elements("stage3_max_reuse_distance") if stage == 3 else 0,
-        expert_lora_stacks=expert_lora and settings.lora.expert_forward == "peft", expert_lora=expert_lora)
+        expert_lora_stacks=expert_lora and settings.lora.expert_forward == "peft", expert_lora=expert_lora,
+        gathers_in_place=stage == 3 and any(bool(trainer.deepspeed[key]) for key in (
+            "stage3_allgather_sequential", "stage3_use_all_reduce_for_fetch_params")),
+        prefetches=stage == 3 and not trainer.deepspeed["stage3_allgather_sequential"])

@@ -4,9 +4,10 @@ peak): `+callbacks.phase_peaks._target_=vlm_finetune.memory.phase_peaks.PhasePea
 Each measured phase starts from a census of every tensor alive in the process (each storage once); a
 TorchDispatchMode then follows every storage an operation makes or resizes, and a weak reference on each storage
 sees it freed, until the phase ends. (torch's MemTracker does the same with per-module attribution, but its module
-hooks refuse frozen parameters and a model called twice per step, as activation checkpointing does.) The phase's peak is the largest total it saw. Phases: `step` (one
-training batch: forward, backward and, at the window's end, the optimizer step; step `step` of the run),
-`validation` (a whole validation loop) and `save` (one checkpoint write). Each rank writes `F.<rank>.json` with
+hooks refuse frozen parameters and a model called twice per step, as activation checkpointing does.) The
+phase's peak is the largest total it saw. Phases: `step` (one training batch: forward, backward and, at the
+window's end, the optimizer step; the `step`-th batch of the run), `validation` (a whole validation loop) and
+`save` (one checkpoint write). Each rank writes `F.<rank>.json` with
 the peaks in bytes and the census at each phase's start. What bypasses the dispatcher (a library's own C++
 allocations, the Python heap) is not a tensor and is not counted: this is the quantity the planner predicts
 (`torch.cuda.max_memory_allocated` on a GPU), not the resident size."""

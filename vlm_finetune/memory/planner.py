@@ -127,8 +127,8 @@ def plan_run(settings: RunSettings, overrides: list[str], seq: int | None = None
     # between steps: parameters, gradients, optimizer states and the strategy's standing buffers
     static = sum(row.bytes for row in result.rows
                  if row.where == "gpu" and row.category in STATIC_CATEGORIES and not row.in_flight)
-    # the validation's forward gathers module by module as the step's does (measured: scripts/phase_peaks.py), but
-    # keeps nothing gathered for reuse: the reuse follows the training step's trace
+    # the validation's forward gathers module by module as the step's does, but neither prefetches nor keeps
+    # anything gathered for reuse: both follow the training step's trace (measured: scripts/phase_peaks.py)
     gathering = sum(row.bytes for row in result.rows if row.in_flight == "gather")
     result.validation = plan_validation(
         inputs, static + gathering, result.allocated_bytes, seq, images, micro_batch,

@@ -20,7 +20,8 @@ class Row:
     where: str = "gpu"
     four_bit: bool = False  # nf4 weights: what the host holds of them while a CPU rank loads (memory/load_plan.py)
     # held only while the model runs, not between steps: "gather" (modules gathered for a forward or backward, in
-    # validation too), "reuse" (kept gathered along the training step's trace); "" for what stays
+    # validation too), "trace" (prefetched or kept gathered along the training step's recorded trace, which
+    # validation's forward does not follow); "" for what stays
     in_flight: str = ""
 
 

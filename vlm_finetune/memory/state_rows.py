@@ -103,9 +103,22 @@ def strategy_rows(inputs: PlanInputs) -> list[Row]:
             rows = [Row("strategy", f"ZeRO-3 reduce bucket ({inputs.reduce_bucket:.2g} elements, allocated whole)",
                         inputs.reduce_bucket * gathered_size)]
             fetch = count.largest_fetch_numel
-            live = min(fetch + min(inputs.prefetch_bucket, fetch), max(inputs.max_live_parameters, fetch))
-            rows.append(Row("strategy", "ZeRO-3 gathered module + prefetch bucket", live * gathered_size,
-                            in_flight="gather"))
+            if inputs.gathers_in_place:
+                # stage3_allgather_sequential (each parameter into its own buffer) or the all-reduce fetch (into the
+                # parameters' final buffers): the module held once
+                rows.append(Row("strategy", "ZeRO-3 gathered module (straight into the parameters' buffers)",
+                                fetch * gathered_size, in_flight="gather"))
+            else:
+                # a gathered module is materialised twice for a moment: DeepSpeed's coalesced all-gather lands in
+                # one flat buffer, and its wait gives each parameter its own copy (torch.cat of the ranks' slices)
+                # while the flat buffer is alive (partition_parameters.py, AllGatherCoalescedHandle.wait); the step's
+                # peak in scripts/phase_peaks.py is that cat
+                rows.append(Row("strategy", "ZeRO-3 gathered module (flat buffer + per-parameter copies)",
+                                2 * fetch * gathered_size, in_flight="gather"))
+            if inputs.prefetches:
+                live = min(fetch + min(inputs.prefetch_bucket, fetch), max(inputs.max_live_parameters, fetch))
+                rows.append(Row("strategy", "ZeRO-3 prefetch of the next module", (live - fetch) * gathered_size,
+                                in_flight="trace"))
             # after the first step a parameter used again within max_reuse_distance elements stays gathered: what
             # the forward leaves gathered for the backward, at most the model (census: every parameter when the
             # distance exceeds the model)
@@ -113,7 +126,7 @@ def strategy_rows(inputs: PlanInputs) -> list[Row]:
             whole = sum(group.numel - group.persistent_numel for group in count.groups)
             kept = min(inputs.max_reuse_distance, whole) if inputs.max_reuse_distance > fetch else 0
             rows.append(Row("strategy", f"ZeRO-3 parameters kept gathered for reuse (stage3_max_reuse_distance "
-                                        f"{inputs.max_reuse_distance:.2g})", kept * gathered_size, in_flight="reuse"))
+                                        f"{inputs.max_reuse_distance:.2g})", kept * gathered_size, in_flight="trace"))
         else:
             # stage 2 with overlap_comm: two buckets, allocated whole (stage_1_and_2.py: buf_0 and buf_1)
             rows = [Row("strategy", f"ZeRO-2 reduce buckets (2 x {inputs.reduce_bucket:.2g} elements, overlap_comm)",

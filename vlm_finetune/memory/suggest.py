@@ -57,6 +57,10 @@ def _candidates(overrides: list[str], plan: MemoryPlan, settings: RunSettings, s
         out.append(("checkpointing", "activation checkpointing",
                     [_replace(overrides, "model.activation_checkpointing", "auto"),
                      _replace(overrides, "model.activation_checkpointing", "true")]))
+    if stage == 3 and not settings.strategy.deepspeed["stage3_allgather_sequential"]:
+        out.append(("gather_in_place", "ZeRO-3 gathers each parameter into its own buffer (no flat-buffer copy, "
+                                       "no prefetch: less overlap)",
+                    [_replace(overrides, "trainer.stage3_allgather_sequential", "true")]))
     if not settings.strategy.offload_optimizer:
         target = "zero3_offload" if shards_parameters else "zero2_offload"
         out.append(("offload", "offload to CPU memory (DeepSpeed)",
