@@ -291,10 +291,10 @@ def test_a_warning_that_arrives_while_a_finished_run_exits_is_not_fatal(tmp_path
 @pytest.mark.parametrize("trainer", [
     pytest.param(["trainer=ddp"], id="ddp"),
     pytest.param(["trainer=zero2"], id="zero2"),
-    # every parameter partitioned
-    pytest.param(["trainer=zero3", "trainer.stage3_param_persistence_threshold=0"], id="zero3"),
-    # MGM is built inside zero.Init (no rank holds it whole) and resumes into its partitions
-    pytest.param(["trainer=zero3", "model=tiny_mgm"], id="zero3-partitioned-build"),
+    # every parameter partitioned; MGM is built inside zero.Init (no rank holds it whole) and resumes into its
+    # partitions
+    pytest.param(["trainer=zero3", "model=tiny_mgm", "trainer.stage3_param_persistence_threshold=0"],
+                 id="zero3-partitioned-build"),
 ])
 def test_multi_rank_run_stopped_and_resumed_equals_uninterrupted(tmp_path, _asset_cache, trainer):
     """Two CPU ranks (gloo; DeepSpeed's CPU backend for zero*): a run that ends at step 3 and is resumed with
