@@ -73,6 +73,19 @@ def resolve_val_batch(settings: RunSettings, overrides: list[str] | None = None)
     return int(chosen.batch_size)
 
 
+def resolve_gather_in_place(settings: RunSettings, overrides: list[str] | None = None) -> bool | None:
+    """For ZeRO-3's `trainer.stage3_allgather_sequential=auto`: true only where the plan fits with it and not
+    without (memory.planner). None when it is not auto or not ZeRO-3."""
+    if not settings.strategy.is_zero3 or not is_auto(settings.strategy.deepspeed.get("stage3_allgather_sequential")):
+        return None
+    plan = plan_run(settings, list(overrides or []))
+    chosen = bool(plan.choices.get("trainer.stage3_allgather_sequential", False))
+    if chosen:
+        print("vlm_finetune: trainer.stage3_allgather_sequential auto: true (each parameter gathered into its own "
+              f"buffer, no prefetch: the plan fits only so, {plan.peak_bytes / 2**30:.1f} GiB)", flush=True)
+    return chosen
+
+
 def largest_fitting(step: Callable[[int], None], limit: int) -> int:
     """The largest size in 1..limit for which `step(size)` raises no torch.OutOfMemoryError (the planner's
     search: sizes doubled, then bisected). Raises ConfigError when even 1 does not fit."""

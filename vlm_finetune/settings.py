@@ -137,6 +137,17 @@ class StrategySettings:
         """The process groups' timeout (watchdog.RunWatchdog uses the same)."""
         return timedelta(seconds=float(self.collective_timeout_s))
 
+    def with_deepspeed(self, **changes: Any) -> StrategySettings:
+        return dataclasses.replace(self, deepspeed=frozen_mapping({**self.deepspeed, **changes}))
+
+    @property
+    def gathers_sequentially(self) -> bool:
+        """ZeRO-3's stage3_allgather_sequential as the run applies it (auto is false until a plan resolves it)."""
+        value = self.deepspeed.get("stage3_allgather_sequential", False)
+        if not isinstance(value, bool) and not is_auto(value):
+            raise ConfigError(f"trainer.stage3_allgather_sequential={value!r}: use true, false or auto")
+        return value is True
+
     @property
     def is_zero3(self) -> bool:
         return self.strategy == "deepspeed" and self.zero_stage == 3

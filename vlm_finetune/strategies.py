@@ -119,7 +119,7 @@ def deepspeed_config(settings: StrategySettings, precision: str, micro_batch_siz
             "stage3_max_reuse_distance": knobs["stage3_max_reuse_distance"],
             "stage3_use_all_reduce_for_fetch_params":
                 bool(settings.deepspeed["stage3_use_all_reduce_for_fetch_params"]),
-            "stage3_allgather_sequential": bool(settings.deepspeed["stage3_allgather_sequential"]),
+            "stage3_allgather_sequential": settings.gathers_sequentially,
             # the adapter is gathered by us on save; never write a 16-bit copy of the whole model
             "stage3_gather_16bit_weights_on_model_save": False,
         })

@@ -23,6 +23,7 @@ from vlm_finetune.adapters import AdapterSaver
 from vlm_finetune.autotune import (
     check_auto_options,
     resolve_activation_checkpointing,
+    resolve_gather_in_place,
     resolve_val_batch,
     search_micro_batch,
 )
@@ -165,6 +166,11 @@ def _resolve_auto(cfg: DictConfig, settings: RunSettings, family, model, process
                 cfg.model.activation_checkpointing, cfg.speed.checkpoint_scope = chosen
             settings = settings.replace(model=settings.model.replace(activation_checkpointing=chosen[0]),
                                         speed=dataclasses.replace(settings.speed, checkpoint_scope=chosen[1]))
+        in_place = resolve_gather_in_place(settings, hydra_overrides())
+        if in_place is not None:
+            with open_dict(cfg):
+                cfg.trainer.stage3_allgather_sequential = in_place
+            settings = settings.replace(strategy=settings.strategy.with_deepspeed(stage3_allgather_sequential=in_place))
         val_batch = resolve_val_batch(settings, hydra_overrides())
         if val_batch is not None:
             with open_dict(cfg):

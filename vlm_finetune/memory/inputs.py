@@ -89,6 +89,6 @@ def plan_inputs(settings: RunSettings, dims: dict, count: ModelCount, modes: dic
         max_live_parameters=elements("stage3_max_live_parameters") if stage == 3 else 0,
         max_reuse_distance=elements("stage3_max_reuse_distance") if stage == 3 else 0,
         expert_lora_stacks=expert_lora and settings.lora.expert_forward == "peft", expert_lora=expert_lora,
-        gathers_in_place=stage == 3 and any(bool(trainer.deepspeed[key]) for key in (
-            "stage3_allgather_sequential", "stage3_use_all_reduce_for_fetch_params")),
-        prefetches=stage == 3 and not trainer.deepspeed["stage3_allgather_sequential"])
+        gathers_in_place=stage == 3 and (trainer.gathers_sequentially
+                                         or bool(trainer.deepspeed["stage3_use_all_reduce_for_fetch_params"])),
+        prefetches=stage == 3 and not trainer.gathers_sequentially)

@@ -135,6 +135,17 @@ def plan_run(settings: RunSettings, overrides: list[str], seq: int | None = None
         None if is_auto(val_batch) else int(val_batch or micro_batch),
         settings.eval.max_new_tokens if settings.eval.generate else 0, settings.data.num_val)
     result.save_bytes = static + inputs.trainable_numel * 4  # the trainables gathered whole, in float32, to write
+    if stage == 3 and is_auto(settings.strategy.deepspeed.get("stage3_allgather_sequential")):
+        result.choices["trainer.stage3_allgather_sequential"] = False
+        if result.fits is False:  # auto: gather in place only where that is what makes the step fit
+            in_place = settings.replace(strategy=settings.strategy.with_deepspeed(stage3_allgather_sequential=True))
+            alternative = plan_run(in_place, overrides, seq, image_px, images)
+            if alternative.fits:
+                alternative.choices["trainer.stage3_allgather_sequential"] = True
+                alternative.notes.append("trainer.stage3_allgather_sequential=auto: true: with each parameter "
+                                         "gathered into its own buffer (no flat-buffer copy, no prefetch) the step "
+                                         f"fits; it does not otherwise ({result.peak_bytes / GiB:.2f} GiB)")
+                return alternative
     partitioned = builds_partitioned(family, settings.model, stage == 3, modes, policy,
                                      is_auto(settings.data.micro_batch_size))
     on_host = hardware.accelerator != "gpu" or settings.strategy.offload_parameters

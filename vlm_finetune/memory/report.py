@@ -56,6 +56,7 @@ class MemoryPlan:
     checkpoint_scope: str = "layer"  # what the checkpointed layers recompute: the whole layer, or its MLP
     validation: Any = None  # memory.validation.ValidationPlan: the validation phase and its batch
     save_bytes: int = 0  # a checkpoint or adapter write: what the step holds between steps + the trainables whole
+    choices: dict = field(default_factory=dict)  # `auto` options the plan resolved (option -> value), for the run
 
     def total(self, category: str | None = None, where: str = "gpu") -> int:
         return sum(row.bytes for row in self.rows

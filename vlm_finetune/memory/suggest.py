@@ -57,7 +57,7 @@ def _candidates(overrides: list[str], plan: MemoryPlan, settings: RunSettings, s
         out.append(("checkpointing", "activation checkpointing",
                     [_replace(overrides, "model.activation_checkpointing", "auto"),
                      _replace(overrides, "model.activation_checkpointing", "true")]))
-    if stage == 3 and not settings.strategy.deepspeed["stage3_allgather_sequential"]:
+    if stage == 3 and not settings.strategy.gathers_sequentially:
         out.append(("gather_in_place", "ZeRO-3 gathers each parameter into its own buffer (no flat-buffer copy, "
                                        "no prefetch: less overlap)",
                     [_replace(overrides, "trainer.stage3_allgather_sequential", "true")]))
