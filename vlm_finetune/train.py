@@ -34,7 +34,7 @@ from vlm_finetune.memory.load_measured import LoadMemory
 from vlm_finetune.memory.monitor import MemoryMonitor
 from vlm_finetune.memory.oom import handle_oom
 from vlm_finetune.models.base import Mode, Part
-from vlm_finetune.models.moe_ep import shard_experts
+from vlm_finetune.models.moe_ep import expert_bytes, shard_experts
 from vlm_finetune.models.registry import get_family, parse_trainability
 from vlm_finetune.module import VLMModule
 from vlm_finetune.plots import plot_training_curves
@@ -244,7 +244,10 @@ def _model_builder(settings: RunSettings, release: str, family, modes: dict, pol
                       "parameters", flush=True)
         if device != "meta":
             if settings.strategy.expert_parallel > 1:  # this rank's experts only, before the engine sees them
-                shard_experts(model, settings.strategy.expert_parallel, env_global_rank())
+                whole = expert_bytes(model)
+                layers = shard_experts(model, settings.strategy.expert_parallel, env_global_rank())
+                print(f"vlm_finetune: expert parallel: rank {env_global_rank()} holds {expert_bytes(model):,} of "
+                      f"the experts' {whole:,} bytes ({layers} MoE layers)", flush=True)
             if settings.speed.compile:
                 compile_regions(model, family)
             set_zero3_leaves(model, family, settings.strategy)

@@ -1,0 +1,89 @@
+"""Expert parallelism (trainer=ddp trainer.expert_parallel=2) on two CPU ranks equals DDP without it: the same
+logged losses and the same trained adapter (LoRA on attention and on the experts; float32 and nf4 experts),
+while each rank holds half of every MoE layer's expert bytes. And the ConfigErrors come before any weight
+loads."""
+from __future__ import annotations
+
+import csv
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import compose_cfg, run_cli
+from vlm_finetune.errors import ConfigError
+
+COMMON = ["hardware=cpu", "hardware.devices=2", "trainer.max_steps=2", "data.num_train=32", "data.num_val=4",
+          "data.micro_batch_size=4", "data.val_batch_size=2", "lora.dropout=0.0", "optimizer=sgd", "optimizer.lr=0.2",
+          "scheduler=constant", "trainer.val_every_n_steps=null", "trainer.enable_progress_bar=false",
+          "trainer.log_every_n_steps=1"]
+
+
+def _losses(run_dir: Path) -> list[float]:
+    with open(run_dir / "csv" / "metrics.csv") as handle:
+        return [float(r["train_loss"]) for r in csv.DictReader(handle) if r.get("train_loss")]
+
+
+def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("model,precision,scope", [
+    ("tiny_mgm_moe", "32-true", "all"),  # LoRA on attention, and on every expert (per expert, replicated)
+    ("tiny_mgm_moe", "nf4", "attention"),  # 4-bit experts (LoRA on 4-bit experts is refused without EP too)
+    ("tiny_glm45v", "32-true", "all"),  # sigmoid router with its correction bias, a shared expert
+    ("tiny_glm45v", "nf4", "attention"),
+])
+def test_expert_parallel_on_two_ranks_equals_ddp(model, precision, scope, tmp_path):
+    from vlm_finetune.train import train
+
+    args = [f"model={model}", f"precision={precision}", f"lora.llm_modules={scope}", *COMMON]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    runs = {}
+    for name, extra in (("ddp", []), ("ep", ["trainer.expert_parallel=2"])):
+        runs[name] = tmp_path / name
+        result = run_cli(["trainer=ddp", *args, *extra, f"hydra.run.dir={runs[name]}"], timeout=600, env=env)
+        assert result.returncode == 0, result.stderr[-4000:]
+        if name == "ep":
+            held = re.findall(r"expert parallel: rank (\d) holds ([\d,]+) of the experts' ([\d,]+) bytes", result.stdout)
+            assert sorted(r for r, _, _ in held) == ["0", "1"], result.stdout[-2000:]
+            for _, part, whole in held:  # measured on each rank after the cut
+                assert int(part.replace(",", "")) * 2 == int(whole.replace(",", "")) > 0
+    init = tmp_path / "init"  # the adapter as initialised (same seed), to measure the update against
+    train(compose_cfg([*[a for a in args if not a.startswith(("hardware.devices", "trainer.max_steps"))],
+                       "trainer=single", "trainer.max_steps=0"], init))
+
+    torch.testing.assert_close(torch.tensor(_losses(runs["ep"])), torch.tensor(_losses(runs["ddp"])), rtol=1e-5, atol=0)
+    ep, ddp, start = _adapter(runs["ep"]), _adapter(runs["ddp"]), _adapter(init)
+    assert ep.keys() == ddp.keys() == start.keys()
+    if scope == "all":
+        assert any(".experts." in k for k in ep)  # the experts' LoRA, saved whole (every expert)
+    moved = 0
+    for key in ep:
+        update = (ddp[key] - start[key]).abs().max().item()
+        moved += update > 0
+        resolution = 4 * torch.finfo(torch.float32).eps * ddp[key].abs().max().item()
+        assert (ep[key] - ddp[key]).abs().max().item() <= 1e-5 * update + resolution, key
+    assert moved >= len(ep) // 2
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model=tiny_mgm"], "is dense"),
+    (["model=tiny_mgm_moe", "hardware.devices=3", "trainer.expert_parallel=3"], "does not divide the 4 experts"),
+    (["model=tiny_mgm_moe", "trainer.expert_parallel=4"], "does not divide the 2 ranks"),
+    (["model=tiny_mgm_moe", "trainer=zero3"], "ZeRO-3 would gather every expert"),
+    (["model=tiny_glm45v", "train.llm=full"], "train.llm=full is not built"),
+    (["model=tiny_glm45v", "lora.llm_modules=experts", "lora.expert_forward=peft"], "lora.expert_forward=peft"),
+])
+def test_expert_parallel_refuses_what_it_cannot_run_before_weights_load(overrides, message, tmp_path):
+    from vlm_finetune.train import check_config
+
+    cfg = compose_cfg(["trainer=ddp", "trainer.expert_parallel=2", "hardware=cpu", "hardware.devices=2",
+                       "precision=32-true", *overrides], tmp_path)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_config(cfg)
