@@ -225,6 +225,7 @@ class HardwareSettings:
     supports_bf16: bool
     host_memory_gib: float | None  # None: this machine's
     cpu_threads: int | None  # None: torch's default
+    interconnect_gbps: float | None  # link bandwidth per GPU each way, Gbit/s; None: unknown
 
 
 ATTENTION_BACKENDS = ("cudnn", "flash", "efficient", "math")

@@ -39,6 +39,7 @@ class PlanInputs:
     max_live_parameters: int = 0
     max_reuse_distance: int = 0  # ZeRO-3: a parameter used again within this many elements stays gathered
     expert_lora_stacks: bool = False  # LoRA on fused MoE experts through PEFT's parametrization (W + delta per layer)
+    expert_parallel: int = 1  # ranks that split each MoE layer's experts (trainer.expert_parallel)
 
     @property
     def act_bytes(self) -> int:
@@ -85,4 +86,5 @@ def plan_inputs(settings: RunSettings, dims: dict, count: ModelCount, modes: dic
         prefetch_bucket=elements("stage3_prefetch_bucket_size") if stage == 3 else 0,
         max_live_parameters=elements("stage3_max_live_parameters") if stage == 3 else 0,
         max_reuse_distance=elements("stage3_max_reuse_distance") if stage == 3 else 0,
-        expert_lora_stacks=expert_lora and settings.lora.expert_forward == "peft")
+        expert_lora_stacks=expert_lora and settings.lora.expert_forward == "peft",
+        expert_parallel=trainer.expert_parallel)
