@@ -63,13 +63,15 @@ def test_expert_parallel_on_two_ranks_equals_ddp(model, precision, scope, tmp_pa
     assert ep.keys() == ddp.keys() == start.keys()
     if scope == "all":
         assert any(".experts." in k for k in ep)  # the experts' LoRA, saved whole (every expert)
-    moved = 0
+    updates = {key: (ddp[key] - start[key]).abs().max().item() for key in ep}
+    largest = max(updates.values())
+    assert sum(u > 1e-3 * largest for u in updates.values()) >= len(ep) // 2  # most tensors did train
     for key in ep:
-        update = (ddp[key] - start[key]).abs().max().item()
-        moved += update > 0
-        resolution = 4 * torch.finfo(torch.float32).eps * ddp[key].abs().max().item()
-        assert (ep[key] - ddp[key]).abs().max().item() <= 1e-5 * update + resolution, key
-    assert moved >= len(ep) // 2
+        # within 1e-5 of the tensor's update; a tensor whose gradient is ~0 (its update float noise, 1e-12
+        # where the largest is 1e-2) is held to 1e-5 of the largest update instead
+        tolerance = 1e-5 * max(updates[key], 1e-3 * largest) + 4 * torch.finfo(torch.float32).eps * \
+            ddp[key].abs().max().item()
+        assert (ep[key] - ddp[key]).abs().max().item() <= tolerance, key
 
 
 @pytest.mark.parametrize("overrides,message", [

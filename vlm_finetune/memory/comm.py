@@ -8,8 +8,9 @@ collectives of real runs on CPU ranks.
 
 - DDP: one all-reduce of the trainable gradients per optimizer step (Lightning skips the sync while it
   accumulates).
-- ZeRO-2: a reduce-scatter of the trainable gradients per micro-batch, an all-gather of the updated trainable
-  parameters per step (both in the module's dtype).
+- ZeRO-2: an all-reduce of the trainable gradients per micro-batch (DeepSpeed's default bucket all-reduce; each
+  rank then keeps its partition), an all-gather of the updated trainable parameters per step (both in the
+  module's dtype).
 - ZeRO-3: every partitioned parameter all-gathered for the forward and again for the backward of each
   micro-batch (the recompute of a checkpointed layer runs inside its backward, on the same gather), and a
   reduce-scatter of the trainable gradients per micro-batch.
@@ -80,8 +81,10 @@ def communication_rows(inputs: PlanInputs, tokens: int, accumulate: int, checkpo
     if inputs.strategy == "ddp":
         rows.append(CommRow("DDP all-reduce of the trainable gradients, once per step", int(2 * ring(world) * grads)))
     elif inputs.strategy == "deepspeed" and inputs.stage != 3:
-        rows.append(CommRow(f"ZeRO-2 reduce-scatter of the gradients, {micro} micro-batch(es)",
-                            int(micro * ring(world) * grads)))
+        # DeepSpeed's default (use_multi_rank_bucket_allreduce): each gradient bucket is all-reduced, not reduced
+        # to its owner (stage_1_and_2.average_tensor); measured in tests/test_comm.py
+        rows.append(CommRow(f"ZeRO-2 all-reduce of the gradient buckets, {micro} micro-batch(es)",
+                            int(micro * 2 * ring(world) * grads)))
         rows.append(CommRow("ZeRO-2 all-gather of the updated trainable parameters", int(ring(world) * grads)))
     elif inputs.strategy in ("deepspeed", "fsdp"):
         name = "ZeRO-3" if inputs.strategy == "deepspeed" else "FSDP"
