@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from collections import defaultdict
 
 import lightning as L
@@ -65,6 +66,7 @@ class Count(L.Callback):
         self.on = False
         self.bytes: dict[str, float] = defaultdict(float)
         self.moe_tokens: list[int] = []
+        self.seconds: list[float] = []  # each training batch's wall time (forward, backward, step)
         self.calls: list[tuple[str, int]] = []  # each counted call and its bytes, in order
         for name in self.WRAPPED:  # now, before any strategy (DeepSpeed's backend) keeps a reference
             for module in (dist, c10d):
@@ -99,11 +101,13 @@ class Count(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.on = True
+        self.started = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.on = False
+        self.seconds.append(time.perf_counter() - self.started)
 
     def on_train_end(self, trainer, pl_module):
         with open(f"{self.path}.rank{trainer.global_rank}.json", "w") as handle:
-            json.dump({"bytes": dict(self.bytes), "moe_tokens": self.moe_tokens, "calls": self.calls,
+            json.dump({"bytes": dict(self.bytes), "moe_tokens": self.moe_tokens, "calls": self.calls, "seconds": self.seconds,
                        "steps": int(trainer.global_step)}, handle)

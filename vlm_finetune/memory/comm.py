@@ -11,9 +11,9 @@ collectives of real runs on CPU ranks.
 - ZeRO-2: an all-reduce of the trainable gradients per micro-batch (DeepSpeed's default bucket all-reduce; each
   rank then keeps its partition), an all-gather of the updated trainable parameters per step (both in the
   module's dtype).
-- ZeRO-3: every partitioned parameter all-gathered for the forward and again for the backward of each
-  micro-batch (the recompute of a checkpointed layer runs inside its backward, on the same gather), and a
-  reduce-scatter of the trainable gradients per micro-batch.
+- ZeRO-3: every parameter all-gathered for the forward and again for the backward of each micro-batch (a
+  frozen vision tower, run under no_grad, only for the forward; the recompute of a checkpointed layer runs
+  inside its backward, on the same gather), and a reduce-scatter of the trainable gradients per micro-batch.
 - FSDP (computed, not yet measured here): the same gathers as ZeRO-3 (resharded after the forward) and a
   reduce-scatter of the gradients of the trainable parameters, float32, per micro-batch.
 - Expert parallel (trainer=ddp trainer.expert_parallel=N): DDP's all-reduce, plus, per micro-batch and MoE
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from vlm_finetune.memory.inputs import PlanInputs
 from vlm_finetune.memory.report import Row
 from vlm_finetune.memory.state_rows import held_dtype
+from vlm_finetune.models.base import Mode, Part
 
 INDEX_BYTES = 8  # the int64 expert index each dispatched row carries (models/moe_ep.py)
 
@@ -57,11 +58,14 @@ def trainable_bytes(inputs: PlanInputs) -> int:
     return sum(g.numel * _module_size(inputs, g) for g in inputs.count.groups if g.kind != "frozen")
 
 
-def gathered_bytes(inputs: PlanInputs) -> int:
-    """What ZeRO-3 / FSDP gathers for one pass over the model (ZeRO-3 keeps the small persistent ones whole)."""
+def gathered_bytes(inputs: PlanInputs, backward: bool) -> int:
+    """What ZeRO-3 / FSDP gathers for one pass over the model: every parameter for the forward (counted on CPU
+    ranks, ZeRO-3 gathers the small persistent ones at each use as well); for the backward, all but a frozen
+    vision tower (it runs under torch.no_grad(), so it has no backward)."""
+    skip = {"vision"} if backward and inputs.modes[Part.VISION] is Mode.FROZEN else set()
     if inputs.strategy == "fsdp":
-        return sum(g.numel for g in inputs.count.groups) * inputs.act_bytes
-    return sum((g.numel - g.persistent_numel) * _module_size(inputs, g) for g in inputs.count.groups)
+        return sum(g.numel for g in inputs.count.groups if g.part not in skip) * inputs.act_bytes
+    return sum(g.numel * _module_size(inputs, g) for g in inputs.count.groups if g.part not in skip)
 
 
 def expert_rows_per_layer(inputs: PlanInputs, tokens: int) -> float:
@@ -88,8 +92,9 @@ def communication_rows(inputs: PlanInputs, tokens: int, accumulate: int, checkpo
         rows.append(CommRow("ZeRO-2 all-gather of the updated trainable parameters", int(ring(world) * grads)))
     elif inputs.strategy in ("deepspeed", "fsdp"):
         name = "ZeRO-3" if inputs.strategy == "deepspeed" else "FSDP"
+        passes = gathered_bytes(inputs, backward=False) + gathered_bytes(inputs, backward=True)
         rows.append(CommRow(f"{name} parameter all-gathers (forward and backward), {micro} micro-batch(es)",
-                            int(micro * 2 * ring(world) * gathered_bytes(inputs))))
+                            int(micro * ring(world) * passes)))
         reduced = grads if inputs.strategy == "deepspeed" else sum(
             g.numel for g in inputs.count.groups if g.kind != "frozen") * 4
         rows.append(CommRow(f"{name} reduce-scatter of the gradients, {micro} micro-batch(es)",
