@@ -44,14 +44,12 @@ def main() -> None:
                PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")]))
     rows = []
     for name, extra in CASES.items():
-        folder = args.out / name.split()[0].replace("+", "")
-        if "expert" in name:
-            folder = args.out / "ep"
+        folder = args.out / ("ep" if "expert" in name else name.split()[0])
         overrides = [*common(args.steps), *extra]
         probe = folder / "comm"
-        done = subprocess.run([sys.executable, "-m", "vlm_finetune", *overrides, "+callbacks.comm._target_=comm_probe.Count",
-                               f"+callbacks.comm.path={probe}", f"hydra.run.dir={folder / 'run'}"], env=env,
-                              cwd=ROOT, capture_output=True, text=True)
+        command = [sys.executable, "-m", "vlm_finetune", *overrides, "+callbacks.comm._target_=comm_probe.Count",
+                   f"+callbacks.comm.path={probe}", f"hydra.run.dir={folder / 'run'}"]
+        done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(f"{name}: {done.stderr[-3000:]}")
         rank = json.loads(Path(f"{probe}.rank0.json").read_text())

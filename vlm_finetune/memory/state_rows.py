@@ -41,9 +41,10 @@ def parameter_rows(inputs: PlanInputs) -> list[Row]:
                 rows.append(Row("parameters", "llm frozen nf4 (4-bit, double-quantised)",
                                 int(quantized * NF4_BYTES_PER_PARAM), four_bit=True))
             if count.expert_numel and group.dtype == count.expert_dtype:  # fused MoE experts, per expert
-                rows.append(Row("parameters", ("llm frozen experts nf4 (4-bit per expert, fp32 absmax per 64)" if inputs.expert_parallel == 1
-                                 else "llm frozen experts nf4 (per expert)" + _expert_share(inputs)), count.expert_nf4_bytes // inputs.expert_parallel,
-                                four_bit=True))
+                what = ("4-bit per expert, fp32 absmax per 64" if inputs.expert_parallel == 1
+                        else "per expert" + _expert_share(inputs))
+                rows.append(Row("parameters", f"llm frozen experts nf4 ({what})",
+                                count.expert_nf4_bytes // inputs.expert_parallel, four_bit=True))
                 quantized += count.expert_numel
             numel -= quantized
         elif (inputs.expert_parallel > 1 and group.part == "llm" and group.kind == "frozen" and count.expert_numel
