@@ -232,6 +232,7 @@ def expert_parallel_strategy(size: int, backend: str, timeout: timedelta | None)
             moe_ep.init_groups(size)
 
         def _setup_model(self, model: nn.Module) -> DistributedDataParallel:
+            moe_ep.check_shards(model, self.global_rank)
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
                 model, moe_ep.sharded_expert_names(model))
             return super()._setup_model(model)

@@ -212,6 +212,16 @@ def shard_experts(model: nn.Module, size: int, global_rank: int) -> int:
     return count
 
 
+def check_shards(module: nn.Module, global_rank: int) -> None:
+    """The experts were cut (at the build, from the launcher's rank) for the rank the process group gave."""
+    for sub in module.modules():
+        shard = getattr(sub, "_expert_shard", None)
+        if shard is not None and shard.rank != global_rank % shard.size:
+            raise RuntimeError(f"expert parallelism: this process holds the experts of group rank {shard.rank}, but "
+                               f"it is global rank {global_rank} (group rank {global_rank % shard.size}); the "
+                               "launcher's RANK / SLURM_PROCID did not match the process group's rank")
+
+
 def sharded_expert_names(module: nn.Module) -> list[str]:
     """Qualified names of the parameters and buffers that differ per rank (DDP must neither broadcast nor reduce
     them)."""
