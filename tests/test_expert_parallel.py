@@ -131,3 +131,28 @@ def test_dispatch_in_one_process_group_equals_the_eager_expert_loop():
     finally:
         if started:
             dist.destroy_process_group()
+
+
+def test_planned_parameter_bytes_under_expert_parallel_equal_a_cut_model():
+    """The plan's parameter rows under trainer.expert_parallel=2 equal the bytes of the model really built and cut
+    for rank 1 (tiny_glm45v, LoRA on attention and experts, float32): half the experts, everything else whole."""
+    from vlm_finetune.config import settings_for
+    from vlm_finetune.models import moe_ep
+    from vlm_finetune.models.registry import get_family, parse_trainability
+    from vlm_finetune.plan import plan_memory
+    from vlm_finetune.precision import weights_policy
+    from vlm_finetune.trainability import build_trainable_model
+
+    overrides = ["model=tiny_glm45v", "trainer=ddp", "trainer.expert_parallel=2", "hardware=cpu", "hardware.devices=2",
+                 "precision=32-true", "lora.llm_modules=all"]
+    plan = plan_memory(overrides)
+    settings = settings_for(overrides)
+    model, _ = build_trainable_model(get_family("glm4v"), settings.model, parse_trainability(settings.trainability),
+                                     settings.lora, weights_policy("32-true", "ddp"), checkpointed_layers=False,
+                                     checkpoint_scope="layer")
+    whole = moe_ep.expert_bytes(model)
+    assert moe_ep.shard_experts(model, 2, 1) == 1  # tiny_glm45v: one MoE layer after the dense one
+    assert moe_ep.expert_bytes(model) * 2 == whole > 0
+    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert plan.total("parameters") == held
+    assert any("1/2 per rank" in row.item for row in plan.rows)
