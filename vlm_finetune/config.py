@@ -198,7 +198,8 @@ def strategy_settings(node: Any) -> StrategySettings:
         offload_parameters=bool(values.get("offload_parameters")),
         collective_timeout_s=values["collective_timeout_s"], stop_grace_s=values["stop_grace_s"],
         sharding_strategy=str(values["sharding_strategy"]) if strategy == "fsdp" else None,
-        deepspeed=frozen_mapping({k: values[k] for k in DEEPSPEED_KEYS} if deepspeed else {}))
+        deepspeed=frozen_mapping({k: values[k] for k in DEEPSPEED_KEYS} if deepspeed else {}),
+        expert_parallel=values["expert_parallel"])
 
 
 def data_settings(node: Any) -> DataSettings:

@@ -27,6 +27,7 @@ class Hardware:
     gpu_memory_gib: float  # per device; 0 on the CPU
     supports_bf16: bool
     host_memory_gib: float = 0.0  # per node; 0: unknown
+    interconnect_gbps: float = 0.0  # link bandwidth per GPU each way, Gbit/s; 0: unknown
 
     @property
     def world_size(self) -> int:
@@ -65,13 +66,14 @@ def resolve(profile: HardwareSettings, found: Found | None = None) -> Hardware:
     host = float(profile.host_memory_gib) if profile.host_memory_gib else this_host_memory_gib()
     if profile.accelerator != "auto":
         return Hardware(str(profile.name), str(profile.accelerator), int(profile.devices), int(profile.num_nodes),
-                        float(profile.gpu_memory_gib), bool(profile.supports_bf16), host)
+                        float(profile.gpu_memory_gib), bool(profile.supports_bf16), host,
+                        float(profile.interconnect_gbps or 0.0))
     found = found or detect()
     if found.gpus == 0:
         return Hardware("auto(cpu)", "cpu", 1, 1, 0.0, True, host)
     devices = found.gpus if str(profile.devices) == "auto" else int(profile.devices)
     return Hardware(f"auto({devices}x {found.gpu_names[0]})", "gpu", devices, int(profile.num_nodes),
-                    found.min_gpu_memory_gib, found.bf16, host)
+                    found.min_gpu_memory_gib, found.bf16, host, float(profile.interconnect_gbps or 0.0))
 
 
 def preflight(hardware: Hardware, precision: str, found: Found | None = None) -> None:

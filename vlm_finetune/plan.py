@@ -25,6 +25,23 @@ def plan_with_suggestions(overrides: list[str], seq: int | None = None, image_px
                                          images)
 
 
+def compare(overrides: list[str], candidates: list[str], seq: int | None = None, image_px: int | None = None,
+            images: int = 1) -> str:
+    """One table of the candidates (each a space-separated set of overrides added to `overrides`): memory per GPU,
+    bytes each rank sends per optimizer step and their seconds at the profile's link; those that fit first, least
+    communication first."""
+    plans = [(candidate, plan_memory([*overrides, *candidate.split()], seq, image_px, images))
+             for candidate in candidates]
+    plans.sort(key=lambda item: (item[1].fits is False, item[1].communication_bytes))
+    lines = [f"vlm_finetune.plan --compare: {' '.join(overrides) or '(defaults)'}",
+             f"{'candidate':<54} {'verdict':<13} {'peak GiB/GPU':>12} {'comm GiB/step':>13} {'comm s/step':>11}"]
+    for candidate, plan in plans:
+        time = plan.communication_seconds
+        lines.append(f"{candidate:<54} {plan.verdict:<13} {plan.peak_bytes / 2**30:>12.2f} "
+                     f"{plan.communication_bytes / 2**30:>13.3f} {'-' if time is None else f'{time:.3f}':>11}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m vlm_finetune.plan", description=planner.__doc__,
@@ -32,8 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=None, help="tokens per sample (default: data.max_length)")
     parser.add_argument("--image", type=int, default=None, help="image side in pixels (default: model.max_image_size)")
     parser.add_argument("--images", type=int, default=1, help="images per sample (default 1)")
+    parser.add_argument("--compare", nargs="+", default=None, metavar="CANDIDATE",
+                        help="plan each candidate (quoted overrides, e.g. 'trainer=zero3 precision=bf16-mixed' "
+                             "'trainer=ddp trainer.expert_parallel=4') on top of the other overrides; one table")
     args, overrides = parser.parse_known_args(argv)
     try:
+        if args.compare:
+            print(compare(overrides, args.compare, args.seq, args.image, args.images), flush=True)
+            return 0
         plan = plan_with_suggestions(overrides, args.seq, args.image, args.images)
     except ConfigError as err:
         print(f"vlm_finetune.plan: error: {err}", file=sys.stderr, flush=True)

@@ -120,8 +120,10 @@ class StrategySettings:
     stop_grace_s: float
     sharding_strategy: str | None  # FSDP's; None for the others
     deepspeed: Mapping[str, Any]  # DeepSpeed's bucket sizes and stage-3 knobs (strategies.deepspeed_config)
+    expert_parallel: int  # ranks that split each MoE layer's experts (1: none)
 
     def __post_init__(self) -> None:
+        _positive_int(self.expert_parallel, "trainer.expert_parallel", "(ranks that share each MoE layer's experts)")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"trainer.strategy={self.strategy!r} is unknown; use trainer=single|ddp|fsdp|zero2|"
                               "zero2_offload|zero3|zero3_offload")
@@ -236,6 +238,7 @@ class HardwareSettings:
     supports_bf16: bool
     host_memory_gib: float | None  # None: this machine's
     cpu_threads: int | None  # None: torch's default
+    interconnect_gbps: float | None  # link bandwidth per GPU each way, Gbit/s; None: unknown
 
 
 ATTENTION_BACKENDS = ("cudnn", "flash", "efficient", "math")

@@ -47,6 +47,37 @@ def check_combination(settings: StrategySettings, hardware: Hardware, precision:
                           "trainer=zero3_offload")
     if settings.offload_parameters and settings.zero_stage != 3:
         raise ConfigError("trainer.offload_parameters=true needs ZeRO stage 3 (trainer=zero3_offload)")
+    size = settings.expert_parallel
+    if size > 1:
+        if strategy != "ddp":
+            raise ConfigError(f"trainer.expert_parallel={size} is built for trainer=ddp (the experts split over the "
+                              f"ranks, the rest data-parallel), not trainer={settings.name}"
+                              + (": ZeRO-3 would gather every expert on every rank anyway" if settings.is_zero3
+                                 else "") + "; use trainer=ddp trainer.expert_parallel=N")
+        if hardware.world_size % size:
+            raise ConfigError(f"trainer.expert_parallel={size} does not divide the {hardware.world_size} ranks of "
+                              f"hardware={hardware.name}; use a divisor of {hardware.world_size}")
+
+
+def check_expert_parallel(settings: StrategySettings, model_name: str, experts: int | None, trains_llm_fully: bool,
+                          lora_on_experts: bool, expert_forward: str) -> None:
+    """trainer.expert_parallel against the model (its experts per MoE layer, None for a dense model) and what
+    trains, before any weight loads."""
+    size = settings.expert_parallel
+    if size == 1:
+        return
+    if not experts:
+        raise ConfigError(f"trainer.expert_parallel={size}: model={model_name} is dense (no MoE experts); drop "
+                          "trainer.expert_parallel or use an MoE model (mgm_8x7b, glm45v, tiny_mgm_moe, tiny_glm45v)")
+    if experts % size:
+        raise ConfigError(f"trainer.expert_parallel={size} does not divide the {experts} experts of each MoE layer "
+                          f"of model={model_name}; use a divisor of {experts}")
+    if trains_llm_fully:
+        raise ConfigError(f"trainer.expert_parallel={size} keeps the experts frozen (LoRA on them or on the "
+                          "attention); train.llm=full is not built with it: use train.llm=lora")
+    if lora_on_experts and expert_forward != "per_expert":
+        raise ConfigError(f"trainer.expert_parallel={size} runs each expert's LoRA on its own tokens "
+                          "(lora.expert_forward=per_expert); lora.expert_forward=peft builds whole expert stacks")
 
 
 @dataclass(frozen=True)
@@ -154,6 +185,8 @@ def build_strategy(settings: StrategySettings, precision: str, micro_batch_size:
         from lightning.pytorch.strategies import DDPStrategy
 
         backend = "nccl" if hardware.accelerator == "gpu" else "gloo"
+        if settings.expert_parallel > 1:
+            return expert_parallel_strategy(settings.expert_parallel, backend, timeout)
         # LoRA leaves most parameters frozen: no unused-parameter search, gradients as bucket views
         return DDPStrategy(process_group_backend=backend, find_unused_parameters=False, gradient_as_bucket_view=True,
                            timeout=timeout)
@@ -182,6 +215,31 @@ def build_strategy(settings: StrategySettings, precision: str, micro_batch_size:
         # checkpoints hold the trained weights and their optimizer partitions; the frozen base comes from the model
         return DeepSpeedStrategy(config=config, exclude_frozen_parameters=True, timeout=timeout)
     return cpu_deepspeed_strategy(config, timeout)
+
+
+def expert_parallel_strategy(size: int, backend: str, timeout: timedelta | None):
+    """DDP whose ranks hold their own experts (models/moe_ep.py): the expert-parallel groups are made with the
+    process group, and DDP neither broadcasts rank 0's experts over the others' at start nor reduces them."""
+    from lightning.pytorch.strategies import DDPStrategy
+    from torch.nn.parallel import DistributedDataParallel
+
+    from vlm_finetune.models import moe_ep
+
+    class ExpertParallelDDPStrategy(DDPStrategy):
+        expert_parallel = size
+
+        def setup_distributed(self) -> None:
+            super().setup_distributed()
+            moe_ep.init_groups(size)
+
+        def _setup_model(self, model: nn.Module) -> DistributedDataParallel:
+            moe_ep.check_shards(model, self.global_rank)
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                model, moe_ep.sharded_expert_names(model))
+            return super()._setup_model(model)
+
+    return ExpertParallelDDPStrategy(process_group_backend=backend, find_unused_parameters=False,
+                                     gradient_as_bucket_view=True, timeout=timeout)
 
 
 def cpu_deepspeed_strategy(config: dict, timeout: timedelta | None = None):
@@ -279,9 +337,16 @@ def loss_rescale(strategy: Any, accumulate: int) -> float:
 
 
 def needs_synced_generation(strategy: Any) -> bool:
-    """Under multi-rank ZeRO-3 every forward gathers parameters collectively: generating ranks keep stepping
-    until all are done (else their gathers go out of step and the run hangs)."""
-    return strategy is not None and is_zero3(strategy) and strategy.world_size > 1
+    """Under multi-rank ZeRO-3 every forward gathers parameters collectively, and under expert parallelism every
+    MoE layer exchanges tokens: generating ranks keep stepping until all are done (else their collectives go out
+    of step and the run hangs)."""
+    return strategy is not None and (is_zero3(strategy) or expert_parallel_size(strategy) > 1) \
+        and strategy.world_size > 1
+
+
+def expert_parallel_size(strategy: Any) -> int:
+    """Ranks that split each MoE layer's experts (every forward of an MoE layer is then collective)."""
+    return int(getattr(strategy, "expert_parallel", 1))
 
 
 def runs_vision_every_step(strategy: Any) -> bool:

@@ -39,6 +39,8 @@ from vlm_finetune.memory.host import HostMemoryRelease, release_freed, reuse_hea
 from vlm_finetune.memory.load_measured import LoadMemory
 from vlm_finetune.memory.monitor import MemoryMonitor
 from vlm_finetune.memory.oom import handle_oom
+from vlm_finetune.models.base import Mode, Part
+from vlm_finetune.models.moe_ep import expert_bytes, shard_experts
 from vlm_finetune.models.registry import get_family, parse_trainability
 from vlm_finetune.module import VLMModule
 from vlm_finetune.plots import plot_training_curves
@@ -46,7 +48,13 @@ from vlm_finetune.precision import WeightsPolicy, check_precision, weights_polic
 from vlm_finetune.resume import open_resume_checkpoint, restore_csv_rows, resume_parts
 from vlm_finetune.rundir import RunFolderLock, finished_metrics, sweep_checkpoint_leftovers
 from vlm_finetune.settings import RunSettings, is_auto
-from vlm_finetune.strategies import ZeroSizes, build_strategy, check_combination, set_zero3_leaves
+from vlm_finetune.strategies import (
+    ZeroSizes,
+    build_strategy,
+    check_combination,
+    check_expert_parallel,
+    set_zero3_leaves,
+)
 from vlm_finetune.trainability import (
     build_trainable_model,
     builds_partitioned,
@@ -85,6 +93,12 @@ def check_config(cfg: DictConfig) -> tuple[RunSettings, dict, Hardware]:
     check_precision(settings.precision)
     hardware = resolve(settings.hardware)
     check_combination(settings.strategy, hardware, settings.precision)
+    if settings.strategy.expert_parallel > 1:  # the model's experts from its config, no weights
+        spec = settings.model
+        experts = get_family(spec.family).memory_dims(spec, spec.image_size).get("experts")
+        check_expert_parallel(settings.strategy, spec.name, experts, modes[Part.LLM] == Mode.FULL,
+                              modes[Part.LLM] == Mode.LORA and settings.lora.llm_modules in ("mlp", "experts", "all"),
+                              settings.lora.expert_forward)
     preflight(hardware, settings.precision)
     if settings.precision == "nf4" and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("precision=nf4 (QLoRA) loads the base in 4-bit with bitsandbytes, which is not installed: "
@@ -246,6 +260,11 @@ def _model_builder(settings: RunSettings, release: str, family, modes: dict, pol
                 print(f"vlm_finetune: ZeRO-3: built partitioned; this rank holds {held:,} of the base's {whole:,} "
                       "parameters", flush=True)
         if device != "meta":
+            if settings.strategy.expert_parallel > 1:  # this rank's experts only, before the engine sees them
+                whole = expert_bytes(model)
+                layers = shard_experts(model, settings.strategy.expert_parallel, env_global_rank())
+                print(f"vlm_finetune: expert parallel: rank {env_global_rank()} holds {expert_bytes(model):,} of "
+                      f"the experts' {whole:,} bytes ({layers} MoE layers)", flush=True)
             if settings.speed.compile:
                 compile_regions(model, family)
             set_zero3_leaves(model, family, settings.strategy)

@@ -30,6 +30,7 @@ from vlm_finetune.memory.activations import (
     recompute_flops_per_token,
     trained_vision_rows,
 )
+from vlm_finetune.memory.comm import all_to_all_buffer_rows, communication_rows, experts_per_rank
 from vlm_finetune.memory.count import count_model
 from vlm_finetune.memory.inputs import PlanInputs, plan_inputs
 from vlm_finetune.memory.load_plan import gpu_at_load, plan_load
@@ -91,7 +92,8 @@ def plan_run(settings: RunSettings, overrides: list[str], seq: int | None = None
     num_layers = inputs.num_layers
     checkpointed = checkpointed_layer_count(settings.model.activation_checkpointing, num_layers)
     scope = settings.speed.checkpoint_scope
-    notes: list[str] = []
+    accumulate = settings.accumulate_grad_batches if isinstance(settings.accumulate_grad_batches, int) else 1
+    notes: list[str] = [experts_per_rank(inputs)] if experts_per_rank(inputs) else []
 
     def build(batch_size: int, checkpointed_layers: int, scope: str = scope) -> MemoryPlan:
         tokens = seq * batch_size
@@ -99,7 +101,9 @@ def plan_run(settings: RunSettings, overrides: list[str], seq: int | None = None
         return MemoryPlan(list(overrides), rows, hardware.name, hardware.world_size, hardware.gpu_memory_gib, phase,
                           checkpointed_layers, num_layers, batch_size, tokens, list(notes),
                           parameters=sum(group.numel for group in count.groups),
-                          trainable_parameters=inputs.trainable_numel, checkpoint_scope=scope)
+                          trainable_parameters=inputs.trainable_numel, checkpoint_scope=scope,
+                          communication=communication_rows(inputs, tokens, accumulate, checkpointed_layers),
+                          interconnect_gbps=hardware.interconnect_gbps)
 
     if micro_batch is None:
         micro_batch = largest_micro_batch(
@@ -173,7 +177,8 @@ def plan_rows(inputs: PlanInputs, tokens: int, micro_batch: int, images: int, ch
               scope: str = "layer") -> tuple[list[Row], str]:
     """Every row of one build and the name of the phase that peaks (LLM backward, or the forward of a
     frozen vision tower when that is larger than everything the LLM's backward holds)."""
-    rows = parameter_rows(inputs) + optimizer_rows(inputs) + strategy_rows(inputs)
+    rows = (parameter_rows(inputs) + optimizer_rows(inputs) + strategy_rows(inputs)
+            + all_to_all_buffer_rows(inputs, tokens))
     static = sum(row.bytes for row in rows if row.where == "gpu")
     dynamic_rows = (activation_rows(inputs, tokens, micro_batch, images, checkpointed_layers, scope)
                     + loss_rows(inputs, tokens))

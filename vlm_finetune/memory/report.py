@@ -57,6 +57,18 @@ class MemoryPlan:
     validation: Any = None  # memory.validation.ValidationPlan: the validation phase and its batch
     save_bytes: int = 0  # a checkpoint or adapter write: what the step holds between steps + the trainables whole
     choices: dict = field(default_factory=dict)  # `auto` options the plan resolved (option -> value), for the run
+    communication: list = field(default_factory=list)  # memory.comm.CommRow: bytes each rank sends per step
+    interconnect_gbps: float = 0.0  # the hardware profile's link bandwidth (0: unknown)
+
+    @property
+    def communication_bytes(self) -> int:
+        """Bytes each rank sends per optimizer step (it receives as many)."""
+        return sum(row.bytes for row in self.communication)
+
+    @property
+    def communication_seconds(self) -> float | None:
+        """Seconds those bytes take at the profile's link bandwidth (None: unknown bandwidth)."""
+        return self.communication_bytes * 8 / (self.interconnect_gbps * 1e9) if self.interconnect_gbps else None
 
     def total(self, category: str | None = None, where: str = "gpu") -> int:
         return sum(row.bytes for row in self.rows
@@ -106,6 +118,17 @@ class MemoryPlan:
             return "DOES NOT FIT: neither the step nor the load fits"
         return "DOES NOT FIT: " + ("the load does not fit" if step else "the step does not fit")
 
+    def _communication_lines(self) -> list[str]:
+        if not self.communication:
+            return []
+        link = f"s at {self.interconnect_gbps:g} Gb/s" if self.interconnect_gbps else "s (no interconnect_gbps)"
+        lines = ["", f"{'communication per optimizer step (sent per rank; it receives as much)':<75} "
+                     f"{'GiB per rank':>12} {link:>17}"]
+        for item, size in [(r.item, r.bytes) for r in self.communication] + [("total", self.communication_bytes)]:
+            time = size * 8 / (self.interconnect_gbps * 1e9) if self.interconnect_gbps else None
+            lines.append(f"  {item:<73} {size / GiB:>12.3f} {'' if time is None else f'{time:.3f}':>17}")
+        return lines
+
     def render(self) -> str:
         lines = [f"vlm_finetune.plan: {' '.join(self.overrides) or '(defaults)'}",
                  f"hardware {self.hardware}: {self.world_size} " +
@@ -133,6 +156,7 @@ class MemoryPlan:
                 lines.append(f"note: validation at batch {self.validation.batch_size} is the run's peak, "
                              f"{self.validation_excess / GiB:.2f} GiB above the step's; data.val_batch_size=auto "
                              "sizes it within the step")
+        lines += self._communication_lines()
         lines += ["", f"verdict: {self.verdict} ({self.peak_bytes / GiB:.2f} GiB of {self.budget_bytes / GiB:.2f} GiB)"]
         if self.load is not None:
             lines += self.load.render()

@@ -41,10 +41,17 @@ def parameter_rows(inputs: PlanInputs) -> list[Row]:
                 rows.append(Row("parameters", "llm frozen nf4 (4-bit, double-quantised)",
                                 int(quantized * NF4_BYTES_PER_PARAM), four_bit=True))
             if count.expert_numel and group.dtype == count.expert_dtype:  # fused MoE experts, per expert
-                rows.append(Row("parameters", "llm frozen experts nf4 (4-bit per expert, fp32 absmax per 64)",
-                                count.expert_nf4_bytes, four_bit=True))
+                what = ("4-bit per expert, fp32 absmax per 64" if inputs.expert_parallel == 1
+                        else "per expert" + _expert_share(inputs))
+                rows.append(Row("parameters", f"llm frozen experts nf4 ({what})",
+                                count.expert_nf4_bytes // inputs.expert_parallel, four_bit=True))
                 quantized += count.expert_numel
             numel -= quantized
+        elif (inputs.expert_parallel > 1 and group.part == "llm" and group.kind == "frozen" and count.expert_numel
+              and group.dtype == count.expert_dtype):
+            rows.append(Row("parameters", f"llm frozen experts {str(dtype).removeprefix('torch.')}"
+                            + _expert_share(inputs), count.expert_numel // inputs.expert_parallel * size))
+            numel -= count.expert_numel
         if inputs.shards_parameters:
             # ZeRO-3 partitions every parameter; those below the persistence threshold are also kept whole
             if group.persistent_numel:
@@ -55,6 +62,11 @@ def parameter_rows(inputs: PlanInputs) -> list[Row]:
         else:
             rows.append(Row("parameters", label, numel * size))
     return rows
+
+
+def _expert_share(inputs: PlanInputs) -> str:
+    """The label's note on the experts a rank holds under expert parallelism."""
+    return f", 1/{inputs.expert_parallel} per rank" if inputs.expert_parallel > 1 else ""
 
 
 def optimizer_rows(inputs: PlanInputs) -> list[Row]:

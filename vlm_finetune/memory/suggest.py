@@ -10,9 +10,10 @@ from vlm_finetune.config import group_options
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.memory.planner import plan_run, sample_geometry
 from vlm_finetune.memory.report import MemoryPlan, Suggestion
+from vlm_finetune.models.registry import get_family
 from vlm_finetune.settings import RunSettings
 
-SUGGESTION_ORDER = ("shard", "micro_batch", "checkpointing", "offload", "nf4", "more_gpus")
+SUGGESTION_ORDER = ("expert_parallel", "shard", "micro_batch", "checkpointing", "offload", "nf4", "more_gpus")
 SettingsFor = Callable[[list[str]], RunSettings]
 
 
@@ -41,6 +42,14 @@ def _candidates(overrides: list[str], plan: MemoryPlan, settings: RunSettings, s
     strategy, stage = settings.strategy.strategy, settings.strategy.zero_stage
     shards_parameters = strategy == "fsdp" or stage == 3
     out = []
+    spec = settings.model
+    experts = int(get_family(spec.family).memory_dims(spec, spec.image_size).get("experts", 0))
+    if experts and plan.world_size > 1 and settings.strategy.expert_parallel == 1:
+        # each rank keeps E/N experts and only tokens move: fewest ranks per group first (least all_to_all)
+        sizes = [n for n in range(2, plan.world_size + 1) if plan.world_size % n == 0 and experts % n == 0]
+        base = _replace(overrides, "trainer", "ddp")
+        out.append(("expert_parallel", "expert parallel (experts split over the ranks, tokens by all_to_all)",
+                    [_replace(base, "trainer.expert_parallel", str(n)) for n in sizes]))
     if not shards_parameters and plan.world_size > 1:
         out.append(("shard", "shard parameters, gradients and optimizer states",
                     [_replace(overrides, "trainer", "zero3"), _replace(overrides, "trainer", "fsdp")]))
