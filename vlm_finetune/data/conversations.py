@@ -95,6 +95,22 @@ def _content_text(content) -> str:
 
 
 def parse_record(raw: dict, index: int, image_root: Path) -> ConversationRecord:
+    messages, images = messages_and_images(raw)
+    paths = [image_root / str(p) for p in images]
+    for p in paths:
+        if not p.is_file():
+            raise BadRecord(f"image {p} does not exist (paths are relative to data.image_root={image_root})")
+        try:
+            with Image.open(p) as img:
+                img.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+            raise BadRecord(f"image {p} is corrupt or not an image ({err})") from None
+    return ConversationRecord(messages, paths, index)
+
+
+def messages_and_images(raw: dict, image_entry: type | tuple[type, ...] = str) -> tuple[list[Message], list]:
+    """A record's messages and its image entries (paths here; tables may also hold embedded bytes), checked for
+    form and placeholder count but not opened."""
     if not isinstance(raw, dict):
         raise BadRecord(f"is a {type(raw).__name__}, not an object")
     if "conversations" in raw:
@@ -120,23 +136,16 @@ def parse_record(raw: dict, index: int, image_root: Path) -> ConversationRecord:
         messages.append(Message(role, _content_text(turn[key_text])))
     if not any(m.role == "assistant" for m in messages):
         raise BadRecord("has no assistant reply to learn from")
-    if isinstance(images, str):
+    if images is None:
+        images = []
+    if isinstance(images, image_entry) and not isinstance(images, list):
         images = [images]
     if not isinstance(images, list):
         raise BadRecord("'image'/'images' must be a path or a list of paths")
     placeholders = sum(m.content.count(IMAGE_PLACEHOLDER) for m in messages)
     if placeholders != len(images):
         raise BadRecord(f"has {placeholders} '{IMAGE_PLACEHOLDER}' placeholder(s) but {len(images)} image(s)")
-    paths = [image_root / str(p) for p in images]
-    for p in paths:
-        if not p.is_file():
-            raise BadRecord(f"image {p} does not exist (paths are relative to data.image_root={image_root})")
-        try:
-            with Image.open(p) as img:
-                img.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError) as err:
-            raise BadRecord(f"image {p} is corrupt or not an image ({err})") from None
-    return ConversationRecord(messages, paths, index)
+    return messages, images
 
 
 def load_conversations(path: str | Path, image_root: str | Path | None, on_bad_record: str = "error"

@@ -36,9 +36,14 @@ def build_datasets(data: DataSettings, seed: int) -> tuple[Dataset, Dataset, dic
         return train, val, {"skipped_bad_records": 0, "question_types": list(QUESTION_TYPES)}
     if source == "conversations":
         from vlm_finetune.data.conversations import build_conversation_datasets
+        from vlm_finetune.data.sources import build_table_datasets, is_table
 
         if not data.path:
-            raise ConfigError("data=conversations needs data.path=/path/to/train.json (JSON or JSONL)")
+            raise ConfigError("data=conversations needs data.path=/path/to/train.json (JSON or JSONL, a Parquet file "
+                              "or folder, or a datasets.save_to_disk folder)")
+        if is_table(data.path) or (data.val_path and is_table(data.val_path)):
+            return build_table_datasets(data.path, data.val_path, data.image_root, data.on_bad_record,
+                                        float(data.val_fraction), seed)
         return build_conversation_datasets(data.path, data.val_path, data.image_root, data.on_bad_record,
                                            float(data.val_fraction), seed)
     raise ConfigError(f"data.source={source!r} is unknown; use 'shapes' or 'conversations'")
@@ -101,6 +106,9 @@ class EncodedDataset(Dataset):
                             "bad records") from err
 
     def _record_index(self, i: int) -> int:
+        record_index = getattr(self.samples, "record_index", None)
+        if record_index is not None:
+            return record_index(i)
         records = getattr(self.samples, "records", None)
         return records[i].index if records is not None else i
 
