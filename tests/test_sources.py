@@ -152,3 +152,19 @@ def test_parquet_and_saved_folder_train_the_json_adapter(forms, tmp_path, monkey
         for key in reference:
             assert (adapter[key] - reference[key]).abs().max().item() <= 1e-6, (name, key)
     assert runs["parquet"][1]["skipped_bad_records"] == 1 and runs["saved"][1]["skipped_bad_records"] == 0
+
+
+@pytest.mark.parametrize("model, name", [("tiny_mgm", "MGM"), ("tiny_glm4v", "GLM-4V-9B")])
+def test_one_image_families_refuse_two_image_records_before_weights_load(forms, tmp_path, monkeypatch, model, name):
+    import vlm_finetune.train as train_module
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("a model was built before the data was checked")
+
+    monkeypatch.setattr(train_module, "_model_builder", no_weights)
+    cfg = compose_cfg(COMMON + [f"model={model}", f"data.path={forms / 'train.json'}", "data.val_fraction=0.25"],
+                      tmp_path)
+    # records 0, 3, 6 and 9 hold two images; record 0 falls in the held-out split (seed 0), the rest train
+    with pytest.raises(DataError, match=rf"train.json: {name} takes at most 1 image\(s\) per conversation; "
+                                        r"3 record\(s\) hold more \(record 3, 6, 9\).*on_bad_record=skip"):
+        train_module.train(cfg)

@@ -180,6 +180,9 @@ class ConversationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def image_counts(self) -> list[int]:
+        return [len(r.image_paths) for r in self.records]
+
     def lengths(self) -> list[int]:
         """data.group_by_length's proxy, from the records alone (no image is read): characters of the
         messages plus a fixed weight per image."""

@@ -68,6 +68,31 @@ def check_samples_fit(samples: Dataset, processor, max_length: int | None, trunc
     return dropped
 
 
+def image_counts(samples: Dataset):
+    """Images per sample from the records alone (no image is read), or None for a source that cannot say."""
+    counts = getattr(samples, "image_counts", None)
+    return counts() if callable(counts) else None
+
+
+def check_image_counts(samples: Dataset, processor, on_bad_record: str, source: str = "data") -> int:
+    """Before any weight loads: records with more images than the family takes (MGM, GLM-4V-9B: one) stop the
+    run naming them, or under data.on_bad_record=skip are counted here (the encoder refuses and skips them).
+    Returns how many records hold too many."""
+    limit = getattr(processor, "max_images", None)
+    counts = image_counts(samples)
+    if limit is None or counts is None:
+        return 0
+    over = [i for i, n in enumerate(counts) if n > limit]
+    if over and on_bad_record == "error":
+        record = getattr(samples, "record_index", lambda i: samples.records[i].index)
+        named = ", ".join(str(record(i)) for i in over[:5]) + (" ..." if len(over) > 5 else "")
+        raise DataError(f"{getattr(samples, 'source', source)}: {processor.model_name} takes at most {limit} image(s) "
+                        f"per conversation; {len(over)} record(s) hold more (record {named}). Split those "
+                        "conversations, use GLM-4.1V/4.5V (several images and video), or set "
+                        "data.on_bad_record=skip to skip and count them")
+    return len(over)
+
+
 class BadSample:
     """What EncodedDataset gives for a record found bad only now (an image that does not decode, one the
     processor refuses, a conversation that cannot be a prompt) under data.on_bad_record=skip: left out of the

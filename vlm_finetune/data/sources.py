@@ -114,10 +114,12 @@ def _parse_row(raw: dict, image_root: Path, check_images: bool):
 class TableConversations(torch.utils.data.Dataset):
     """Checked records of a memory-mapped table: row numbers and length proxies are all that is held."""
 
-    def __init__(self, table, rows: np.ndarray, lengths: np.ndarray, source: str, image_root: Path):
+    def __init__(self, table, rows: np.ndarray, lengths: np.ndarray, images: np.ndarray, source: str,
+                 image_root: Path):
         self.table = table
         self.rows = rows
         self._lengths = lengths
+        self._images = images
         self.source = source
         self.image_root = image_root
 
@@ -126,12 +128,15 @@ class TableConversations(torch.utils.data.Dataset):
 
     def subset(self, positions) -> TableConversations:
         positions = np.asarray(positions, dtype=np.int64)
-        return TableConversations(self.table, self.rows[positions], self._lengths[positions], self.source,
-                                  self.image_root)
+        return TableConversations(self.table, self.rows[positions], self._lengths[positions],
+                                  self._images[positions], self.source, self.image_root)
 
     def record_index(self, i: int) -> int:
         """The record's row in the source (what errors name)."""
         return int(self.rows[i])
+
+    def image_counts(self) -> np.ndarray:
+        return self._images
 
     def lengths(self) -> np.ndarray:
         """data.group_by_length's proxy, as ConversationDataset.lengths computes it."""
@@ -156,7 +161,7 @@ def load_table(path: str | Path, image_root: str | Path | None, on_bad_record: s
     path = Path(path)
     root = Path(image_root) if image_root else (path if path.is_dir() else path.parent)
     table = open_table(path)
-    rows, lengths, skipped = array("q"), array("q"), 0  # machine integers, not Python objects
+    rows, lengths, images_per_row, skipped = array("q"), array("q"), array("q"), 0  # machine integers
     for start in range(0, len(table), CHECK_BATCH):
         batch = table[start:start + CHECK_BATCH].to_pylist()
         for offset, raw in enumerate(batch):
@@ -172,11 +177,12 @@ def load_table(path: str | Path, image_root: str | Path | None, on_bad_record: s
                 continue
             rows.append(index)
             lengths.append(sum(len(m.content) for m in messages) + IMAGE_WEIGHT * len(images))
+            images_per_row.append(len(images))
         del batch
     if not rows:
         raise DataError(f"{path}: no usable record ({skipped} skipped)")
-    return TableConversations(table, np.frombuffer(rows, dtype=np.int64), np.frombuffer(lengths, dtype=np.int64),
-                              str(path), root), skipped
+    arrays = [np.frombuffer(a, dtype=np.int64) for a in (rows, lengths, images_per_row)]
+    return TableConversations(table, *arrays, str(path), root), skipped
 
 
 def _load(path, image_root, on_bad_record: str):

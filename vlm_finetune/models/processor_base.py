@@ -48,6 +48,10 @@ class VLMProcessorBase:
 
     image_keys: tuple[str, ...] = ()
     image_end_id: int | None = None
+    #: images one conversation may hold (None: any number); the data is checked against it before weights load
+    max_images: int | None = None
+    #: what to say when a conversation holds more (the model's name)
+    model_name: str = "this model"
     stop_token_ids: Iterable[int] = ()
 
     def __init__(self, tokenizer, truncation: str = "truncate", tokenizer_folder: str | Path | None = None):
