@@ -22,9 +22,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from vlm_finetune.data.conversations import BadRecord, ConversationDataset, load_conversations, messages_and_images
-from vlm_finetune.data.grouping import IMAGE_WEIGHT
+from vlm_finetune.data.grouping import IMAGE_WEIGHT, visual_items
 from vlm_finetune.data.images import load_rgb
-from vlm_finetune.data.sample import Sample
+from vlm_finetune.data.sample import Sample, Video
+from vlm_finetune.data.videos import BadVideo, parse_videos
 from vlm_finetune.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,9 @@ def _image_bytes_or_path(entry, image_root: Path) -> bytes | Path:
     raise BadRecord(f"has an image entry that is neither a path nor embedded bytes ({type(entry).__name__})")
 
 
-def _check_image(image: bytes | Path, position: int) -> None:
-    what = f"image {image}" if isinstance(image, Path) else f"embedded image {position}"
+def _check_image(image: bytes | Path, label: str) -> None:
+    """`label` says which (`image 0`, `frame 3 of video 1`), for the error."""
+    what = f"{label} {image}" if isinstance(image, Path) else f"embedded {label}"
     if isinstance(image, Path) and not image.is_file():
         raise BadRecord(f"{what} does not exist (paths are relative to data.image_root)")
     try:
@@ -103,23 +105,37 @@ def _check_image(image: bytes | Path, position: int) -> None:
 
 
 def _parse_row(raw: dict, image_root: Path, check_images: bool):
+    """(messages, images, videos' frames, video fps) of a row; images and frames as bytes or paths."""
     messages, entries = messages_and_images(raw, image_entry=(str, dict, bytes))
     images = [_image_bytes_or_path(entry, image_root) for entry in entries]
+    try:
+        video_entries, fps = parse_videos(raw, messages)
+    except BadVideo as err:
+        raise BadRecord(str(err)) from None
+    videos = [[_image_bytes_or_path(frame, image_root) for frame in video] for video in video_entries]
     if check_images:
         for position, image in enumerate(images):
-            _check_image(image, position)
-    return messages, images
+            _check_image(image, f"image {position}")
+        for position, video in enumerate(videos):
+            for number, frame in enumerate(video):
+                _check_image(frame, f"frame {number} of video {position}")
+    return messages, images, videos, fps
+
+
+def _decode(image: bytes | Path):
+    return load_rgb(image if isinstance(image, Path) else io.BytesIO(image))
 
 
 class TableConversations(torch.utils.data.Dataset):
     """Checked records of a memory-mapped table: row numbers and length proxies are all that is held."""
 
-    def __init__(self, table, rows: np.ndarray, lengths: np.ndarray, images: np.ndarray, source: str,
-                 image_root: Path):
+    def __init__(self, table, rows: np.ndarray, lengths: np.ndarray, images: np.ndarray, videos: np.ndarray,
+                 source: str, image_root: Path):
         self.table = table
         self.rows = rows
         self._lengths = lengths
         self._images = images
+        self._videos = videos
         self.source = source
         self.image_root = image_root
 
@@ -129,7 +145,7 @@ class TableConversations(torch.utils.data.Dataset):
     def subset(self, positions) -> TableConversations:
         positions = np.asarray(positions, dtype=np.int64)
         return TableConversations(self.table, self.rows[positions], self._lengths[positions],
-                                  self._images[positions], self.source, self.image_root)
+                                  self._images[positions], self._videos[positions], self.source, self.image_root)
 
     def record_index(self, i: int) -> int:
         """The record's row in the source (what errors name)."""
@@ -137,6 +153,9 @@ class TableConversations(torch.utils.data.Dataset):
 
     def image_counts(self) -> np.ndarray:
         return self._images
+
+    def video_counts(self) -> np.ndarray:
+        return self._videos
 
     def lengths(self) -> np.ndarray:
         """data.group_by_length's proxy, as ConversationDataset.lengths computes it."""
@@ -146,11 +165,12 @@ class TableConversations(torch.utils.data.Dataset):
         index = int(self.rows[i])
         raw = self.table[index].to_pylist()[0]
         try:
-            messages, images = _parse_row(raw, self.image_root, check_images=False)
-            decoded = [load_rgb(image if isinstance(image, Path) else io.BytesIO(image)) for image in images]
+            messages, images, videos, fps = _parse_row(raw, self.image_root, check_images=False)
+            decoded = [_decode(image) for image in images]
+            clips = [Video([_decode(frame) for frame in video], fps) for video in videos]
         except (BadRecord, OSError, SyntaxError) as err:
             raise DataError(f"{self.source}: record {index}: {err}") from None
-        return Sample(messages=messages, images=decoded, meta={"record": index})
+        return Sample(messages=messages, images=decoded, meta={"record": index}, videos=clips)
 
 
 def load_table(path: str | Path, image_root: str | Path | None, on_bad_record: str = "error"
@@ -161,13 +181,14 @@ def load_table(path: str | Path, image_root: str | Path | None, on_bad_record: s
     path = Path(path)
     root = Path(image_root) if image_root else (path if path.is_dir() else path.parent)
     table = open_table(path)
-    rows, lengths, images_per_row, skipped = array("q"), array("q"), array("q"), 0  # machine integers
+    rows, lengths, images_per_row, videos_per_row = array("q"), array("q"), array("q"), array("q")  # machine ints
+    skipped = 0
     for start in range(0, len(table), CHECK_BATCH):
         batch = table[start:start + CHECK_BATCH].to_pylist()
         for offset, raw in enumerate(batch):
             index = start + offset
             try:
-                messages, images = _parse_row(raw, root, check_images=True)
+                messages, images, videos, _ = _parse_row(raw, root, check_images=True)
             except BadRecord as err:
                 if on_bad_record == "error":
                     raise DataError(f"{path}: record {index} {err}. Fix or remove the record, "
@@ -176,12 +197,13 @@ def load_table(path: str | Path, image_root: str | Path | None, on_bad_record: s
                 log.warning("skipping %s record %d: %s", path, index, err)
                 continue
             rows.append(index)
-            lengths.append(sum(len(m.content) for m in messages) + IMAGE_WEIGHT * len(images))
+            lengths.append(sum(len(m.content) for m in messages) + IMAGE_WEIGHT * visual_items(len(images), videos))
             images_per_row.append(len(images))
+            videos_per_row.append(len(videos))
         del batch
     if not rows:
         raise DataError(f"{path}: no usable record ({skipped} skipped)")
-    arrays = [np.frombuffer(a, dtype=np.int64) for a in (rows, lengths, images_per_row)]
+    arrays = [np.frombuffer(a, dtype=np.int64) for a in (rows, lengths, images_per_row, videos_per_row)]
     return TableConversations(table, *arrays, str(path), root), skipped
 
 
