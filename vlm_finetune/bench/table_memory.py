@@ -87,14 +87,17 @@ def measure(path: str, image_root: str) -> dict:
                             num_workers=0, packing=False, pack_length=None, global_batch_size=None, num_train=None,
                             num_val=None, image_size=None, path=path, val_path=None, val_fraction=0.01,
                             image_root=image_root)
-    before, started = _status_kib("VmRSS"), time.perf_counter()
+    before = {field: _status_kib(field) for field in ("VmRSS", "RssAnon", "RssFile")}
+    started = time.perf_counter()
     train, val, _ = build_datasets(settings, seed=0)
     sampler = LengthGroupedSampler(sample_lengths(train), MICRO_BATCH, seed=0)
     first = [train[i] for _, i in zip(range(MICRO_BATCH), iter(sampler))]
     seconds = time.perf_counter() - started
     return {"records": len(train) + len(val), "images_in_first_batch": sum(len(s.images) for s in first),
-            "rss_growth_mib": (_status_kib("VmRSS") - before) / 1024, "peak_rss_mib": _status_kib("VmHWM") / 1024,
-            "rss_before_mib": before / 1024, "seconds": seconds}
+            "rss_growth_mib": (_status_kib("VmRSS") - before["VmRSS"]) / 1024,
+            "anon_growth_mib": (_status_kib("RssAnon") - before["RssAnon"]) / 1024,
+            "file_growth_mib": (_status_kib("RssFile") - before["RssFile"]) / 1024,
+            "peak_rss_mib": _status_kib("VmHWM") / 1024, "rss_before_mib": before["VmRSS"] / 1024, "seconds": seconds}
 
 
 def render(results: dict, command: str, date: str, records: int) -> str:
@@ -105,11 +108,18 @@ def render(results: dict, command: str, date: str, records: int) -> str:
              "distinct; by path in JSON, embedded bytes in Parquet); held-out fraction 0.01",
              "- measured: resident size growth of a fresh process over its state after imports, through opening "
              "and checking every record, the length proxies and the first micro-batch of 8 (the model's load, the "
-             "same for both, left out); Parquet includes its one-time conversion into the datasets cache", "",
-             "| form | resident growth MiB | vs JSON | peak resident MiB (process) | seconds |", "|---|---|---|---|---|"]
+             "same for both, left out); Parquet includes its one-time conversion into the datasets cache",
+             "- resident = anonymous (the process's own memory: Python objects, buffers) + file-backed (pages of "
+             "mapped files, here the memory-mapped Arrow file: page cache the kernel can drop and that data "
+             "workers share); /proc/self/status RssAnon and RssFile", "",
+             "| form | resident growth MiB | vs JSON | anonymous growth MiB | vs JSON | file-backed growth MiB | "
+             "peak resident MiB (process) | seconds |", "|---|---|---|---|---|---|---|---|"]
+    json_anon = results["json"]["anon_growth_mib"]
     for form, result in results.items():
         ratio = result["rss_growth_mib"] / json_growth if json_growth > 0 else float("nan")
-        lines.append(f"| {form} | {result['rss_growth_mib']:,.1f} | {ratio:.3f}x | {result['peak_rss_mib']:,.1f} | "
+        anon = result["anon_growth_mib"] / json_anon if json_anon > 0 else float("nan")
+        lines.append(f"| {form} | {result['rss_growth_mib']:,.1f} | {ratio:.3f}x | {result['anon_growth_mib']:,.1f} | "
+                     f"{anon:.3f}x | {result['file_growth_mib']:,.1f} | {result['peak_rss_mib']:,.1f} | "
                      f"{result['seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 
