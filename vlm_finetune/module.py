@@ -101,7 +101,7 @@ class VisionInEveryStep:
             sample = Sample([Message("user", f"{IMAGE_PLACEHOLDER}\n."), Message("assistant", ".")],
                             [Image.new("RGB", (56, 56))])
             batch = self.processor.collate([self.processor.encode(sample)])
-            self._inputs = {k: batch[k] for k in self.family.image_keys}
+            self._inputs = {k: batch[k] for k in self.family.image_keys if k in batch}
         return self._inputs
 
     def run(self, base: nn.Module, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:

@@ -80,17 +80,26 @@ def check_image_counts(samples: Dataset, processor, on_bad_record: str, source: 
     Returns how many records hold too many."""
     limit = getattr(processor, "max_images", None)
     counts = image_counts(samples)
-    if limit is None or counts is None:
-        return 0
-    over = [i for i, n in enumerate(counts) if n > limit]
-    if over and on_bad_record == "error":
-        record = getattr(samples, "record_index", lambda i: samples.records[i].index)
-        named = ", ".join(str(record(i)) for i in over[:5]) + (" ..." if len(over) > 5 else "")
-        raise DataError(f"{getattr(samples, 'source', source)}: {processor.model_name} takes at most {limit} image(s) "
-                        f"per conversation; {len(over)} record(s) hold more (record {named}). Split those "
-                        "conversations, use GLM-4.1V/4.5V (several images and video), or set "
-                        "data.on_bad_record=skip to skip and count them")
-    return len(over)
+    videos = getattr(samples, "video_counts", None)
+    videos = videos() if callable(videos) and not getattr(processor, "takes_video", False) else None
+    over = [i for i, n in enumerate(counts) if n > limit] if limit is not None and counts is not None else []
+    with_video = [i for i, n in enumerate(videos) if n] if videos is not None else []
+    record = getattr(samples, "record_index", lambda i: samples.records[i].index)
+    where = getattr(samples, "source", source)
+    fix = ("Split those conversations, use GLM-4.1V/4.5V (several images and video), or set data.on_bad_record=skip "
+           "to skip and count them")
+    if on_bad_record == "error":
+        if over:
+            raise DataError(f"{where}: {processor.model_name} takes at most {limit} image(s) per conversation; "
+                            f"{len(over)} record(s) hold more (record {_named(over, record)}). {fix}")
+        if with_video:
+            raise DataError(f"{where}: {processor.model_name} takes no video; {len(with_video)} record(s) hold one "
+                            f"(record {_named(with_video, record)}). {fix}")
+    return len(set(over) | set(with_video))
+
+
+def _named(positions: list[int], record) -> str:
+    return ", ".join(str(record(i)) for i in positions[:5]) + (" ..." if len(positions) > 5 else "")
 
 
 class BadSample:
@@ -139,6 +148,8 @@ class EncodedDataset(Dataset):
 
     def _encode(self, i: int, repeated: bool):
         sample: Sample = self.samples[i]
+        if sample.videos and not getattr(self.processor, "takes_video", False):
+            raise DataError(f"{getattr(self.processor, 'model_name', 'this model')} takes no video")
         try:
             encoded = self.processor.encode(sample, self.max_length)
             if not self.with_generation_prompt:
