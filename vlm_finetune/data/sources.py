@@ -16,6 +16,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 from array import array
 from pathlib import Path
 
@@ -73,28 +74,11 @@ def open_table(path: str | Path):
             raise DataError(f"{path} holds neither Parquet files nor a datasets.save_to_disk folder (state.json, "
                             "dataset_info.json); set data.path to a Parquet file or folder, a save_to_disk folder, "
                             "or a JSON/JSONL file")
-        cache_dir = os.environ.get("HF_DATASETS_CACHE")
-        _convert_in_child(path, files, cache_dir)
-        try:  # now found in the cache: memory-mapped
-            table = datasets.Dataset.from_parquet(files, cache_dir=cache_dir)
+        try:  # converted once into Arrow files in the datasets cache (HF_DATASETS_CACHE), then memory-mapped
+            table = datasets.Dataset.from_parquet(files, cache_dir=os.environ.get("HF_DATASETS_CACHE"))
         except Exception as err:  # noqa: BLE001 - pyarrow and datasets raise many kinds for a bad file
             raise DataError(f"{path}: cannot be read as Parquet ({err})") from None
     return table.with_format("arrow")
-
-
-def _convert_in_child(path: Path, files: list[str], cache_dir: str | None) -> None:
-    """Parquet is converted once into Arrow files in the datasets cache (HF_DATASETS_CACHE). The conversion
-    decodes row groups whole, and the Arrow allocator keeps what it freed (tens of MiB per 100,000 small
-    records, measured by `python -m vlm_finetune.bench tables`), so it runs in a short-lived process of its
-    own; the run's process then finds the cache and only maps it."""
-    code = ("import sys, datasets\n"
-            "datasets.disable_progress_bars()\n"
-            "datasets.Dataset.from_parquet(sys.argv[2:], cache_dir=sys.argv[1] or None)\n")
-    done = subprocess.run([sys.executable, "-c", code, cache_dir or "", *files], capture_output=True, text=True,
-                          check=False)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-        raise DataError(f"{path}: cannot be read as Parquet ({last})")
 
 
 def _image_bytes_or_path(entry, image_root: Path) -> bytes | Path:
@@ -193,11 +177,56 @@ class TableConversations(torch.utils.data.Dataset):
 
 def load_table(path: str | Path, image_root: str | Path | None, on_bad_record: str = "error"
                ) -> tuple[TableConversations, int]:
-    """Open and check every record of a table; returns (dataset, number skipped)."""
+    """Open and check every record of a table; returns (dataset, number skipped).
+
+    The check runs in a short-lived process of its own (as does Parquet's one-time conversion into the datasets
+    cache, which it starts): reading every record touches every page of the mapped file and leaves what the
+    Arrow and Python allocators freed in the process that read (measured by `python -m vlm_finetune.bench
+    tables`). This process gets the four integer arrays and maps the table."""
     if on_bad_record not in ("error", "skip"):
         raise DataError(f"data.on_bad_record={on_bad_record!r}: use 'error' or 'skip'")
     path = Path(path)
     root = Path(image_root) if image_root else (path if path.is_dir() else path.parent)
+    with tempfile.TemporaryDirectory(prefix="vlm_finetune_check_") as work:
+        out = Path(work) / "checked.npz"
+        code = "from vlm_finetune.data.sources import _check_child; _check_child()"
+        done = subprocess.run([sys.executable, "-c", code, str(path), str(root), on_bad_record, str(out)],
+                              capture_output=True, text=True, check=False)
+        for line in done.stderr.splitlines():
+            if line.startswith(CHILD_ERROR):
+                raise DataError(line[len(CHILD_ERROR):].replace(NEWLINE, "\n"))
+            if line.startswith("skipping "):
+                log.warning("%s", line)
+        if done.returncode != 0 or not out.is_file():
+            raise DataError(f"{path}: checking the records failed:\n{done.stderr[-3000:]}")
+        with np.load(out) as checked:
+            arrays = [checked[name] for name in ("rows", "lengths", "images", "videos")]
+            skipped = int(checked["skipped"])
+    return TableConversations(open_table(path), *arrays, str(path), root), skipped
+
+
+CHILD_ERROR = "vlm_finetune.DataError: "
+NEWLINE = "\\n"
+
+
+def _check_child() -> None:
+    """`python -c` entry of load_table's checking process: argv = path, image root, on_bad_record, output."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    path, root, on_bad_record, out = sys.argv[1:5]
+    try:
+        arrays, skipped = check_table(Path(path), Path(root), on_bad_record)
+    except DataError as err:
+        print(CHILD_ERROR + str(err).replace("\n", NEWLINE), file=sys.stderr, flush=True)
+        sys.exit(3)
+    np.savez(out, skipped=skipped, **dict(zip(("rows", "lengths", "images", "videos"), arrays)))
+
+
+def check_table(path: Path, root: Path, on_bad_record: str) -> tuple[list[np.ndarray], int]:
+    """Every record of the table at `path` checked: (rows, lengths, images, videos) of the usable ones, and the
+    number skipped."""
     table = open_table(path)
     rows, lengths, images_per_row, videos_per_row = array("q"), array("q"), array("q"), array("q")  # machine ints
     skipped = 0
@@ -221,8 +250,7 @@ def load_table(path: str | Path, image_root: str | Path | None, on_bad_record: s
         del batch
     if not rows:
         raise DataError(f"{path}: no usable record ({skipped} skipped)")
-    arrays = [np.frombuffer(a, dtype=np.int64) for a in (rows, lengths, images_per_row, videos_per_row)]
-    return TableConversations(table, *arrays, str(path), root), skipped
+    return [np.frombuffer(a, dtype=np.int64) for a in (rows, lengths, images_per_row, videos_per_row)], skipped
 
 
 def _load(path, image_root, on_bad_record: str):
@@ -232,10 +260,10 @@ def _load(path, image_root, on_bad_record: str):
     return ConversationDataset(records, str(path)), skipped
 
 
-def _subset(dataset, positions: list[int]):
+def _subset(dataset, positions: np.ndarray):
     if isinstance(dataset, TableConversations):
         return dataset.subset(positions)
-    return ConversationDataset([dataset.records[i] for i in positions], dataset.source)
+    return ConversationDataset([dataset.records[int(i)] for i in positions], dataset.source)
 
 
 def build_table_datasets(path, val_path, image_root, on_bad_record: str, val_fraction: float, seed: int):
@@ -250,9 +278,9 @@ def build_table_datasets(path, val_path, image_root, on_bad_record: str, val_fra
         return train, val, stats
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"data.val_fraction={val_fraction} must lie in (0, 1) when data.val_path is not set")
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).numpy()  # no Python ints
     n_val = max(1, round(len(train) * val_fraction))
     if n_val >= len(train):
         raise DataError(f"{path} has {len(train)} usable record(s): too few to hold out a validation set; "
                         "add records or set data.val_path")
-    return _subset(train, sorted(order[n_val:])), _subset(train, sorted(order[:n_val])), stats
+    return _subset(train, np.sort(order[n_val:])), _subset(train, np.sort(order[:n_val])), stats
