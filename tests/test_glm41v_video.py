@@ -184,3 +184,24 @@ def test_tiny_glm41v_trains_on_two_image_and_video_records(visual_records, tmp_p
     assert metrics["skipped_bad_records"] == 0
     batches = list(objects["datamodule"].train_dataloader())
     assert any("pixel_values_videos" in b and "pixel_values" in b for b in batches)
+
+
+# one plan per case (about 12 s each on the shared 2 cores): two images and an odd-length video in the quick suite
+@pytest.mark.parametrize("images, frames", [(2, 3)] + [pytest.param(*case, marks=pytest.mark.slow)
+                                                       for case in ((2, 0), (0, 4), (1, 8))])
+def test_planner_counts_the_processors_image_tokens(released, images, frames):  # noqa: F811
+    """The plan's LLM image-token row for a sample of `images` 112 px images and a video of `frames` 112 px frames
+    (tiny_glm41v's image size) holds the processor's `<|image|>` tokens for that sample."""
+    from vlm_finetune.plan import plan_memory, visual_items
+
+    processor = released[0]
+    question = IMAGE_PLACEHOLDER * images + (VIDEO_PLACEHOLDER if frames else "") + "What is it?"
+    sample = Sample([Message("user", question), Message("assistant", "this")],
+                    [Image.new("RGB", (112, 112), (9 * k, 90, 40)) for k in range(images)],
+                    videos=[Video([Image.new("RGB", (112, 112), (30 * k, 9, 9)) for k in range(frames)], 2.0)]
+                    if frames else [])
+    tokens = processor.encode(sample).input_ids.tolist().count(processor.image_token_id)
+    plan = plan_memory(["model=tiny_glm41v", "data.micro_batch_size=1", "hardware=cpu"], seq=512, image_px=112,
+                       images=visual_items(images, frames))
+    row = next(r for r in plan.rows if r.item.startswith("image tokens ("))
+    assert row.item == f"image tokens ({tokens} into the LLM)" and tokens > 0
