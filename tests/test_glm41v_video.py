@@ -205,3 +205,17 @@ def test_planner_counts_the_processors_image_tokens(released, images, frames):  
                        images=visual_items(images, frames))
     row = next(r for r in plan.rows if r.item.startswith("image tokens ("))
     assert row.item == f"image tokens ({tokens} into the LLM)" and tokens > 0
+
+
+def test_packing_refuses_video_records_before_weights_load(visual_records, tmp_path, monkeypatch):
+    import vlm_finetune.train as train_module
+    from vlm_finetune.errors import ConfigError
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("a model was built before the data was checked")
+
+    monkeypatch.setattr(train_module, "_model_builder", no_weights)
+    cfg = compose_cfg(COMMON + ["model=tiny_glm41v", f"data.path={visual_records / 'train.json'}",
+                                f"data.val_path={visual_records / 'train.json'}", "data.packing=true"], tmp_path)
+    with pytest.raises(ConfigError, match="data.packing=true does not take records with videos yet"):
+        train_module.train(cfg)

@@ -24,7 +24,13 @@ from vlm_finetune.autotune import check_auto_options, resolve_activation_checkpo
 from vlm_finetune.callbacks import StepProgressBar
 from vlm_finetune.checkpointing import CHECKPOINT_DIR
 from vlm_finetune.config import hydra_overrides, read_settings, settings_for
-from vlm_finetune.data.datamodule import VLMDataModule, build_datasets, check_image_counts, check_samples_fit
+from vlm_finetune.data.datamodule import (
+    VLMDataModule,
+    build_datasets,
+    check_image_counts,
+    check_packing_takes_the_videos,
+    check_samples_fit,
+)
 from vlm_finetune.data.packing import pack_length
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.hardware import Hardware, env_global_rank, preflight, resolve
@@ -253,6 +259,7 @@ def _train(cfg: DictConfig, settings: RunSettings, callbacks: list | None, modes
     processor = family.load_processor(settings.model, truncation=data.truncation)
     for samples in (train_samples, val_samples):  # MGM, GLM-4V-9B: one image per conversation
         check_image_counts(samples, processor, data.on_bad_record)
+    check_packing_takes_the_videos(train_samples, data.packing)
     check_samples_fit(train_samples, processor, data.max_length, data.truncation)
 
     policy = weights_policy(settings.precision, settings.strategy.strategy)

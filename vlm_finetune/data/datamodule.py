@@ -98,6 +98,15 @@ def check_image_counts(samples: Dataset, processor, on_bad_record: str, source: 
     return len(set(over) | set(with_video))
 
 
+def check_packing_takes_the_videos(samples: Dataset, packing: bool) -> None:
+    """data.packing=true does not place videos yet (a packed row's M-RoPE positions are computed per sample from
+    its image grids only): said before any weight loads."""
+    counts = getattr(samples, "video_counts", None)
+    if packing and callable(counts) and any(int(n) for n in counts()):
+        raise ConfigError(f"data.packing=true does not take records with videos yet ({getattr(samples, 'source', '')} "
+                          "has some); set data.packing=false (data.group_by_length=true also cuts padding)")
+
+
 def _named(positions: list[int], record) -> str:
     return ", ".join(str(record(i)) for i in positions[:5]) + (" ..." if len(positions) > 5 else "")
 
