@@ -219,3 +219,17 @@ def test_packing_refuses_video_records_before_weights_load(visual_records, tmp_p
                                 f"data.val_path={visual_records / 'train.json'}", "data.packing=true"], tmp_path)
     with pytest.raises(ConfigError, match="data.packing=true does not take records with videos yet"):
         train_module.train(cfg)
+
+
+def test_generation_refuses_images_and_videos_in_one_batch_before_weights_load(visual_records, tmp_path, monkeypatch):
+    import vlm_finetune.train as train_module
+    from vlm_finetune.errors import ConfigError
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("a model was built before the data was checked")
+
+    monkeypatch.setattr(train_module, "_model_builder", no_weights)
+    cfg = compose_cfg(COMMON + ["model=tiny_glm41v", f"data.path={visual_records / 'train.json'}",
+                                f"data.val_path={visual_records / 'train.json'}", "eval.generate=true"], tmp_path)
+    with pytest.raises(ConfigError, match="eval.generate=true: a record holds both images and videos"):
+        train_module.train(cfg)

@@ -27,6 +27,7 @@ from vlm_finetune.config import hydra_overrides, read_settings, settings_for
 from vlm_finetune.data.datamodule import (
     VLMDataModule,
     build_datasets,
+    check_generation_takes_the_mix,
     check_image_counts,
     check_packing_takes_the_videos,
     check_samples_fit,
@@ -260,6 +261,9 @@ def _train(cfg: DictConfig, settings: RunSettings, callbacks: list | None, modes
     for samples in (train_samples, val_samples):  # MGM, GLM-4V-9B: one image per conversation
         check_image_counts(samples, processor, data.on_bad_record)
     check_packing_takes_the_videos(train_samples, data.packing)
+    check_generation_takes_the_mix(val_samples, settings.eval.generate,
+                                   int(data.val_batch_size or (1 if is_auto(data.micro_batch_size) else
+                                                               data.micro_batch_size)))
     check_samples_fit(train_samples, processor, data.max_length, data.truncation)
 
     policy = weights_policy(settings.precision, settings.strategy.strategy)
