@@ -82,8 +82,13 @@ def test_tables_give_the_json_samples_and_split(forms, monkeypatch):
                 a, b = ours[i], theirs[i]
                 assert a.messages == b.messages and a.meta == b.meta and len(a.images) == len(b.images)
                 assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a.images, b.images))
-    # the held rows are integers, not records
+    # the held rows are integers, not records; a data worker gets those and the table's file names
     assert train.rows.dtype == np.int64 and not hasattr(train, "records")
+    import pickle
+
+    shipped = pickle.dumps(train)
+    assert pickle.loads(shipped)[3].messages == train[3].messages
+    assert len(shipped) < 20_000  # 9 records: four small arrays, the table's path and schema; no image bytes
 
 
 def test_a_corrupt_embedded_image_is_named_before_weights_load_and_skip_counts_it(forms, tmp_path, monkeypatch):
