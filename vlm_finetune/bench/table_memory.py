@@ -7,8 +7,9 @@ in the JSON file, embedded as bytes in the Parquet file), then, in a fresh proce
 does with its data before the first step: opens and checks every record (build_datasets, data.on_bad_record
 =error, a held-out fraction of 0.01), takes the length proxies of data.group_by_length and draws the first
 micro-batch (8 samples, images decoded). It reports the process's resident size growth over the process after
-its imports (current and peak, from /proc/self/status), and the seconds taken. The Parquet form's figure
-includes its one-time conversion into the datasets cache (an Arrow file, then memory-mapped). The model's
+its imports (current and peak, from /proc/self/status), and the seconds taken. Parquet's one-time conversion
+into the datasets cache (an Arrow file, then memory-mapped) and the record check run in a short-lived process
+of their own, which ends before the figures are taken (the seconds include it). The model's
 load is left out: it is the same for both forms. The table goes to docs/benchmarks.md under its own heading.
 """
 from __future__ import annotations
@@ -108,7 +109,8 @@ def render(results: dict, command: str, date: str, records: int) -> str:
              "distinct; by path in JSON, embedded bytes in Parquet); held-out fraction 0.01",
              "- measured: resident size growth of a fresh process over its state after imports, through opening "
              "and checking every record, the length proxies and the first micro-batch of 8 (the model's load, the "
-             "same for both, left out); Parquet includes its one-time conversion into the datasets cache",
+             "same for both, left out); Parquet's one-time conversion into the datasets cache and the "
+             "record check run in a short-lived process of their own (vlm_finetune/data/sources.py), not counted here",
              "- resident = anonymous (the process's own memory: Python objects, buffers) + file-backed (pages of "
              "mapped files, here the memory-mapped Arrow file: page cache the kernel can drop and that data "
              "workers share); /proc/self/status RssAnon and RssFile", "",
