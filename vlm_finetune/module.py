@@ -101,7 +101,7 @@ class VisionInEveryStep:
             sample = Sample([Message("user", f"{IMAGE_PLACEHOLDER}\n."), Message("assistant", ".")],
                             [Image.new("RGB", (56, 56))])
             batch = self.processor.collate([self.processor.encode(sample)])
-            self._inputs = {k: batch[k] for k in self.family.image_keys if k in batch}
+            self._inputs = {k: batch[k] for k in self.family.image_keys}
         return self._inputs
 
     def run(self, base: nn.Module, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
@@ -111,7 +111,8 @@ class VisionInEveryStep:
         return self.family.image_features(base, inputs)
 
     def needed(self, batch: dict) -> bool:
-        return bool(self.family.image_keys) and not any(k in batch for k in self.family.image_keys)
+        keys = self.family.image_keys + self.family.video_keys  # a video-only micro-batch runs the tower too
+        return bool(self.family.image_keys) and not any(k in batch for k in keys)
 
     @contextlib.contextmanager
     def around(self, base: nn.Module, batch: dict, once: bool = False):

@@ -281,8 +281,8 @@ class Glm4vFamily(Family):
     def output_embedding(self, model: nn.Module) -> nn.Module:
         return model.lm_head
 
-    # the video keys too: a micro-batch with only videos runs the vision tower already (no blank image needed)
-    image_keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+    image_keys = ("pixel_values", "image_grid_thw")
+    video_keys = ("pixel_values_videos", "video_grid_thw")
     images_encoded_before_generation = True
 
     def image_features(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
