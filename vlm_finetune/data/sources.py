@@ -67,7 +67,7 @@ def open_table(path: str | Path):
             raise DataError(f"{path}: cannot be read as a datasets.save_to_disk folder ({err})") from None
         if isinstance(table, datasets.DatasetDict):
             raise DataError(f"{path} holds several splits ({sorted(table)}); point data.path (and data.val_path) "
-                            "at one split's folder, e.g. {path}/{next(iter(table))}")
+                            f"at one split's folder, e.g. {path}/{next(iter(table))}")
     else:
         files = [str(path)] if path.is_file() else _parquet_shards(path)
         if not files:
