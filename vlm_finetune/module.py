@@ -111,7 +111,8 @@ class VisionInEveryStep:
         return self.family.image_features(base, inputs)
 
     def needed(self, batch: dict) -> bool:
-        return bool(self.family.image_keys) and not any(k in batch for k in self.family.image_keys)
+        keys = self.family.image_keys + self.family.video_keys  # a video-only micro-batch runs the tower too
+        return bool(self.family.image_keys) and not any(k in batch for k in keys)
 
     @contextlib.contextmanager
     def around(self, base: nn.Module, batch: dict, once: bool = False):

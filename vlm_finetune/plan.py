@@ -1,6 +1,6 @@
-"""`python -m vlm_finetune.plan [--seq N] [--image PX] [--images N] <training overrides>`: the predicted peak
-GPU memory of a training configuration, with the changes that make it fit (`--help` tells what is exact and
-what is modelled: the docstring of vlm_finetune.memory.planner)."""
+"""`python -m vlm_finetune.plan [--seq N] [--image PX] [--images N] [--video-frames N] <training overrides>`: the
+predicted peak GPU memory of a training configuration, with the changes that make it fit (`--help` tells what is
+exact and what is modelled: the docstring of vlm_finetune.memory.planner)."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +10,13 @@ from vlm_finetune.config import settings_for
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.memory import planner, suggest
 from vlm_finetune.memory.report import MemoryPlan
+
+
+def visual_items(images: int, video_frames: int = 0) -> int:
+    """Images plus a video's temporal patches: the released GLM-4.1V processor keeps frames sampled at its own
+    2 fps as they are, pads an odd count with the last frame and puts two frames in each temporal patch, which
+    (at a side within the video pixel budget) has the tokens and the patches of one image of that side."""
+    return int(images) + (int(video_frames) + int(video_frames) % 2) // 2
 
 
 def plan_memory(overrides: list[str], seq: int | None = None, image_px: int | None = None,
@@ -52,12 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", nargs="+", default=None, metavar="CANDIDATE",
                         help="plan each candidate (quoted overrides, e.g. 'trainer=zero3 precision=bf16-mixed' "
                              "'trainer=ddp trainer.expert_parallel=4') on top of the other overrides; one table")
+    parser.add_argument("--video-frames", type=int, default=0,
+                        help="frames of a video per sample, as sampled (GLM-4.1V/4.5V; default 0): each two frames "
+                             "take the tokens and patches of one --image px image")
     args, overrides = parser.parse_known_args(argv)
     try:
+        images = visual_items(args.images, args.video_frames)
         if args.compare:
-            print(compare(overrides, args.compare, args.seq, args.image, args.images), flush=True)
+            print(compare(overrides, args.compare, args.seq, args.image, images), flush=True)
             return 0
-        plan = plan_with_suggestions(overrides, args.seq, args.image, args.images)
+        plan = plan_with_suggestions(overrides, args.seq, args.image, images)
     except ConfigError as err:
         print(f"vlm_finetune.plan: error: {err}", file=sys.stderr, flush=True)
         return 2

@@ -30,7 +30,14 @@ from vlm_finetune.autotune import (
 from vlm_finetune.callbacks import StepProgressBar
 from vlm_finetune.checkpointing import CHECKPOINT_DIR
 from vlm_finetune.config import hydra_overrides, read_settings, settings_for
-from vlm_finetune.data.datamodule import VLMDataModule, build_datasets, check_samples_fit
+from vlm_finetune.data.datamodule import (
+    VLMDataModule,
+    build_datasets,
+    check_generation_takes_the_mix,
+    check_image_counts,
+    check_packing_takes_the_videos,
+    check_samples_fit,
+)
 from vlm_finetune.data.packing import pack_length
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.hardware import Hardware, env_global_rank, preflight, resolve
@@ -287,11 +294,18 @@ def _train(cfg: DictConfig, settings: RunSettings, callbacks: list | None, modes
     data = settings.data
     train_samples, val_samples, data_stats = build_datasets(data, settings.seed)
     processor = family.load_processor(settings.model, truncation=data.truncation)
+    for samples in (train_samples, val_samples):  # MGM, GLM-4V-9B: one image per conversation
+        check_image_counts(samples, processor, data.on_bad_record)
+    check_packing_takes_the_videos(train_samples, data.packing)
     check_samples_fit(train_samples, processor, data.max_length, data.truncation)
 
     policy = weights_policy(settings.precision, settings.strategy.strategy)
-    # checkpointing auto -> the fewest layers that fit
+    # checkpointing auto -> the fewest layers that fit; the validation batch from the plan
     settings = _resolve_auto(cfg, settings, family, None, processor, hardware)
+    data = settings.data
+    check_generation_takes_the_mix(val_samples, settings.eval.generate,
+                                   int(data.val_batch_size or (1 if is_auto(data.micro_batch_size) else
+                                                               data.micro_batch_size)))
     release = _host_release(cfg)
     build = _model_builder(settings, release, family, modes, policy)
     # ZeRO-3: the model is built in VLMModule.configure_model, inside DeepSpeed's partitioned initialisation,

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from vlm_finetune.data.grouping import IMAGE_WEIGHT
+from vlm_finetune.data.grouping import IMAGE_WEIGHT, visual_items
 from vlm_finetune.data.images import load_rgb
-from vlm_finetune.data.sample import IMAGE_PLACEHOLDER, Message, Sample
+from vlm_finetune.data.sample import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Message, Sample, Video
+from vlm_finetune.data.videos import BadVideo, parse_videos
 from vlm_finetune.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ class ConversationRecord:
     messages: list[Message]
     image_paths: list[Path]
     index: int  # position in the source file, for error messages
+    video_frames: list[list[Path]] = field(default_factory=list)  # each video's frame files
+    video_fps: float = 2.0
 
 
 class BadRecord(Exception):
@@ -88,13 +91,39 @@ def _content_text(content) -> str:
                 parts.append(str(part.get("text", "")))
             elif kind == "image":
                 parts.append(IMAGE_PLACEHOLDER)
+            elif kind == "video":
+                parts.append(VIDEO_PLACEHOLDER)
             else:
-                raise BadRecord(f"content part {part!r} is neither {{'type': 'text'}} nor {{'type': 'image'}}")
+                raise BadRecord(f"content part {part!r} is not {{'type': 'text'}}, {{'type': 'image'}} or "
+                                "{'type': 'video'}")
         return "".join(parts)
     raise BadRecord(f"message content must be a string or a list of parts, found {type(content).__name__}")
 
 
 def parse_record(raw: dict, index: int, image_root: Path) -> ConversationRecord:
+    messages, images = messages_and_images(raw)
+    try:
+        videos, fps = parse_videos(raw, messages)
+    except BadVideo as err:
+        raise BadRecord(str(err)) from None
+    if any(not isinstance(frame, str) for video in videos for frame in video):
+        raise BadRecord("video frames must be image paths")
+    frames = [[image_root / frame for frame in video] for video in videos]
+    paths = [image_root / str(p) for p in images]
+    for p in paths + [f for video in frames for f in video]:
+        if not p.is_file():
+            raise BadRecord(f"image {p} does not exist (paths are relative to data.image_root={image_root})")
+        try:
+            with Image.open(p) as img:
+                img.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+            raise BadRecord(f"image {p} is corrupt or not an image ({err})") from None
+    return ConversationRecord(messages, paths, index, frames, fps)
+
+
+def messages_and_images(raw: dict, image_entry: type | tuple[type, ...] = str) -> tuple[list[Message], list]:
+    """A record's messages and its image entries (paths here; tables may also hold embedded bytes), checked for
+    form and placeholder count but not opened."""
     if not isinstance(raw, dict):
         raise BadRecord(f"is a {type(raw).__name__}, not an object")
     if "conversations" in raw:
@@ -120,23 +149,16 @@ def parse_record(raw: dict, index: int, image_root: Path) -> ConversationRecord:
         messages.append(Message(role, _content_text(turn[key_text])))
     if not any(m.role == "assistant" for m in messages):
         raise BadRecord("has no assistant reply to learn from")
-    if isinstance(images, str):
+    if images is None:
+        images = []
+    if isinstance(images, image_entry) and not isinstance(images, list):
         images = [images]
     if not isinstance(images, list):
         raise BadRecord("'image'/'images' must be a path or a list of paths")
     placeholders = sum(m.content.count(IMAGE_PLACEHOLDER) for m in messages)
     if placeholders != len(images):
         raise BadRecord(f"has {placeholders} '{IMAGE_PLACEHOLDER}' placeholder(s) but {len(images)} image(s)")
-    paths = [image_root / str(p) for p in images]
-    for p in paths:
-        if not p.is_file():
-            raise BadRecord(f"image {p} does not exist (paths are relative to data.image_root={image_root})")
-        try:
-            with Image.open(p) as img:
-                img.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError) as err:
-            raise BadRecord(f"image {p} is corrupt or not an image ({err})") from None
-    return ConversationRecord(messages, paths, index)
+    return messages, images
 
 
 def load_conversations(path: str | Path, image_root: str | Path | None, on_bad_record: str = "error"
@@ -171,20 +193,32 @@ class ConversationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def image_counts(self) -> list[int]:
+        return [len(r.image_paths) for r in self.records]
+
+    def video_counts(self) -> list[int]:
+        return [len(r.video_frames) for r in self.records]
+
     def lengths(self) -> list[int]:
         """data.group_by_length's proxy, from the records alone (no image is read): characters of the
         messages plus a fixed weight per image."""
-        return [sum(len(m.content) for m in r.messages) + IMAGE_WEIGHT * len(r.image_paths) for r in self.records]
+        return [sum(len(m.content) for m in r.messages)
+                + IMAGE_WEIGHT * visual_items(len(r.image_paths), r.video_frames) for r in self.records]
 
     def __getitem__(self, i: int) -> Sample:
         record = self.records[i]
-        images = []
-        for p in record.image_paths:
+        images, videos = [], []
+        for p in record.image_paths + [f for video in record.video_frames for f in video]:
             try:
                 images.append(load_rgb(p))
             except (OSError, SyntaxError) as err:
                 raise DataError(f"{self.source}: record {record.index}: image {p} cannot be read ({err})") from None
-        return Sample(messages=record.messages, images=images, meta={"record": record.index})
+        start = len(record.image_paths)
+        for video in record.video_frames:
+            videos.append(Video(images[start:start + len(video)], record.video_fps))
+            start += len(video)
+        return Sample(messages=record.messages, images=images[:len(record.image_paths)], meta={"record": record.index},
+                      videos=videos)
 
 
 def build_conversation_datasets(path, val_path, image_root, on_bad_record: str, val_fraction: float, seed: int

@@ -15,6 +15,11 @@ IMAGE_WEIGHT = 256
 GROUP_MICRO_BATCHES = 64
 
 
+def visual_items(images: int, videos: list) -> int:
+    """Images in the length proxy: each image, and each video's frames two at a time (a temporal patch)."""
+    return images + sum(-(-len(video) // 2) for video in videos)
+
+
 def sample_lengths(samples: Dataset) -> list[int]:
     """A length proxy per sample, without encoding it: the dataset's own `lengths()` when it has one (records
     read from files), else characters of the messages plus IMAGE_WEIGHT per image."""
@@ -24,7 +29,8 @@ def sample_lengths(samples: Dataset) -> list[int]:
     out = []
     for index in range(len(samples)):
         sample = samples[index]
-        out.append(sum(len(m.content) for m in sample.messages) + IMAGE_WEIGHT * len(sample.images))
+        out.append(sum(len(m.content) for m in sample.messages)
+                   + IMAGE_WEIGHT * visual_items(len(sample.images), [v.frames for v in sample.videos]))
     return out
 
 

@@ -104,6 +104,8 @@ def collate_packed(processor, encoded: list[EncodedSample], row_length: int) -> 
 def _image_count(image_inputs: dict) -> int:
     if not image_inputs:
         return 0
+    if "video_grid_thw" in image_inputs:  # train.py refuses this before weights load; a guard for direct callers
+        raise ValueError("data.packing=true does not take samples with videos yet; set data.packing=false")
     first = next(iter(image_inputs.values()))
     grid = image_inputs.get("image_grid_thw")
     return int(grid.shape[0]) if grid is not None else int(first.shape[0])

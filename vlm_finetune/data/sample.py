@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
 IGNORE_INDEX = -100  # label of a position that takes no loss (PyTorch's cross-entropy default)
 ROLES = ("system", "user", "assistant")
 
@@ -18,12 +19,22 @@ class Message:
 
 
 @dataclass
+class Video:
+    """A video as its frames (RGB, decoded) and the rate they were taken at (frames per second)."""
+
+    frames: list[Image.Image]
+    fps: float
+
+
+@dataclass
 class Sample:
     """One conversation with its images (RGB, loaded). Loss is taken on assistant messages only."""
 
     messages: list[Message]
     images: list[Image.Image] = field(default_factory=list)
     meta: dict = field(default_factory=dict)  # e.g. {"question_type": "color"}; never fed to the model
+    # in the order of the VIDEO_PLACEHOLDERs; only GLM-4.1V/4.5V take them
+    videos: list[Video] = field(default_factory=list)
 
     @property
     def num_image_placeholders(self) -> int:

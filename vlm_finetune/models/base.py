@@ -144,6 +144,8 @@ class Family(abc.ABC):
 
     # batch keys of image inputs: a micro-batch holding none of them is text-only
     image_keys: tuple[str, ...] = ()
+    #: batch keys of video inputs (GLM-4.1V/4.5V): a micro-batch holding them runs the vision tower already
+    video_keys: tuple[str, ...] = ()
     # whether the model's generate() runs the vision path before the first forward (transformers' multimodal
     # models) rather than inside it, after the token embedding
     images_encoded_before_generation: bool = False

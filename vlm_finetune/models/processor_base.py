@@ -48,6 +48,12 @@ class VLMProcessorBase:
 
     image_keys: tuple[str, ...] = ()
     image_end_id: int | None = None
+    #: images one conversation may hold (None: any number); the data is checked against it before weights load
+    max_images: int | None = None
+    #: what to say when a conversation holds more (the model's name)
+    model_name: str = "this model"
+    #: whether conversations may hold videos (GLM-4.1V/4.5V); checked before weights load too
+    takes_video: bool = False
     stop_token_ids: Iterable[int] = ()
 
     def __init__(self, tokenizer, truncation: str = "truncate", tokenizer_folder: str | Path | None = None):
@@ -107,10 +113,10 @@ class VLMProcessorBase:
         input_ids, attention_mask, labels = pad_encoded(encoded, self.pad_token_id, padding_side, IGNORE_INDEX)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
                  **self._token_inputs(input_ids, attention_mask)}
-        with_images = [e.image_inputs for e in encoded if e.image_inputs]
-        if with_images:
-            for key in self.image_keys:
-                batch[key] = torch.cat([x[key] for x in with_images])
+        for key in self.image_keys:  # a sample may have some (images, not video): each key over those that have it
+            parts = [e.image_inputs[key] for e in encoded if key in e.image_inputs]
+            if parts:
+                batch[key] = torch.cat(parts)
         return batch
 
     def decode(self, token_ids) -> str:

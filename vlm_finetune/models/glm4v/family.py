@@ -13,6 +13,7 @@ from vlm_finetune.models.base import Family, Part
 from vlm_finetune.models.glm4v import assets
 from vlm_finetune.models.glm4v.partitioned import build_from_config, load_folder_nf4, load_folder_partitioned
 from vlm_finetune.models.glm4v.processor import Glm4vProcessor
+from vlm_finetune.models.glm4v.video import VideoSettings
 from vlm_finetune.models.lora_targets import LoraTargets
 from vlm_finetune.models.nf4_load import build_quantised
 from vlm_finetune.settings import LoraSettings, ModelSettings
@@ -64,7 +65,8 @@ def apply_liger_kernels(model: nn.Module) -> None:
 
 class Glm4vFamily(Family):
     name = "glm4v"
-    input_keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+    input_keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids",
+                  "pixel_values_videos", "video_grid_thw")
     builds_partitioned = True
 
     def can_build_partitioned(self, spec: ModelSettings) -> bool:
@@ -131,7 +133,8 @@ class Glm4vFamily(Family):
             raise ConfigError(f"no image processor could be loaded from {folder} ({err}); the folder needs a "
                               "preprocessor_config.json") from err
         merge_size = int(getattr(image_processor, "merge_size", 2))
-        return Glm4vProcessor(tokenizer, image_processor, merge_size=merge_size, truncation=truncation)
+        return Glm4vProcessor(tokenizer, image_processor, merge_size=merge_size, truncation=truncation,
+                              video=VideoSettings.from_folder(folder))
 
     def build_config(self, spec: ModelSettings):
         """The HF config of the model, without building it (cheap: used by planners and checks)."""
@@ -271,17 +274,57 @@ class Glm4vFamily(Family):
         inputs = {k: v for k, v in batch.items() if k in self.input_keys}
         if "pack_segments" in batch:  # packed rows (data/packing.py): each sample's own M-RoPE positions
             inputs["position_ids"] = packed_positions(model.model, batch)
+        if "pixel_values_videos" in inputs:
+            inputs = with_visual_embeddings(model.model, inputs)
         return model.model(**inputs, use_cache=False).last_hidden_state
 
     def output_embedding(self, model: nn.Module) -> nn.Module:
         return model.lm_head
 
     image_keys = ("pixel_values", "image_grid_thw")
+    video_keys = ("pixel_values_videos", "video_grid_thw")
     images_encoded_before_generation = True
 
     def image_features(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         out = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True)
         return torch.cat(out.pooler_output)
+
+
+def with_visual_embeddings(model: nn.Module, inputs: dict) -> dict:
+    """The inputs with the images' and the videos' features placed in the token embeddings by one run of the
+    vision tower (`inputs_embeds`), and the M-RoPE positions computed from the ids.
+
+    transformers' GLM-4V forward places image features at every `<|image|>` token and video features at every
+    `<|image|>` token too (its video mask is the image mask), so a batch holding both fails; and it runs the
+    tower once for images and once for videos, so under ZeRO-3 a rank with both would gather the tower's
+    parameters more often than a rank with one (a hang). Here the tower runs once on the images' patches and the
+    videos' frames together (each frame a grid of its own, as get_video_features splits them), and the features
+    go where mm_token_type_ids says: 1 image, 2 video."""
+    inputs = dict(inputs)
+    ids, types = inputs["input_ids"], inputs["mm_token_type_ids"]
+    video_grid = inputs["video_grid_thw"]
+    frame_grids = torch.repeat_interleave(video_grid, video_grid[:, 0], dim=0)
+    frame_grids[:, 0] = 1
+    pixels = [inputs.pop("pixel_values_videos")]
+    grids = [frame_grids]
+    if "pixel_values" in inputs:
+        pixels.insert(0, inputs.pop("pixel_values"))
+        grids.insert(0, inputs["image_grid_thw"])
+    visual = model.visual
+    features = visual(torch.cat(pixels).type(visual.dtype), grid_thw=torch.cat(grids), return_dict=True).pooler_output
+    embeds = model.get_input_embeddings()(ids)
+    features = features.to(embeds.device, embeds.dtype)
+    image_slots = (types == 1).unsqueeze(-1)
+    images = int(image_slots.sum())
+    embeds = embeds.masked_scatter(image_slots, features[:images])
+    embeds = embeds.masked_scatter((types == 2).unsqueeze(-1), features[images:])
+    if "position_ids" not in inputs:
+        inputs["position_ids"] = model.compute_3d_position_ids(
+            input_ids=ids, inputs_embeds=embeds, image_grid_thw=inputs.get("image_grid_thw"),
+            video_grid_thw=video_grid, attention_mask=inputs.get("attention_mask"), mm_token_type_ids=types)
+    inputs.pop("input_ids")
+    inputs["inputs_embeds"] = embeds
+    return inputs
 
 
 def packed_positions(model: nn.Module, batch: dict) -> torch.Tensor:

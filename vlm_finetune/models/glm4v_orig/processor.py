@@ -45,6 +45,7 @@ class Glm4vOrigImages:
 
 class Glm4vOrigProcessor(VLMProcessorBase):
     image_keys = ("pixel_values",)
+    max_images, model_name = 1, "GLM-4V-9B"
 
     def __init__(self, tokenizer, image_size: int, image_rows: int, stop_token: str = "<|user|>",
                  truncation: str = "truncate", tokenizer_folder: str | Path | None = None):
