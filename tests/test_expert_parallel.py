@@ -35,8 +35,8 @@ def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 @pytest.mark.parametrize("model,precision,scope", [
     ("tiny_mgm_moe", "32-true", "all"),  # LoRA on attention, and on every expert (per expert, replicated)
-    ("tiny_mgm_moe", "nf4", "attention"),  # 4-bit experts (LoRA on 4-bit experts is refused without EP too)
-    ("tiny_glm45v", "32-true", "all"),  # sigmoid router with its correction bias, a shared expert
+    # sigmoid router with its correction bias, a shared expert; 4-bit experts (LoRA on 4-bit experts is refused
+    # without EP too). The two other crossings (mgm_moe nf4, glm45v float32) passed when written; CI time keeps two
     ("tiny_glm45v", "nf4", "attention"),
 ])
 def test_expert_parallel_on_two_ranks_equals_ddp(model, precision, scope, tmp_path):
