@@ -34,7 +34,8 @@ from vlm_finetune.memory.count import count_model
 from vlm_finetune.memory.inputs import PlanInputs, plan_inputs
 from vlm_finetune.memory.load_plan import gpu_at_load, plan_load
 from vlm_finetune.memory.report import GiB, MemoryPlan, Row
-from vlm_finetune.memory.search import fastest_checkpointing, largest_micro_batch
+from vlm_finetune.memory.auto_batch import plan_micro_batch, searched_with_real_steps
+from vlm_finetune.memory.search import fastest_checkpointing
 from vlm_finetune.memory.state_rows import optimizer_rows, parameter_rows, strategy_rows
 from vlm_finetune.models.base import Mode, Part, parse_trainability
 from vlm_finetune.models.registry import get_family
@@ -99,12 +100,14 @@ def plan_run(settings: RunSettings, overrides: list[str], seq: int | None = None
                           parameters=sum(group.numel for group in count.groups),
                           trainable_parameters=inputs.trainable_numel, checkpoint_scope=scope)
 
+    notes += list(settings.auto_choices)  # precision=auto
+    accumulation = int(settings.accumulate_grad_batches)
     if micro_batch is None:
-        micro_batch = largest_micro_batch(
+        micro_batch, accumulation, note = plan_micro_batch(
             lambda size: build(size, num_layers if checkpointed == "auto" else checkpointed,
-                               "layer" if checkpointed == "auto" else scope))
-        notes.append(f"data.micro_batch_size=auto: a GPU search with real steps picks it at run time; the plan "
-                     f"assumes {micro_batch}, the largest the model predicts fits")
+                               "layer" if checkpointed == "auto" else scope), settings, hardware.world_size,
+            hardware.accelerator)
+        notes.append(note)
     if checkpointed == "auto":
         # both scopes unless the command line fixes one: the fastest plan that fits (least recompute)
         asked = any(o.split("=", 1)[0].lstrip("+~") == "speed.checkpoint_scope" for o in overrides)
@@ -121,8 +124,9 @@ def plan_run(settings: RunSettings, overrides: list[str], seq: int | None = None
                      "parameter, frozen weights included")
     result = build(micro_batch, checkpointed, scope)
     result.notes = notes
+    result.precision, result.accumulate_grad_batches = precision, accumulation
     partitioned = builds_partitioned(family, settings.model, stage == 3, modes, policy,
-                                     is_auto(settings.data.micro_batch_size))
+                                     searched_with_real_steps(settings, hardware.accelerator))
     on_host = hardware.accelerator != "gpu" or settings.strategy.offload_parameters
     streamed = precision == "nf4" and family.quantises_while_loading(settings.model)
     four_bit = sum(r.bytes for r in result.rows if r.four_bit)
