@@ -20,7 +20,12 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vlm_finetune.adapters import AdapterSaver
-from vlm_finetune.autotune import check_auto_options, resolve_activation_checkpointing, search_micro_batch
+from vlm_finetune.autotune import (
+    check_auto_options,
+    resolve_activation_checkpointing,
+    resolve_planned_micro_batch,
+    search_micro_batch,
+)
 from vlm_finetune.callbacks import StepProgressBar
 from vlm_finetune.checkpointing import CHECKPOINT_DIR
 from vlm_finetune.config import hydra_overrides, read_settings, settings_for
@@ -29,6 +34,7 @@ from vlm_finetune.data.packing import pack_length
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.hardware import Hardware, env_global_rank, preflight, resolve
 from vlm_finetune.io import write_atomic
+from vlm_finetune.memory.auto_batch import searched_with_real_steps
 from vlm_finetune.memory.host import HostMemoryRelease, release_freed, reuse_heap, steady_heap
 from vlm_finetune.memory.load_measured import LoadMemory
 from vlm_finetune.memory.monitor import MemoryMonitor
@@ -153,6 +159,9 @@ def _resolve_auto(cfg: DictConfig, settings: RunSettings, family, model, process
     """`auto` options become numbers in the settings and in the run's config (so in its config.yaml):
     checkpointed layers from the memory plan, before the model is built; the micro-batch from real steps, after."""
     if model is None:
+        planned = resolve_planned_micro_batch(settings, hardware, hydra_overrides())  # sharded: the plan's
+        if planned is not None:
+            settings = _set_micro_batch(cfg, settings, *planned)
         chosen = resolve_activation_checkpointing(settings, hydra_overrides())
         if chosen is not None:
             with open_dict(cfg):
@@ -160,13 +169,24 @@ def _resolve_auto(cfg: DictConfig, settings: RunSettings, family, model, process
             settings = settings.replace(model=settings.model.replace(activation_checkpointing=chosen[0]),
                                         speed=dataclasses.replace(settings.speed, checkpoint_scope=chosen[1]))
     elif is_auto(settings.data.micro_batch_size):  # real steps on this GPU; the global batch stays the same
-        micro, accumulate = search_micro_batch(settings, family, model, processor, hardware)
-        with open_dict(cfg):
-            cfg.data.micro_batch_size = micro
-            cfg.trainer.accumulate_grad_batches = accumulate
-        settings = settings.replace(data=settings.data.replace(micro_batch_size=micro),
-                                    accumulate_grad_batches=accumulate)
+        settings = _set_micro_batch(cfg, settings, *search_micro_batch(settings, family, model, processor, hardware))
     return settings
+
+
+def _set_micro_batch(cfg: DictConfig, settings: RunSettings, micro: int, accumulate: int) -> RunSettings:
+    with open_dict(cfg):
+        cfg.data.micro_batch_size = micro
+        cfg.trainer.accumulate_grad_batches = accumulate
+    return settings.replace(data=settings.data.replace(micro_batch_size=micro), accumulate_grad_batches=accumulate)
+
+
+def _note_auto_choices(cfg: DictConfig, settings: RunSettings) -> None:
+    """What `precision=auto` chose goes into the run's config (so its config.yaml) and onto the start line."""
+    with open_dict(cfg):
+        cfg.precision.name = settings.precision
+    if env_global_rank() == 0:
+        for note in settings.auto_choices:
+            print(f"vlm_finetune: {note}", flush=True)
 
 
 def _wants_monitor(cfg: DictConfig, hardware: Hardware, callbacks: list) -> bool:
@@ -193,6 +213,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
     started = time.time()
     _quiet_known_noise()
     settings, modes, hardware = check_config(cfg)
+    _note_auto_choices(cfg, settings)
     release = _host_release(cfg)
     run_dir = Path(cfg.output_dir)
     if cfg.resume == "auto" and (done := finished_metrics(run_dir, int(cfg.trainer.max_steps))) is not None:
@@ -261,7 +282,8 @@ def _train(cfg: DictConfig, settings: RunSettings, callbacks: list | None, modes
     # ZeRO-3: the model is built in VLMModule.configure_model, inside DeepSpeed's partitioned initialisation,
     # so no rank holds it whole; until then its structure on the meta device gives the plan and the counts
     zero3 = settings.strategy.is_zero3
-    partitioned = builds_partitioned(family, settings.model, zero3, modes, policy, is_auto(data.micro_batch_size))
+    partitioned = builds_partitioned(family, settings.model, zero3, modes, policy,
+                                     searched_with_real_steps(settings, hardware.accelerator))
     if zero3 and not partitioned and env_global_rank() == 0:
         why = (" (model.trust_remote_code=true: the folder's own modelling code)" if settings.model.trust_remote_code
                else "")
