@@ -14,8 +14,8 @@ QUIET_LOGGERS = {
 # single messages of loggers whose other messages stay (the start of the message)
 QUIET_MESSAGES = {
     # DeepSpeed on import, on every machine without CUDA: "Setting accelerator to CPU. If you have GPU ... we were
-    # unable to detect it." The hardware profile says where a run goes, and a GPU profile on a machine without the
-    # GPUs stops in the preflight (hardware.preflight) before DeepSpeed is imported
+    # unable to detect it." The hardware profile says where a run goes, and a GPU profile on a machine without its
+    # GPUs stops in the preflight (hardware.preflight), saying what it expected and found
     "DeepSpeed": ("Setting accelerator to CPU",),
 }
 
