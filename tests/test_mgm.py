@@ -454,7 +454,8 @@ def test_planner_mgm_8x7b_on_six_4090s_gives_a_verdict_and_a_fitting_suggestion(
     from vlm_finetune.plan import main
     from vlm_finetune.plan import plan_with_suggestions as plan_memory
 
-    overrides = ["model=mgm_8x7b", "trainer=zero3", "hardware=6x4090"]
+    # the float32 base and 32 samples per micro-batch that were the defaults before precision and micro-batch auto
+    overrides = ["model=mgm_8x7b", "trainer=zero3", "hardware=6x4090", "precision=32-true", "data.micro_batch_size=32"]
     assert main(overrides) == 0
     out = capsys.readouterr().out
     assert "verdict: DOES NOT FIT" in out and "parameters   llm frozen" in out and "vision-to-LLM modules" in out
