@@ -112,3 +112,22 @@ def test_plan_and_a_default_run_start_without_third_party_warnings(tmp_path):
     assert leftover == [], run.stderr[-3000:]
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["precision"]["name"] == "32-true" and config["data"]["micro_batch_size"] == 32
+
+
+def test_a_resumed_run_keeps_the_micro_batch_its_start_chose(tmp_path):
+    """With micro-batch auto, a checkpoint of the run (saved with the micro-batch and accumulation auto chose) is
+    this run's: resuming takes them from it. Another setting still stops the resume."""
+    from vlm_finetune.checkpointing import CHECKPOINT_DIR, FORMAT_VERSION, LAST, CheckpointError, run_fingerprint
+    from vlm_finetune.resume import open_resume_checkpoint
+
+    settings = settings_for(["hardware=1xa6000"])
+    assert settings.data.micro_batch_size == "auto"
+    chosen = settings.replace(data=settings.data.replace(micro_batch_size=8), accumulate_grad_batches=4)
+    path = tmp_path / CHECKPOINT_DIR / LAST
+    path.parent.mkdir()
+    torch.save({"state_dict": {}, "vlm_finetune": {"format_version": FORMAT_VERSION,
+                                                   "fingerprint": run_fingerprint(chosen, 1)}}, path)
+    found, checkpoint = open_resume_checkpoint(settings, tmp_path, 1)
+    assert found == path and checkpoint["vlm_finetune"]["fingerprint"]["data.micro_batch_size"] == 8
+    with pytest.raises(CheckpointError, match="seed"):
+        open_resume_checkpoint(settings.replace(seed=1), tmp_path, 1)

@@ -268,6 +268,12 @@ def _train(cfg: DictConfig, settings: RunSettings, callbacks: list | None, modes
     family = get_family(settings.model.family)
     # a checkpoint of another run fails here, before any weight loads
     resume_path, resume_checkpoint = open_resume_checkpoint(settings, run_dir, hardware.world_size)
+    if resume_checkpoint is not None and is_auto(settings.data.micro_batch_size):  # as the run chose at its start
+        saved = resume_checkpoint["vlm_finetune"]["fingerprint"]
+        settings = _set_micro_batch(cfg, settings, int(saved["data.micro_batch_size"]),
+                                    int(saved["trainer.accumulate_grad_batches"]))
+        print(f"vlm_finetune: data.micro_batch_size=auto: micro-batch {saved['data.micro_batch_size']} x accumulation "
+              f"{saved['trainer.accumulate_grad_batches']}, as the run it resumes chose", flush=True)
     # data first: a bad file fails here, before any weight loads
     data = settings.data
     train_samples, val_samples, data_stats = build_datasets(data, settings.seed)

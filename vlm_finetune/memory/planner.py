@@ -30,11 +30,11 @@ from vlm_finetune.memory.activations import (
     recompute_flops_per_token,
     trained_vision_rows,
 )
+from vlm_finetune.memory.auto_batch import plan_micro_batch, searched_with_real_steps
 from vlm_finetune.memory.count import count_model
 from vlm_finetune.memory.inputs import PlanInputs, plan_inputs
 from vlm_finetune.memory.load_plan import gpu_at_load, plan_load
 from vlm_finetune.memory.report import GiB, MemoryPlan, Row
-from vlm_finetune.memory.auto_batch import plan_micro_batch, searched_with_real_steps
 from vlm_finetune.memory.search import fastest_checkpointing
 from vlm_finetune.memory.state_rows import optimizer_rows, parameter_rows, strategy_rows
 from vlm_finetune.models.base import Mode, Part, parse_trainability
