@@ -403,7 +403,8 @@ def test_mgm_strategies_build_for_gpu_profiles(trainer, tmp_path):
     from vlm_finetune.models.mgm.modeling import ConvNeXtBlock
     from vlm_finetune.strategies import ZeroSizes, build_strategy
 
-    cfg = compose_cfg(["model=mgm_8x7b", f"trainer={trainer}", "hardware=6x4090", "precision=bf16-mixed"], tmp_path)
+    cfg = compose_cfg(["model=mgm_8x7b", f"trainer={trainer}", "hardware=6x4090", "precision=bf16-mixed",
+                       "data.micro_batch_size=1"], tmp_path)
     settings = read_settings(cfg)
     strategy = build_strategy(settings.strategy, settings.precision, settings.data.micro_batch_size, MGM,
                               resolve(settings.hardware), ZeroSizes(1000, 1000))

@@ -21,7 +21,8 @@ from vlm_finetune.strategies import ZeroSizes, build_strategy, deepspeed_config
 ROOT = Path(__file__).resolve().parent.parent
 TRAINERS = sorted(p.stem for p in (Path(CONF_DIR) / "trainer").glob("*.yaml"))
 HARDWARE = sorted(p.stem for p in (Path(CONF_DIR) / "hardware").glob("*.yaml"))
-PRECISIONS = sorted(p.stem for p in (Path(CONF_DIR) / "precision").glob("*.yaml"))
+# auto resolves to one of the others from the hardware (tests/test_auto_choice.py)
+PRECISIONS = sorted(p.stem for p in (Path(CONF_DIR) / "precision").glob("*.yaml") if p.stem != "auto")
 
 
 def _expected_rejection(trainer: str, hw: Hardware, precision: str) -> str | None:
