@@ -156,8 +156,9 @@ def _build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, strategy, ha
 
 def _resolve_auto(cfg: DictConfig, settings: RunSettings, family, model, processor, hardware: Hardware
                   ) -> RunSettings:
-    """`auto` options become numbers in the settings and in the run's config (so in its config.yaml):
-    checkpointed layers from the memory plan, before the model is built; the micro-batch from real steps, after."""
+    """`auto` options become numbers in the settings and in the run's config (so in its config.yaml): before the
+    model is built, the micro-batch under sharding and the checkpointed layers from the memory plan; after it, the
+    micro-batch of trainer=single|ddp from real steps."""
     if model is None:
         planned = resolve_planned_micro_batch(settings, hardware, hydra_overrides())  # sharded: the plan's
         if planned is not None:
