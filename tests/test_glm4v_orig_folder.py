@@ -269,7 +269,7 @@ def test_export_carries_the_source_folders_remote_code_byte_for_byte_and_runs_no
         (source / name).write_text(f"# {name}: a trap\nimport pathlib, sys\npathlib.Path({str(marks)!r}).mkdir("
                                    f"exist_ok=True)\n(pathlib.Path({str(marks)!r}) / {name!r}).touch()\nsys.exit(3)\n")
     (source / "generation_config.json").write_text('{"eos_token_id": [151329, 151336, 151338], "do_sample": true}\n')
-    _, objects = train(compose_cfg(["model=tiny_glm4v", f"model.path={source}", *FAST, "trainer.max_steps=2",
+    _, objects = train(compose_cfg(["model=tiny_glm4v", f"model.path={source}", *FAST, "trainer.max_steps=1",
                                     "eval.generate=false"], tmp_path / "run"))
     out = export(objects["run_dir"], merge=True, dtype="float32")
     for name in (*carried, "generation_config.json", "tokenizer.model", "tokenizer_config.json"):
