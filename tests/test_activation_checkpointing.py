@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import TINY_MODELS, compose_cfg
-from vlm_finetune.config import lora_settings, model_settings, strategy_settings
+from vlm_finetune.config import lora_settings, model_settings, read_settings, strategy_settings
 from vlm_finetune.data.shapes import ShapesDataset
 from vlm_finetune.hardware import Hardware
 from vlm_finetune.models.registry import FAMILIES, get_family, parse_trainability
@@ -49,7 +49,7 @@ def _fsdp_setup(model, cfg, family):
     needs GPUs): its own checkpoint wrappers, from the policy build_strategy gives it."""
     from lightning.fabric.strategies.fsdp import _setup_activation_checkpointing
 
-    strategy = build_strategy(strategy_settings(cfg.trainer), cfg.precision.name, cfg.data.micro_batch_size,
+    strategy = build_strategy(strategy_settings(cfg.trainer), read_settings(cfg).precision, cfg.data.micro_batch_size,
                               family, GPU, ZeroSizes(1000, 1000))
     _setup_activation_checkpointing(model, strategy._activation_checkpointing_kwargs)
     return model

@@ -198,3 +198,82 @@ def test_tiny_glm4v_default_recipe_learns_within_five_minutes(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["val_accuracy"] >= 0.9, metrics  # chance is 0.25
     assert elapsed < 420, elapsed  # 5 minutes on 2 cores is the bound; slack for a loaded CI machine
+
+
+def _released_bpe(ranks: dict[bytes, int], text: str) -> list[int]:
+    """The released tokenizer's `_tokenize` (tiktoken with no special tokens), written here from its rules: the
+    cl100k-style pattern splits the text, and each piece's bytes merge pairwise, lowest rank first."""
+    import regex
+
+    from vlm_finetune.models.glm4v_orig.tokenizer import PATTERN
+
+    ids = []
+    for piece in regex.findall(PATTERN, text):
+        parts = [bytes([b]) for b in piece.encode("utf-8")]
+        while len(parts) > 1:
+            pairs = [(ranks.get(parts[i] + parts[i + 1]), i) for i in range(len(parts) - 1)]
+            pairs = [(rank, i) for rank, i in pairs if rank is not None]
+            if not pairs:
+                break
+            _, i = min(pairs)
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        ids += [ranks[part] for part in parts]
+    return ids
+
+
+def test_direct_calls_add_the_released_prefix_and_decode_drops_special_tokens(tmp_path):
+    """`tokenizer(text)` and `encode(text)` give [gMASK] <sop> + the text's ids, as the released
+    `build_inputs_with_special_tokens` does; special tokens written in the text are their ids; decode keeps only
+    the byte tokens (the released `convert_tokens_to_string` drops every special token, which is a string there).
+    The processor's ids do not change (it asks for no special tokens): test_prompt_ids_follow_the_released_tokenizer."""
+    from vlm_finetune.models.glm4v_orig.tokenizer import read_ranks
+
+    spec = model_settings(compose_cfg(["model=tiny_glm4v"], tmp_path).model)
+    tok = FAMILY.load_processor(spec, "truncate").tokenizer
+    ranks = read_ranks(FAMILY.tokenizer_folder(spec) / "tokenizer.model")
+    special = {t: tok.convert_tokens_to_ids(t) for t in ("[gMASK]", "<sop>", "<|user|>", "<|endoftext|>")}
+    assert special["[gMASK]"] == len(ranks) + 2 and special["<sop>"] == len(ranks) + 4  # 151331, 151333 released
+    prefix = [special["[gMASK]"], special["<sop>"]]
+    for text in ("What shape is it?", "a red circle\nand 3 squares", "Hi there!"):
+        plain = _released_bpe(ranks, text)
+        assert tok(text)["input_ids"] == prefix + plain
+        assert tok.encode(text) == prefix + plain
+        assert tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text, add_special_tokens=False) == plain
+        assert tok.decode(prefix + plain + [special["<|endoftext|>"]]) == text
+    mixed = tok.encode("Hi<|user|>yes")
+    assert mixed == prefix + _released_bpe(ranks, "Hi") + [special["<|user|>"]] + _released_bpe(ranks, "yes")
+    assert tok.decode(mixed) == tok.decode(mixed, skip_special_tokens=False) == "Hiyes"
+    assert tok("Hi", "yes")["input_ids"] == prefix + _released_bpe(ranks, "Hi") + _released_bpe(ranks, "yes") + [
+        special["<|endoftext|>"]]
+
+
+def test_export_carries_the_source_folders_remote_code_byte_for_byte_and_runs_none(folder, tmp_path):
+    """A released-layout source folder with its remote code (trap files that exit, and leave a mark, if ever
+    imported) and auto_map trains, exports merged, and the export holds those files byte-equal, the tokenizer
+    files byte-equal and the auto_map as it was; no trap ran."""
+    import shutil
+
+    from vlm_finetune.export import export
+    from vlm_finetune.train import train
+
+    source = tmp_path / "glm-4v-9b"
+    shutil.copytree(folder[0], source)
+    marks = tmp_path / "marks"
+    auto_map = {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
+                "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+                "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration"}
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "auto_map": auto_map}, indent=2))
+    carried = ("tokenization_chatglm.py", "modeling_chatglm.py", "configuration_chatglm.py", "visual.py")
+    for name in carried:
+        (source / name).write_text(f"# {name}: a trap\nimport pathlib, sys\npathlib.Path({str(marks)!r}).mkdir("
+                                   f"exist_ok=True)\n(pathlib.Path({str(marks)!r}) / {name!r}).touch()\nsys.exit(3)\n")
+    (source / "generation_config.json").write_text('{"eos_token_id": [151329, 151336, 151338], "do_sample": true}\n')
+    _, objects = train(compose_cfg(["model=tiny_glm4v", f"model.path={source}", *FAST, "trainer.max_steps=1",
+                                    "eval.generate=false"], tmp_path / "run"))
+    out = export(objects["run_dir"], merge=True, dtype="float32")
+    for name in (*carried, "generation_config.json", "tokenizer.model", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (source / name).read_bytes(), name
+    assert json.loads((out / "config.json").read_text())["auto_map"] == auto_map
+    assert not marks.exists()  # no trap was imported
+    assert checkpoint.load_folder(out) is not None  # and the export still loads natively

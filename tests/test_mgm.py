@@ -403,7 +403,8 @@ def test_mgm_strategies_build_for_gpu_profiles(trainer, tmp_path):
     from vlm_finetune.models.mgm.modeling import ConvNeXtBlock
     from vlm_finetune.strategies import ZeroSizes, build_strategy
 
-    cfg = compose_cfg(["model=mgm_8x7b", f"trainer={trainer}", "hardware=6x4090", "precision=bf16-mixed"], tmp_path)
+    cfg = compose_cfg(["model=mgm_8x7b", f"trainer={trainer}", "hardware=6x4090", "precision=bf16-mixed",
+                       "data.micro_batch_size=1"], tmp_path)
     settings = read_settings(cfg)
     strategy = build_strategy(settings.strategy, settings.precision, settings.data.micro_batch_size, MGM,
                               resolve(settings.hardware), ZeroSizes(1000, 1000))
@@ -454,7 +455,8 @@ def test_planner_mgm_8x7b_on_six_4090s_gives_a_verdict_and_a_fitting_suggestion(
     from vlm_finetune.plan import main
     from vlm_finetune.plan import plan_with_suggestions as plan_memory
 
-    overrides = ["model=mgm_8x7b", "trainer=zero3", "hardware=6x4090"]
+    # the float32 base and 32 samples per micro-batch that were the defaults before precision and micro-batch auto
+    overrides = ["model=mgm_8x7b", "trainer=zero3", "hardware=6x4090", "precision=32-true", "data.micro_batch_size=32"]
     assert main(overrides) == 0
     out = capsys.readouterr().out
     assert "verdict: DOES NOT FIT" in out and "parameters   llm frozen" in out and "vision-to-LLM modules" in out

@@ -172,7 +172,8 @@ def test_glm41v_9b_plan_matches_the_h100_benchmark_it_was_calibrated_on(extra, m
 def test_glm41v_9b_on_one_a6000_does_not_fit_and_every_suggestion_fits_by_its_own_plan(capsys):
     """`python -m vlm_finetune.plan model=glm41v_9b trainer=single hardware=1xa6000` (float32 base, micro-batch
     32): a verdict with a breakdown and suggestions, cheapest first, each of which fits when planned anew."""
-    overrides = ["model=glm41v_9b", "trainer=single", "hardware=1xa6000"]
+    overrides = ["model=glm41v_9b", "trainer=single", "hardware=1xa6000", "precision=32-true",
+                 "data.micro_batch_size=32"]
     assert main(overrides) == 0
     out = capsys.readouterr().out
     assert "verdict: DOES NOT FIT" in out and "parameters   llm frozen float32" in out

@@ -1,6 +1,7 @@
-"""`data.micro_batch_size=auto` (largest micro-batch that fits, found with real steps on the GPU, the global
-batch kept by the accumulation) and `model.activation_checkpointing=auto` (as few checkpointed decoder
-layers as the memory budget allows, chosen by the planner)."""
+"""`data.micro_batch_size=auto` (largest micro-batch that fits, found with real steps on the GPU under
+trainer=single|ddp or chosen by the memory plan under sharding, the global batch kept by the accumulation) and
+`model.activation_checkpointing=auto` (as few checkpointed decoder layers as the memory budget allows, chosen by
+the planner)."""
 from __future__ import annotations
 
 import logging
@@ -11,6 +12,7 @@ from PIL import Image
 
 from vlm_finetune.data.sample import IGNORE_INDEX, Message, Sample
 from vlm_finetune.errors import ConfigError
+from vlm_finetune.memory.auto_batch import kept_global_batch, micro_batch_for_global, searched_with_real_steps
 from vlm_finetune.memory.planner import plan_run
 from vlm_finetune.memory.search import largest_size
 from vlm_finetune.module import batch_loss_sum
@@ -28,21 +30,25 @@ def check_auto_options(settings: RunSettings, hardware: Any) -> None:
             raise ConfigError("data.micro_batch_size=auto searches with real training steps on the GPU; this run has "
                               f"no GPU (hardware={hardware.name}). Set a number, e.g. data.micro_batch_size=4, or plan "
                               "it with python -m vlm_finetune.plan")
-        if not settings.strategy.replicates_model:
-            raise ConfigError(f"data.micro_batch_size=auto works with trainer=single|ddp (every GPU holds the model); "
-                              f"with trainer={settings.strategy.name} set a number (python -m vlm_finetune.plan "
-                              "data.micro_batch_size=auto ... predicts one)")
-        global_batch = settings.data.global_batch_size
-        if not isinstance(global_batch, int) or global_batch < 1:
-            raise ConfigError("data.micro_batch_size=auto keeps the global batch the same: set "
-                              "+data.global_batch_size=<samples per optimizer step over all GPUs>")
-        if global_batch % hardware.world_size:
-            raise ConfigError(f"data.global_batch_size={global_batch} is not divisible by the {hardware.world_size} "
-                              "GPUs of the hardware profile")
+        kept_global_batch(settings, hardware.world_size)  # a ConfigError naming what is missing
     if is_auto(settings.model.activation_checkpointing) and hardware.accelerator != "gpu":
         raise ConfigError("model.activation_checkpointing=auto chooses how many decoder layers to checkpoint from the "
                           f"GPU memory budget; this run has no GPU (hardware={hardware.name}). Use true or false "
                           "(or a number of layers) on the CPU")
+
+
+def resolve_planned_micro_batch(settings: RunSettings, hardware: Any, overrides: list[str] | None = None
+                                ) -> tuple[int, int] | None:
+    """For `data.micro_batch_size=auto` under sharding (ZeRO, FSDP: no device holds the whole model to step
+    with), (micro-batch, accumulation) of the memory plan: the largest micro-batch it fits, the global batch
+    kept. None when the micro-batch is a number or real steps on the GPU search it (trainer=single|ddp)."""
+    if not is_auto(settings.data.micro_batch_size) or searched_with_real_steps(settings, hardware.accelerator):
+        return None
+    plan = plan_run(settings, list(overrides or []))
+    note = next(n for n in plan.notes if n.startswith("data.micro_batch_size=auto"))
+    print(f"vlm_finetune: {note} (planned peak {plan.peak_bytes / 2**30:.1f} GiB of "
+          f"{plan.budget_bytes / 2**30:.1f} GiB)", flush=True)
+    return int(plan.micro_batch_size), int(plan.accumulate_grad_batches)
 
 
 def resolve_activation_checkpointing(settings: RunSettings, overrides: list[str] | None = None
@@ -103,14 +109,6 @@ def largest_fitting(step: Callable[[int], None], limit: int) -> int:
     return found
 
 
-def micro_batch_for_global(found: int, global_batch: int, world_size: int) -> tuple[int, int]:
-    """(micro-batch, accumulation): the largest micro-batch <= found that divides the per-GPU share of the
-    global batch, and the accumulation that keeps the global batch exactly."""
-    per_gpu = global_batch // world_size
-    micro = max(d for d in range(1, min(found, per_gpu) + 1) if per_gpu % d == 0)
-    return micro, per_gpu // micro
-
-
 def synthetic_batch(processor: Any, size: int, seq: int, image_px: int, vocab_limit: int) -> dict:
     """`size` samples of exactly `seq` tokens, each one image of `image_px` pixels and a supervised reply
     filling the rest: the worst case the data module can hand a step at data.max_length."""
@@ -135,7 +133,7 @@ def search_micro_batch(settings: RunSettings, family: Any, model: torch.nn.Modul
     """The largest micro-batch that fits with real training steps (forward, backward, AdamW step) on this
     GPU, and the accumulation that keeps the global batch data.global_batch_size: (micro-batch, accumulation)."""
     device = torch.device("cuda", torch.cuda.current_device())
-    global_batch = int(settings.data.global_batch_size)
+    global_batch, _ = kept_global_batch(settings, hardware.world_size)
     limit = limit or global_batch // hardware.world_size
     model.to(device)
     model.train()

@@ -10,7 +10,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 
 from vlm_finetune.errors import ConfigError
-from vlm_finetune.hardware import env_global_rank
+from vlm_finetune.hardware import env_global_rank, resolve
 from vlm_finetune.rundir import note_folder
 from vlm_finetune.settings import (
     CheckpointSettings,
@@ -202,9 +202,17 @@ def strategy_settings(node: Any) -> StrategySettings:
         expert_parallel=values["expert_parallel"])
 
 
-def data_settings(node: Any) -> DataSettings:
+def data_settings(node: Any, accelerator: str = "cpu") -> DataSettings:
+    """The data group. `micro_batch_size` left to the hardware profile (`${hardware.micro_batch_size}`: auto on GPU
+    profiles) is data.batch_per_device where the profile resolves to the CPU (hardware=auto on a machine without
+    GPUs): there is no GPU memory to fit."""
+    from omegaconf import OmegaConf
+
     values = plain(node)
     names = {f.name for f in dataclasses.fields(DataSettings)}
+    if (accelerator != "gpu" and str(values.get("micro_batch_size")).lower() == "auto"
+            and OmegaConf.is_config(node) and OmegaConf.is_interpolation(node, "micro_batch_size")):
+        values["micro_batch_size"] = values.get("batch_per_device")
     return DataSettings(**{name: values.get(name) for name in names})
 
 
@@ -231,12 +239,20 @@ def optimizer_settings(node: Any) -> OptimizerSettings:
 
 
 def read_settings(cfg: Any) -> RunSettings:
-    """The composed config as typed settings: what everything below the run assembly takes."""
+    """The composed config as typed settings: what everything below the run assembly takes. `precision=auto` is
+    resolved here from the hardware profile (what it chose and why is in `auto_choices`)."""
+    from vlm_finetune.precision import resolve_precision  # torch: not imported with the entry point's resolvers
+
+    hardware = hardware_settings(cfg.hardware)
+    machine = resolve(hardware)
+    precision, why = resolve_precision(str(cfg.precision.name), machine.accelerator, machine.supports_bf16,
+                                       machine.name)
     return RunSettings(
-        seed=int(cfg.seed), precision=str(cfg.precision.name),
+        seed=int(cfg.seed), precision=precision, auto_choices=tuple(note for note in (why,) if note),
         trainability=frozen_mapping({k: str(v) for k, v in plain(cfg.train).items()}),
-        model=model_settings(cfg.model), lora=lora_settings(cfg.lora), data=data_settings(cfg.data),
-        strategy=strategy_settings(cfg.trainer), hardware=hardware_settings(cfg.hardware),
+        model=model_settings(cfg.model), lora=lora_settings(cfg.lora),
+        data=data_settings(cfg.data, machine.accelerator),
+        strategy=strategy_settings(cfg.trainer), hardware=hardware,
         checkpoint=checkpoint_settings(cfg),
         loss=LossSettings(str(cfg.loss.impl), cfg.loss.chunk_size),
         eval=EvalSettings(bool(cfg.eval.generate), int(cfg.eval.max_new_tokens), bool(cfg.eval.caption_metrics)),

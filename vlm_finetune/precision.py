@@ -33,7 +33,23 @@ class WeightsPolicy:
 
 def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
-        raise ConfigError(f"precision={precision!r} is unknown; use one of {sorted(PRECISIONS)}")
+        raise ConfigError(f"precision={precision!r} is unknown; use one of {sorted(PRECISIONS)} or auto")
+
+
+def resolve_precision(asked: str, accelerator: str, supports_bf16: bool, hardware_name: str) -> tuple[str, str | None]:
+    """(precision, why) for `precision=auto` (the default): bf16-mixed on GPUs with bf16, fp16-mixed (loss
+    scaling) on GPUs without, 32-true on the CPU. Any other value is returned as given, with no reason."""
+    if asked != "auto":
+        check_precision(asked)
+        return asked, None
+    if accelerator != "gpu":
+        return "32-true", (f"precision=auto: 32-true (hardware={hardware_name} is the CPU: float32 weights and "
+                           "compute)")
+    if supports_bf16:
+        return "bf16-mixed", (f"precision=auto: bf16-mixed (hardware={hardware_name} supports bf16: the frozen base "
+                              "in bf16, trainable weights in float32, bf16 autocast)")
+    return "fp16-mixed", (f"precision=auto: fp16-mixed (hardware={hardware_name} has no bf16: float16 autocast with "
+                          "loss scaling, float32 weights of what trains)")
 
 
 def weights_policy(precision: str, strategy: str = "single") -> WeightsPolicy:

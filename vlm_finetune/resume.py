@@ -35,7 +35,7 @@ from vlm_finetune.checkpointing import (
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.hardware import env_global_rank
 from vlm_finetune.io import fsync_dir, fsync_tree, replace_folder
-from vlm_finetune.settings import RunSettings
+from vlm_finetune.settings import RunSettings, is_auto
 from vlm_finetune.signals import received
 from vlm_finetune.strategies import is_deepspeed
 
@@ -266,7 +266,11 @@ def open_resume_checkpoint(settings: RunSettings, run_dir: Path, world_size: int
         raise CheckpointError(f"checkpoint {path} is {kind}, which trainer={strategy.name} cannot resume from; "
                               "resume with the trainer that wrote it, or start a new run folder (resume=never)")
     checkpoint = load_checkpoint_file(path)
-    check_compatible(checkpoint, path, run_fingerprint(settings, world_size))
+    fingerprint = run_fingerprint(settings, world_size)
+    if is_auto(settings.data.micro_batch_size):  # auto continues with what the run chose at its start
+        for key in ("data.micro_batch_size", "trainer.accumulate_grad_batches"):
+            fingerprint[key] = checkpoint["vlm_finetune"]["fingerprint"].get(key)
+    check_compatible(checkpoint, path, fingerprint)
     return path, checkpoint
 
 

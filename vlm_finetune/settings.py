@@ -179,6 +179,7 @@ class DataSettings:
 
     source: str
     micro_batch_size: Any  # a positive integer, or auto (resolved by the run before the data module exists)
+    batch_per_device: int | None  # samples per device per optimizer step before accumulation: what auto keeps
     val_batch_size: Any  # a positive integer; None: the micro-batch; auto: the plan's (memory/validation.py)
     max_length: int | None
     truncation: str  # truncate | drop
@@ -305,7 +306,8 @@ class RunSettings:
     """Every group, read once at the top of a run (or of the planner, export, generate)."""
 
     seed: int
-    precision: str
+    precision: str  # never auto: config.read_settings resolves it from the hardware
+    auto_choices: tuple[str, ...]  # what the `auto` values resolved while reading chose, and why (printed at start)
     trainability: Mapping[str, str]  # train.vision / projector / llm, as written (models.base.parse_trainability)
     model: ModelSettings
     lora: LoraSettings

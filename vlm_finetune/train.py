@@ -24,6 +24,7 @@ from vlm_finetune.autotune import (
     check_auto_options,
     resolve_activation_checkpointing,
     resolve_gather_in_place,
+    resolve_planned_micro_batch,
     resolve_val_batch,
     search_micro_batch,
 )
@@ -42,6 +43,7 @@ from vlm_finetune.data.packing import pack_length
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.hardware import Hardware, env_global_rank, preflight, resolve
 from vlm_finetune.io import write_atomic
+from vlm_finetune.memory.auto_batch import searched_with_real_steps
 from vlm_finetune.memory.host import HostMemoryRelease, release_freed, reuse_heap, steady_heap
 from vlm_finetune.memory.load_measured import LoadMemory
 from vlm_finetune.memory.monitor import MemoryMonitor
@@ -177,10 +179,13 @@ def _build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, strategy, ha
 
 def _resolve_auto(cfg: DictConfig, settings: RunSettings, family, model, processor, hardware: Hardware
                   ) -> RunSettings:
-    """`auto` options become numbers in the settings and in the run's config (so in its config.yaml):
-    checkpointed layers and the validation batch from the memory plan, before the model is built; the micro-batch
-    from real steps, after."""
+    """`auto` options become numbers in the settings and in the run's config (so in its config.yaml): before the
+    model is built, the micro-batch under sharding, the checkpointed layers, ZeRO-3's gather and the validation
+    batch from the memory plan; after it, the micro-batch of trainer=single|ddp from real steps."""
     if model is None:
+        planned = resolve_planned_micro_batch(settings, hardware, hydra_overrides())  # sharded: the plan's
+        if planned is not None:
+            settings = _set_micro_batch(cfg, settings, *planned)
         chosen = resolve_activation_checkpointing(settings, hydra_overrides())
         if chosen is not None:
             with open_dict(cfg):
@@ -198,13 +203,24 @@ def _resolve_auto(cfg: DictConfig, settings: RunSettings, family, model, process
                 cfg.data.val_batch_size = val_batch
             settings = settings.replace(data=settings.data.replace(val_batch_size=val_batch))
     elif is_auto(settings.data.micro_batch_size):  # real steps on this GPU; the global batch stays the same
-        micro, accumulate = search_micro_batch(settings, family, model, processor, hardware)
-        with open_dict(cfg):
-            cfg.data.micro_batch_size = micro
-            cfg.trainer.accumulate_grad_batches = accumulate
-        settings = settings.replace(data=settings.data.replace(micro_batch_size=micro),
-                                    accumulate_grad_batches=accumulate)
+        settings = _set_micro_batch(cfg, settings, *search_micro_batch(settings, family, model, processor, hardware))
     return settings
+
+
+def _set_micro_batch(cfg: DictConfig, settings: RunSettings, micro: int, accumulate: int) -> RunSettings:
+    with open_dict(cfg):
+        cfg.data.micro_batch_size = micro
+        cfg.trainer.accumulate_grad_batches = accumulate
+    return settings.replace(data=settings.data.replace(micro_batch_size=micro), accumulate_grad_batches=accumulate)
+
+
+def _note_auto_choices(cfg: DictConfig, settings: RunSettings) -> None:
+    """What `precision=auto` chose goes into the run's config (so its config.yaml) and onto the start line."""
+    with open_dict(cfg):
+        cfg.precision.name = settings.precision
+    if env_global_rank() == 0:
+        for note in settings.auto_choices:
+            print(f"vlm_finetune: {note}", flush=True)
 
 
 def _wants_monitor(cfg: DictConfig, hardware: Hardware, callbacks: list) -> bool:
@@ -231,6 +247,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
     started = time.time()
     _quiet_known_noise()
     settings, modes, hardware = check_config(cfg)
+    _note_auto_choices(cfg, settings)
     release = _host_release(cfg)
     run_dir = Path(cfg.output_dir)
     if cfg.resume == "auto" and (done := finished_metrics(run_dir, int(cfg.trainer.max_steps))) is not None:
@@ -290,6 +307,12 @@ def _train(cfg: DictConfig, settings: RunSettings, callbacks: list | None, modes
     family = get_family(settings.model.family)
     # a checkpoint of another run fails here, before any weight loads
     resume_path, resume_checkpoint = open_resume_checkpoint(settings, run_dir, hardware.world_size)
+    if resume_checkpoint is not None and is_auto(settings.data.micro_batch_size):  # as the run chose at its start
+        saved = resume_checkpoint["vlm_finetune"]["fingerprint"]
+        settings = _set_micro_batch(cfg, settings, int(saved["data.micro_batch_size"]),
+                                    int(saved["trainer.accumulate_grad_batches"]))
+        print(f"vlm_finetune: data.micro_batch_size=auto: micro-batch {saved['data.micro_batch_size']} x accumulation "
+              f"{saved['trainer.accumulate_grad_batches']}, as the run it resumes chose", flush=True)
     # data first: a bad file fails here, before any weight loads
     data = settings.data
     train_samples, val_samples, data_stats = build_datasets(data, settings.seed)
@@ -311,7 +334,8 @@ def _train(cfg: DictConfig, settings: RunSettings, callbacks: list | None, modes
     # ZeRO-3: the model is built in VLMModule.configure_model, inside DeepSpeed's partitioned initialisation,
     # so no rank holds it whole; until then its structure on the meta device gives the plan and the counts
     zero3 = settings.strategy.is_zero3
-    partitioned = builds_partitioned(family, settings.model, zero3, modes, policy, is_auto(data.micro_batch_size))
+    partitioned = builds_partitioned(family, settings.model, zero3, modes, policy,
+                                     searched_with_real_steps(settings, hardware.accelerator))
     if zero3 and not partitioned and env_global_rank() == 0:
         why = (" (model.trust_remote_code=true: the folder's own modelling code)" if settings.model.trust_remote_code
                else "")

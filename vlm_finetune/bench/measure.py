@@ -86,7 +86,7 @@ def bench_ours(overrides: list[str], seq: int, image_px: int, steps: int, device
         error = "OOM"
     result = {"case": "vlm_finetune", "model": cfg.model.name, "seq": seq, "image": image_px,
               "params_total_b": round(total / 1e9, 3), "params_train_m": round(trainable / 1e6, 2),
-              "loss_impl": cfg.loss.impl, "chunk_size": cfg.loss.chunk_size, "precision": cfg.precision.name,
+              "loss_impl": cfg.loss.impl, "chunk_size": cfg.loss.chunk_size, "precision": settings.precision,
               "liger_kernels": bool(cfg.model.liger_kernels),
               "checkpointing": checkpointing, "build_s": round(build_s, 1),
               "err": error}

@@ -30,12 +30,13 @@ from vlm_finetune.memory.activations import (
     recompute_flops_per_token,
     trained_vision_rows,
 )
+from vlm_finetune.memory.auto_batch import plan_micro_batch, searched_with_real_steps
 from vlm_finetune.memory.comm import all_to_all_buffer_rows, communication_rows, experts_per_rank
 from vlm_finetune.memory.count import count_model
 from vlm_finetune.memory.inputs import PlanInputs, plan_inputs
 from vlm_finetune.memory.load_plan import gpu_at_load, plan_load
 from vlm_finetune.memory.report import GiB, MemoryPlan, Row
-from vlm_finetune.memory.search import fastest_checkpointing, largest_micro_batch
+from vlm_finetune.memory.search import fastest_checkpointing
 from vlm_finetune.memory.state_rows import optimizer_rows, parameter_rows, strategy_rows
 from vlm_finetune.memory.validation import plan_validation
 from vlm_finetune.models.base import Mode, Part, parse_trainability
@@ -102,15 +103,17 @@ def plan_run(settings: RunSettings, overrides: list[str], seq: int | None = None
                           checkpointed_layers, num_layers, batch_size, tokens, list(notes),
                           parameters=sum(group.numel for group in count.groups),
                           trainable_parameters=inputs.trainable_numel, checkpoint_scope=scope,
-                          communication=communication_rows(inputs, tokens, accumulate, checkpointed_layers),
+                          communication=communication_rows(inputs, tokens, accumulation, checkpointed_layers),
                           interconnect_gbps=hardware.interconnect_gbps)
 
+    notes += list(settings.auto_choices)  # precision=auto
+    accumulation = accumulate  # micro-batch auto may raise it (the global batch kept); build() reads it when called
     if micro_batch is None:
-        micro_batch = largest_micro_batch(
+        micro_batch, accumulation, note = plan_micro_batch(
             lambda size: build(size, num_layers if checkpointed == "auto" else checkpointed,
-                               "layer" if checkpointed == "auto" else scope))
-        notes.append(f"data.micro_batch_size=auto: a GPU search with real steps picks it at run time; the plan "
-                     f"assumes {micro_batch}, the largest the model predicts fits")
+                               "layer" if checkpointed == "auto" else scope), settings, hardware.world_size,
+            hardware.accelerator)
+        notes.append(note)
     if checkpointed == "auto":
         # both scopes unless the command line fixes one: the fastest plan that fits (least recompute)
         asked = any(o.split("=", 1)[0].lstrip("+~") == "speed.checkpoint_scope" for o in overrides)
@@ -127,6 +130,7 @@ def plan_run(settings: RunSettings, overrides: list[str], seq: int | None = None
                      "parameter, frozen weights included")
     result = build(micro_batch, checkpointed, scope)
     result.notes = notes
+    result.precision, result.accumulate_grad_batches = precision, accumulation
     val_batch = settings.data.val_batch_size
     # between steps: parameters, gradients, optimizer states and the strategy's standing buffers
     static = sum(row.bytes for row in result.rows
@@ -151,7 +155,7 @@ def plan_run(settings: RunSettings, overrides: list[str], seq: int | None = None
                                          f"fits; it does not otherwise ({result.peak_bytes / GiB:.2f} GiB)")
                 return alternative
     partitioned = builds_partitioned(family, settings.model, stage == 3, modes, policy,
-                                     is_auto(settings.data.micro_batch_size))
+                                     searched_with_real_steps(settings, hardware.accelerator))
     on_host = hardware.accelerator != "gpu" or settings.strategy.offload_parameters
     streamed = precision == "nf4" and family.quantises_while_loading(settings.model)
     four_bit = sum(r.bytes for r in result.rows if r.four_bit)

@@ -69,6 +69,8 @@ class MemoryPlan:
     def communication_seconds(self) -> float | None:
         """Seconds those bytes take at the profile's link bandwidth (None: unknown bandwidth)."""
         return self.communication_bytes * 8 / (self.interconnect_gbps * 1e9) if self.interconnect_gbps else None
+    precision: str = ""  # the precision planned (precision=auto resolved)
+    accumulate_grad_batches: int = 1  # micro-batches per optimizer step (micro-batch auto may raise it)
 
     def total(self, category: str | None = None, where: str = "gpu") -> int:
         return sum(row.bytes for row in self.rows
@@ -133,8 +135,9 @@ class MemoryPlan:
         lines = [f"vlm_finetune.plan: {' '.join(self.overrides) or '(defaults)'}",
                  f"hardware {self.hardware}: {self.world_size} " +
                  (f"GPU(s), {self.gpu_memory_gib:g} GiB each " if self.gpu_memory_gib > 0 else "CPU process(es) ") +
-                 f"(budget {self.budget_bytes / GiB:.2f} GiB usable); micro-batch {self.micro_batch_size} x "
-                 f"{self.tokens // max(self.micro_batch_size, 1)} tokens; {self.checkpointed_layers} of "
+                 f"(budget {self.budget_bytes / GiB:.2f} GiB usable); precision {self.precision}; micro-batch "
+                 f"{self.micro_batch_size} x {self.tokens // max(self.micro_batch_size, 1)} tokens, accumulation "
+                 f"{self.accumulate_grad_batches}; {self.checkpointed_layers} of "
                  f"{self.num_layers} decoder layers checkpointed"
                  + (" (MLP only: speed.checkpoint_scope=mlp)" if self.checkpoint_scope == "mlp" else ""),
                  f"model: {self.parameters / 1e9:.2f} B parameters ({self.parameters:,}), "

@@ -8,12 +8,14 @@ from typing import Callable
 
 from vlm_finetune.config import group_options
 from vlm_finetune.errors import ConfigError
+from vlm_finetune.hardware import resolve
 from vlm_finetune.memory.planner import plan_run, sample_geometry
 from vlm_finetune.memory.report import MemoryPlan, Suggestion
 from vlm_finetune.models.registry import get_family
 from vlm_finetune.settings import RunSettings
 
-SUGGESTION_ORDER = ("expert_parallel", "shard", "micro_batch", "checkpointing", "offload", "nf4", "more_gpus")
+SUGGESTION_ORDER = ("expert_parallel", "shard", "micro_batch", "checkpointing", "half_precision", "gather_in_place",
+                    "offload", "nf4", "more_gpus")
 SettingsFor = Callable[[list[str]], RunSettings]
 
 
@@ -55,7 +57,7 @@ def _candidates(overrides: list[str], plan: MemoryPlan, settings: RunSettings, s
                     [_replace(overrides, "trainer", "zero3"), _replace(overrides, "trainer", "fsdp")]))
     micro_batch = plan.micro_batch_size
     if micro_batch > 1:
-        accumulation = int(settings.accumulate_grad_batches)
+        accumulation = int(plan.accumulate_grad_batches)
         tries = []
         for smaller in sorted((size for size in range(1, micro_batch) if micro_batch % size == 0), reverse=True):
             changed = _replace(overrides, "data.micro_batch_size", str(smaller))
@@ -66,6 +68,12 @@ def _candidates(overrides: list[str], plan: MemoryPlan, settings: RunSettings, s
         out.append(("checkpointing", "activation checkpointing",
                     [_replace(overrides, "model.activation_checkpointing", "auto"),
                      _replace(overrides, "model.activation_checkpointing", "true")]))
+    machine = resolve(settings.hardware)
+    if settings.precision == "32-true" and machine.accelerator == "gpu":
+        # the frozen base in 16 bits halves its bytes at no cost in speed: before offload, which costs steps
+        half = "bf16-mixed" if machine.supports_bf16 else "fp16-mixed"
+        out.append(("half_precision", f"precision={half} (the frozen base in 16 bits)",
+                    [_replace(overrides, "precision", half)]))
     if stage == 3 and not settings.strategy.gathers_sequentially:
         out.append(("gather_in_place", "ZeRO-3 gathers each parameter into its own buffer (no flat-buffer copy, "
                                        "no prefetch: less overlap)",

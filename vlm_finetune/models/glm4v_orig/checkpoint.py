@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -304,6 +305,24 @@ def write_weights(model: Glm4vOrigForCausalLM, folder: Path, state: dict[str, to
     write_shards(released, folder, plan_shards(released, max_shard_bytes, num_shards))
     config = config_to_dict(model.config, written_dtype(released))
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+# files of a released folder that an export carries as they are (beside the weights, config.json and the
+# tokenizer files the processor copies): the released code's Python files and what transformers reads beside them
+RELEASED_FILE_PATTERNS = ("*.py", "special_tokens_map.json", "generation_config.json")
+
+
+def copy_released_files(source: Path, folder: Path) -> list[str]:
+    """Copy RELEASED_FILE_PATTERNS from `source` (the folder the model was loaded from) into `folder`, byte for
+    byte, never importing them; returns the names copied (none for a folder without them, such as a tiny one made
+    here)."""
+    copied = []
+    for pattern in RELEASED_FILE_PATTERNS:
+        for path in sorted(Path(source).glob(pattern)):
+            if path.is_file() and not (Path(folder) / path.name).exists():
+                shutil.copyfile(path, Path(folder) / path.name)
+                copied.append(path.name)
+    return copied
 
 
 def save_folder(model: Glm4vOrigForCausalLM, folder: Path, state: dict[str, torch.Tensor] | None = None,

@@ -142,10 +142,14 @@ class Glm4vOrigFamily(Family):
         }
 
     def save_merged(self, model: nn.Module, folder: Path, processor: Glm4vOrigProcessor) -> None:
-        """The released layout: config.json (chatglm), sharded safetensors + index, tokenizer.model and
-        tokenizer_config.json: a drop-in GLM-4V-9B folder."""
+        """The released layout: config.json (chatglm, the source's `auto_map` kept), sharded safetensors + index,
+        tokenizer.model and tokenizer_config.json, and the source folder's own remote code (`*.py`) and
+        generation / special-token files byte for byte: the folder `AutoModel.from_pretrained(folder,
+        trust_remote_code=True)` loads, as GLM-4V-9B users load it. The Python files are copied, never imported."""
         checkpoint.write_weights(model, Path(folder))
         processor.save_pretrained(str(folder))
+        if processor.tokenizer_folder is not None:
+            checkpoint.copy_released_files(processor.tokenizer_folder, Path(folder))
 
 
 GLM4V_ORIG = Glm4vOrigFamily()

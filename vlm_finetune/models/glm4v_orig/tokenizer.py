@@ -75,8 +75,35 @@ def load_tokenizer(folder: Path):
             raise ConfigError(f"{folder}: special token {specials[token_id]!r} has id {token_id}, but the ranks "
                               f"end at {backend.get_vocab_size() - 1}: ids must follow the ranks without gaps")
         backend.add_special_tokens([AddedToken(specials[token_id], special=True, normalized=False)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                   padding_side="left", clean_up_tokenization_spaces=False)
+    backend.post_processor = _released_prefix(backend)
+    return _released_decode_class(PreTrainedTokenizerFast)(
+        tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>", padding_side="left",
+        clean_up_tokenization_spaces=False)
+
+
+def _released_prefix(backend):
+    """The released `build_inputs_with_special_tokens`: `[gMASK]<sop>` before the text of a direct call
+    (`tokenizer(text)`, `encode(text)`; `add_special_tokens=False` adds nothing, as the processor asks). A pair
+    gets `[gMASK]<sop> A B <|endoftext|>`: the released code appends its eos there by the name "<eos>", which its
+    vocabulary lacks (that call fails there); <|endoftext|> is its eos token."""
+    from tokenizers import processors
+
+    ids = {name: backend.token_to_id(name) for name in ("[gMASK]", "<sop>", "<|endoftext|>")}
+    return processors.TemplateProcessing(single="[gMASK] <sop> $A", pair="[gMASK] <sop> $A $B <|endoftext|>",
+                                         special_tokens=list(ids.items()))
+
+
+def _released_decode_class(base: type) -> type:
+    """The tokenizer class whose `decode` drops the special tokens, as the released one's does (its
+    `convert_tokens_to_string` keeps only byte tokens: every special token is a string there), whatever
+    `skip_special_tokens` says."""
+
+    class ChatGLM4TokenizerFast(base):
+        def _decode(self, token_ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces=None, **kwargs):
+            return super()._decode(token_ids, skip_special_tokens=True,
+                                   clean_up_tokenization_spaces=clean_up_tokenization_spaces, **kwargs)
+
+    return ChatGLM4TokenizerFast
 
 
 def tokenizer_config(num_ranks: int, image_size: int) -> dict:
