@@ -169,50 +169,60 @@ def test_a_killed_save_leaves_nothing_for_the_next_start(tmp_path):
 
 
 class TermAt(L.Callback):
-    """Sends this process SIGTERM (scancel, docker stop) during the given optimizer step."""
+    """Sends this process a stop signal (SIGTERM: scancel, docker stop; SIGINT: Ctrl-C) during the given
+    optimizer step."""
 
-    def __init__(self, step: int):
-        self.step, self.sent = step, False
+    def __init__(self, step: int, signum: int = signal.SIGTERM):
+        self.step, self.signum, self.sent = step, signum, False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if not self.sent and trainer.global_step == self.step - 1:
             self.sent = True
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), self.signum)
 
 
 TERM_RUN = FAST + ["trainer.max_steps=8", "eval.generate=false", "trainer.val_every_n_steps=null",
-                   "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=100"]
+                   "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=10"]
 
 
-def test_sigterm_saves_writes_no_adapter_and_the_rerun_resumes_exactly(tmp_path):
+def test_sigterm_and_ctrl_c_save_write_no_adapter_and_the_rerun_resumes_exactly(tmp_path, capsys):
     full_metrics, full = train(compose_cfg(TERM_RUN, tmp_path / "full"))
-    part = tmp_path / "part"
-    stopped, _ = train(compose_cfg(TERM_RUN, part), callbacks=[TermAt(3)])
-    assert stopped == {"preempted": 1, "global_step": 3, "stop_signal": int(signal.SIGTERM)}
-    assert load_checkpoint_file(part / "checkpoints" / "last.ckpt")["global_step"] == 3
-    assert not (part / "adapter").exists() and not (part / "metrics.json").exists()  # nothing passes as final
-    resumed_metrics, resumed = train(compose_cfg(TERM_RUN, part))
-    assert resumed_metrics["global_step"] == 8
     expected = {n: p for n, p in full["module"].named_parameters() if p.requires_grad}
-    got = {n: p for n, p in resumed["module"].named_parameters() if p.requires_grad}
-    assert max(float((expected[n] - got[n]).abs().max()) for n in expected) <= 1e-6
+    handler_before = signal.getsignal(signal.SIGINT)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        part = tmp_path / f"part_{signum}"
+        stopped, _ = train(compose_cfg(TERM_RUN, part), callbacks=[TermAt(3, signum)])
+        assert stopped == {"preempted": 1, "global_step": 3, "stop_signal": int(signum)}
+        assert load_checkpoint_file(part / "checkpoints" / "last.ckpt")["global_step"] == 3  # not a periodic one
+        assert not (part / "adapter").exists() and not (part / "metrics.json").exists()  # nothing passes as final
+        said = capsys.readouterr().out
+        assert f"{signal.Signals(signum).name}: checkpoint saved at step 3" in said
+        assert "To resume from step 3, rerun the same command" in said
+        assert signal.getsignal(signal.SIGINT) is handler_before  # Ctrl-C is the caller's again
+        resumed_metrics, resumed = train(compose_cfg(TERM_RUN, part))
+        assert resumed_metrics["global_step"] == 8
+        assert resumed_metrics["train_loss"] == pytest.approx(full_metrics["train_loss"], abs=1e-6)
+        got = {n: p for n, p in resumed["module"].named_parameters() if p.requires_grad}
+        assert max(float((expected[n] - got[n]).abs().max()) for n in expected) <= 1e-6
 
 
-@pytest.mark.slow  # the command line; the in-process SIGTERM save stays quick
-def test_the_command_line_exits_non_zero_on_sigterm(tmp_path):
+@pytest.mark.slow  # the command line; the in-process saves stay quick
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_the_command_line_exits_non_zero_on_sigterm_and_ctrl_c(tmp_path, signum):
     run_dir = tmp_path / "run"
     probe = tmp_path / "probe"
     probe.mkdir()
     (probe / "term_probe.py").write_text(
         "import os, signal\nimport lightning as L\n\n\nclass TermAt(L.Callback):\n"
         "    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):\n"
-        "        if trainer.global_step == 1:\n            os.kill(os.getpid(), signal.SIGTERM)\n")
+        f"        if trainer.global_step == 1:\n            os.kill(os.getpid(), {int(signum)})\n")
     args = [sys.executable, "-m", "vlm_finetune", *TERM_RUN, f"hydra.run.dir={run_dir}",
             "+callbacks.term._target_=term_probe.TermAt"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(probe), str(ROOT)]))
     result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
-    assert "SIGTERM: checkpoint saved at step 2" in result.stdout
+    assert result.returncode == 128 + signum, result.stderr[-2000:]
+    assert f"{signal.Signals(signum).name}: checkpoint saved at step 2" in result.stdout
+    assert "To resume from step 2, rerun the same command" in result.stdout
 
 
 def test_a_max_length_that_drops_every_sample_stops_before_training(tmp_path):

@@ -202,7 +202,8 @@ class ResumeCallback(L.Callback):
                 self.stopped_by_signal = signum
                 if trainer.is_global_zero:
                     print(f"vlm_finetune: {signal.Signals(signum).name}: checkpoint saved at step {step} to "
-                          f"{self.last_path}; stopping (rerun the same command to continue)", flush=True)
+                          f"{self.last_path}; stopping. To resume from step {step}, rerun the same command (same "
+                          f"run folder, resume=auto)", flush=True)
                 return
             if trainer.is_global_zero:
                 print(f"vlm_finetune: preemption signal: checkpoint saved at step {step} to {self.last_path}",
