@@ -27,12 +27,14 @@ from vlm_finetune.config import hydra_overrides, read_settings, settings_for
 from vlm_finetune.data.datamodule import VLMDataModule, build_datasets, check_samples_fit
 from vlm_finetune.data.packing import pack_length
 from vlm_finetune.errors import ConfigError
-from vlm_finetune.hardware import Hardware, env_global_rank, preflight, resolve
+from vlm_finetune.hardware import Hardware, available_host_memory_gib, env_global_rank, preflight, resolve
 from vlm_finetune.io import write_atomic
 from vlm_finetune.memory.host import HostMemoryRelease, release_freed, reuse_heap, steady_heap
 from vlm_finetune.memory.load_measured import LoadMemory
+from vlm_finetune.memory.load_plan import check_host_load
 from vlm_finetune.memory.monitor import MemoryMonitor
 from vlm_finetune.memory.oom import handle_oom
+from vlm_finetune.memory.planner import plan_run
 from vlm_finetune.models.registry import get_family, parse_trainability
 from vlm_finetune.module import VLMModule
 from vlm_finetune.plots import plot_training_curves
@@ -213,6 +215,19 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
             lock.release()
 
 
+def _check_host_memory(settings: RunSettings) -> None:
+    """The planner's load row (the same as `python -m vlm_finetune.plan` prints) against the host memory, before
+    any weight loads: a model whose load cannot fit stops in seconds with the figures, instead of loading for
+    minutes until the machine runs out."""
+    overrides = list(hydra_overrides() or [])
+    try:
+        load = plan_run(settings, overrides).load
+    except Exception as err:  # noqa: BLE001  the run's own checks came first; a planner gap must not stop it
+        log.warning("host-memory preflight skipped: the planner failed (%s: %s)", type(err).__name__, err)
+        return
+    check_host_load(load, available_host_memory_gib(), overrides)
+
+
 def _model_builder(settings: RunSettings, release: str, family, modes: dict, policy: WeightsPolicy):
     """`build(device=None, expected_plan=None) -> (model, plan)`: the model with its trainability plan, compiled
     regions and ZeRO-3 leaf modules, as configured; `device="meta"`: the structure only."""
@@ -256,6 +271,8 @@ def _train(cfg: DictConfig, settings: RunSettings, callbacks: list | None, modes
     policy = weights_policy(settings.precision, settings.strategy.strategy)
     # checkpointing auto -> the fewest layers that fit
     settings = _resolve_auto(cfg, settings, family, None, processor, hardware)
+    if env_global_rank() == 0:  # the other ranks of a CPU/DDP launch start once rank 0 holds its model
+        _check_host_memory(settings)
     release = _host_release(cfg)
     build = _model_builder(settings, release, family, modes, policy)
     # ZeRO-3: the model is built in VLMModule.configure_model, inside DeepSpeed's partitioned initialisation,
