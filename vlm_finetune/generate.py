@@ -17,6 +17,7 @@ from vlm_finetune.data.images import load_rgb
 from vlm_finetune.data.rules import placeholder_problem
 from vlm_finetune.data.sample import IMAGE_PLACEHOLDER, Message, Sample
 from vlm_finetune.errors import ConfigError, DataError
+from vlm_finetune.models._sharded import check_model_folder
 from vlm_finetune.models.registry import get_family
 from vlm_finetune.trainability import unwrap
 
@@ -67,6 +68,8 @@ def answer(image: str | Path, prompt: str, model: str | None = None, adapter: st
         raise ConfigError(f"adapter={adapter} is not an adapter folder (no adapter_config.json); use a run's "
                           "adapter/ folder or the output of python -m vlm_finetune.export")
     family = get_family(spec.family)
+    if spec.path:  # weight files read before the load (a clear error for a corrupt or incomplete folder)
+        check_model_folder(family.checkpoint_folder(spec))
     processor = family.load_processor(spec, truncation=str(cfg.data.truncation))
     network = family.build_model(spec, dtype=torch.float32)
     if adapter is not None:

@@ -35,6 +35,7 @@ from vlm_finetune.memory.load_plan import check_host_load
 from vlm_finetune.memory.monitor import MemoryMonitor
 from vlm_finetune.memory.oom import handle_oom
 from vlm_finetune.memory.planner import plan_run
+from vlm_finetune.models._sharded import check_model_folder
 from vlm_finetune.models.registry import get_family, parse_trainability
 from vlm_finetune.module import VLMModule
 from vlm_finetune.plots import plot_training_curves
@@ -267,6 +268,8 @@ def _train(cfg: DictConfig, settings: RunSettings, callbacks: list | None, modes
     train_samples, val_samples, data_stats = build_datasets(data, settings.seed)
     processor = family.load_processor(settings.model, truncation=data.truncation)
     check_samples_fit(train_samples, processor, data.max_length, data.truncation)
+    if settings.model.path:  # a folder's weight files read before the load: headers, sizes, the index's shards
+        check_model_folder(family.checkpoint_folder(settings.model))
 
     policy = weights_policy(settings.precision, settings.strategy.strategy)
     # checkpointing auto -> the fewest layers that fit
