@@ -62,3 +62,79 @@ def test_corrupt_model_folders_are_named_before_the_load(tiny_folder, tmp_path):
     with pytest.raises(ConfigError, match="is truncated"):
         train(compose_cfg(FAST + [f"model.path={truncated}"], run_dir))
     assert not (run_dir / "config.yaml").exists()
+
+
+# -- full disks -------------------------------------------------------------------------------------------------
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 1 MiB tmpfs: a real full disk (needs root; skipped where mounting is not allowed)."""
+    import subprocess
+
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({made.stderr.decode().strip()[:100]})")
+    yield mount
+    subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_every_writer_on_a_full_disk_names_the_path_and_keeps_the_previous_file(full_disk):
+    import torch
+    from safetensors.torch import save_file
+
+    from vlm_finetune.errors import WriteFailed
+    from vlm_finetune.io import atomic_folder, save_torch_atomic, write_atomic
+
+    big = {"weight": torch.zeros(400_000)}  # 1.6 MB: more than the disk holds
+    (full_disk / "metrics.json").write_text("{}")
+    save_torch_atomic({"step": 2}, full_disk / "last.ckpt")
+    with atomic_folder(full_disk / "adapter") as tmp:
+        (tmp / "adapter_config.json").write_text("{}")
+    writes = {  # what each library raises on a full disk differs: OSError, torch's RuntimeError, SafetensorError
+        "metrics.json": lambda: write_atomic(full_disk / "metrics.json", "x" * 2_000_000),
+        "last.ckpt": lambda: save_torch_atomic(big, full_disk / "last.ckpt"),
+        "adapter": lambda: _save_folder(atomic_folder, save_file, big, full_disk / "adapter"),
+    }
+    for name, write in writes.items():
+        with pytest.raises(WriteFailed, match=rf"cannot write {full_disk / name}: its disk is full or over quota "
+                                              r"\(\d+\.\d MiB free there.*The previous .* is kept whole"):
+            write()
+    assert (full_disk / "metrics.json").read_text() == "{}"
+    assert torch.load(full_disk / "last.ckpt") == {"step": 2}
+    assert sorted(p.name for p in (full_disk / "adapter").iterdir()) == ["adapter_config.json"]
+    assert sorted(p.name for p in full_disk.iterdir()) == ["adapter", "last.ckpt", "metrics.json"]  # no leftovers
+
+
+def _save_folder(atomic_folder, save_file, tensors, folder):
+    with atomic_folder(folder) as tmp:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"))
+
+
+def test_a_full_disk_at_a_checkpoint_stops_the_run_with_the_path_and_keeps_the_last_one(tmp_path, monkeypatch):
+    """The run's own checkpoint path, with the OS's error injected at the second save (the real disk is the test
+    above's)."""
+    import errno
+
+    import torch
+
+    from vlm_finetune.checkpointing import load_checkpoint_file
+    from vlm_finetune.errors import WriteFailed
+
+    real_save, saves = torch.save, []
+
+    def save(obj, handle, *args, **kwargs):
+        saves.append(obj.get("global_step") if isinstance(obj, dict) else None)
+        if len(saves) == 2:
+            handle.write(b"\0" * 4096)  # part written, then the disk fills
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, handle, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    run_dir = tmp_path / "run"
+    with pytest.raises(WriteFailed, match=rf"cannot write {run_dir / 'checkpoints' / 'last.ckpt'}: its disk is full"):
+        train(compose_cfg(FAST + ["trainer.max_steps=4", "checkpoint.every_n_steps=2", "eval.generate=false",
+                                  "trainer.val_every_n_steps=null"], run_dir))
+    assert saves == [2, 4]
+    assert load_checkpoint_file(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 2
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["last.ckpt"]  # the half-written file is gone

@@ -13,7 +13,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from vlm_finetune.config import CONF_DIR  # noqa: E402  (registers the resolvers conf/train.yaml uses)
-from vlm_finetune.errors import ConfigError, DataError  # noqa: E402
+from vlm_finetune.errors import ConfigError, DataError, WriteFailed  # noqa: E402
 
 CONFIG_DIR = str(CONF_DIR)
 
@@ -42,6 +42,9 @@ def main(cfg: DictConfig) -> float | None:
               "is kept. Rerun the same command (same run folder, resume=auto) to continue", file=sys.stderr,
               flush=True)
         sys.exit(128 + err.signum)
+    except WriteFailed as err:  # a full disk: path and free space named, the previous file kept
+        print(f"vlm_finetune: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(WriteFailed.exit_code)
     except RunHung as err:  # a collective timed out: the message names the rank and the step
         print(f"vlm_finetune: error: {err}", file=sys.stderr, flush=True)
         sys.exit(RunHung.exit_code)
