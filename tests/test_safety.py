@@ -126,11 +126,18 @@ def test_a_refused_start_removes_only_what_it_created(tmp_path):
     folder = tmp_path / "existing"
     (folder / ".hydra").mkdir(parents=True)
     (folder / "old.log").write_text("an earlier run's log")
+    # the earlier run's record of its command, which Hydra rewrites at every start (issue 32)
+    record = {"config.yaml": "model:\n  name: earlier\n", "overrides.yaml": "- trainer.max_steps=7\n"}
+    for name, text in record.items():
+        (folder / ".hydra" / name).write_text(text)
+    (folder / "__main__.log").write_text("the earlier run's own log\n")
     result = subprocess.run([sys.executable, "-m", "vlm_finetune", f"hydra.run.dir={folder}",
                              "data.micro_batch_size=0"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert (folder / "old.log").read_text() == "an earlier run's log" and (folder / ".hydra").is_dir()
-    assert sorted(p.name for p in folder.iterdir()) == [".hydra", "old.log"]  # its own log file is gone
+    assert sorted(p.name for p in folder.iterdir()) == [".hydra", "__main__.log", "old.log"]
+    assert {p.name: p.read_text() for p in (folder / ".hydra").iterdir()} == record  # no hydra.yaml added either
+    assert (folder / "__main__.log").read_text() == "the earlier run's own log\n"
     fresh = tmp_path / "fresh"
     result = subprocess.run([sys.executable, "-m", "vlm_finetune", f"hydra.run.dir={fresh}",
                              "data.micro_batch_size=0"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
