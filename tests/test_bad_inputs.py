@@ -138,3 +138,39 @@ def test_a_full_disk_at_a_checkpoint_stops_the_run_with_the_path_and_keeps_the_l
     assert saves == [2, 4]
     assert load_checkpoint_file(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 2
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["last.ckpt"]  # the half-written file is gone
+
+
+# -- options: checked before any weight loads, the LoRA targets on the model built on the meta device ---------------
+BAD_OPTIONS = {
+    "lora.dropout=1.5": r"lora.dropout=1.5 must lie in \[0, 1\)",
+    "lora.targets.llm='('": r"lora.targets.llm='\(' is not a regular expression \(missing \)",
+    "lora.targets.llm=nomatch_xyz": r"lora.targets.llm='nomatch_xyz' matched 0 layer\(s\) LoRA can adapt in the llm; "
+                                    r"not matched: (\d+) of the part's \1 modules\. Its linear layers end in: .*q_proj",
+    "lora.targets.llm=.*layers": r"matched 0 layer\(s\) LoRA can adapt in the llm and 1 module\(s\) it cannot "
+                                 r"\(model.language_model.layers\)",
+    "model.attn_implementation=foo": r"model.attn_implementation='foo' is not an attention implementation; use one of "
+                                     r"eager, sdpa",
+    "scheduler.warmup_steps=-1": r"scheduler.warmup_steps=-1 must be a whole number >= 0",
+    "trainer.val_every_n_steps=0": r"trainer.val_every_n_steps=0 must be null or a whole number >= 1",
+    "scheduler.min_lr_ratio=2": r"scheduler.min_lr_ratio=2 must be a number >= 0.0 and <= 1.0",
+    "eval.max_new_tokens=0": r"eval.max_new_tokens=0 must be a whole number >= 1",
+    "checkpoint.every_n_steps=0": r"checkpoint.every_n_steps=0 must be null or a whole number >= 1",
+    "trainer.gradient_clip_val=-1": r"trainer.gradient_clip_val=-1 must be null or a number >= 0.0",
+    "data.micro_batch_size=100": r"the training set has 64 sample\(s\): 0 micro-batch\(es\) of data.micro_batch_size=100 "
+                                 r"per epoch on each of 1 rank\(s\), fewer than trainer.accumulate_grad_batches=1",
+}
+
+
+def test_bad_option_values_stop_before_any_weight_loads(tmp_path, monkeypatch):
+    """Each used to fail only once the model was loaded, as a raw library error, or to be accepted."""
+    import vlm_finetune.train as train_module
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the model was built before the option was refused")
+
+    monkeypatch.setattr(train_module, "build_trainable_model", no_build)  # the real build; the meta one stays
+    for index, (option, message) in enumerate(BAD_OPTIONS.items()):
+        run_dir = tmp_path / f"run{index}"
+        with pytest.raises(ConfigError, match=message):
+            train(compose_cfg(FAST + [option], run_dir))
+        assert not (run_dir / "config.yaml").exists()

@@ -24,7 +24,7 @@ from vlm_finetune.autotune import check_auto_options, resolve_activation_checkpo
 from vlm_finetune.callbacks import StepProgressBar
 from vlm_finetune.checkpointing import CHECKPOINT_DIR
 from vlm_finetune.config import hydra_overrides, read_settings, settings_for
-from vlm_finetune.data.datamodule import VLMDataModule, build_datasets, check_samples_fit
+from vlm_finetune.data.datamodule import VLMDataModule, build_datasets, check_micro_batches, check_samples_fit
 from vlm_finetune.data.packing import pack_length
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.hardware import Hardware, available_host_memory_gib, env_global_rank, preflight, resolve
@@ -223,6 +223,8 @@ def _check_host_memory(settings: RunSettings) -> None:
     overrides = list(hydra_overrides() or [])
     try:
         load = plan_run(settings, overrides).load
+    except ConfigError:  # found on the model built on the meta device (a LoRA target that matches nothing)
+        raise
     except Exception as err:  # noqa: BLE001  the run's own checks came first; a planner gap must not stop it
         log.warning("host-memory preflight skipped: the planner failed (%s: %s)", type(err).__name__, err)
         return
@@ -268,6 +270,8 @@ def _train(cfg: DictConfig, settings: RunSettings, callbacks: list | None, modes
     train_samples, val_samples, data_stats = build_datasets(data, settings.seed)
     processor = family.load_processor(settings.model, truncation=data.truncation)
     check_samples_fit(train_samples, processor, data.max_length, data.truncation)
+    check_micro_batches(len(train_samples), data.micro_batch_size, settings.accumulate_grad_batches,
+                        hardware.world_size)
     if settings.model.path:  # a folder's weight files read before the load: headers, sizes, the index's shards
         check_model_folder(family.checkpoint_folder(settings.model))
 
