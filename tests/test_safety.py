@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -326,12 +327,22 @@ def test_a_record_found_bad_only_while_training_is_named_and_skippable(tmp_path)
     Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "good.png")
     Image.new("RGB", (2000, 4), (200, 30, 30)).save(tmp_path / "strip.png")  # decodes; the processor refuses it
     record = {"conversations": [{"from": "human", "value": "<image>colour?"}, {"from": "gpt", "value": "red"}]}
-    (tmp_path / "train.json").write_text(json.dumps([dict(record, image="good.png"), dict(record, image="strip.png")]))
+    (tmp_path / "train.json").write_text(json.dumps([dict(record, image="good.png"), dict(record, image="later.png")]))
+    shutil.copy(tmp_path / "strip.png", tmp_path / "later.png")
+    # issue 32: the up-front check applies the processors' own limits (it used to let this image through)
+    with pytest.raises(DataError, match=r"train.json: record 1 image .*later.png is 2000x4 pixels, an aspect ratio "
+                                        r"of 500:1 over the limit of 200:1"):
+        load_conversations(tmp_path / "train.json", tmp_path)
+    assert len(load_conversations(tmp_path / "train.json", tmp_path, on_bad_record="skip")[0]) == 1
+    # an image changed on disk after the check is still named, and skippable, while training
+    shutil.copy(tmp_path / "good.png", tmp_path / "later.png")
     records, skipped = load_conversations(tmp_path / "train.json", tmp_path)
-    assert (len(records), skipped) == (2, 0)  # the up-front check lets it through
+    assert (len(records), skipped) == (2, 0)
+    shutil.copy(tmp_path / "strip.png", tmp_path / "later.png")
     processor = get_family("glm4v").load_processor(model_settings(compose_cfg([], tmp_path).model), "truncate")
     dataset = ConversationDataset(records, str(tmp_path / "train.json"))
-    with pytest.raises(DataError, match=r"train.json: record 1: absolute aspect ratio .*on_bad_record=skip"):
+    with pytest.raises(DataError, match=r"train.json: record 1: image .*later.png cannot be read .*aspect ratio of "
+                                        r"500:1.*on_bad_record=skip"):
         EncodedDataset(dataset, processor, 256)[1]
     lenient = EncodedDataset(dataset, processor, 256, on_bad_record="skip")
     assert lenient[1] is BAD_SAMPLE
