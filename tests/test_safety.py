@@ -214,6 +214,21 @@ def test_sigterm_and_ctrl_c_save_write_no_adapter_and_the_rerun_resumes_exactly(
         assert max(float((expected[n] - got[n]).abs().max()) for n in expected) <= 1e-6
 
 
+def test_ctrl_c_outside_the_steps_is_a_stop_request_not_a_keyboard_interrupt():
+    """Before training (data, weights) Ctrl-C used to end in a traceback, or inside fit in Lightning's silent exit 1;
+    the entry point now reports StopRequested (exit 130, what was kept, how to continue)."""
+    from vlm_finetune.signals import StopRequested, stop_on_interrupt
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        stop_on_interrupt()
+        with pytest.raises(StopRequested, match="SIGINT arrived outside a training step") as caught:
+            signal.raise_signal(signal.SIGINT)
+        assert caught.value.signum == signal.SIGINT and not isinstance(caught.value, KeyboardInterrupt)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.slow  # the command line; the in-process saves stay quick
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_the_command_line_exits_non_zero_on_sigterm_and_ctrl_c(tmp_path, signum):

@@ -91,6 +91,12 @@ def check_config(cfg: DictConfig) -> tuple[RunSettings, dict, Hardware]:
     if isinstance(acc, bool) or not isinstance(acc, int) or acc < 1:
         raise ConfigError(f"trainer.accumulate_grad_batches={acc!r} must be a positive integer")
     _check_values(settings)
+    attn = settings.model.attn_implementation
+    if attn.startswith("flash_attention"):  # transformers would refuse it only as the model loads
+        package = "flash_attn" if attn == "flash_attention_2" else "flash_attn_interface"
+        if hardware.accelerator != "gpu" or importlib.util.find_spec(package) is None:
+            raise ConfigError(f"model.attn_implementation={attn} needs a CUDA GPU and the {package} package "
+                              f"({'none present' if hardware.accelerator != 'gpu' else 'not installed'}); use sdpa")
     if settings.loss.impl == "liger":
         if hardware.accelerator != "gpu":
             raise ConfigError("loss.impl=liger needs a CUDA GPU (Triton kernels); use loss.impl=chunked")
