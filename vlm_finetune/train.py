@@ -271,7 +271,11 @@ def _train(cfg: DictConfig, settings: RunSettings, callbacks: list | None, modes
     family = get_family(settings.model.family)
     # a checkpoint of another run fails here, before any weight loads
     resume_path, resume_checkpoint = open_resume_checkpoint(settings, run_dir, hardware.world_size)
-    # data first: a bad file fails here, before any weight loads
+    # a load that cannot fit the host memory stops first, in seconds (the other ranks of a CPU/DDP launch start
+    # once rank 0 holds its model, when less memory is free)
+    if env_global_rank() == 0:
+        _check_host_memory(settings)
+    # data next: a bad file fails here, before any weight loads
     data = settings.data
     train_samples, val_samples, data_stats = build_datasets(data, settings.seed)
     processor = family.load_processor(settings.model, truncation=data.truncation)
@@ -284,8 +288,6 @@ def _train(cfg: DictConfig, settings: RunSettings, callbacks: list | None, modes
     policy = weights_policy(settings.precision, settings.strategy.strategy)
     # checkpointing auto -> the fewest layers that fit
     settings = _resolve_auto(cfg, settings, family, None, processor, hardware)
-    if env_global_rank() == 0:  # the other ranks of a CPU/DDP launch start once rank 0 holds its model
-        _check_host_memory(settings)
     release = _host_release(cfg)
     build = _model_builder(settings, release, family, modes, policy)
     # ZeRO-3: the model is built in VLMModule.configure_model, inside DeepSpeed's partitioned initialisation,
