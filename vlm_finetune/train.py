@@ -27,14 +27,13 @@ from vlm_finetune.config import hydra_overrides, read_settings, settings_for
 from vlm_finetune.data.datamodule import VLMDataModule, build_datasets, check_micro_batches, check_samples_fit
 from vlm_finetune.data.packing import pack_length
 from vlm_finetune.errors import ConfigError
-from vlm_finetune.hardware import Hardware, available_host_memory_gib, env_global_rank, preflight, resolve
+from vlm_finetune.hardware import Hardware, env_global_rank, preflight, resolve
 from vlm_finetune.io import write_atomic
 from vlm_finetune.memory.host import HostMemoryRelease, release_freed, reuse_heap, steady_heap
 from vlm_finetune.memory.load_measured import LoadMemory
-from vlm_finetune.memory.load_plan import check_host_load
 from vlm_finetune.memory.monitor import MemoryMonitor
 from vlm_finetune.memory.oom import handle_oom
-from vlm_finetune.memory.planner import plan_run
+from vlm_finetune.memory.planner import check_host_memory
 from vlm_finetune.models._sharded import check_model_folder
 from vlm_finetune.models.registry import get_family, parse_trainability
 from vlm_finetune.module import VLMModule
@@ -222,21 +221,6 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
             lock.release()
 
 
-def _check_host_memory(settings: RunSettings) -> None:
-    """The planner's load row (the same as `python -m vlm_finetune.plan` prints) against the host memory, before
-    any weight loads: a model whose load cannot fit stops in seconds with the figures, instead of loading for
-    minutes until the machine runs out."""
-    overrides = list(hydra_overrides() or [])
-    try:
-        load = plan_run(settings, overrides).load
-    except ConfigError:  # found on the model built on the meta device (a LoRA target that matches nothing)
-        raise
-    except Exception as err:  # noqa: BLE001  the run's own checks came first; a planner gap must not stop it
-        log.warning("host-memory preflight skipped: the planner failed (%s: %s)", type(err).__name__, err)
-        return
-    check_host_load(load, available_host_memory_gib(), overrides)
-
-
 def _model_builder(settings: RunSettings, release: str, family, modes: dict, policy: WeightsPolicy):
     """`build(device=None, expected_plan=None) -> (model, plan)`: the model with its trainability plan, compiled
     regions and ZeRO-3 leaf modules, as configured; `device="meta"`: the structure only."""
@@ -274,7 +258,7 @@ def _train(cfg: DictConfig, settings: RunSettings, callbacks: list | None, modes
     # a load that cannot fit the host memory stops first, in seconds (the other ranks of a CPU/DDP launch start
     # once rank 0 holds its model, when less memory is free)
     if env_global_rank() == 0:
-        _check_host_memory(settings)
+        check_host_memory(settings, list(hydra_overrides() or []))
     # data next: a bad file fails here, before any weight loads
     data = settings.data
     train_samples, val_samples, data_stats = build_datasets(data, settings.seed)
