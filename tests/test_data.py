@@ -10,8 +10,9 @@ from PIL import Image
 
 from conftest import compose_cfg
 from vlm_finetune.config import model_settings
-from vlm_finetune.data.conversations import load_conversations
+from vlm_finetune.data.conversations import build_conversation_datasets, load_conversations
 from vlm_finetune.data.datamodule import Collator, EncodedDataset, StepWindowLoader
+from vlm_finetune.data.images import load_rgb
 from vlm_finetune.data.sample import Message, Sample
 from vlm_finetune.data.shapes import ShapesDataset
 from vlm_finetune.errors import DataError
@@ -153,10 +154,21 @@ def test_llava_and_messages_forms(tmp_path):
     ({"image": "img0.png"}, "neither 'conversations'"),
     ({"conversations": [{"from": "human", "value": "x"}]}, "no assistant reply"),
     ({"conversations": [{"speaker": "human", "value": "x"}]}, "turn 0 lacks 'from'"),
+    # issue 32: an image where the model is shown none, and images the processors refuse
+    ({"image": "img0.png", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "<image> a"}]},
+     "turn 1 \\(assistant\\) holds an '<image>' placeholder, where the model is shown no image"),
+    ({"image": "strip.png", "conversations": [{"from": "human", "value": "<image>x"}, {"from": "gpt", "value": "y"}]},
+     "strip.png is 1x300 pixels, an aspect ratio of 300:1 over the limit of 200:1"),
+    ({"image": "bomb.png", "conversations": [{"from": "human", "value": "<image>x"}, {"from": "gpt", "value": "y"}]},
+     "bomb.png is 10000x9000 = 90,000,000 pixels, over the limit of 89,478,485"),
 ])
 def test_bad_record_names_file_and_index(tmp_path, record, needle):
     _write_images(tmp_path, 1)
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    if "strip.png" in json.dumps(record):
+        Image.new("RGB", (1, 300), (0, 0, 0)).save(tmp_path / "strip.png")
+    if "bomb.png" in json.dumps(record):  # 1-bit pixels: 11 MB in memory, a few kB on disk
+        Image.new("1", (10000, 9000)).save(tmp_path / "bomb.png")
     good = {"image": "img0.png", "conversations": [{"from": "human", "value": "<image>q"}, {"from": "gpt", "value": "a"}]}
     path = tmp_path / "data.json"
     path.write_text(json.dumps([good, good, record]))
@@ -164,3 +176,31 @@ def test_bad_record_names_file_and_index(tmp_path, record, needle):
         load_conversations(path, tmp_path)
     loaded, skipped = load_conversations(path, tmp_path, on_bad_record="skip")
     assert skipped == 1 and [r.index for r in loaded] == [0, 1]
+
+
+def test_a_validation_record_that_cannot_be_evaluated_is_found_before_training(tmp_path):
+    turn = [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]
+    (tmp_path / "train.json").write_text(json.dumps([{"conversations": turn}] * 4))
+    # record 1 ends on a user turn: fine to train on, but no answer can be generated and scored for it
+    (tmp_path / "val.json").write_text(json.dumps([{"conversations": turn},
+                                                   {"conversations": turn + [{"from": "human", "value": "more?"}]}]))
+    args = (tmp_path / "train.json", tmp_path / "val.json", tmp_path)
+    with pytest.raises(DataError, match=r"val.json: record 1 \(validation\) ends with a user turn; an evaluated "
+                                        r"conversation must end with the assistant reply"):
+        build_conversation_datasets(*args, on_bad_record="error", val_fraction=0.5, seed=0)
+    train_set, val_set, stats = build_conversation_datasets(*args, on_bad_record="skip", val_fraction=0.5, seed=0)
+    assert len(train_set) == 4 and [r.index for r in val_set.records] == [0] and stats["skipped_bad_records"] == 1
+
+
+def test_the_processor_refuses_what_the_up_front_check_refuses(processor, tmp_path):
+    image = Image.new("RGB", (56, 56))
+    in_reply = Sample([Message("user", "q"), Message("assistant", "<image> a")], [image])
+    with pytest.raises(DataError, match=r"turn 1 \(assistant\) holds an '<image>' placeholder"):
+        processor.encode(in_reply)
+    ends_on_user = Sample([Message("user", "q"), Message("assistant", "a"), Message("user", "b")], [])
+    processor.encode(ends_on_user)  # trains (the assistant reply is supervised) ...
+    with pytest.raises(DataError, match="ends with a user turn"):  # ... but cannot be a generation prompt
+        processor.encode(ends_on_user, for_generation=True)
+    Image.new("RGB", (1, 300)).save(tmp_path / "strip.png")
+    with pytest.raises(DataError, match=r"image .*strip.png is 1x300 pixels"):  # images go through the same rule
+        load_rgb(tmp_path / "strip.png")

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from PIL import Image
+
 from vlm_finetune.data.datamodule import Collator, EncodedDataset
 from vlm_finetune.data.shapes import ShapesDataset
 from vlm_finetune.generate import answer
@@ -47,6 +49,13 @@ def test_bad_inputs_fail_with_the_fix(tmp_path, capsys):
     assert "cannot be read as an image" in capsys.readouterr().err
     assert main(["model=nope", "image=x.png", "prompt=a"]) == 2
     assert "model='nope' is not a model config; use one of" in capsys.readouterr().err
+    # issue 32: more placeholders than images was an IndexError inside the processor, after the model was built
+    Image.new("RGB", (56, 56)).save(tmp_path / "one.png")
+    assert main(["model=tiny_glm41v", f"image={tmp_path / 'one.png'}", "prompt=<image><image>same?"]) == 2
+    assert "has 2 '<image>' placeholder(s) but 1 image(s): generate takes one image" in capsys.readouterr().err
+    Image.new("RGB", (1, 300)).save(tmp_path / "strip.png")
+    assert main(["model=tiny_glm41v", f"image={tmp_path / 'strip.png'}", "prompt=what?"]) == 2
+    assert "strip.png is 1x300 pixels, an aspect ratio of 300:1" in capsys.readouterr().err
 
 
 def test_caption_metrics_are_logged_per_validation(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -126,11 +127,18 @@ def test_a_refused_start_removes_only_what_it_created(tmp_path):
     folder = tmp_path / "existing"
     (folder / ".hydra").mkdir(parents=True)
     (folder / "old.log").write_text("an earlier run's log")
+    # the earlier run's record of its command, which Hydra rewrites at every start (issue 32)
+    record = {"config.yaml": "model:\n  name: earlier\n", "overrides.yaml": "- trainer.max_steps=7\n"}
+    for name, text in record.items():
+        (folder / ".hydra" / name).write_text(text)
+    (folder / "__main__.log").write_text("the earlier run's own log\n")
     result = subprocess.run([sys.executable, "-m", "vlm_finetune", f"hydra.run.dir={folder}",
                              "data.micro_batch_size=0"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert (folder / "old.log").read_text() == "an earlier run's log" and (folder / ".hydra").is_dir()
-    assert sorted(p.name for p in folder.iterdir()) == [".hydra", "old.log"]  # its own log file is gone
+    assert sorted(p.name for p in folder.iterdir()) == [".hydra", "__main__.log", "old.log"]
+    assert {p.name: p.read_text() for p in (folder / ".hydra").iterdir()} == record  # no hydra.yaml added either
+    assert (folder / "__main__.log").read_text() == "the earlier run's own log\n"
     fresh = tmp_path / "fresh"
     result = subprocess.run([sys.executable, "-m", "vlm_finetune", f"hydra.run.dir={fresh}",
                              "data.micro_batch_size=0"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -169,50 +177,75 @@ def test_a_killed_save_leaves_nothing_for_the_next_start(tmp_path):
 
 
 class TermAt(L.Callback):
-    """Sends this process SIGTERM (scancel, docker stop) during the given optimizer step."""
+    """Sends this process a stop signal (SIGTERM: scancel, docker stop; SIGINT: Ctrl-C) during the given
+    optimizer step."""
 
-    def __init__(self, step: int):
-        self.step, self.sent = step, False
+    def __init__(self, step: int, signum: int = signal.SIGTERM):
+        self.step, self.signum, self.sent = step, signum, False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if not self.sent and trainer.global_step == self.step - 1:
             self.sent = True
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), self.signum)
 
 
 TERM_RUN = FAST + ["trainer.max_steps=8", "eval.generate=false", "trainer.val_every_n_steps=null",
-                   "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=100"]
+                   "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=10"]
 
 
-def test_sigterm_saves_writes_no_adapter_and_the_rerun_resumes_exactly(tmp_path):
+def test_sigterm_and_ctrl_c_save_write_no_adapter_and_the_rerun_resumes_exactly(tmp_path, capsys):
     full_metrics, full = train(compose_cfg(TERM_RUN, tmp_path / "full"))
-    part = tmp_path / "part"
-    stopped, _ = train(compose_cfg(TERM_RUN, part), callbacks=[TermAt(3)])
-    assert stopped == {"preempted": 1, "global_step": 3, "stop_signal": int(signal.SIGTERM)}
-    assert load_checkpoint_file(part / "checkpoints" / "last.ckpt")["global_step"] == 3
-    assert not (part / "adapter").exists() and not (part / "metrics.json").exists()  # nothing passes as final
-    resumed_metrics, resumed = train(compose_cfg(TERM_RUN, part))
-    assert resumed_metrics["global_step"] == 8
     expected = {n: p for n, p in full["module"].named_parameters() if p.requires_grad}
-    got = {n: p for n, p in resumed["module"].named_parameters() if p.requires_grad}
-    assert max(float((expected[n] - got[n]).abs().max()) for n in expected) <= 1e-6
+    handler_before = signal.getsignal(signal.SIGINT)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        part = tmp_path / f"part_{signum}"
+        stopped, _ = train(compose_cfg(TERM_RUN, part), callbacks=[TermAt(3, signum)])
+        assert stopped == {"preempted": 1, "global_step": 3, "stop_signal": int(signum)}
+        assert load_checkpoint_file(part / "checkpoints" / "last.ckpt")["global_step"] == 3  # not a periodic one
+        assert not (part / "adapter").exists() and not (part / "metrics.json").exists()  # nothing passes as final
+        said = capsys.readouterr().out
+        assert f"{signal.Signals(signum).name}: checkpoint saved at step 3" in said
+        assert "To resume from step 3, rerun the same command" in said
+        assert signal.getsignal(signal.SIGINT) is handler_before  # Ctrl-C is the caller's again
+        resumed_metrics, resumed = train(compose_cfg(TERM_RUN, part))
+        assert resumed_metrics["global_step"] == 8
+        assert resumed_metrics["train_loss"] == pytest.approx(full_metrics["train_loss"], abs=1e-6)
+        got = {n: p for n, p in resumed["module"].named_parameters() if p.requires_grad}
+        assert max(float((expected[n] - got[n]).abs().max()) for n in expected) <= 1e-6
 
 
-@pytest.mark.slow  # the command line; the in-process SIGTERM save stays quick
-def test_the_command_line_exits_non_zero_on_sigterm(tmp_path):
+def test_ctrl_c_outside_the_steps_is_a_stop_request_not_a_keyboard_interrupt():
+    """Before training (data, weights) Ctrl-C used to end in a traceback, or inside fit in Lightning's silent exit 1;
+    the entry point now reports StopRequested (exit 130, what was kept, how to continue)."""
+    from vlm_finetune.signals import StopRequested, stop_on_interrupt
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        stop_on_interrupt()
+        with pytest.raises(StopRequested, match="SIGINT arrived outside a training step") as caught:
+            signal.raise_signal(signal.SIGINT)
+        assert caught.value.signum == signal.SIGINT and not isinstance(caught.value, KeyboardInterrupt)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.slow  # the command line; the in-process saves stay quick
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_the_command_line_exits_non_zero_on_sigterm_and_ctrl_c(tmp_path, signum):
     run_dir = tmp_path / "run"
     probe = tmp_path / "probe"
     probe.mkdir()
     (probe / "term_probe.py").write_text(
         "import os, signal\nimport lightning as L\n\n\nclass TermAt(L.Callback):\n"
         "    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):\n"
-        "        if trainer.global_step == 1:\n            os.kill(os.getpid(), signal.SIGTERM)\n")
+        f"        if trainer.global_step == 1:\n            os.kill(os.getpid(), {int(signum)})\n")
     args = [sys.executable, "-m", "vlm_finetune", *TERM_RUN, f"hydra.run.dir={run_dir}",
             "+callbacks.term._target_=term_probe.TermAt"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(probe), str(ROOT)]))
     result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
-    assert "SIGTERM: checkpoint saved at step 2" in result.stdout
+    assert result.returncode == 128 + signum, result.stderr[-2000:]
+    assert f"{signal.Signals(signum).name}: checkpoint saved at step 2" in result.stdout
+    assert "To resume from step 2, rerun the same command" in result.stdout
 
 
 def test_a_max_length_that_drops_every_sample_stops_before_training(tmp_path):
@@ -309,12 +342,22 @@ def test_a_record_found_bad_only_while_training_is_named_and_skippable(tmp_path)
     Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "good.png")
     Image.new("RGB", (2000, 4), (200, 30, 30)).save(tmp_path / "strip.png")  # decodes; the processor refuses it
     record = {"conversations": [{"from": "human", "value": "<image>colour?"}, {"from": "gpt", "value": "red"}]}
-    (tmp_path / "train.json").write_text(json.dumps([dict(record, image="good.png"), dict(record, image="strip.png")]))
+    (tmp_path / "train.json").write_text(json.dumps([dict(record, image="good.png"), dict(record, image="later.png")]))
+    shutil.copy(tmp_path / "strip.png", tmp_path / "later.png")
+    # issue 32: the up-front check applies the processors' own limits (it used to let this image through)
+    with pytest.raises(DataError, match=r"train.json: record 1 image .*later.png is 2000x4 pixels, an aspect ratio "
+                                        r"of 500:1 over the limit of 200:1"):
+        load_conversations(tmp_path / "train.json", tmp_path)
+    assert len(load_conversations(tmp_path / "train.json", tmp_path, on_bad_record="skip")[0]) == 1
+    # an image changed on disk after the check is still named, and skippable, while training
+    shutil.copy(tmp_path / "good.png", tmp_path / "later.png")
     records, skipped = load_conversations(tmp_path / "train.json", tmp_path)
-    assert (len(records), skipped) == (2, 0)  # the up-front check lets it through
+    assert (len(records), skipped) == (2, 0)
+    shutil.copy(tmp_path / "strip.png", tmp_path / "later.png")
     processor = get_family("glm4v").load_processor(model_settings(compose_cfg([], tmp_path).model), "truncate")
     dataset = ConversationDataset(records, str(tmp_path / "train.json"))
-    with pytest.raises(DataError, match=r"train.json: record 1: absolute aspect ratio .*on_bad_record=skip"):
+    with pytest.raises(DataError, match=r"train.json: record 1: image .*later.png cannot be read .*aspect ratio of "
+                                        r"500:1.*on_bad_record=skip"):
         EncodedDataset(dataset, processor, 256)[1]
     lenient = EncodedDataset(dataset, processor, 256, on_bad_record="skip")
     assert lenient[1] is BAD_SAMPLE

@@ -4,15 +4,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from vlm_finetune.signals import ignore_after_finish, install_early
+from vlm_finetune.signals import StopRequested, ignore_after_finish, install_early, stop_on_interrupt
 
 install_early()  # before the slow imports: an early SLURM warning must not kill the process
+stop_on_interrupt()  # Ctrl-C while starting: a message and exit 130, not a traceback
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from vlm_finetune.config import CONF_DIR  # noqa: E402  (registers the resolvers conf/train.yaml uses)
-from vlm_finetune.errors import ConfigError, DataError  # noqa: E402
+from vlm_finetune.errors import ConfigError, DataError, WriteFailed  # noqa: E402
 
 CONFIG_DIR = str(CONF_DIR)
 
@@ -35,6 +36,15 @@ def main(cfg: DictConfig) -> float | None:
     except TrainingOutOfMemory as err:  # the report is in the run folder
         print(f"vlm_finetune: error: {err}", file=sys.stderr, flush=True)
         sys.exit(TrainingOutOfMemory.exit_code)
+    except StopRequested as err:  # Ctrl-C outside the training steps (those save and stop: see below)
+        run_dir = Path(cfg.output_dir)
+        print(f"vlm_finetune: {err}: stopped without saving; any earlier checkpoint in {run_dir / 'checkpoints'} "
+              "is kept. Rerun the same command (same run folder, resume=auto) to continue", file=sys.stderr,
+              flush=True)
+        sys.exit(128 + err.signum)
+    except WriteFailed as err:  # a full disk: path and free space named, the previous file kept
+        print(f"vlm_finetune: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(WriteFailed.exit_code)
     except RunHung as err:  # a collective timed out: the message names the rank and the step
         print(f"vlm_finetune: error: {err}", file=sys.stderr, flush=True)
         sys.exit(RunHung.exit_code)

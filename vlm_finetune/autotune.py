@@ -4,6 +4,7 @@ trainer=single|ddp or chosen by the memory plan under sharding, the global batch
 the planner)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Callable
 
@@ -170,3 +171,30 @@ def search_micro_batch(settings: RunSettings, family: Any, model: torch.nn.Modul
     print(f"vlm_finetune: micro-batch auto: {found} fits with real steps; micro-batch {micro} x accumulation "
           f"{accumulate} x {hardware.world_size} GPU(s) = global batch {global_batch}", flush=True)
     return micro, accumulate
+
+
+def resolve_before_build(settings: RunSettings, hardware: Any, overrides: list[str]
+                         ) -> tuple[RunSettings, dict[str, Any]]:
+    """What the memory plan decides before the model is built, for every option left at `auto`: the micro-batch
+    under sharding, the checkpointed layers, ZeRO-3's gather and the validation batch. Returns the settings with
+    them and the config keys to write (so the run's config.yaml holds the numbers)."""
+    chosen: dict[str, Any] = {}
+    planned = resolve_planned_micro_batch(settings, hardware, overrides)  # sharded: the plan's
+    if planned is not None:
+        chosen["data.micro_batch_size"], chosen["trainer.accumulate_grad_batches"] = planned
+        settings = settings.replace(data=settings.data.replace(micro_batch_size=planned[0]),
+                                    accumulate_grad_batches=planned[1])
+    layers = resolve_activation_checkpointing(settings, overrides)
+    if layers is not None:
+        chosen["model.activation_checkpointing"], chosen["speed.checkpoint_scope"] = layers
+        settings = settings.replace(model=settings.model.replace(activation_checkpointing=layers[0]),
+                                    speed=dataclasses.replace(settings.speed, checkpoint_scope=layers[1]))
+    in_place = resolve_gather_in_place(settings, overrides)
+    if in_place is not None:
+        chosen["trainer.stage3_allgather_sequential"] = in_place
+        settings = settings.replace(strategy=settings.strategy.with_deepspeed(stage3_allgather_sequential=in_place))
+    val_batch = resolve_val_batch(settings, overrides)
+    if val_batch is not None:
+        chosen["data.val_batch_size"] = val_batch
+        settings = settings.replace(data=settings.data.replace(val_batch_size=val_batch))
+    return settings, chosen

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from hydra.experimental.callback import Callback
 
@@ -179,6 +179,11 @@ def lora_settings(node: Any) -> LoraSettings:
     except (TypeError, ValueError):
         raise ConfigError(f"lora.alpha={values['alpha']!r} and lora.dropout={values['dropout']!r} must be "
                           "numbers") from None
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"lora.dropout={dropout} must lie in [0, 1): the probability of zeroing a LoRA input "
+                          "(e.g. 0.05; 0 for none)")
+    if alpha <= 0:
+        raise ConfigError(f"lora.alpha={alpha} must be positive (the update is scaled by alpha / r; e.g. 2 * r)")
     return LoraSettings(r=values["r"], alpha=alpha, dropout=dropout, targets=frozen_mapping(values["targets"]),
                         llm_modules=str(values["llm_modules"]), expert_forward=str(values["expert_forward"]))
 
@@ -238,9 +243,70 @@ def optimizer_settings(node: Any) -> OptimizerSettings:
                              momentum=float(node.get("momentum") or 0.0))
 
 
+# attention implementations transformers knows (and that every family here passes on to it)
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def _whole(low: int, none_ok: bool = False, meaning: str = "") -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if value is None and none_ok:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            return f"must be {'null or ' if none_ok else ''}a whole number >= {low}{meaning}"
+        return None
+    return check
+
+
+def _number(low: float, high: float | None = None, none_ok: bool = False, open_high: bool = False
+            ) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if value is None and none_ok:
+            return None
+        top = "" if high is None else f" and {'<' if open_high else '<='} {high}"
+        bad = (isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < low
+               or (high is not None and (value >= high if open_high else value > high)))
+        return f"must be {'null or ' if none_ok else ''}a number >= {low}{top}" if bad else None
+    return check
+
+
+# option ranges that no later code checks (a value outside would be accepted and mean nothing, or fail late)
+RANGES: dict[str, Callable[[Any], str | None]] = {
+    "scheduler.warmup_steps": _whole(0, meaning=" (optimizer steps of linear warm-up)"),
+    "scheduler.min_lr_ratio": _number(0.0, 1.0),
+    "trainer.val_every_n_steps": _whole(1, none_ok=True, meaning=" (null: validate once, after training)"),
+    "trainer.log_every_n_steps": _whole(1),
+    "trainer.gradient_clip_val": _number(0.0, none_ok=True),
+    "trainer.limit_val_batches": _number(0.0, none_ok=True),
+    "eval.max_new_tokens": _whole(1, meaning=" (tokens generated per validation answer)"),
+    "checkpoint.every_n_steps": _whole(1, none_ok=True, meaning=" (null: only on a signal)"),
+    "data.max_length": _whole(1, none_ok=True, meaning=" (tokens per sample; null: no limit)"),
+    "data.num_workers": _whole(0),
+    "optimizer.projector_lr": _number(0.0, none_ok=True),
+}
+
+
+def check_ranges(cfg: Any) -> None:
+    """Every numeric option in its range, and the attention implementation one transformers knows: a ConfigError
+    naming the option, the value and what it may be, before anything loads."""
+    from omegaconf import OmegaConf
+
+    for key, check in RANGES.items():
+        value = OmegaConf.select(cfg, key, default="<absent>")
+        if value == "<absent>":
+            continue  # the chosen option of the group does not have it (scheduler=constant)
+        problem = check(value)
+        if problem is not None:
+            raise ConfigError(f"{key}={value!r} {problem}")
+    attn = OmegaConf.select(cfg, "model.attn_implementation")
+    if attn not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError(f"model.attn_implementation={attn!r} is not an attention implementation; use one of "
+                          f"{', '.join(ATTN_IMPLEMENTATIONS)} (sdpa: PyTorch's fused kernels, the default)")
+
+
 def read_settings(cfg: Any) -> RunSettings:
     """The composed config as typed settings: what everything below the run assembly takes. `precision=auto` is
     resolved here from the hardware profile (what it chose and why is in `auto_choices`)."""
+    check_ranges(cfg)
     from vlm_finetune.precision import resolve_precision  # torch: not imported with the entry point's resolvers
 
     hardware = hardware_settings(cfg.hardware)

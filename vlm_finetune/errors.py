@@ -7,3 +7,10 @@ class ConfigError(ValueError):
 
 class DataError(ValueError):
     """A data record or file that cannot be used; the message names the file and record index."""
+
+
+class WriteFailed(RuntimeError):
+    """A checkpoint, adapter, export or metrics file could not be written (a full disk, a quota); the message
+    names the path and the free space, and the previous file (or folder) is kept."""
+
+    exit_code = 5

@@ -22,7 +22,7 @@ from peft import PeftModel
 
 from vlm_finetune.adapters import load_adapter
 from vlm_finetune.config import model_settings, parse_overrides, remote_code_as_asked
-from vlm_finetune.errors import ConfigError
+from vlm_finetune.errors import ConfigError, WriteFailed
 from vlm_finetune.io import atomic_folder
 from vlm_finetune.models.registry import get_family
 from vlm_finetune.precision import PRECISIONS
@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"vlm_finetune.export: error: {err}", file=sys.stderr, flush=True)
         return 2
+    except WriteFailed as err:  # a full disk: the message names the path and the free space
+        print(f"vlm_finetune.export: error: {err}", file=sys.stderr, flush=True)
+        return WriteFailed.exit_code
     kind = "merged model" if options["merge"] else "adapter"
     print(f"vlm_finetune.export: {kind} written to {folder}", flush=True)
     return 0

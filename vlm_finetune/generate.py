@@ -14,8 +14,10 @@ import torch
 from vlm_finetune.adapters import is_adapter_folder, load_adapter
 from vlm_finetune.config import compose, group_options, model_settings, parse_overrides, remote_code_as_asked
 from vlm_finetune.data.images import load_rgb
+from vlm_finetune.data.rules import placeholder_problem
 from vlm_finetune.data.sample import IMAGE_PLACEHOLDER, Message, Sample
-from vlm_finetune.errors import ConfigError
+from vlm_finetune.errors import ConfigError, DataError
+from vlm_finetune.models._sharded import check_model_folder
 from vlm_finetune.models.registry import get_family
 from vlm_finetune.trainability import unwrap
 
@@ -50,21 +52,30 @@ def answer(image: str | Path, prompt: str, model: str | None = None, adapter: st
     spec = model_settings(cfg.model)
     if run_dir and adapter is None:
         adapter = Path(run_dir) / "adapter"
+    text = prompt if IMAGE_PLACEHOLDER in prompt else f"{IMAGE_PLACEHOLDER}{prompt}"
+    sample_messages = [Message("user", text), Message("assistant", "")]
+    problem = placeholder_problem(sample_messages, 1)  # the processors' rule (data/rules.py), before any weight
+    if problem is not None:
+        raise ConfigError(f"prompt={prompt!r} {problem}: generate takes one image (image=), so the prompt holds "
+                          f"at most one '{IMAGE_PLACEHOLDER}' (none: the image goes first)")
     try:
         picture = load_rgb(image)
+    except DataError as err:  # a size the processors refuse
+        raise ConfigError(f"image={image}: {err}") from None
     except (OSError, UnidentifiedImageError) as err:
         raise ConfigError(f"image={image}: cannot be read as an image ({err})") from None
     if adapter is not None and not is_adapter_folder(Path(adapter)):
         raise ConfigError(f"adapter={adapter} is not an adapter folder (no adapter_config.json); use a run's "
                           "adapter/ folder or the output of python -m vlm_finetune.export")
     family = get_family(spec.family)
+    if spec.path:  # weight files read before the load (a clear error for a corrupt or incomplete folder)
+        check_model_folder(family.checkpoint_folder(spec))
     processor = family.load_processor(spec, truncation=str(cfg.data.truncation))
     network = family.build_model(spec, dtype=torch.float32)
     if adapter is not None:
         network = load_adapter(network, Path(adapter))
     network.eval()
-    text = prompt if IMAGE_PLACEHOLDER in prompt else f"{IMAGE_PLACEHOLDER}{prompt}"
-    sample = Sample([Message("user", text), Message("assistant", "")], [picture])
+    sample = Sample(sample_messages, [picture])
     encoded = processor.encode(sample, None, for_generation=True)
     batch = processor.collate([encoded], padding_side="left")
     inputs = {k: v for k, v in batch.items() if k in family.input_keys}

@@ -61,6 +61,19 @@ def this_host_memory_gib() -> float:
         return 0.0
 
 
+def available_host_memory_gib() -> float:
+    """Memory this machine can give a new process now (/proc/meminfo's MemAvailable: free plus reclaimable
+    cache), GiB; 0 where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return round(int(line.split()[1]) / 2**20, 2)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
+
+
 def resolve(profile: HardwareSettings, found: Found | None = None) -> Hardware:
     """The profile with `auto` fields (and a null host memory: this machine's) filled in from this machine."""
     host = float(profile.host_memory_gib) if profile.host_memory_gib else this_host_memory_gib()

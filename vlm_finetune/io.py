@@ -3,11 +3,20 @@ crash, a kill or a full disk leaves the previous file (or folder) or the new one
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from vlm_finetune.errors import WriteFailed
+
+# a write that fails for want of space: the OS's errors, and what the libraries make of them (torch's zip writer
+# says only "unexpected pos"; safetensors names the OS error in its text)
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+NO_SPACE_TEXTS = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+FULL_BELOW_BYTES = 1 << 20  # a disk with less free than this when a write fails is taken to be what failed it
 
 # names the writers below give their temporary files and folders (`sweep_partial_files` removes them)
 PARTIAL_PATTERNS = ("*.tmp", "*.tmp-*", "*.tmp.*")
@@ -42,6 +51,29 @@ def fsync_tree(folder: Path) -> None:
             os.fsync(handle.fileno())
 
 
+def free_bytes(path: Path) -> int:
+    """Free bytes on the file system that holds `path` (or its nearest existing folder); -1 if unknown."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return -1
+
+
+def out_of_space(err: BaseException, path: Path) -> WriteFailed | None:
+    """A WriteFailed naming `path` and the free space when `err` came from a full disk or a quota, else None."""
+    free = free_bytes(Path(path).parent)
+    said = getattr(err, "errno", None) in NO_SPACE_ERRNOS or any(text in str(err) for text in NO_SPACE_TEXTS)
+    if not (said or (isinstance(err, (OSError, RuntimeError)) and 0 <= free < FULL_BELOW_BYTES)):
+        return None
+    where = f"{free / 2**20:.1f} MiB free there" if free >= 0 else "free space unknown"
+    return WriteFailed(f"cannot write {path}: its disk is full or over quota ({where}; {type(err).__name__}: "
+                       f"{str(err).strip()[:200]}). The previous {Path(path).name}, if any, is kept whole. Free some "
+                       "space there (or point the run at a roomier disk) and rerun the same command")
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path, ext: str = "") -> Iterator[Path]:
     """A temporary path beside `path` for a writer that wants a file name (matplotlib, torch, safetensors);
@@ -49,7 +81,10 @@ def atomic_path(path: Path, ext: str = "") -> Iterator[Path]:
     temporary name for writers that pick the format from it (matplotlib: ".png")."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp" + ext, dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp" + ext, dir=path.parent)
+    except OSError as err:  # no inode left, a quota
+        raise (out_of_space(err, path) or err) from err
     os.close(fd)
     follow_umask(Path(tmp))
     try:
@@ -58,6 +93,13 @@ def atomic_path(path: Path, ext: str = "") -> Iterator[Path]:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
+    except Exception as err:
+        if os.path.exists(tmp):
+            os.unlink(tmp)  # before the free space is measured: the half-written file is not what is left
+        failed = out_of_space(err, path)
+        if failed is not None:
+            raise failed from err
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -106,6 +148,12 @@ def atomic_folder(folder: Path) -> Iterator[Path]:
             if not path.is_symlink():
                 follow_umask(path, folder=path.is_dir())
         replace_folder(tmp, folder)
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        failed = out_of_space(err, folder)
+        if failed is not None:
+            raise failed from err
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

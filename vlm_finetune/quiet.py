@@ -3,6 +3,7 @@ messages about things no run here does, which read like errors. What concerns th
 from __future__ import annotations
 
 import logging
+import warnings
 
 # loggers whose messages at import concern nothing a run does, with the level that still passes
 QUIET_LOGGERS = {
@@ -38,3 +39,20 @@ def quiet_start() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in logger.filters):
             logger.addFilter(_DropMessages(starts))
+
+
+def quiet_run() -> None:
+    """Silence the warnings a run expects (train() calls it), so that what is printed is worth reading."""
+    # frozen parts are in eval mode on purpose
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+    # validation metrics are torchmetrics objects, already reduced across ranks
+    warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*")
+    warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
+    # Lightning sees SLURM's tools installed; runs outside a job are not meant for SLURM
+    warnings.filterwarnings("ignore", message=r".*The `srun` command is available on your system.*")
+    # a resumed run puts the earlier rows back into metrics.csv (resume.restore_csv_rows)
+    warnings.filterwarnings("ignore", message=r".*Previous log files in this directory will be deleted.*")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric.utilities.rank_zero").setLevel(logging.WARNING)

@@ -34,7 +34,7 @@ from vlm_finetune.checkpointing import (
 )
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.hardware import env_global_rank
-from vlm_finetune.io import fsync_dir, fsync_tree, replace_folder
+from vlm_finetune.io import fsync_dir, fsync_tree, out_of_space, replace_folder
 from vlm_finetune.settings import RunSettings, is_auto
 from vlm_finetune.signals import received
 from vlm_finetune.strategies import is_deepspeed
@@ -169,7 +169,14 @@ class ResumeCallback(L.Callback):
             shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
             self.folder.mkdir(parents=True, exist_ok=True)
         trainer.strategy.barrier("vlm_finetune.checkpoint.clear")
-        trainer.save_checkpoint(str(tmp), weights_only=False)  # ends with a barrier
+        try:
+            trainer.save_checkpoint(str(tmp), weights_only=False)  # ends with a barrier
+        except Exception as err:  # a full disk: last.ckpt stays as it was
+            shutil.rmtree(tmp, ignore_errors=True)
+            failed = out_of_space(err, self.last_path)
+            if failed is not None:
+                raise failed from err
+            raise
         if trainer.is_global_zero:
             fsync_tree(tmp)
             replace_folder(tmp, self.last_path)
@@ -202,7 +209,8 @@ class ResumeCallback(L.Callback):
                 self.stopped_by_signal = signum
                 if trainer.is_global_zero:
                     print(f"vlm_finetune: {signal.Signals(signum).name}: checkpoint saved at step {step} to "
-                          f"{self.last_path}; stopping (rerun the same command to continue)", flush=True)
+                          f"{self.last_path}; stopping. To resume from step {step}, rerun the same command (same "
+                          f"run folder, resume=auto)", flush=True)
                 return
             if trainer.is_global_zero:
                 print(f"vlm_finetune: preemption signal: checkpoint saved at step {step} to {self.last_path}",

@@ -15,12 +15,41 @@ from vlm_finetune.io import sweep_partial_files
 LOCK_NAME = ".vlm_finetune.lock"
 # what the folder held before this invocation: {folder: set of entry names} (None: it did not exist)
 _BEFORE: dict[str, set[str] | None] = {}
+# an earlier run's record that Hydra rewrites (or appends to) at every start: {folder: {relative path: bytes}}
+_RECORD: dict[str, dict[str, bytes | int]] = {}
+RECORD_LIMIT_BYTES = 1 << 20  # a log file larger than this is restored by length (it is only appended to)
 
 
 def note_folder(run_dir: Path) -> None:
-    """What the run folder holds before this invocation writes to it (config.RunDirSnapshot calls it)."""
+    """What the run folder holds before this invocation writes to it (config.RunDirSnapshot calls it): its entries,
+    and the earlier run's `.hydra/` files and log files, which Hydra overwrites or appends to before the run
+    can refuse to start."""
     folder = Path(run_dir).resolve()
     _BEFORE[str(folder)] = {p.name for p in folder.iterdir()} if folder.is_dir() else None
+    record: dict[str, bytes | int] = {}
+    if folder.is_dir():
+        for path in [*sorted((folder / ".hydra").glob("*")), *sorted(folder.glob("*.log"))]:
+            if path.is_file():
+                size = path.stat().st_size
+                record[str(path.relative_to(folder))] = path.read_bytes() if size <= RECORD_LIMIT_BYTES else size
+    _RECORD[str(folder)] = record
+
+
+def _restore_record(folder: Path) -> None:
+    """The earlier run's `.hydra/` files and logs as they were before this refused start."""
+    record = _RECORD.get(str(folder), {})
+    hydra_dir = folder / ".hydra"
+    if hydra_dir.is_dir() and ".hydra" in (_BEFORE[str(folder)] or set()):
+        for path in hydra_dir.iterdir():
+            if path.is_file() and str(path.relative_to(folder)) not in record:
+                path.unlink()
+    for name, content in record.items():
+        path = folder / name
+        if isinstance(content, int):  # a large log: cut back to its earlier length
+            if path.is_file() and path.stat().st_size > content:
+                os.truncate(path, content)
+        elif not path.is_file() or path.read_bytes() != content:
+            path.write_bytes(content)
 
 
 def remove_created(run_dir: Path) -> list[Path]:
@@ -34,6 +63,7 @@ def remove_created(run_dir: Path) -> list[Path]:
     new = [entry for entry in folder.iterdir() if entry.name not in before]
     if not all(_made_by_hydra(entry) for entry in new):
         return []  # the run got further (a checkpoint, a CSV): keep what it wrote
+    _restore_record(folder)
     if _BEFORE[str(folder)] is None:
         shutil.rmtree(folder, ignore_errors=True)
         return [folder]

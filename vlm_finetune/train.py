@@ -3,13 +3,11 @@ it reads the config, turns it into settings and objects, and nothing but the ent
 imports it."""
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import logging
 import math
 import time
-import warnings
 from pathlib import Path
 
 import hydra
@@ -20,14 +18,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vlm_finetune.adapters import AdapterSaver
-from vlm_finetune.autotune import (
-    check_auto_options,
-    resolve_activation_checkpointing,
-    resolve_gather_in_place,
-    resolve_planned_micro_batch,
-    resolve_val_batch,
-    search_micro_batch,
-)
+from vlm_finetune.autotune import check_auto_options, resolve_before_build, search_micro_batch
 from vlm_finetune.callbacks import StepProgressBar
 from vlm_finetune.checkpointing import CHECKPOINT_DIR
 from vlm_finetune.config import hydra_overrides, read_settings, settings_for
@@ -36,6 +27,7 @@ from vlm_finetune.data.datamodule import (
     build_datasets,
     check_generation_takes_the_mix,
     check_image_counts,
+    check_micro_batches,
     check_packing_takes_the_videos,
     check_samples_fit,
 )
@@ -48,12 +40,15 @@ from vlm_finetune.memory.host import HostMemoryRelease, release_freed, reuse_hea
 from vlm_finetune.memory.load_measured import LoadMemory
 from vlm_finetune.memory.monitor import MemoryMonitor
 from vlm_finetune.memory.oom import handle_oom
+from vlm_finetune.memory.planner import check_host_memory
+from vlm_finetune.models._sharded import check_model_folder
 from vlm_finetune.models.base import Mode, Part
 from vlm_finetune.models.moe_ep import expert_bytes, shard_experts
 from vlm_finetune.models.registry import get_family, parse_trainability
 from vlm_finetune.module import VLMModule
 from vlm_finetune.plots import plot_training_curves
 from vlm_finetune.precision import WeightsPolicy, check_precision, weights_policy
+from vlm_finetune.quiet import quiet_run
 from vlm_finetune.resume import open_resume_checkpoint, restore_csv_rows, resume_parts
 from vlm_finetune.rundir import RunFolderLock, finished_metrics, sweep_checkpoint_leftovers
 from vlm_finetune.settings import RunSettings, is_auto
@@ -74,23 +69,6 @@ from vlm_finetune.trainability import (
 from vlm_finetune.watchdog import RunHung, RunWatchdog, hung_message, is_collective_failure
 
 log = logging.getLogger(__name__)
-
-
-def _quiet_known_noise() -> None:
-    """Silence warnings that are expected here, so that what is printed is worth reading."""
-    # frozen parts are in eval mode on purpose
-    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
-    # validation metrics are torchmetrics objects, already reduced across ranks
-    warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
-    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
-    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*")
-    warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
-    # Lightning sees SLURM's tools installed; runs outside a job are not meant for SLURM
-    warnings.filterwarnings("ignore", message=r".*The `srun` command is available on your system.*")
-    # a resumed run puts the earlier rows back into metrics.csv (resume.restore_csv_rows)
-    warnings.filterwarnings("ignore", message=r".*Previous log files in this directory will be deleted.*")
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    logging.getLogger("lightning.fabric.utilities.rank_zero").setLevel(logging.WARNING)
 
 
 def check_config(cfg: DictConfig) -> tuple[RunSettings, dict, Hardware]:
@@ -117,6 +95,12 @@ def check_config(cfg: DictConfig) -> tuple[RunSettings, dict, Hardware]:
     if isinstance(acc, bool) or not isinstance(acc, int) or acc < 1:
         raise ConfigError(f"trainer.accumulate_grad_batches={acc!r} must be a positive integer")
     _check_values(settings)
+    attn = settings.model.attn_implementation
+    if attn.startswith("flash_attention"):  # transformers would refuse it only as the model loads
+        package = "flash_attn" if attn == "flash_attention_2" else "flash_attn_interface"
+        if hardware.accelerator != "gpu" or importlib.util.find_spec(package) is None:
+            raise ConfigError(f"model.attn_implementation={attn} needs a CUDA GPU and the {package} package "
+                              f"({'none present' if hardware.accelerator != 'gpu' else 'not installed'}); use sdpa")
     if settings.loss.impl == "liger":
         if hardware.accelerator != "gpu":
             raise ConfigError("loss.impl=liger needs a CUDA GPU (Triton kernels); use loss.impl=chunked")
@@ -180,28 +164,13 @@ def _build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, strategy, ha
 def _resolve_auto(cfg: DictConfig, settings: RunSettings, family, model, processor, hardware: Hardware
                   ) -> RunSettings:
     """`auto` options become numbers in the settings and in the run's config (so in its config.yaml): before the
-    model is built, the micro-batch under sharding, the checkpointed layers, ZeRO-3's gather and the validation
-    batch from the memory plan; after it, the micro-batch of trainer=single|ddp from real steps."""
+    model is built, what the memory plan decides (autotune.resolve_before_build); after it, the micro-batch of
+    trainer=single|ddp from real steps."""
     if model is None:
-        planned = resolve_planned_micro_batch(settings, hardware, hydra_overrides())  # sharded: the plan's
-        if planned is not None:
-            settings = _set_micro_batch(cfg, settings, *planned)
-        chosen = resolve_activation_checkpointing(settings, hydra_overrides())
-        if chosen is not None:
-            with open_dict(cfg):
-                cfg.model.activation_checkpointing, cfg.speed.checkpoint_scope = chosen
-            settings = settings.replace(model=settings.model.replace(activation_checkpointing=chosen[0]),
-                                        speed=dataclasses.replace(settings.speed, checkpoint_scope=chosen[1]))
-        in_place = resolve_gather_in_place(settings, hydra_overrides())
-        if in_place is not None:
-            with open_dict(cfg):
-                cfg.trainer.stage3_allgather_sequential = in_place
-            settings = settings.replace(strategy=settings.strategy.with_deepspeed(stage3_allgather_sequential=in_place))
-        val_batch = resolve_val_batch(settings, hydra_overrides())
-        if val_batch is not None:
-            with open_dict(cfg):
-                cfg.data.val_batch_size = val_batch
-            settings = settings.replace(data=settings.data.replace(val_batch_size=val_batch))
+        settings, chosen = resolve_before_build(settings, hardware, hydra_overrides())
+        with open_dict(cfg):
+            for key, value in chosen.items():
+                OmegaConf.update(cfg, key, value)
     elif is_auto(settings.data.micro_batch_size):  # real steps on this GPU; the global batch stays the same
         settings = _set_micro_batch(cfg, settings, *search_micro_batch(settings, family, model, processor, hardware))
     return settings
@@ -245,7 +214,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:
     The run folder is locked for the run's life (one run per folder); a run that already finished there is
     not run again."""
     started = time.time()
-    _quiet_known_noise()
+    quiet_run()
     settings, modes, hardware = check_config(cfg)
     _note_auto_choices(cfg, settings)
     release = _host_release(cfg)
@@ -307,13 +276,17 @@ def _train(cfg: DictConfig, settings: RunSettings, callbacks: list | None, modes
     family = get_family(settings.model.family)
     # a checkpoint of another run fails here, before any weight loads
     resume_path, resume_checkpoint = open_resume_checkpoint(settings, run_dir, hardware.world_size)
+    # a load that cannot fit the host memory stops first, in seconds (the other ranks of a CPU/DDP launch start
+    # once rank 0 holds its model, when less memory is free)
+    if env_global_rank() == 0:
+        check_host_memory(settings, list(hydra_overrides() or []))
     if resume_checkpoint is not None and is_auto(settings.data.micro_batch_size):  # as the run chose at its start
         saved = resume_checkpoint["vlm_finetune"]["fingerprint"]
         settings = _set_micro_batch(cfg, settings, int(saved["data.micro_batch_size"]),
                                     int(saved["trainer.accumulate_grad_batches"]))
         print(f"vlm_finetune: data.micro_batch_size=auto: micro-batch {saved['data.micro_batch_size']} x accumulation "
               f"{saved['trainer.accumulate_grad_batches']}, as the run it resumes chose", flush=True)
-    # data first: a bad file fails here, before any weight loads
+    # data next: a bad file fails here, before any weight loads
     data = settings.data
     train_samples, val_samples, data_stats = build_datasets(data, settings.seed)
     processor = family.load_processor(settings.model, truncation=data.truncation)
@@ -321,6 +294,10 @@ def _train(cfg: DictConfig, settings: RunSettings, callbacks: list | None, modes
         check_image_counts(samples, processor, data.on_bad_record)
     check_packing_takes_the_videos(train_samples, data.packing)
     check_samples_fit(train_samples, processor, data.max_length, data.truncation)
+    check_micro_batches(len(train_samples), data.micro_batch_size, settings.accumulate_grad_batches,
+                        hardware.world_size)
+    if settings.model.path:  # a folder's weight files read before the load: headers, sizes, the index's shards
+        check_model_folder(family.checkpoint_folder(settings.model))
 
     policy = weights_policy(settings.precision, settings.strategy.strategy)
     # checkpointing auto -> the fewest layers that fit; the validation batch from the plan

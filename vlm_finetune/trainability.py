@@ -12,6 +12,7 @@ from torch import nn
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.models._partitioned import initialised_whole, is_partitioned, partitioning_active, unpartitioned
 from vlm_finetune.models.base import Family, Mode, Part
+from vlm_finetune.models.lora_targets import check_lora_matches
 from vlm_finetune.models.moe_lora import apply_per_expert_lora
 from vlm_finetune.precision import WeightsPolicy
 from vlm_finetune.settings import LoraSettings, ModelSettings, is_auto
@@ -35,7 +36,9 @@ def plan_trainability(family: Family, model: nn.Module, modes: dict[Part, Mode],
                       lora: LoraSettings) -> TrainablePlan:
     part_modules = family.part_module_names(model)
     lora_parts = [p for p, m in modes.items() if m is Mode.LORA]
-    patterns = [p for p in (family.lora_target_pattern(p, spec, lora) for p in lora_parts) if p]
+    by_part = {p: pattern for p in lora_parts if (pattern := family.lora_target_pattern(p, spec, lora))}
+    check_lora_matches(model, part_modules, by_part, lora)  # compiled, and each part's matches listed
+    patterns = list(by_part.values())
     lora_pattern = "|".join(f"(?:{p})" for p in patterns) if patterns else None
     parameters = [name for p in lora_parts for name in family.lora_target_parameters(p, spec, lora)]
     modules = dict(model.named_modules())

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from vlm_finetune.data.grouping import IMAGE_WEIGHT, visual_items
-from vlm_finetune.data.images import load_rgb
+from vlm_finetune.data.images import load_rgb, open_checked
+from vlm_finetune.data.rules import generation_problem, placeholder_problem
 from vlm_finetune.data.sample import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Message, Sample, Video
 from vlm_finetune.data.videos import BadVideo, parse_videos
 from vlm_finetune.errors import DataError
@@ -114,8 +115,10 @@ def parse_record(raw: dict, index: int, image_root: Path) -> ConversationRecord:
         if not p.is_file():
             raise BadRecord(f"image {p} does not exist (paths are relative to data.image_root={image_root})")
         try:
-            with Image.open(p) as img:
+            with open_checked(p) as img:  # size limits the processors enforce
                 img.verify()
+        except DataError as err:
+            raise BadRecord(str(err)) from None
         except (UnidentifiedImageError, OSError, SyntaxError) as err:
             raise BadRecord(f"image {p} is corrupt or not an image ({err})") from None
     return ConversationRecord(messages, paths, index, frames, fps)
@@ -155,10 +158,31 @@ def messages_and_images(raw: dict, image_entry: type | tuple[type, ...] = str) -
         images = [images]
     if not isinstance(images, list):
         raise BadRecord("'image'/'images' must be a path or a list of paths")
-    placeholders = sum(m.content.count(IMAGE_PLACEHOLDER) for m in messages)
-    if placeholders != len(images):
-        raise BadRecord(f"has {placeholders} '{IMAGE_PLACEHOLDER}' placeholder(s) but {len(images)} image(s)")
+    problem = placeholder_problem(messages, len(images))  # the processors' own rule (data/rules.py)
+    if problem is not None:
+        raise BadRecord(problem)
     return messages, images
+
+
+def _bad(path, index: int, problem: str, on_bad_record: str) -> None:
+    """A bad record: a DataError naming file, record and fix, or (skip) a warning; the caller counts it."""
+    if on_bad_record == "error":
+        raise DataError(f"{path}: record {index} {problem}. Fix or remove the record, "
+                        "or set data.on_bad_record=skip to skip and count bad records")
+    log.warning("skipping %s record %d: %s", path, index, problem)
+
+
+def evaluable(records: list[ConversationRecord], source, on_bad_record: str) -> tuple[list[ConversationRecord], int]:
+    """The validation records whose answer can be generated and scored (data/rules.generation_problem), checked
+    here rather than at the first validation; returns (records kept, number skipped)."""
+    kept = []
+    for record in records:
+        problem = generation_problem(record.messages)
+        if problem is None:
+            kept.append(record)
+        else:
+            _bad(source, record.index, f"(validation) {problem}", on_bad_record)
+    return kept, len(records) - len(kept)
 
 
 def load_conversations(path: str | Path, image_root: str | Path | None, on_bad_record: str = "error"
@@ -175,11 +199,8 @@ def load_conversations(path: str | Path, image_root: str | Path | None, on_bad_r
                 raise BadRecord(f"(line {raw['line']}) is not valid JSON ({raw['error']})")
             records.append(parse_record(raw, index, root))
         except BadRecord as err:
-            if on_bad_record == "error":
-                raise DataError(f"{path}: record {index} {err}. Fix or remove the record, "
-                                "or set data.on_bad_record=skip to skip and count bad records") from None
+            _bad(path, index, str(err), on_bad_record)
             skipped += 1
-            log.warning("skipping %s record %d: %s", path, index, err)
     if not records:
         raise DataError(f"{path}: no usable record ({skipped} skipped)")
     return records, skipped
@@ -211,7 +232,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         for p in record.image_paths + [f for video in record.video_frames for f in video]:
             try:
                 images.append(load_rgb(p))
-            except (OSError, SyntaxError) as err:
+            except (OSError, SyntaxError, DataError) as err:  # changed or removed since the up-front check
                 raise DataError(f"{self.source}: record {record.index}: image {p} cannot be read ({err})") from None
         start = len(record.image_paths)
         for video in record.video_frames:
@@ -227,7 +248,10 @@ def build_conversation_datasets(path, val_path, image_root, on_bad_record: str, 
     stats = {"skipped_bad_records": skipped}
     if val_path:
         val_records, val_skipped = load_conversations(val_path, image_root, on_bad_record)
-        stats["skipped_bad_records"] += val_skipped
+        val_records, not_evaluable = evaluable(val_records, val_path, on_bad_record)
+        if not val_records:
+            raise DataError(f"{val_path}: no record can be evaluated ({val_skipped + not_evaluable} skipped)")
+        stats["skipped_bad_records"] += val_skipped + not_evaluable
         return ConversationDataset(train_records, str(path)), ConversationDataset(val_records, str(val_path)), stats
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"data.val_fraction={val_fraction} must lie in (0, 1) when data.val_path is not set")
@@ -239,4 +263,9 @@ def build_conversation_datasets(path, val_path, image_root, on_bad_record: str, 
                         "add records or set data.val_path")
     val = [train_records[i] for i in sorted(order[:n_val])]
     train = [train_records[i] for i in sorted(order[n_val:])]
+    val, not_evaluable = evaluable(val, path, on_bad_record)  # a held-out record that cannot be scored
+    if not val:
+        raise DataError(f"{path}: none of the {n_val} held-out validation record(s) can be evaluated; "
+                        "set data.val_path to records that end with an assistant reply")
+    stats["skipped_bad_records"] += not_evaluable
     return ConversationDataset(train, str(path)), ConversationDataset(val, str(path)), stats

@@ -130,6 +130,19 @@ def _named(positions: list[int], record) -> str:
     return ", ".join(str(record(i)) for i in positions[:5]) + (" ..." if len(positions) > 5 else "")
 
 
+def check_micro_batches(num_samples: int, micro_batch_size, accumulate: int, world_size: int) -> None:
+    """Before any weight loads: the training set gives each rank at least one optimizer step of micro-batches
+    (the train loader drops an incomplete last micro-batch; a rank gets len // world samples)."""
+    if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int):
+        return  # auto: chosen with real steps, at most what the data gives
+    per_rank = num_samples // max(1, world_size) // micro_batch_size
+    if per_rank < accumulate:
+        raise ConfigError(f"the training set has {num_samples} sample(s): {per_rank} micro-batch(es) of "
+                          f"data.micro_batch_size={micro_batch_size} per epoch on each of {world_size} rank(s), "
+                          f"fewer than trainer.accumulate_grad_batches={accumulate} (one optimizer step); lower "
+                          "data.micro_batch_size or the accumulation, or add data")
+
+
 class BadSample:
     """What EncodedDataset gives for a record found bad only now (an image that does not decode, one the
     processor refuses, a conversation that cannot be a prompt) under data.on_bad_record=skip: left out of the

@@ -3,10 +3,14 @@ means: the EXIF orientation applied (phone photos are stored sideways), 16- and 
 bits (not clipped to white), transparency composited onto a white background (not dropped)."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from vlm_finetune.data.rules import image_size_problem
+from vlm_finetune.errors import DataError
 
 BACKGROUND = (255, 255, 255)
 
@@ -33,8 +37,26 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def open_checked(path: str | Path) -> Image.Image:
+    """Open an image file lazily (only its header read), refused with a DataError naming the file when its size
+    breaks data/rules.py (Pillow's own decompression-bomb warning and error are replaced by that message)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # the size rule below decides
+        try:
+            image = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+    problem = image_size_problem(*image.size)
+    if problem is not None:
+        image.close()
+        raise DataError(f"image {path} {problem}")
+    return image
+
+
 def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image file and return it decoded as `to_rgb` does (the file is read fully and closed)."""
-    with Image.open(path) as image:
+    """Open an image file and return it decoded as `to_rgb` does (the file is read fully and closed); sizes
+    the processors refuse raise a DataError naming the file (data/rules.py)."""
+    with open_checked(path) as image:
         image.load()
         return to_rgb(image)

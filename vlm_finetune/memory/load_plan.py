@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vlm_finetune.errors import ConfigError
 from vlm_finetune.memory.count import ModelCount
 from vlm_finetune.memory.report import GiB
 
@@ -119,3 +120,29 @@ def gpu_at_load(kept_bytes: int, count: ModelCount, sharded: bool, quantised: bo
         return kept_bytes, kept + how + ", as the step holds them"
     why = "gathered whole while it is split" if sharded else "in half precision while it is quantised"
     return kept_bytes + in_flight, f"{kept}, and the largest tensor {why}"
+
+
+def check_host_load(load: LoadPlan, available_gib: float, command: list[str]) -> None:
+    """Before any weight loads: a ConfigError with the planned and the available host memory when the load row
+    does not fit the profile's host memory, or this machine's memory available now (`available_gib`, 0: not
+    known), and the changes that shrink it. `command`: the run's overrides, for the planner's command line."""
+    need = load.host_bytes
+    limits = []
+    if load.host_fits is False:
+        limits.append(f"{load.budget_bytes / GiB:.2f} GiB usable of the profile's {load.host_memory_gib:.1f} GiB "
+                      "(hardware.host_memory_gib)")
+    if available_gib > 0 and need > available_gib * GiB:
+        limits.append(f"{available_gib:.2f} GiB available on this machine now")
+    if not limits:
+        return
+    what = ("its partition and one tensor whole" if load.partitioned else
+            "all but the decoder layers and one decoder layer in 16 bits" if load.quantised_streamed
+            else "the whole model")
+    plan = " ".join(["python -m vlm_finetune.plan", *command])
+    raise ConfigError(
+        f"the model's load does not fit in host memory: planned {load.ranks_per_node} rank(s) x "
+        f"{load.bytes_per_rank / GiB:.2f} GiB ({what}) = {need / GiB:.2f} GiB, against "
+        + " and ".join(limits) + ". Stopped before any weight loads. What shrinks the load: a smaller load dtype "
+        "(precision=bf16-mixed), a 4-bit base (precision=nf4), a smaller model, fewer ranks per node "
+        "(hardware.devices), or trainer=zero3 across more ranks (built partitioned, where the family can); "
+        f"check each with the planner: {plan} <change>")

@@ -19,10 +19,11 @@ What is exact and what is modelled:
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from vlm_finetune.errors import ConfigError
-from vlm_finetune.hardware import resolve
+from vlm_finetune.hardware import available_host_memory_gib, resolve
 from vlm_finetune.memory.activations import (
     decoder_layer_bytes_per_token,
     eager_attention_matrix_bytes,
@@ -34,7 +35,7 @@ from vlm_finetune.memory.auto_batch import plan_micro_batch, searched_with_real_
 from vlm_finetune.memory.comm import all_to_all_buffer_rows, communication_rows, experts_per_rank
 from vlm_finetune.memory.count import count_model
 from vlm_finetune.memory.inputs import PlanInputs, plan_inputs
-from vlm_finetune.memory.load_plan import gpu_at_load, plan_load
+from vlm_finetune.memory.load_plan import check_host_load, gpu_at_load, plan_load
 from vlm_finetune.memory.report import GiB, MemoryPlan, Row
 from vlm_finetune.memory.search import fastest_checkpointing
 from vlm_finetune.memory.state_rows import optimizer_rows, parameter_rows, strategy_rows
@@ -45,6 +46,8 @@ from vlm_finetune.precision import check_precision, weights_policy
 from vlm_finetune.settings import RunSettings, is_auto
 from vlm_finetune.strategies import check_combination
 from vlm_finetune.trainability import CHECKPOINT_SCOPES, builds_partitioned, checkpointed_layer_count
+
+log = logging.getLogger(__name__)
 
 # --- calibrated / estimated constants (see the module docstring; the usable fraction of a GPU is in report) --
 CUDA_CONTEXT_BYTES = int(0.6 * GiB)   # CUDA context + cuBLAS/cuDNN workspaces: outside the allocator's count
@@ -305,3 +308,18 @@ def loss_rows(inputs: PlanInputs, tokens: int) -> list[Row]:
     rows_at_once = min(inputs.loss_chunk, tokens)
     return [Row("loss", f"supervised hidden rows + one chunk of logits ({rows_at_once} x {vocab})",
                 int(tokens * inputs.dims["hidden"] * act_bytes + rows_at_once * vocab * act_bytes))]
+
+
+def check_host_memory(settings: RunSettings, overrides: list[str]) -> None:
+    """A run's preflight: the load row of its plan (what `python -m vlm_finetune.plan` prints) against the host
+    memory, before any weight loads, so that a model whose load cannot fit stops in seconds with the figures
+    instead of loading for minutes until the machine runs out. A ConfigError found on the meta-device model (a
+    LoRA target that matches nothing) passes through; any other planner failure only skips the check."""
+    try:
+        load = plan_run(settings, overrides).load
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001  the run's own checks came first; a planner gap must not stop it
+        log.warning("host-memory preflight skipped: the planner failed (%s: %s)", type(err).__name__, err)
+        return
+    check_host_load(load, available_host_memory_gib(), overrides)

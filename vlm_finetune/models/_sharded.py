@@ -30,6 +30,66 @@ def weight_files(folder: Path) -> list[Path]:
                       "convert them to safetensors first)")
 
 
+def _header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header and the size its tensors need (8 + header + data); ConfigError naming the file
+    when the header cannot be read."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if length < 2 or 8 + length > size:
+            raise ValueError(f"its header length ({length}) does not fit in its {size:,} bytes")
+        header = json.loads(handle.read(length))
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    return header, 8 + length + max(ends, default=0)
+
+
+def check_model_folder(folder: Path | None) -> None:
+    """`check_weight_files` for a folder in the safetensors layout (an index or `model.safetensors`); any other
+    folder is left to the family's loader, which says what it needs."""
+    if folder is not None and ((Path(folder) / INDEX_FILE).is_file() or (Path(folder) / "model.safetensors").is_file()):
+        check_weight_files(folder)
+
+
+def check_weight_files(folder: Path) -> list[Path]:
+    """Before any weight loads: the index is JSON and every shard it names is there; each safetensors header reads
+    and its file holds every byte the header promises (a truncated copy is found here, not as a raw library error
+    halfway through the load); every tensor the index names is in the shard it names. Returns the files."""
+    folder = Path(folder)
+    index = folder / INDEX_FILE
+    named: dict[str, str] = {}
+    if index.is_file():
+        try:
+            named = json.loads(index.read_text())["weight_map"]
+            if not isinstance(named, dict):
+                raise TypeError("weight_map is not an object")
+        except (ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{index} cannot be read ({type(err).__name__}: {err}); copy the folder's index again "
+                              "from the released checkpoint") from None
+    files = weight_files(folder)
+    missing = [path.name for path in files if not path.is_file()]
+    if missing:
+        raise ConfigError(f"{index} names {len(missing)} shard(s) that are not in {folder}: {show_keys(missing)}; "
+                          "copy the missing files (an interrupted download or copy?)")
+    for path in files:
+        try:
+            header, needed = _header(path)
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+            raise ConfigError(f"{path} is not a readable safetensors file ({err}); copy it again from the released "
+                              "checkpoint") from None
+        size = path.stat().st_size
+        if size < needed:
+            raise ConfigError(f"{path} is truncated: {size:,} bytes, its header describes {needed:,}; copy it again "
+                              "(an interrupted download or copy?)")
+        absent = [key for key, shard in named.items() if shard == path.name and key not in header]
+        if absent:
+            raise ConfigError(f"{index} places {len(absent)} tensor(s) in {path.name} that it does not hold: "
+                              f"{show_keys(absent)}; the index and the shards come from different copies")
+    return files
+
+
 def read_config_json(folder: Path, what: str) -> dict:
     """The folder's config.json as a dict; ConfigError naming `what` the folder should be when it is missing,
     and the parse error when it is not JSON."""

@@ -3,8 +3,11 @@ vision part takes the family's vision pattern, the projector none, and the LLM's
 checked against the scopes the family knows. A family supplies only its patterns."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable, Iterable
+
+from torch import nn
 
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.models.base import Part
@@ -54,3 +57,43 @@ class LoraTargets:
         if is_moe() and self.scope(lora) in EXPERT_SCOPES:
             return list(parameters)
         return []
+
+
+# the layer types PEFT's LoRA adapts (bitsandbytes' 4-bit linear is an nn.Linear)
+LORA_LAYERS = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _names(names: list[str], most: int = 6) -> str:
+    return ", ".join(names[:most]) + (f" ... ({len(names)} in all)" if len(names) > most else "")
+
+
+def check_lora_matches(model: nn.Module, part_modules: dict, patterns: dict, lora: LoraSettings) -> dict[Part, int]:
+    """Each part's LoRA regex compiled and matched (as PEFT matches it: the whole module name) against the model
+    (built on the meta device before any weight loads): a ConfigError listing what matched and what did not when
+    a part's regex does not compile, matches no module of that part (PEFT would add no LoRA there, silently when
+    another part's regex matches), or matches modules LoRA cannot adapt. Returns the adapted modules per part."""
+    modules = dict(model.named_modules())
+    adapted = {}
+    for part, pattern in patterns.items():
+        option = f"lora.targets.{part.value}" if custom_target(part, lora) else f"the {part.value} LoRA target"
+        try:
+            regex = re.compile(pattern)
+        except re.error as err:
+            raise ConfigError(f"{option}={pattern!r} is not a regular expression ({err}); it is matched against "
+                              "whole module names, e.g. '.*\\.(q_proj|v_proj)'") from None
+        roots = tuple(part_modules.get(part, ()))
+        inside = [name for name in modules if any(name == r or name.startswith(r + ".") for r in roots)]
+        matched = [name for name in inside if regex.fullmatch(name)]
+        layers = [name for name in matched if isinstance(modules[name], LORA_LAYERS)]
+        others = [name for name in matched if name not in layers]
+        linear_kinds = sorted({name.rsplit(".", 1)[-1] for name in inside if isinstance(modules[name], nn.Linear)})
+        if not layers or others:
+            raise ConfigError(
+                f"{option}={pattern!r} matched {len(layers)} layer(s) LoRA can adapt in the {part.value}"
+                + (f" ({_names(layers)})" if layers else "")
+                + (f" and {len(others)} module(s) it cannot ({_names(others)})" if others else "")
+                + f"; not matched: {len(inside) - len(matched)} of the part's {len(inside)} modules. Its linear "
+                f"layers end in: {', '.join(linear_kinds) or 'none'} (the regex must match a whole name, e.g. "
+                f"'.*\\.({'|'.join(linear_kinds[:2]) or 'q_proj'})')")
+        adapted[part] = len(layers)
+    return adapted

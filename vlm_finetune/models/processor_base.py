@@ -9,6 +9,7 @@ from typing import Iterable
 
 import torch
 
+from vlm_finetune.data.rules import generation_problem, placeholder_problem
 from vlm_finetune.data.sample import IGNORE_INDEX, EncodedSample, Message, Sample, SampleTooLong, pad_encoded
 from vlm_finetune.errors import DataError
 
@@ -73,11 +74,13 @@ class VLMProcessorBase:
     def _conversation(sample: Sample, for_generation: bool) -> list[Message]:
         """The messages to encode: for generation the prompt stops where the last (assistant) reply begins."""
         messages = list(sample.messages)
-        if for_generation:
-            if not messages or messages[-1].role != "assistant":
-                raise DataError("a sample for generation must end with the assistant reply to predict")
-            messages = messages[:-1]
-        return messages
+        # the rules the up-front check applies to every record (data/rules.py)
+        problem = placeholder_problem(messages, len(sample.images))
+        if problem is None and for_generation:
+            problem = generation_problem(messages)
+        if problem is not None:
+            raise DataError(f"the conversation {problem}")
+        return messages[:-1] if for_generation else messages
 
     def _fit(self, ids: list[int], labels: list[int], max_length: int | None,
              for_generation: bool) -> tuple[list[int], list[int], bool]:
