@@ -22,15 +22,14 @@ from vlm_finetune.autotune import check_auto_options, resolve_before_build, sear
 from vlm_finetune.callbacks import StepProgressBar
 from vlm_finetune.checkpointing import CHECKPOINT_DIR
 from vlm_finetune.config import hydra_overrides, read_settings, settings_for
-from vlm_finetune.data.datamodule import (
-    VLMDataModule,
-    build_datasets,
+from vlm_finetune.data.checks import (
     check_generation_takes_the_mix,
     check_image_counts,
     check_micro_batches,
     check_packing_takes_the_videos,
     check_samples_fit,
 )
+from vlm_finetune.data.datamodule import VLMDataModule, build_datasets
 from vlm_finetune.data.packing import pack_length
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.hardware import Hardware, env_global_rank, preflight, resolve
