@@ -17,7 +17,7 @@ LAYERS = [
     ("run", ("vlm_finetune.train", "vlm_finetune.config", "vlm_finetune.rundir", "vlm_finetune.bench.measure",
              "vlm_finetune.autotune", "vlm_finetune.memory.planner", "vlm_finetune.memory.load_plan",
              "vlm_finetune.memory.suggest", "vlm_finetune.memory.oom")),
-    ("training", ("vlm_finetune.module", "vlm_finetune.strategies", "vlm_finetune.checkpointing", "vlm_finetune.resume",
+    ("training", ("vlm_finetune.module", "vlm_finetune.strategies", "vlm_finetune.fsdp", "vlm_finetune.checkpointing", "vlm_finetune.resume",
                   "vlm_finetune.adapters", "vlm_finetune.callbacks", "vlm_finetune.memory", "vlm_finetune.trainability",
                   "vlm_finetune.loss", "vlm_finetune.data.datamodule", "vlm_finetune.plots", "vlm_finetune.watchdog")),
     ("models", ("vlm_finetune.models", "vlm_finetune.data")),
