@@ -75,8 +75,7 @@ def test_sharded_loss_gradients_and_gathered_weights_equal_the_plain_model(model
     blocks = [m for m in sharded.modules() if isinstance(m, tuple(family.vision_block_classes))]
     assert len(units) == len(layers) + len(blocks) and layers
     assert root_loss(sharded) is None
-    shard_model(sharded, family, one_rank_mesh, None, True, False,
-                lambda base, b: batch_loss_sum(family, base, b, loss))
+    shard_model(sharded, family, one_rank_mesh, True, False, lambda base, b: batch_loss_sum(family, base, b, loss))
     assert callable(root_loss(sharded)) and hasattr(type(units[0]), "unshard")  # each unit an FSDPModule
 
     expected, expected_count = batch_loss_sum(family, plain, batch, loss)

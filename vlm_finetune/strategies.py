@@ -23,10 +23,6 @@ from vlm_finetune.settings import StrategySettings, is_auto
 SHARDED = ("fsdp", "deepspeed")
 
 
-def compute_dtype(precision: str) -> torch.dtype | None:
-    """The dtype FSDP gathers parameters in: the precision's compute dtype (None: float32, as stored)."""
-    return {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "nf4": torch.bfloat16,
-            "fp16-mixed": torch.float16}.get(precision)
 
 
 def check_combination(settings: StrategySettings, hardware: Hardware, precision: str) -> None:
@@ -36,12 +32,11 @@ def check_combination(settings: StrategySettings, hardware: Hardware, precision:
         raise ConfigError(f"trainer=single runs one process, but hardware={hardware.name} has {hardware.world_size} "
                           "devices; use trainer=ddp (model fits on one GPU) or trainer=zero3 / trainer=fsdp "
                           "(it does not)")
-    if precision == "nf4":
-        if strategy == "fsdp" or settings.is_zero3:
-            raise ConfigError(f"precision=nf4 cannot be combined with trainer={settings.name}: "
-                              "4-bit base weights cannot be sharded by FSDP or ZeRO-3. Use trainer=ddp or "
-                              "trainer=zero2 with precision=nf4 (each GPU holds the 4-bit base), or keep ZeRO-3 with "
-                              "precision=bf16-mixed")
+    if precision == "nf4" and settings.is_zero3:
+        raise ConfigError(f"precision=nf4 cannot be combined with trainer={settings.name}: "
+                          "ZeRO-3 does not shard 4-bit base weights here. Use trainer=fsdp with precision=nf4 (each "
+                          "rank holds 1/N of the 4-bit bytes), trainer=ddp or trainer=zero2 with precision=nf4 (each "
+                          "GPU holds the 4-bit base), or keep ZeRO-3 with precision=bf16-mixed")
     if precision == "fp16-mixed" and hardware.accelerator != "gpu":
         raise ConfigError("precision=fp16-mixed needs a GPU (loss scaling is CUDA-only); "
                           "on the CPU use 32-true or bf16-mixed")
@@ -165,7 +160,7 @@ def build_strategy(settings: StrategySettings, precision: str, micro_batch_size:
                            timeout=timeout)
     if settings.strategy == "fsdp":
         backend = "nccl" if hardware.accelerator == "gpu" else "gloo"
-        return build_fsdp_strategy(settings, family, hardware.world_size, compute_dtype(precision), backend, timeout)
+        return build_fsdp_strategy(settings, family, hardware.world_size, precision == "nf4", backend, timeout)
     on_gpu = hardware.accelerator == "gpu"
     config = deepspeed_config(settings, precision, micro_batch_size, on_gpu, sizes)
     if on_gpu:

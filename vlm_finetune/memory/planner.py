@@ -116,9 +116,6 @@ def plan_run(settings: RunSettings, overrides: list[str], seq: int | None = None
                      "the least recompute that fits the budget")
     if precision == "32-true" and hardware.accelerator == "gpu":
         notes.append("precision=32-true keeps the frozen base in float32; precision=bf16-mixed halves it")
-    if count.trainable_unit_numels and strategy == "fsdp":
-        notes.append("FSDP (use_orig_params) keeps a float32 gradient for whole units that hold a trainable "
-                     "parameter, frozen weights included")
     result = build(micro_batch, checkpointed, scope)
     result.notes = notes
     partitioned = builds_partitioned(family, settings.model, stage == 3, modes, policy,
