@@ -142,3 +142,103 @@ def test_two_rank_fsdp_trains_the_adapter_and_losses_of_one_process(model, mixed
     ranks, one = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, single["8x1"]))
     assert ranks["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
     assert "val_accuracy" in ranks and "val_accuracy" in one
+
+
+# -- 4-bit weights under FSDP -----------------------------------------------------------------------------------
+def _nf4_model(tmp_path):
+    settings = read_settings(compose_cfg(["model=tiny_mgm_moe", "precision=nf4", "lora.llm_modules=attention",
+                                          "lora.dropout=0.0"], tmp_path))
+    family = get_family(settings.model.family)
+    torch.manual_seed(0)
+    model, _ = build_trainable_model(family, settings.model, parse_trainability(compose_cfg([], tmp_path).train),
+                                     settings.lora, weights_policy("nf4"), checkpointed_layers=False,
+                                     checkpoint_scope="layer")
+    return settings, family, model
+
+
+def test_uint8_4bit_storage_is_refused_and_bf16_storage_keeps_the_bytes_and_the_loss(one_rank_mesh, tmp_path):
+    """FSDP over 4-bit codes in uint8 storage would cast them or fail (accelerate#3983): refused, naming the fix.
+    Viewed as bf16 (store_4bit_as) the bytes are unchanged, and the model sharded over one rank gives the loss and
+    the LoRA gradients of the unsharded 4-bit model."""
+    from vlm_finetune.errors import ConfigError
+    from vlm_finetune.fsdp import FOUR_BIT_STORAGE, _four_bit_tensors, check_4bit_storage, store_4bit_as
+
+    settings, family, model = _nf4_model(tmp_path)
+    four_bit = _four_bit_tensors(model)
+    assert {type(m).__name__ for m, _, _ in four_bit} >= {"Linear4bit"} and any(n.endswith("_nf4") for _, n, _ in four_bit)
+    assert all(p.dtype == torch.uint8 for _, _, p in four_bit)
+    with pytest.raises(ConfigError, match="quant_storage"):
+        check_4bit_storage(model, None)
+    with pytest.raises(ConfigError, match="quant_storage"):  # also when FSDP would cast to another dtype
+        shard_model(model, family, one_rank_mesh, True, False, lambda base, b: None, param_dtype=torch.float16)
+    batch = _mixed_batch(settings, family)
+    loss = settings.loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, _ = batch_loss_sum(family, model, batch, loss)
+    expected.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None and "lora_" in n}
+    before = [p.detach().clone() for _, _, p in four_bit]
+
+    _, _, sharded = _nf4_model(tmp_path)  # the same seed: the same weights and codes
+    assert store_4bit_as(sharded, FOUR_BIT_STORAGE) == len(four_bit)
+    for (_, _, p), original in zip(_four_bit_tensors(sharded), before):
+        assert p.dtype == FOUR_BIT_STORAGE and torch.equal(p.detach().reshape(-1).view(torch.uint8), original.reshape(-1))
+    check_4bit_storage(sharded, None)
+    shard_model(sharded, family, one_rank_mesh, True, False, lambda base, b: batch_loss_sum(family, base, b, loss))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = root_loss(sharded)(batch)
+    got.backward()
+    assert float(got.detach()) == float(expected.detach())
+    grads = {n: full_tensor(p.grad) for n, p in sharded.named_parameters() if p.grad is not None and "lora_" in n}
+    assert grads.keys() == want.keys() and want
+    assert all(torch.equal(grads[n], want[n]) for n in want)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_rank_fsdp_nf4_holds_half_the_4bit_bytes_per_rank_and_trains_like_one_process(tmp_path):
+    """tiny MGM-MoE in nf4 (linear layers and experts 4-bit, LoRA on attention) on two FSDP ranks: each rank holds
+    half of the packed 4-bit codes (measured by tests/fsdp_probe.py), as the planner's sharded rows say; the losses
+    and the adapter are those of one nf4 process within what bf16 compute allows (DDP differs as much)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    from test_accumulation import _losses
+
+    from vlm_finetune.plan import plan_memory
+    from vlm_finetune.train import train
+
+    tests = Path(__file__).resolve().parent
+    overrides = ["model=tiny_mgm_moe", "precision=nf4", "lora.llm_modules=attention", "hardware=cpu"]
+    common = overrides + ["trainer.max_steps=3", "data.num_train=96", "data.num_val=4", "eval.generate=false",
+                          "trainer.val_every_n_steps=null", "lora.dropout=0.0", "optimizer=sgd", "optimizer.lr=0.2",
+                          "scheduler=constant", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
+    train(compose_cfg(common + ["trainer=single", "data.micro_batch_size=8"], tmp_path / "one"))
+    probe = tmp_path / "probe"
+    args = common + ["trainer=fsdp", "hardware.devices=2", "data.micro_batch_size=4",
+                     "+callbacks.probe._target_=fsdp_probe.Probe", f"+callbacks.probe.path={probe}",
+                     f"hydra.run.dir={tmp_path / 'fsdp'}"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")]))
+    result = run_cli(args, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    held = [json.loads((tmp_path / f"probe.{rank}.json").read_text()) for rank in (0, 1)]
+    whole = held[0]["whole_codes"]
+    assert whole > 100_000 and held[0]["codes"] + held[1]["codes"] == whole
+    for rank in held:  # half each (FSDP pads a row count that does not divide)
+        assert abs(rank["codes"] - whole / 2) <= 0.01 * whole, rank
+    plan = plan_memory(overrides + ["trainer=fsdp", "hardware.devices=2"])
+    code_rows = sum(r.bytes for r in plan.rows if "nf4 codes" in r.item)
+    for rank in held:
+        assert abs(code_rows - rank["codes"]) <= 0.01 * rank["codes"], (code_rows, rank)
+    expert_stats = [r.bytes for r in plan.rows if "statistics, MoE experts" in r.item]
+    linear_stats = [r.bytes for r in plan.rows if "statistics, linear layers" in r.item]
+    assert expert_stats and linear_stats
+    # statistics are whole on each rank: the experts' row is exact; the linear layers' leaves out the code books
+    assert expert_stats[0] <= held[0]["statistics"] <= expert_stats[0] + linear_stats[0] + 64 * 1088, held[0]
+    one, ranks = _losses(tmp_path / "one"), _losses(tmp_path / "fsdp")
+    assert len(ranks) == 3 and ranks[0] == pytest.approx(one[0], rel=1e-6)
+    torch.testing.assert_close(torch.tensor(ranks), torch.tensor(one), rtol=2e-3, atol=0)
+    a, b = (load_file(str(tmp_path / d / "adapter" / "adapter_model.safetensors")) for d in ("one", "fsdp"))
+    assert a.keys() == b.keys()
+    lora = [k for k in a if "lora_B" in k]
+    assert lora and all(float((a[k] - b[k]).abs().max()) <= 0.05 * float(a[k].abs().max()) for k in lora)

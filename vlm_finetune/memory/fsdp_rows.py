@@ -27,6 +27,25 @@ def gathered_unit_bytes(inputs: PlanInputs) -> int:
     return int((unit - quantised) * inputs.act_bytes + quantised * NF4_BYTES_PER_PARAM)
 
 
+def four_bit_rows(inputs: PlanInputs, linear_numel: int, with_experts: bool) -> list[Row]:
+    """nf4 under FSDP: the packed codes (two per byte) sharded 1/N, the quantisation statistics (absmax, nested
+    absmax, code books) whole on every rank (they are no parameters: FSDP leaves them alone)."""
+    world, count = inputs.world, inputs.count
+    rows = []
+    if linear_numel:
+        rows += [Row("parameters", f"llm frozen nf4 codes, linear layers (sharded 1/{world})",
+                     math.ceil(linear_numel / 2 / world), four_bit=True),
+                 Row("parameters", "llm frozen nf4 statistics, linear layers (whole on each rank)",
+                     int(linear_numel * (NF4_BYTES_PER_PARAM - 0.5)), four_bit=True)]
+    if with_experts and count.expert_numel:
+        codes = math.ceil(count.expert_numel / 2)
+        rows += [Row("parameters", f"llm frozen nf4 codes, MoE experts (sharded 1/{world})",
+                     math.ceil(codes / world), four_bit=True),
+                 Row("parameters", "llm frozen nf4 statistics, MoE experts (whole on each rank)",
+                     count.expert_nf4_bytes - codes, four_bit=True)]
+    return rows
+
+
 def gradient_and_optimizer_rows(inputs: PlanInputs, group_bytes: int) -> list[Row]:
     """`group_bytes`: the trained weights' bytes in the dtypes they are held in (their gradients have the same)."""
     world, states = inputs.world, inputs.optimizer_states

@@ -36,17 +36,17 @@ def parameter_rows(inputs: PlanInputs) -> list[Row]:
         count = inputs.count
         if inputs.precision == "nf4" and group.part == "llm" and group.kind == "frozen":
             quantized = min(count.quantizable_numel, numel) if group.dtype == count.quantizable_dtype else 0
-            # sharded (FSDP): each rank holds 1/N of the packed 4-bit bytes (absmax too, in this estimate)
-            shards = world if inputs.strategy == "fsdp" else 1
-            sharded = f" (sharded 1/{shards})" if shards > 1 else ""
-            if quantized:
-                rows.append(Row("parameters", f"llm frozen nf4 (4-bit, double-quantised){sharded}",
-                                math.ceil(quantized * NF4_BYTES_PER_PARAM / shards), four_bit=True))
-            if count.expert_numel and group.dtype == count.expert_dtype:  # fused MoE experts, per expert
-                rows.append(Row("parameters", f"llm frozen experts nf4 (4-bit per expert, fp32 absmax per 64){sharded}",
-                                math.ceil(count.expert_nf4_bytes / shards), four_bit=True))
-                quantized += count.expert_numel
-            numel -= quantized
+            experts = count.expert_numel if group.dtype == count.expert_dtype else 0  # fused MoE experts
+            if inputs.strategy == "fsdp":  # each rank holds 1/N of the packed codes, the statistics whole
+                rows += fsdp_rows.four_bit_rows(inputs, quantized, bool(experts))
+            else:
+                if quantized:
+                    rows.append(Row("parameters", "llm frozen nf4 (4-bit, double-quantised)",
+                                    int(quantized * NF4_BYTES_PER_PARAM), four_bit=True))
+                if experts:  # per expert
+                    rows.append(Row("parameters", "llm frozen experts nf4 (4-bit per expert, fp32 absmax per 64)",
+                                    count.expert_nf4_bytes, four_bit=True))
+            numel -= quantized + experts
         if inputs.shards_parameters:
             # ZeRO-3 partitions every parameter; those below the persistence threshold are also kept whole
             if group.persistent_numel:
