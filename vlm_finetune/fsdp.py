@@ -59,8 +59,8 @@ def fsdp_units(model: nn.Module, family: Family) -> list[nn.Module]:
 # -- 4-bit weights ----------------------------------------------------------------------------------------------
 # FSDP shards and all-gathers a parameter as a tensor of its dtype, and casts it to the mixed-precision policy's
 # param_dtype before the gather. 4-bit codes packed in uint8 are cast as numbers (corrupt) or refused; so, as in
-# FSDP-QLoRA (bitsandbytes' quant_storage), the packed bytes are viewed as bf16 (FOUR_BIT_STORAGE): FSDP moves them untouched
-# and each rank stores 1/N of them. The quantisation statistics (absmax, code book) stay whole on every rank.
+# FSDP-QLoRA (bitsandbytes' quant_storage), the packed bytes are viewed as bf16 (FOUR_BIT_STORAGE): FSDP moves them
+# untouched and each rank stores 1/N of them. The quantisation statistics (absmax, code book) stay whole on every rank.
 def _four_bit_tensors(model: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter]]:
     """(module, name, parameter) of every packed 4-bit weight: bitsandbytes' Linear4bit weights and the nf4 MoE
     experts' codes (models/moe_nf4.py)."""
@@ -73,8 +73,8 @@ def _four_bit_tensors(model: nn.Module) -> list[tuple[nn.Module, str, nn.Paramet
 
 
 def store_4bit_as(model: nn.Module, dtype: torch.dtype) -> int:
-    """View every packed 4-bit weight of `model` as `dtype` (a floating dtype FSDP shards), the bytes unchanged; returns how
-    many. bitsandbytes reads any storage dtype back as its bytes."""
+    """View every packed 4-bit weight of `model` as `dtype` (a floating dtype FSDP shards), the bytes unchanged;
+    returns how many. bitsandbytes reads any storage dtype back as its bytes."""
     count = 0
     for module, name, param in _four_bit_tensors(model):
         if getattr(param, "quant_state", None) is not None and hasattr(module, "quant_state"):
@@ -103,11 +103,12 @@ def store_4bit_as(model: nn.Module, dtype: torch.dtype) -> int:
 def check_4bit_storage(model: nn.Module, gather_dtype: torch.dtype | None) -> None:
     """Refuse a model whose sharded parameters FSDP would corrupt: integer storage (4-bit codes in uint8) or 4-bit
     bytes stored in another dtype than the one FSDP casts to before its gather (`gather_dtype`; None: no cast)."""
+    cast = "" if gather_dtype is None else f" cast to {gather_dtype}"
     for module, name, param in _four_bit_tensors(model):
         if not param.dtype.is_floating_point or (gather_dtype is not None and param.dtype != gather_dtype):
             raise ConfigError(
                 f"trainer=fsdp: {name} of a {type(module).__name__} holds 4-bit codes in {param.dtype} storage, but "
-                f"FSDP gathers floating-point parameters{'' if gather_dtype is None else ' cast to ' + str(gather_dtype)}: "
+                f"FSDP gathers floating-point parameters{cast}: "
                 "it would refuse or cast the packed codes as numbers and train on garbage. Store them as "
                 f"{gather_dtype or FOUR_BIT_STORAGE} (bitsandbytes' quant_storage; fsdp.store_4bit_as does it for "
                 "precision=nf4), or use trainer=ddp / trainer=zero2 with precision=nf4")

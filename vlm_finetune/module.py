@@ -14,8 +14,8 @@ from PIL import Image
 from torch import nn
 
 from vlm_finetune.data.sample import IMAGE_PLACEHOLDER, Message, Sample
-from vlm_finetune.loss import token_loss_sum
 from vlm_finetune.fsdp import root_loss
+from vlm_finetune.loss import token_loss_sum
 from vlm_finetune.models.base import Family, Part
 from vlm_finetune.settings import EvalSettings, LossSettings, OptimizerSettings
 from vlm_finetune.strategies import (

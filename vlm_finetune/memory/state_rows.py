@@ -10,6 +10,7 @@ from vlm_finetune.memory import fsdp_rows
 from vlm_finetune.memory.count import ParamGroup
 from vlm_finetune.memory.inputs import NF4_BYTES_PER_PARAM, PlanInputs
 from vlm_finetune.memory.report import Row
+
 PART_ORDER = ("vision", "projector", "llm", "other")  # the order of the parameter rows
 
 

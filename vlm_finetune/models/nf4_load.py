@@ -22,7 +22,6 @@ from torch import nn
 from vlm_finetune.models._sharded import ShardReader, stream_into
 from vlm_finetune.models.moe_nf4 import quantize_experts_nf4
 
-
 _ON_HOST = [False]
 
 
