@@ -48,7 +48,7 @@ def main() -> None:
              "- growth: each rank's resident peak (VmHWM) minus its size before the run; plan: `python -m "
              "vlm_finetune.plan` with the same overrides (host row of the load per rank; parameter rows per rank)",
              "",
-             "| run | rank | load growth MiB | run growth MiB | plan: load per rank MiB | plan: parameters per rank MiB |",
+             "| run | rank | load growth MiB | run growth MiB | plan: load MiB | plan: parameters MiB |",
              "|---|---|---|---|---|---|"]
     summary = {}
     for name, overrides in runs.items():
