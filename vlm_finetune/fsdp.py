@@ -209,8 +209,14 @@ def build_fsdp_strategy(settings: StrategySettings, family: Family, world_size: 
             return full_trainable_state(self.lightning_module)
 
         def model_to_device(self) -> None:
-            if not offload:  # CPU offload keeps the shards in host memory
+            if not offload:
                 super().model_to_device()
+                return
+            # CPU offload keeps the parameter shards in host memory (FSDP copies each unit in for its compute);
+            # buffers (rotary frequencies, 4-bit statistics) are used where the compute runs
+            for module in self.model.modules():
+                for name, buffer in module.named_buffers(recurse=False):
+                    module._buffers[name] = buffer.to(self.root_device)
 
     return FSDP2Strategy(data_parallel_size=world_size, tensor_parallel_size=1, save_distributed_checkpoint=False,
                          process_group_backend=backend, timeout=timeout)
