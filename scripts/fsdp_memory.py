@@ -17,6 +17,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import load_memory  # noqa: E402  (the rank runner and the model of scripts/load_memory.py)
 
+NOTE = ("FSDP2 here builds (or reads and quantises) the whole model on every rank before `fully_shard` splits it, so "
+        "its load peak is the whole model per rank (as the planner's load row says), where ZeRO-3 builds partitioned; "
+        "after the shard the step holds 1/N of the parameters. nf4 holds about a quarter of fp32's bytes.")
 SECTION = "## FSDP2, FSDP2 + nf4 and ZeRO-3 per rank on the CPU (scripts/fsdp_memory.py)"
 
 
@@ -60,7 +63,7 @@ def main() -> None:
             lines.append(f"| {name} | {r['rank']} | {load / mib:,.0f} | {run / mib:,.0f} | {load_row / mib:,.0f} | "
                          f"{plan.total('parameters') / mib:,.0f} |")
             summary.setdefault(name, []).append({"load": load, "run": run})
-    lines.append("")
+    lines += ["", NOTE, ""]
     print("\n".join(lines))
     print(json.dumps(summary, indent=2))
     if args.report is not None:
