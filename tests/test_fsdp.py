@@ -123,7 +123,8 @@ def test_fsdp_on_cpu_ranks_is_accepted_and_a_bad_sharding_strategy_is_refused(tm
 def test_two_rank_fsdp_trains_the_adapter_and_losses_of_one_process(model, mixed_data, tmp_path):  # noqa: F811
     """2 ranks x micro-batch 2 x accumulation 2 under FSDP2 and one process 8 x 1, 4 steps on mixed text-only /
     image micro-batches (rank 0's first text-only): the same logged losses (rtol 1e-5), the same adapter (1e-5 of
-    its update), the same final validation loss (generation ran on both ranks, in step)."""
+    its update), the same final validation loss (generation ran on both ranks, in step); the adapter reloads with PEFT
+    and the merged export equals one process's."""
     from test_accumulation import _adapter, _assert_same_updates, _losses
     from test_mixed_batches import _overrides
 
@@ -145,6 +146,19 @@ def test_two_rank_fsdp_trains_the_adapter_and_losses_of_one_process(model, mixed
     ranks, one = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, single["8x1"]))
     assert ranks["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
     assert "val_accuracy" in ranks and "val_accuracy" in one
+    # the adapter reloads (PEFT, through the export's loader) and the merged export equals one process's
+    from safetensors.torch import load_file
+
+    from vlm_finetune.export import export, load_trained_model
+
+    reloaded, _, _ = load_trained_model(run_dir)
+    assert any("lora_A" in n for n, _ in reloaded.named_parameters())
+    merged = [export(d, merge=True) for d in (run_dir, single["8x1"])]
+    tensors = [{k: v for f in sorted(m.glob("*.safetensors")) for k, v in load_file(str(f)).items()} for m in merged]
+    assert tensors[0].keys() == tensors[1].keys() and tensors[0]
+    for key, value in tensors[1].items():
+        tolerance = 1e-5 * float(value.float().abs().max()) + 1e-6
+        assert float((tensors[0][key].float() - value.float()).abs().max()) <= tolerance, key
 
 
 # -- 4-bit weights under FSDP -----------------------------------------------------------------------------------
