@@ -1,8 +1,7 @@
 """`trainer=fsdp` is FSDP2 (vlm_finetune/fsdp.py). In this process (a one-rank gloo group): every tiny family is
 sharded per decoder layer and vision block with the root as its own unit, and the loss through the root's forward
-method, its gradients and the gathered trainable weights equal the unsharded model's (slow); 4-bit codes in uint8
-storage are refused, in bf16 storage they keep their bytes and the 4-bit model's loss and gradients (quick). Two CPU
-ranks (slow): every family trains the adapter and logs the losses of one process on mixed text-only / image
+method, its gradients and the gathered trainable weights equal the unsharded model's; 4-bit codes in uint8 storage
+are refused, in bf16 storage they keep their bytes and the 4-bit model's loss and gradients. Two CPU ranks (slow): every family trains the adapter and logs the losses of one process on mixed text-only / image
 micro-batches; nf4 holds half the 4-bit codes on each rank, as the planner's rows say."""
 from __future__ import annotations
 
@@ -54,8 +53,9 @@ def _mixed_batch(settings, family):
     return processor.collate([processor.encode(text_only), processor.encode(pictured)])
 
 
-@pytest.mark.slow  # ~30 s a family on a loaded CI machine; the quick suite keeps the nf4 one-rank check below
-@pytest.mark.parametrize("model", TINY_MODELS)
+# two families in the quick suite (the dense GLM and the MoE MGM); the others in the slow one
+@pytest.mark.parametrize("model", [m if m in ("tiny_glm41v", "tiny_mgm_moe") else pytest.param(m, marks=pytest.mark.slow)
+                                   for m in TINY_MODELS])
 def test_sharded_loss_gradients_and_gathered_weights_equal_the_plain_model(model, one_rank_mesh, tmp_path):
     settings = read_settings(compose_cfg([f"model={model}", "precision=32-true", "lora.dropout=0.0"], tmp_path))
     family = get_family(settings.model.family)
