@@ -137,6 +137,8 @@ def test_logged_loss_is_the_per_token_mean_of_the_step(runs, varied_data, tmp_pa
     # every parameter partitioned (none kept whole below the persistence threshold): the output head is
     # gathered for the chunked loss, the embedding and vision tower run on gathered weights
     ("zero3", ["trainer.stage3_param_persistence_threshold=0"]),
+    # FSDP2 (fully_shard per decoder layer and vision block): gradients reduce-scattered, gathered whole to compare
+    ("fsdp", []),
 ])
 def test_two_ranks_match_single_process(runs, varied_data, tmp_path, trainer, extra):
     """2 ranks x 2 micro-batches x accumulation 2 give the same gradients, trained adapter and logged losses

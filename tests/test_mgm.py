@@ -395,7 +395,7 @@ def test_trains_on_an_mgm_json_file_with_text_only_and_multi_image_records(tmp_p
 
 @pytest.mark.parametrize("trainer", ["fsdp", "zero3", "zero3_offload", "zero2", "ddp"])
 def test_mgm_strategies_build_for_gpu_profiles(trainer, tmp_path):
-    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
     from transformers.models.clip.modeling_clip import CLIPEncoderLayer
     from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer, MixtralSparseMoeBlock
 
@@ -408,15 +408,12 @@ def test_mgm_strategies_build_for_gpu_profiles(trainer, tmp_path):
     settings = read_settings(cfg)
     strategy = build_strategy(settings.strategy, settings.precision, settings.data.micro_batch_size, MGM,
                               resolve(settings.hardware), ZeroSizes(1000, 1000))
-    if trainer == "fsdp":
-        assert isinstance(strategy, FSDPStrategy)
-        wrapped = strategy.kwargs["auto_wrap_policy"]._module_classes
+    if trainer == "fsdp":  # FSDP2: fsdp.shard_model makes each of the family's blocks a unit
+        assert isinstance(strategy, ModelParallelStrategy)
+        wrapped = set(MGM.decoder_layer_classes) | set(MGM.vision_block_classes)
         # the decoder layer is the unit: the MoE block inside it is never split into its own unit
-        assert {MixtralDecoderLayer, CLIPEncoderLayer, ConvNeXtBlock} <= set(wrapped)
+        assert {MixtralDecoderLayer, CLIPEncoderLayer, ConvNeXtBlock} <= wrapped
         assert MixtralSparseMoeBlock not in wrapped
-        # no checkpoint wrapper of FSDP's own: the model checkpoints exactly the decoder layers
-        # model.activation_checkpointing asks for (tests/test_activation_checkpointing.py counts them)
-        assert strategy._activation_checkpointing_kwargs == {}
     elif trainer == "ddp":
         assert isinstance(strategy, DDPStrategy)
     else:

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from vlm_finetune.errors import ConfigError
+from vlm_finetune.fsdp import full_trainable_state
 from vlm_finetune.io import atomic_folder
-from vlm_finetune.strategies import full_trainable_parameters
+from vlm_finetune.strategies import full_trainable_parameters, is_fsdp
 from vlm_finetune.trainability import TrainablePlan
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -52,14 +53,18 @@ def _write_peft_adapter(model: nn.Module, state: dict, folder: Path, adapter_nam
               metadata={"format": "pt"})
 
 
-def save_adapter(model: nn.Module, plan: TrainablePlan, processor, folder: Path) -> None:
-    """The adapter folder of `model`'s trainable weights, written to a temporary folder and swapped in."""
+def save_adapter(model: nn.Module, plan: TrainablePlan, processor, folder: Path,
+                 whole: dict[str, torch.Tensor] | None = None) -> None:
+    """The adapter folder of `model`'s trainable weights (or of `whole`, those weights gathered by name), written
+    to a temporary folder and swapped in."""
     from safetensors.torch import save_file
 
+    if whole is None:
+        whole = {n: p.detach().to("cpu").clone() for n, p in model.named_parameters() if p.requires_grad}
     with atomic_folder(folder) as tmp:
-        # trainable weights by their plain names: strategies wrap modules (FSDP, checkpointing) and
+        # trainable weights by their plain names: strategies wrap modules (checkpointing, compile) and
         # add prefixes that PEFT's export would not recognise
-        state = {plain_name(n): p.detach().to("cpu").clone() for n, p in model.named_parameters() if p.requires_grad}
+        state = {plain_name(n): t for n, t in whole.items()}
         if plan.uses_lora:
             _write_peft_adapter(model, state, tmp)
         trainables = {}
@@ -87,6 +92,12 @@ class AdapterSaver(L.Callback):
             self.save(trainer, pl_module)
 
     def save(self, trainer, pl_module) -> None:
+        if is_fsdp(trainer.strategy):  # the trained weights gathered whole onto rank 0, one at a time
+            whole = full_trainable_state(pl_module.model)
+            if trainer.is_global_zero:
+                save_adapter(pl_module.model, self.plan, self.processor, self.folder, whole)
+            self.saved = True
+            return
         with full_trainable_parameters(trainer, pl_module):
             if trainer.is_global_zero:
                 save_adapter(pl_module.model, self.plan, self.processor, self.folder)

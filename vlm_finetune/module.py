@@ -14,6 +14,7 @@ from PIL import Image
 from torch import nn
 
 from vlm_finetune.data.sample import IMAGE_PLACEHOLDER, Message, Sample
+from vlm_finetune.fsdp import root_loss
 from vlm_finetune.loss import token_loss_sum
 from vlm_finetune.models.base import Family, Part
 from vlm_finetune.settings import EvalSettings, LossSettings, OptimizerSettings
@@ -224,11 +225,17 @@ class VLMModule(L.LightningModule):
             raise ValueError(f"the checkpoint lacks {len(missing)} trainable tensor(s), e.g. {sorted(missing)[0]}")
 
     # -- loss -------------------------------------------------------------------------------------
+    def loss_sum_of(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+        """(loss sum, supervised tokens) of a micro-batch through `model` (under FSDP: the root unit's forward
+        method, fsdp.ROOT_LOSS)."""
+        return batch_loss_sum(self.family, model, batch, self.loss_settings)
+
     def _loss_sum(self, batch: dict) -> tuple[torch.Tensor, int]:
+        loss = root_loss(self.model) or (lambda b: self.loss_sum_of(self.model, b))
         if self._trainer is not None and runs_vision_every_step(self.trainer.strategy):
             with self.vision_in_every_step.around(unwrap(self.model), batch):
-                return batch_loss_sum(self.family, self.model, batch, self.loss_settings)
-        return batch_loss_sum(self.family, self.model, batch, self.loss_settings)
+                return loss(batch)
+        return loss(batch)
 
     def _saved_activations(self) -> contextlib.ExitStack:
         return step_contexts(self.offload_activations, self.attention_backends, self.device.type == "cuda")

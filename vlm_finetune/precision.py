@@ -58,9 +58,5 @@ def weights_policy(precision: str, strategy: str = "single") -> WeightsPolicy:
     lightning, dtype = PRECISIONS[precision]
     mixed = precision in MIXED
     keep_fp32 = mixed
-    if strategy == "fsdp" and mixed:
-        # FSDP flattens each unit into one tensor of one dtype: keep every weight float32 and let FSDP's
-        # mixed precision compute in bf16/fp16 (the sharding pays for the wider base)
-        dtype, keep_fp32 = torch.float32, False
     return WeightsPolicy(lightning, dtype, keep_fp32, "nf4" if precision == "nf4" else None, mixed,
                          precision != "32-true")

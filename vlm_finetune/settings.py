@@ -118,7 +118,7 @@ class StrategySettings:
     offload_parameters: bool
     collective_timeout_s: float
     stop_grace_s: float
-    sharding_strategy: str | None  # FSDP's; None for the others
+    sharding_strategy: str | None  # FSDP's (FULL_SHARD | SHARD_GRAD_OP); None for the others
     deepspeed: Mapping[str, Any]  # DeepSpeed's bucket sizes and stage-3 knobs (strategies.deepspeed_config)
     expert_parallel: int  # ranks that split each MoE layer's experts (1: none)
 
@@ -157,7 +157,7 @@ class StrategySettings:
     @property
     def resumable(self) -> bool:
         """Runs that write resumable checkpoints (a file; DeepSpeed: its own folder)."""
-        return self.strategy in ("single", "ddp", "deepspeed")
+        return self.strategy in ("single", "ddp", "fsdp", "deepspeed")
 
     @property
     def replicates_model(self) -> bool:

@@ -14,12 +14,15 @@ import torch
 from torch import nn
 
 from vlm_finetune.errors import ConfigError
+from vlm_finetune.fsdp import build_fsdp_strategy, full_tensor, is_fsdp2
 from vlm_finetune.hardware import Hardware
 from vlm_finetune.models._partitioned import unpartitioned
 from vlm_finetune.models.base import Family
 from vlm_finetune.settings import StrategySettings, is_auto
 
 SHARDED = ("fsdp", "deepspeed")
+
+
 
 
 def check_combination(settings: StrategySettings, hardware: Hardware, precision: str) -> None:
@@ -29,23 +32,22 @@ def check_combination(settings: StrategySettings, hardware: Hardware, precision:
         raise ConfigError(f"trainer=single runs one process, but hardware={hardware.name} has {hardware.world_size} "
                           "devices; use trainer=ddp (model fits on one GPU) or trainer=zero3 / trainer=fsdp "
                           "(it does not)")
-    if strategy == "fsdp" and hardware.accelerator != "gpu":
-        raise ConfigError(f"trainer=fsdp needs GPUs: PyTorch's FSDP does not run on CPU processes "
-                          f"(hardware={hardware.name} has no GPU). On the CPU use trainer=single or trainer=ddp, or "
-                          "trainer=zero2 / trainer=zero3 to rehearse a sharded run with DeepSpeed's CPU backend")
-    if precision == "nf4":
-        if strategy == "fsdp" or settings.is_zero3:
-            raise ConfigError(f"precision=nf4 cannot be combined with trainer={settings.name}: "
-                              "4-bit base weights cannot be sharded by FSDP or ZeRO-3. Use trainer=ddp or "
-                              "trainer=zero2 with precision=nf4 (each GPU holds the 4-bit base), or keep ZeRO-3 with "
-                              "precision=bf16-mixed")
+    if precision == "nf4" and settings.is_zero3:
+        raise ConfigError(f"precision=nf4 cannot be combined with trainer={settings.name}: "
+                          "ZeRO-3 does not shard 4-bit base weights here. Use trainer=fsdp with precision=nf4 (each "
+                          "rank holds 1/N of the 4-bit bytes), trainer=ddp or trainer=zero2 with precision=nf4 (each "
+                          "GPU holds the 4-bit base), or keep ZeRO-3 with precision=bf16-mixed")
     if precision == "fp16-mixed" and hardware.accelerator != "gpu":
         raise ConfigError("precision=fp16-mixed needs a GPU (loss scaling is CUDA-only); "
                           "on the CPU use 32-true or bf16-mixed")
-    if (settings.offload_optimizer or settings.offload_parameters) and strategy != "deepspeed":
-        raise ConfigError("optimizer/parameter offload is a DeepSpeed feature; use trainer=zero2_offload or "
+    if settings.offload_optimizer and strategy != "deepspeed":
+        raise ConfigError("optimizer offload is a DeepSpeed feature; use trainer=zero2_offload or "
+                          "trainer=zero3_offload (or trainer=fsdp_offload: parameters, gradients and the optimizer "
+                          "step in host memory)")
+    if settings.offload_parameters and strategy not in ("deepspeed", "fsdp"):
+        raise ConfigError("trainer.offload_parameters=true needs a sharded strategy: trainer=fsdp_offload or "
                           "trainer=zero3_offload")
-    if settings.offload_parameters and settings.zero_stage != 3:
+    if settings.offload_parameters and strategy == "deepspeed" and settings.zero_stage != 3:
         raise ConfigError("trainer.offload_parameters=true needs ZeRO stage 3 (trainer=zero3_offload)")
     size = settings.expert_parallel
     if size > 1:
@@ -191,22 +193,8 @@ def build_strategy(settings: StrategySettings, precision: str, micro_batch_size:
         return DDPStrategy(process_group_backend=backend, find_unused_parameters=False, gradient_as_bucket_view=True,
                            timeout=timeout)
     if settings.strategy == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        blocks = set(family.decoder_layer_classes) | set(family.vision_block_classes)
-        return FSDPStrategy(
-            auto_wrap_policy=blocks,
-            # no checkpoint wrapper of FSDP's own: the model already checkpoints exactly the layers
-            # model.activation_checkpointing asks for (trainability.apply_activation_checkpointing)
-            activation_checkpointing_policy=None,
-            sharding_strategy=settings.sharding_strategy,
-            cpu_offload=False,
-            # frozen base and trainable LoRA weights share FSDP units: keep original parameters
-            use_orig_params=True,
-            limit_all_gathers=True,
-            state_dict_type="full",
-            timeout=timeout,
-        )
+        backend = "nccl" if hardware.accelerator == "gpu" else "gloo"
+        return build_fsdp_strategy(settings, family, hardware.world_size, precision == "nf4", backend, timeout)
     on_gpu = hardware.accelerator == "gpu"
     config = deepspeed_config(settings, precision, micro_batch_size, on_gpu, sizes)
     if on_gpu:
@@ -321,9 +309,7 @@ def is_deepspeed(strategy: Any) -> bool:
 
 
 def is_fsdp(strategy: Any) -> bool:
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    return isinstance(strategy, FSDPStrategy)
+    return is_fsdp2(strategy)
 
 
 def is_zero3(strategy: Any) -> bool:
@@ -337,10 +323,10 @@ def loss_rescale(strategy: Any, accumulate: int) -> float:
 
 
 def needs_synced_generation(strategy: Any) -> bool:
-    """Under multi-rank ZeRO-3 every forward gathers parameters collectively, and under expert parallelism every
-    MoE layer exchanges tokens: generating ranks keep stepping until all are done (else their collectives go out
-    of step and the run hangs)."""
-    return strategy is not None and (is_zero3(strategy) or expert_parallel_size(strategy) > 1) \
+    """Under multi-rank ZeRO-3 and FSDP every forward gathers parameters collectively, and under expert parallelism
+    every MoE layer exchanges tokens: generating ranks keep stepping until all are done (else their collectives go
+    out of step and the run hangs)."""
+    return strategy is not None and (is_zero3(strategy) or is_fsdp(strategy) or expert_parallel_size(strategy) > 1) \
         and strategy.world_size > 1
 
 
@@ -357,11 +343,7 @@ def runs_vision_every_step(strategy: Any) -> bool:
 
 
 def clip_gradients(module: Any, optimizer: Any, value: float | None, algorithm: str | None) -> None:
-    """Gradient clipping that sees every shard: FSDP's root module computes the global norm."""
-    strategy = module.trainer.strategy
-    if value and is_fsdp(strategy):
-        strategy.model.clip_grad_norm_(float(value))
-        return
+    """Gradient clipping that sees every shard (under FSDP the gradients are DTensors: their norm is global)."""
     module.clip_gradients(optimizer, gradient_clip_val=value, gradient_clip_algorithm=algorithm)
 
 
@@ -378,6 +360,9 @@ def full_gradients(strategy: Any, module: nn.Module) -> dict[str, torch.Tensor]:
         from deepspeed.utils import safe_get_full_grad
 
         grads = {name: safe_get_full_grad(p) for name, p in module.named_parameters() if p.requires_grad}
+    elif is_fsdp(strategy):
+        grads = {name: None if p.grad is None else full_tensor(p.grad) for name, p in module.named_parameters()
+                 if p.requires_grad}
     else:
         grads = {name: p.grad for name, p in module.named_parameters() if p.requires_grad}
     return {name: g.detach().float().cpu().contiguous() for name, g in grads.items() if g is not None}
@@ -385,22 +370,15 @@ def full_gradients(strategy: Any, module: nn.Module) -> dict[str, torch.Tensor]:
 
 @contextlib.contextmanager
 def full_trainable_parameters(trainer: Any, module: nn.Module) -> Iterator[None]:
-    """Inside this context the trainable weights are whole on every rank, whatever the sharding:
-    ZeRO-3 gathers them, FSDP summons full parameters; other strategies hold them whole already.
-    Every rank must enter it (the gathers are collective)."""
+    """Inside this context the trainable weights are whole on every rank: ZeRO-3 gathers them; DDP and one process
+    hold them whole already (FSDP: `fsdp.full_trainable_state`). Every rank must enter it (the gathers are
+    collective)."""
     strategy = trainer.strategy
     if is_zero3(strategy):
         import deepspeed
 
         params = [p for p in module.parameters() if p.requires_grad]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            yield
-    elif is_fsdp(strategy):
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        # gathered copies go to CPU memory when sharded (FSDP refuses that for NO_SHARD, i.e. one device)
-        offload = trainer.world_size > 1
-        with FullyShardedDataParallel.summon_full_params(strategy.model, writeback=False, offload_to_cpu=offload):
             yield
     else:
         yield

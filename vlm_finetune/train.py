@@ -3,6 +3,7 @@ it reads the config, turns it into settings and objects, and nothing but the ent
 imports it."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -43,6 +44,7 @@ from vlm_finetune.memory.planner import check_host_memory
 from vlm_finetune.models._sharded import check_model_folder
 from vlm_finetune.models.base import Mode, Part
 from vlm_finetune.models.moe_ep import expert_bytes, shard_experts
+from vlm_finetune.models.nf4_load import quantised_on_host
 from vlm_finetune.models.registry import get_family, parse_trainability
 from vlm_finetune.module import VLMModule
 from vlm_finetune.plots import plot_training_curves
@@ -240,9 +242,12 @@ def _model_builder(settings: RunSettings, release: str, family, modes: dict, pol
     """`build(device=None, expected_plan=None) -> (model, plan)`: the model with its trainability plan, compiled
     regions and ZeRO-3 leaf modules, as configured; `device="meta"`: the structure only."""
     def build(device: str | None = None, expected_plan=None):
-        model, plan = build_trainable_model(family, settings.model, modes, settings.lora, policy,
-                                            checkpointed_layers=settings.model.activation_checkpointing,
-                                            checkpoint_scope=settings.speed.checkpoint_scope, device=device)
+        # FSDP: nf4 layers quantised in host memory; each GPU then receives only its shard of the 4-bit bytes
+        where = quantised_on_host() if settings.strategy.strategy == "fsdp" else contextlib.nullcontext()
+        with where:
+            model, plan = build_trainable_model(family, settings.model, modes, settings.lora, policy,
+                                                checkpointed_layers=settings.model.activation_checkpointing,
+                                                checkpoint_scope=settings.speed.checkpoint_scope, device=device)
         if expected_plan is not None:  # built inside zero.Init (VLMModule.configure_model)
             if plan != expected_plan:
                 raise RuntimeError(f"the model built under ZeRO-3 has another trainability plan than its "

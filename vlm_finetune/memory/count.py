@@ -27,7 +27,7 @@ class ParamGroup:
 class ModelCount:
     groups: list[ParamGroup]
     unit_numels: list[int]       # wrapped units (decoder layers, vision blocks): FSDP / ZeRO-3 gather units
-    trainable_unit_numels: list[int]  # numel of units holding at least one trainable parameter
+    trainable_unit_numels: list[int]  # trainable elements of each unit that holds one (FSDP's unsharded gradients)
     largest_fetch_numel: int     # largest module ZeRO-3 gathers at once (a leaf MoE block, or one weight)
     quantizable_numel: int       # frozen linear weights nf4 would quantise (LLM, not lm_head)
     lora_linears_per_layer: int = 0  # LoRA-adapted linears in one decoder layer
@@ -101,7 +101,7 @@ def _count(model: torch.nn.Module, plan: TrainablePlan, family: Family, persiste
             params = list(module.parameters())
             units.append(sum(param.numel() for param in params))
             if any(param.requires_grad for param in params):
-                trainable_units.append(units[-1])
+                trainable_units.append(sum(param.numel() for param in params if param.requires_grad))
             if isinstance(module, tuple(family.decoder_layer_classes)):
                 layer_bytes.append(sum(param.numel() * param.element_size() for param in params))
         if leaf_classes and isinstance(module, leaf_classes):

@@ -10,6 +10,7 @@ from vlm_finetune.settings import RunSettings
 from vlm_finetune.strategies import ZeroSizes, zero_knobs
 
 ADAM_STATES = 2
+NF4_BYTES_PER_PARAM = 0.5 + 0.5 / 64 + 4 / (64 * 256)  # 4-bit codes + fp8 absmax per 64 + fp32 per 256 blocks
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class PlanInputs:
     prefetch_bucket: int = 0
     max_live_parameters: int = 0
     max_reuse_distance: int = 0  # ZeRO-3: a parameter used again within this many elements stays gathered
+    reshard_after_forward: bool = True  # FSDP: each unit gathered again for the backward (FULL_SHARD)
     expert_lora_stacks: bool = False  # LoRA on fused MoE experts through PEFT's parametrization (W + delta per layer)
     expert_lora: bool = False  # LoRA on the fused MoE experts (either path)
     gathers_in_place: bool = False  # ZeRO-3 gathers straight into each parameter's buffer (no flat buffer to copy)
@@ -89,6 +91,7 @@ def plan_inputs(settings: RunSettings, dims: dict, count: ModelCount, modes: dic
         prefetch_bucket=elements("stage3_prefetch_bucket_size") if stage == 3 else 0,
         max_live_parameters=elements("stage3_max_live_parameters") if stage == 3 else 0,
         max_reuse_distance=elements("stage3_max_reuse_distance") if stage == 3 else 0,
+        reshard_after_forward=trainer.sharding_strategy != "SHARD_GRAD_OP",
         expert_lora_stacks=expert_lora and settings.lora.expert_forward == "peft", expert_lora=expert_lora,
         gathers_in_place=stage == 3 and (trainer.gathers_sequentially
                                          or bool(trainer.deepspeed["stage3_use_all_reduce_for_fetch_params"])),

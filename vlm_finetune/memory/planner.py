@@ -34,7 +34,7 @@ from vlm_finetune.memory.activations import (
 from vlm_finetune.memory.auto_batch import plan_micro_batch, searched_with_real_steps
 from vlm_finetune.memory.comm import all_to_all_buffer_rows, communication_rows, experts_per_rank
 from vlm_finetune.memory.count import count_model
-from vlm_finetune.memory.inputs import PlanInputs, plan_inputs
+from vlm_finetune.memory.inputs import NF4_BYTES_PER_PARAM, PlanInputs, plan_inputs
 from vlm_finetune.memory.load_plan import check_host_load, gpu_at_load, plan_load
 from vlm_finetune.memory.report import GiB, MemoryPlan, Row
 from vlm_finetune.memory.search import fastest_checkpointing
@@ -128,9 +128,6 @@ def plan_run(settings: RunSettings, overrides: list[str], seq: int | None = None
                      "the least recompute that fits the budget")
     if precision == "32-true" and hardware.accelerator == "gpu":
         notes.append("precision=32-true keeps the frozen base in float32; precision=bf16-mixed halves it")
-    if count.trainable_unit_numels and strategy == "fsdp":
-        notes.append("FSDP (use_orig_params) keeps a float32 gradient for whole units that hold a trainable "
-                     "parameter, frozen weights included")
     result = build(micro_batch, checkpointed, scope)
     result.notes = notes
     result.precision, result.accumulate_grad_batches = precision, accumulation
@@ -162,8 +159,11 @@ def plan_run(settings: RunSettings, overrides: list[str], seq: int | None = None
     on_host = hardware.accelerator != "gpu" or settings.strategy.offload_parameters
     streamed = precision == "nf4" and family.quantises_while_loading(settings.model)
     four_bit = sum(r.bytes for r in result.rows if r.four_bit)
+    if strategy == "fsdp" and precision == "nf4":  # quantised whole in host memory, then sharded onto the GPUs
+        on_host = True
+        four_bit = int(count.quantizable_numel * NF4_BYTES_PER_PARAM) + count.expert_nf4_bytes
     result.load = plan_load(count, hardware.devices, hardware.host_memory_gib, hardware.world_size, partitioned,
-                            on_host, streamed, four_bit if hardware.accelerator != "gpu" else 0)
+                            on_host, streamed, four_bit if on_host else 0)
     if result.fits is not None:  # GPUs: one GPU at the load, against the step's budget
         sliced = partitioned and family.checkpoint_folder(settings.model) is not None
         result.load.gpu_bytes_per_rank, result.load.gpu_what = gpu_at_load(

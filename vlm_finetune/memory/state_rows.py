@@ -6,11 +6,11 @@ import math
 
 import torch
 
+from vlm_finetune.memory import fsdp_rows
 from vlm_finetune.memory.count import ParamGroup
-from vlm_finetune.memory.inputs import PlanInputs
+from vlm_finetune.memory.inputs import NF4_BYTES_PER_PARAM, PlanInputs
 from vlm_finetune.memory.report import Row
 
-NF4_BYTES_PER_PARAM = 0.5 + 0.5 / 64 + 4 / (64 * 256)  # 4-bit codes + fp8 absmax per 64 + fp32 per 256 blocks
 PART_ORDER = ("vision", "projector", "llm", "other")  # the order of the parameter rows
 
 
@@ -37,16 +37,19 @@ def parameter_rows(inputs: PlanInputs) -> list[Row]:
         count = inputs.count
         if inputs.precision == "nf4" and group.part == "llm" and group.kind == "frozen":
             quantized = min(count.quantizable_numel, numel) if group.dtype == count.quantizable_dtype else 0
-            if quantized:
-                rows.append(Row("parameters", "llm frozen nf4 (4-bit, double-quantised)",
-                                int(quantized * NF4_BYTES_PER_PARAM), four_bit=True))
-            if count.expert_numel and group.dtype == count.expert_dtype:  # fused MoE experts, per expert
-                what = ("4-bit per expert, fp32 absmax per 64" if inputs.expert_parallel == 1
-                        else "per expert" + _expert_share(inputs))
-                rows.append(Row("parameters", f"llm frozen experts nf4 ({what})",
-                                count.expert_nf4_bytes // inputs.expert_parallel, four_bit=True))
-                quantized += count.expert_numel
-            numel -= quantized
+            experts = count.expert_numel if group.dtype == count.expert_dtype else 0  # fused MoE experts
+            if inputs.strategy == "fsdp":  # each rank holds 1/N of the packed codes, the statistics whole
+                rows += fsdp_rows.four_bit_rows(inputs, quantized, bool(experts))
+            else:
+                if quantized:
+                    rows.append(Row("parameters", "llm frozen nf4 (4-bit, double-quantised)",
+                                    int(quantized * NF4_BYTES_PER_PARAM), four_bit=True))
+                if experts:  # per expert; expert parallel: this rank's share
+                    what = ("4-bit per expert, fp32 absmax per 64" if inputs.expert_parallel == 1
+                            else "per expert" + _expert_share(inputs))
+                    rows.append(Row("parameters", f"llm frozen experts nf4 ({what})",
+                                    count.expert_nf4_bytes // inputs.expert_parallel, four_bit=True))
+            numel -= quantized + experts
         elif (inputs.expert_parallel > 1 and group.part == "llm" and group.kind == "frozen" and count.expert_numel
               and group.dtype == count.expert_dtype):
             rows.append(Row("parameters", f"llm frozen experts {str(dtype).removeprefix('torch.')}"
@@ -91,12 +94,9 @@ def optimizer_rows(inputs: PlanInputs) -> list[Row]:
                         partition * (master + 4 * states), where))
         return rows
     if inputs.strategy == "fsdp":
-        unit_total = sum(inputs.count.trainable_unit_numels)
-        root_trainable = max(0, trainable_numel - unit_total)
-        return [Row("gradients", f"fp32, whole units with a trainable weight (sharded 1/{world})",
-                    math.ceil((unit_total + root_trainable) / world) * 4),
-                Row("optimizer", f"{states} AdamW states fp32 (sharded 1/{world})",
-                    math.ceil(trainable_numel / world) * 4 * states)]
+        return fsdp_rows.gradient_and_optimizer_rows(inputs, sum(
+            group.numel * _element_size(held_dtype(inputs, group)) for group in inputs.count.groups
+            if group.kind != "frozen"))
     gradient_bytes = sum(group.numel * _element_size(held_dtype(inputs, group))
                          for group in inputs.count.groups if group.kind != "frozen")
     return [Row("gradients", "trainable (dtype of each parameter)", gradient_bytes),
@@ -105,7 +105,7 @@ def optimizer_rows(inputs: PlanInputs) -> list[Row]:
 
 
 def strategy_rows(inputs: PlanInputs) -> list[Row]:
-    """Buffers of the sharding strategies: DeepSpeed's buckets and gathered modules, FSDP's gathered units."""
+    """Buffers of the sharding strategies: DeepSpeed's buckets and gathered modules, FSDP's (memory/fsdp_rows.py)."""
     gathered_size = inputs.act_bytes  # parameters are gathered in the compute dtype
     count = inputs.count
     if inputs.strategy == "deepspeed":
@@ -147,9 +147,5 @@ def strategy_rows(inputs: PlanInputs) -> list[Row]:
                             min(inputs.allgather_bucket, trainable_numel) * gathered_size))
         return rows
     if inputs.strategy == "fsdp":
-        unit = max(count.unit_numels or [0])
-        root = sum(group.numel for group in count.groups) - sum(count.unit_numels)
-        return [Row("strategy", "FSDP all-gathers: two units (current + prefetch) in compute dtype",
-                    2 * unit * gathered_size),
-                Row("strategy", "FSDP root unit held whole (embeddings, head, projector)", root * gathered_size)]
+        return fsdp_rows.strategy_rows(inputs)
     return []

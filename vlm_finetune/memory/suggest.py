@@ -78,15 +78,18 @@ def _candidates(overrides: list[str], plan: MemoryPlan, settings: RunSettings, s
         out.append(("gather_in_place", "ZeRO-3 gathers each parameter into its own buffer (no flat-buffer copy, "
                                        "no prefetch: less overlap)",
                     [_replace(overrides, "trainer.stage3_allgather_sequential", "true")]))
-    if not settings.strategy.offload_optimizer:
+    if not settings.strategy.offload_optimizer and not settings.strategy.offload_parameters:
         target = "zero3_offload" if shards_parameters else "zero2_offload"
-        out.append(("offload", "offload to CPU memory (DeepSpeed)",
-                    [_replace(overrides, "trainer", target), _replace(overrides, "trainer", "zero3_offload")]))
+        tries = [_replace(overrides, "trainer", target), _replace(overrides, "trainer", "zero3_offload")]
+        if strategy == "fsdp":  # FSDP2's CPU offload first: the same engine
+            tries.insert(0, _replace(overrides, "trainer", "fsdp_offload"))
+        out.append(("offload", "offload to CPU memory", tries))
     if settings.precision != "nf4" and settings.model.path:
         tries = [_replace(overrides, "precision", "nf4")]
-        if shards_parameters:  # 4-bit weights cannot be sharded
+        if shards_parameters:  # 4-bit weights sharded by FSDP2 (not by ZeRO-3), or whole on each rank
             unsharded = "zero2" if plan.world_size > 1 else "single"
-            tries = [_replace(_replace(overrides, "precision", "nf4"), "trainer", unsharded)]
+            tries = [_replace(_replace(overrides, "precision", "nf4"), "trainer", trainer)
+                     for trainer in (("fsdp",) if plan.world_size > 1 else ()) + (unsharded,)]
         # 4-bit MoE experts take no LoRA: where the plan refuses that, LoRA on attention only
         tries += [_replace(t, "lora.llm_modules", "attention") for t in tries]
         out.append(("nf4", "4-bit base (QLoRA)", tries))

@@ -22,10 +22,25 @@ from torch import nn
 from vlm_finetune.models._sharded import ShardReader, stream_into
 from vlm_finetune.models.moe_nf4 import quantize_experts_nf4
 
+_ON_HOST = [False]
+
+
+@contextmanager
+def quantised_on_host() -> Iterator[None]:
+    """Inside, weights are quantised into host memory even where a GPU is present: FSDP (trainer=fsdp) then moves
+    only each rank's shard of the 4-bit bytes to its GPU, instead of every rank holding the whole 4-bit model there."""
+    _ON_HOST[0] = True
+    try:
+        yield
+    finally:
+        _ON_HOST[0] = False
+
 
 def quantization_device() -> torch.device:
-    """Where quantised weights live: this process's GPU, or the CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    """Where quantised weights live: this process's GPU, or the CPU (no GPU, or inside `quantised_on_host`)."""
+    if torch.cuda.is_available() and not _ON_HOST[0]:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def quantize_linear_nf4(root: nn.Module) -> int:

@@ -117,6 +117,15 @@ class Glm4vOrigFamily(Family):
     def output_embedding(self, model: nn.Module) -> nn.Module:
         return model.lm_head
 
+    # a text-only micro-batch runs the vision path on a blank image under multi-rank sharding (module.VisionInEveryStep)
+    image_keys = ("pixel_values",)
+
+    def image_features(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model.image_features(batch["pixel_values"])
+
+    def input_embedding(self, model: nn.Module) -> nn.Module:
+        return model.model.embed_tokens
+
     # -- planner and export ---------------------------------------------------------------------------
     def memory_dims(self, spec: ModelSettings, image_size: int) -> dict:
         """Sizes for the memory planner (keys in models/base.py). The geometry is fixed by the config (every

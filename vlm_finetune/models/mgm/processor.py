@@ -101,7 +101,9 @@ class MgmImages:
 class MgmProcessor(VLMProcessorBase):
     image_keys = ("images", "images_aux")
     image_end_id = IMAGE_TOKEN_INDEX  # MGM's image positions are placeholder ids, so the last one ends a span
-    max_images, model_name = 1, "MGM"  # MGM's data and forward take one image per conversation
+    # several images per conversation: MGM's forward splices each image at its placeholder (MGM's own loader keeps
+    # one per record; taking several is this project's extension, tests/test_mgm_templates.py)
+    max_images, model_name = None, "MGM"
 
     def __init__(self, tokenizer, images: MgmImages, tokens_per_image: int, template: str,
                  truncation: str = "truncate", tokenizer_folder: str | Path | None = None):
@@ -154,8 +156,6 @@ class MgmProcessor(VLMProcessorBase):
         prompt, spans = self.template.prompt(messages, for_generation)
         ids, labels = self.tokenize(prompt, spans)
         n_images = ids.count(IMAGE_TOKEN_INDEX) // max(self.tokens_per_image, 1)
-        if n_images > 1:
-            raise DataError(f"MGM takes one image per conversation; this one has {n_images} <image> placeholders")
         if n_images > len(sample.images):
             raise DataError(f"the conversation has {n_images} <image> placeholder(s) but {len(sample.images)} image(s)")
         image_inputs: dict[str, torch.Tensor] = {}
