@@ -33,17 +33,20 @@ def one_rank_mesh():
                LOCAL_RANK="0")
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    started = not dist.is_initialized()
-    if started:
-        dist.init_process_group("gloo")
-    yield init_device_mesh("cpu", (1,))
+    try:  # the variables only for the group's start: the runs this module launches must not inherit RANK=0 etc.
+        started = not dist.is_initialized()
+        if started:
+            dist.init_process_group("gloo")
+        mesh = init_device_mesh("cpu", (1,))
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    yield mesh
     if started:
         dist.destroy_process_group()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 def _mixed_batch(settings, family):
