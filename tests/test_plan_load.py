@@ -178,9 +178,11 @@ def test_glm4v_9b_on_this_cpu_stops_in_seconds_before_it_grows(tmp_path):
     if this_host_memory_gib() > 50:
         pytest.skip(f"this machine has {this_host_memory_gib():.0f} GiB: GLM-4V-9B's float32 load would fit")
     # the entry point run as `python -m vlm_finetune`, printing its own peak resident size as it exits
-    probe = ("import atexit, resource, runpy, sys\n"
-             "atexit.register(lambda: print('peak_rss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
-             "file=sys.stderr))\n"
+    # VmHWM: this process's own high-water mark. Not getrusage's ru_maxrss, which Linux carries across exec from
+    # the forked copy of the parent: after a long test session, the pytest process's resident size
+    probe = ("import atexit, runpy, sys\n"
+             "hwm = lambda: next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
+             "atexit.register(lambda: print('peak_rss_kib', hwm(), file=sys.stderr))\n"
              "sys.argv = ['vlm_finetune', *sys.argv[1:]]\nrunpy.run_module('vlm_finetune', run_name='__main__')\n")
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-c", probe, "model=glm4v_9b", "hardware=cpu", "data.max_length=2048",
