@@ -66,13 +66,12 @@ def resolve_activation_checkpointing(settings: RunSettings, overrides: list[str]
     return int(plan.checkpointed_layers), plan.checkpoint_scope
 
 
-def resolve_val_batch(settings: RunSettings, overrides: list[str] | None = None) -> int | None:
-    """For `data.val_batch_size=auto`, the plan's validation batch: the largest (up to 8 training micro-batches and
-    the rank's share of the validation set) whose peak stays within the training step's (memory/validation.py).
-    None when it is not auto."""
+def resolve_val_batch(settings: RunSettings, plan: Any) -> int | None:
+    """For `data.val_batch_size=auto`, the validation batch of `plan` (these settings' plan): the largest (up to 8
+    training micro-batches and the rank's share of the validation set) whose peak stays within the training
+    step's (memory/validation.py). None when it is not auto."""
     if not is_auto(settings.data.val_batch_size):
         return None
-    plan = plan_run(settings, list(overrides or []))
     chosen = plan.validation
     print(f"vlm_finetune: data.val_batch_size auto: {chosen.batch_size} (validation's planned peak "
           f"{chosen.allocated_bytes / 2**30:.2f} GiB within the step's {plan.allocated_bytes / 2**30:.2f} GiB)",
@@ -80,12 +79,15 @@ def resolve_val_batch(settings: RunSettings, overrides: list[str] | None = None)
     return int(chosen.batch_size)
 
 
-def resolve_gather_in_place(settings: RunSettings, overrides: list[str] | None = None) -> bool | None:
-    """For ZeRO-3's `trainer.stage3_allgather_sequential=auto`: true only where the plan fits with it and not
-    without (memory.planner). None when it is not auto or not ZeRO-3."""
-    if not settings.strategy.is_zero3 or not is_auto(settings.strategy.deepspeed.get("stage3_allgather_sequential")):
+def gathers_auto(settings: RunSettings) -> bool:
+    return settings.strategy.is_zero3 and is_auto(settings.strategy.deepspeed.get("stage3_allgather_sequential"))
+
+
+def resolve_gather_in_place(settings: RunSettings, plan: Any) -> bool | None:
+    """For ZeRO-3's `trainer.stage3_allgather_sequential=auto`: what `plan` (these settings' plan) chose, true only
+    where the plan fits with it and not without (memory.planner). None when it is not auto or not ZeRO-3."""
+    if not gathers_auto(settings):
         return None
-    plan = plan_run(settings, list(overrides or []))
     chosen = bool(plan.choices.get("trainer.stage3_allgather_sequential", False))
     if chosen:
         print("vlm_finetune: trainer.stage3_allgather_sequential auto: true (each parameter gathered into its own "
@@ -173,12 +175,13 @@ def search_micro_batch(settings: RunSettings, family: Any, model: torch.nn.Modul
     return micro, accumulate
 
 
-def resolve_before_build(settings: RunSettings, hardware: Any, overrides: list[str]
+def resolve_before_build(settings: RunSettings, hardware: Any, overrides: list[str] | None
                          ) -> tuple[RunSettings, dict[str, Any]]:
     """What the memory plan decides before the model is built, for every option left at `auto`: the micro-batch
     under sharding, the checkpointed layers, ZeRO-3's gather and the validation batch. Returns the settings with
     them and the config keys to write (so the run's config.yaml holds the numbers)."""
     chosen: dict[str, Any] = {}
+    overrides = list(overrides or [])  # none outside Hydra's command line (tests, train(cfg))
     planned = resolve_planned_micro_batch(settings, hardware, overrides)  # sharded: the plan's
     if planned is not None:
         chosen["data.micro_batch_size"], chosen["trainer.accumulate_grad_batches"] = planned
@@ -189,11 +192,13 @@ def resolve_before_build(settings: RunSettings, hardware: Any, overrides: list[s
         chosen["model.activation_checkpointing"], chosen["speed.checkpoint_scope"] = layers
         settings = settings.replace(model=settings.model.replace(activation_checkpointing=layers[0]),
                                     speed=dataclasses.replace(settings.speed, checkpoint_scope=layers[1]))
-    in_place = resolve_gather_in_place(settings, overrides)
+    # one plan for both: under gather auto it is already the plan of the gather it chose
+    plan = plan_run(settings, overrides) if gathers_auto(settings) or is_auto(settings.data.val_batch_size) else None
+    in_place = resolve_gather_in_place(settings, plan)
     if in_place is not None:
         chosen["trainer.stage3_allgather_sequential"] = in_place
         settings = settings.replace(strategy=settings.strategy.with_deepspeed(stage3_allgather_sequential=in_place))
-    val_batch = resolve_val_batch(settings, overrides)
+    val_batch = resolve_val_batch(settings, plan)
     if val_batch is not None:
         chosen["data.val_batch_size"] = val_batch
         settings = settings.replace(data=settings.data.replace(val_batch_size=val_batch))
