@@ -83,11 +83,11 @@ def measure(path: str, image_root: str) -> dict:
     from vlm_finetune.data.grouping import LengthGroupedSampler, sample_lengths
     from vlm_finetune.settings import DataSettings
 
-    settings = DataSettings(source="conversations", micro_batch_size=MICRO_BATCH, val_batch_size=None,
-                            max_length=None, truncation="truncate", on_bad_record="error", group_by_length=True,
-                            num_workers=0, packing=False, pack_length=None, global_batch_size=None, num_train=None,
-                            num_val=None, image_size=None, path=path, val_path=None, val_fraction=0.01,
-                            image_root=image_root)
+    settings = DataSettings(source="conversations", micro_batch_size=MICRO_BATCH, batch_per_device=None,
+                            val_batch_size=None, max_length=None, truncation="truncate", on_bad_record="error",
+                            group_by_length=True, num_workers=0, packing=False, pack_length=None,
+                            global_batch_size=None, num_train=None, num_val=None, image_size=None, path=path,
+                            val_path=None, val_fraction=0.01, image_root=image_root)
     before = {field: _status_kib(field) for field in ("VmRSS", "RssAnon", "RssFile")}
     started = time.perf_counter()
     train, val, _ = build_datasets(settings, seed=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
@@ -20,28 +21,29 @@ def visual_items(images: int, videos: list) -> int:
     return images + sum(-(-len(video) // 2) for video in videos)
 
 
-def sample_lengths(samples: Dataset) -> list[int]:
-    """A length proxy per sample, without encoding it: the dataset's own `lengths()` when it has one (records
-    read from files), else characters of the messages plus IMAGE_WEIGHT per image."""
+def sample_lengths(samples: Dataset) -> np.ndarray:
+    """A length proxy per sample (int64), without encoding it: the dataset's own `lengths()` when it has one
+    (records read from files), else characters of the messages plus IMAGE_WEIGHT per image."""
     lengths = getattr(samples, "lengths", None)
     if callable(lengths):
-        return [int(n) for n in lengths()]
-    out = []
+        return np.asarray(lengths(), dtype=np.int64)
+    out = np.empty(len(samples), dtype=np.int64)
     for index in range(len(samples)):
         sample = samples[index]
-        out.append(sum(len(m.content) for m in sample.messages)
-                   + IMAGE_WEIGHT * visual_items(len(sample.images), [v.frames for v in sample.videos]))
+        out[index] = (sum(len(m.content) for m in sample.messages)
+                      + IMAGE_WEIGHT * visual_items(len(sample.images), [v.frames for v in sample.videos]))
     return out
 
 
 class LengthGroupedSampler(Sampler[int]):
     """Each epoch: a random permutation (seed + epoch) cut into groups of GROUP_MICRO_BATCHES micro-batches,
-    each group sorted by length and cut into micro-batches, the micro-batches then shuffled; with several
-    ranks, rank r takes micro-batches r, r + W, ... (each rank's micro-batches stay length-homogeneous). The
-    indices come out micro-batch after micro-batch, for a BatchSampler of the same size."""
+    each group sorted by length (longest first, ties in permutation order) and cut into micro-batches, the
+    micro-batches then shuffled; with several ranks, rank r takes micro-batches r, r + W, ... (each rank's
+    micro-batches stay length-homogeneous). The indices come out micro-batch after micro-batch, for a
+    BatchSampler of the same size. Held as numpy arrays: a million samples are not a million Python ints."""
 
-    def __init__(self, lengths: list[int], micro_batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.lengths = list(lengths)
+    def __init__(self, lengths, micro_batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.lengths = np.asarray(lengths, dtype=np.int64)
         self.micro_batch_size = int(micro_batch_size)
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.epoch = 0
@@ -55,19 +57,24 @@ class LengthGroupedSampler(Sampler[int]):
     def __len__(self) -> int:
         return self._batches_per_rank() * self.micro_batch_size
 
-    def micro_batches(self) -> list[list[int]]:
+    def _batches(self) -> np.ndarray:
+        """This rank's micro-batches of the epoch, (count, micro_batch_size)."""
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        order = torch.randperm(len(self.lengths), generator=generator).numpy()
         group = self.micro_batch_size * GROUP_MICRO_BATCHES
-        batches = []
         for start in range(0, len(order), group):
-            members = sorted(order[start:start + group], key=lambda i: -self.lengths[i])
-            batches += [members[k:k + self.micro_batch_size] for k in range(0, len(members), self.micro_batch_size)]
-        batches = [b for b in batches if len(b) == self.micro_batch_size]
-        shuffled = [batches[k] for k in torch.randperm(len(batches), generator=generator).tolist()]
+            members = order[start:start + group]
+            order[start:start + group] = members[np.argsort(-self.lengths[members], kind="stable")]
+        # a group holds whole micro-batches, so the one incomplete micro-batch (if any) is the last group's tail
+        full = len(order) // self.micro_batch_size
+        batches = order[:full * self.micro_batch_size].reshape(full, self.micro_batch_size)
+        shuffled = batches[torch.randperm(full, generator=generator).numpy()]
         kept = shuffled[:self._batches_per_rank() * self.world_size]
         return kept[self.rank::self.world_size]
 
+    def micro_batches(self) -> list[list[int]]:
+        return self._batches().tolist()
+
     def __iter__(self) -> Iterator[int]:
-        for batch in self.micro_batches():
-            yield from batch
+        for index in self._batches().reshape(-1):
+            yield int(index)
