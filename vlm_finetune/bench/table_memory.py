@@ -113,7 +113,10 @@ def render(results: dict, command: str, date: str, records: int) -> str:
              "record check run in a short-lived process of their own (vlm_finetune/data/sources.py), not counted here",
              "- resident = anonymous (the process's own memory: Python objects, buffers) + file-backed (pages of "
              "mapped files, here the memory-mapped Arrow file: page cache the kernel can drop and that data "
-             "workers share); /proc/self/status RssAnon and RssFile", "",
+             "workers share); /proc/self/status RssAnon and RssFile",
+             "- the run's process maps the Arrow files without reading them and reads only the record batches that "
+             "hold drawn rows (vlm_finetune/data/arrow_rows.py; opening them through datasets read every batch's "
+             "header, which made the whole file resident); the length-grouped order is held in numpy arrays", "",
              "| form | resident growth MiB | vs JSON | anonymous growth MiB | vs JSON | file-backed growth MiB | "
              "peak resident MiB (process) | seconds |", "|---|---|---|---|---|---|---|---|"]
     json_anon = results["json"]["anon_growth_mib"]
