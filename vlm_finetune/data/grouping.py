@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from vlm_finetune.data.sample import Video, VideoFile
+
 # an image counts as this many characters in the length proxy (its tokens dwarf a short question)
 IMAGE_WEIGHT = 256
 # samples are sorted by length within groups of this many micro-batches: long enough to find similar
@@ -16,9 +18,20 @@ IMAGE_WEIGHT = 256
 GROUP_MICRO_BATCHES = 64
 
 
+# a video file counts its frames at GLM's sampling rate (2 per second, at most 300 s: the released processor's)
+FILE_FRAMES_PER_SECOND, FILE_MAX_SECONDS = 2, 300
+
+
+def _frames(video) -> int:
+    if isinstance(video, VideoFile):
+        return max(1, int(min(video.duration, FILE_MAX_SECONDS) * FILE_FRAMES_PER_SECOND))
+    return len(video.frames if isinstance(video, Video) else video)
+
+
 def visual_items(images: int, videos: list) -> int:
-    """Images in the length proxy: each image, and each video's frames two at a time (a temporal patch)."""
-    return images + sum(-(-len(video) // 2) for video in videos)
+    """Images in the length proxy: each image, and each video's frames two at a time (a temporal patch); a video
+    is its list of frames, a Video or a VideoFile."""
+    return images + sum(-(-_frames(video) // 2) for video in videos)
 
 
 def sample_lengths(samples: Dataset) -> np.ndarray:
@@ -31,7 +44,7 @@ def sample_lengths(samples: Dataset) -> np.ndarray:
     for index in range(len(samples)):
         sample = samples[index]
         out[index] = (sum(len(m.content) for m in sample.messages)
-                      + IMAGE_WEIGHT * visual_items(len(sample.images), [v.frames for v in sample.videos]))
+                      + IMAGE_WEIGHT * visual_items(len(sample.images), sample.videos))
     return out
 
 

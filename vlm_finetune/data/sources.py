@@ -31,7 +31,7 @@ from vlm_finetune.data.conversations import BadRecord, ConversationDataset, load
 from vlm_finetune.data.grouping import IMAGE_WEIGHT, visual_items
 from vlm_finetune.data.images import load_rgb
 from vlm_finetune.data.sample import Sample, Video
-from vlm_finetune.data.videos import BadVideo, parse_videos
+from vlm_finetune.data.videos import BadVideo, is_video_file, parse_videos, probe_video
 from vlm_finetune.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -110,19 +110,22 @@ def _check_image(image: bytes | Path, label: str) -> None:
 
 
 def _parse_row(raw: dict, image_root: Path, check_images: bool):
-    """(messages, images, videos' frames, video fps) of a row; images and frames as bytes or paths."""
+    """(messages, images, videos, video fps) of a row; images and frames as bytes or paths, a video file as its
+    VideoFile (its header read, as it is whether or not `check_images`)."""
     messages, entries = messages_and_images(raw, image_entry=(str, dict, bytes))
     images = [_image_bytes_or_path(entry, image_root) for entry in entries]
     try:
         video_entries, fps = parse_videos(raw, messages)
+        videos = [probe_video(_image_bytes_or_path(video, image_root), f"video {position}")
+                  if is_video_file(video) else [_image_bytes_or_path(frame, image_root) for frame in video]
+                  for position, video in enumerate(video_entries)]
     except BadVideo as err:
         raise BadRecord(str(err)) from None
-    videos = [[_image_bytes_or_path(frame, image_root) for frame in video] for video in video_entries]
     if check_images:
         for position, image in enumerate(images):
             _check_image(image, f"image {position}")
         for position, video in enumerate(videos):
-            for number, frame in enumerate(video):
+            for number, frame in enumerate(video if isinstance(video, list) else []):
                 _check_image(frame, f"frame {number} of video {position}")
     return messages, images, videos, fps
 
@@ -192,7 +195,8 @@ class TableConversations(torch.utils.data.Dataset):
         try:
             messages, images, videos, fps = _parse_row(raw, self.image_root, check_images=False)
             decoded = [_decode(image) for image in images]
-            clips = [Video([_decode(frame) for frame in video], fps) for video in videos]
+            clips = [Video([_decode(frame) for frame in video], fps) if isinstance(video, list) else video
+                     for video in videos]  # a VideoFile is read by the family's processor
         except (BadRecord, OSError, SyntaxError) as err:
             raise DataError(f"{self.source}: record {index}: {err}") from None
         return Sample(messages=messages, images=decoded, meta={"record": index}, videos=clips)
