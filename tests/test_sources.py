@@ -14,7 +14,7 @@ from conftest import compose_cfg
 from vlm_finetune.config import data_settings
 from vlm_finetune.data.arrow_rows import StreamRows
 from vlm_finetune.data.datamodule import build_datasets
-from vlm_finetune.data.sources import TableConversations, is_table, load_table
+from vlm_finetune.data.sources import DatasetRows, TableConversations, is_table, load_table
 from vlm_finetune.errors import DataError
 from vlm_finetune.settings import DataSettings
 
@@ -91,6 +91,9 @@ def test_tables_give_the_json_samples_and_split(forms, monkeypatch):
     shipped = pickle.dumps(train)
     assert pickle.loads(shipped)[3].messages == train[3].messages
     assert len(shipped) < 20_000  # 9 records: small arrays and the files' names; no image bytes
+    # a table whose rows are not plain batches of its files is read through datasets' own Dataset: the same rows
+    through_datasets = pickle.loads(pickle.dumps(DatasetRows(str(forms / "saved"))))
+    assert all(through_datasets.row(i) == train.table.row(i) for i in (0, 5, 11))
 
 
 def test_a_corrupt_embedded_image_is_named_before_weights_load_and_skip_counts_it(forms, tmp_path, monkeypatch):
