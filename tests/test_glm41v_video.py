@@ -148,7 +148,10 @@ def test_one_tower_run_equals_transformers_and_mixed_batches_equal_their_rows(re
 
 @pytest.fixture(scope="module")
 def visual_records(tmp_path_factory):
-    """JSON records: two images, a 4-frame video (frame files), an image and a video, text only."""
+    """JSON records: two images, a 4-frame video (frame files; record 5's as a video file when PyAV is there),
+    an image and a video, text only."""
+    import importlib.util
+
     folder = tmp_path_factory.mktemp("video")
     records = []
     for i in range(8):
@@ -163,6 +166,9 @@ def visual_records(tmp_path_factory):
             record["images"] = [f"{i}_0.png", f"{i}_1.png"][:2 if kind == 0 else 1]
         if kind in (1, 2):
             record["videos"] = [[f"{i}_{k}.png" for k in range(4)]]
+        if i == 5 and importlib.util.find_spec("av") is not None:
+            _write_video(folder / "5.mov", [(25 * i + 10 * k, 40 * k, 200 - 20 * i) for k in range(4)], fps=2)
+            record["videos"] = ["5.mov"]
         records.append(record)
     (folder / "train.json").write_text(json.dumps(records))
     return folder
@@ -231,3 +237,99 @@ def test_generation_refuses_images_and_videos_in_one_batch_before_weights_load(v
                                 f"data.val_path={visual_records / 'train.json'}", "eval.generate=true"], tmp_path)
     with pytest.raises(ConfigError, match="eval.generate=true: a record holds both images and videos"):
         train_module.train(cfg)
+
+
+COLOURS = [(30 * i, 200 - 20 * i, 90) for i in range(8)]
+
+
+def _write_video(path, colours, fps: int, size: int = 56) -> None:
+    """A video file of uniform frames of these colours (PNG frames in a QuickTime file: lossless, so the colours
+    read back exactly), written with PyAV."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("png", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size, size, "rgb24"
+        for colour in colours:
+            frame = av.VideoFrame.from_ndarray(np.full((size, size, 3), colour, dtype=np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def test_a_video_file_is_read_as_the_released_reader_and_encodes_as_its_frames(released, tmp_path):  # noqa: F811
+    """8 frames at 4 fps: the header, the sampled indices, the frames and the timestamps are those of transformers'
+    read_video_pyav with the released sampling; a JSON record naming the file gives tiny_glm41v's processor the
+    ids and pixels of a record listing the same frames (the sampled ones, at GLM's 2 fps)."""
+    pytest.importorskip("av")
+    import numpy as np
+    from transformers.models.glm4v.video_processing_glm4v import Glm4vVideoProcessor as cls
+    from transformers.video_utils import read_video_pyav
+
+    from vlm_finetune.data.conversations import ConversationDataset, load_conversations
+    from vlm_finetune.data.grouping import visual_items
+    from vlm_finetune.data.sample import VideoFile
+    from vlm_finetune.data.videos import read_frames
+
+    processor = released[0]
+    _write_video(tmp_path / "clip.mov", COLOURS, fps=4)
+    owner = types.SimpleNamespace(fps=cls.fps, max_duration=cls.max_duration)
+    their_frames, metadata = read_video_pyav(str(tmp_path / "clip.mov"),
+                                             lambda metadata, **_: cls.sample_frames(owner, metadata))
+    sampled = [0, 2, 4, 6]  # duration 8 / 4 = 2 s at 2 frames per second
+    for k in sampled:
+        Image.new("RGB", (56, 56), COLOURS[k]).save(tmp_path / f"f{k}.png")
+    turns = [{"role": "user", "content": "<video>What changes?"}, {"role": "assistant", "content": "the colour"}]
+    records = [{"videos": ["clip.mov"], "messages": turns},
+               {"videos": [[f"f{k}.png" for k in sampled]], "video_fps": 2, "messages": turns}]
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    loaded, skipped = load_conversations(tmp_path / "train.json", tmp_path)
+    from_file, from_frames = ConversationDataset(loaded, "train.json")[0], ConversationDataset(loaded, "")[1]
+    video = from_file.videos[0]
+    assert isinstance(video, VideoFile) and (video.num_frames, video.fps, video.duration) == (8, 4.0, 2.0)
+    assert (metadata.total_num_frames, metadata.fps, metadata.duration) == (8, 4.0, 2.0)
+    assert sample_frames(8, 4.0, processor.video, video.duration) == metadata.frames_indices.tolist() == sampled
+    frames = read_frames(video, sampled)
+    assert np.array_equal(np.stack([np.asarray(f) for f in frames]), their_frames)
+    assert [f.getpixel((5, 5)) for f in frames] == [COLOURS[k] for k in sampled]
+    _, grid, timestamps = video_inputs(video, processor.video)
+    assert timestamps == [int(t) for t in metadata.timestamps[::2]][:int(grid[0, 0])] == [0, 1]
+    ours, theirs = processor.encode(from_file), processor.encode(from_frames)
+    assert ours.input_ids.tolist() == theirs.input_ids.tolist() == _hf_video_ids(
+        released[1], released[2], from_frames, processor) + [released[1].eos_token_id]
+    for key in ("pixel_values_videos", "video_grid_thw"):
+        assert torch.equal(ours.image_inputs[key], theirs.image_inputs[key])
+    assert skipped == 0 and visual_items(0, [video]) == visual_items(0, [from_frames.videos[0]]) == 2
+
+
+def test_video_files_are_checked_up_front_and_refused_without_pyav(tmp_path, monkeypatch):
+    pytest.importorskip("av")
+    from vlm_finetune.data import videos
+    from vlm_finetune.data.conversations import load_conversations
+    from vlm_finetune.errors import DataError
+
+    _write_video(tmp_path / "clip.mov", COLOURS[:2], fps=2)
+    (tmp_path / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not a video")
+    turns = [{"role": "user", "content": "<video>What?"}, {"role": "assistant", "content": "x"}]
+    records = [{"videos": [name], "messages": turns} for name in ("clip.mov", "broken.mp4", "gone.mp4")]
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    with pytest.raises(DataError, match=r"record 1 video 0 .*broken.mp4 cannot be read as a video"):
+        load_conversations(tmp_path / "train.json", tmp_path)
+    kept, skipped = load_conversations(tmp_path / "train.json", tmp_path, on_bad_record="skip")
+    assert len(kept) == 1 and skipped == 2  # gone.mp4 does not exist
+    # in a table (Parquet, save_to_disk) a video file may also come embedded, as datasets' {bytes, path} struct
+    from vlm_finetune.data.conversations import BadRecord
+    from vlm_finetune.data.sources import _parse_row
+
+    embedded = {"bytes": (tmp_path / "clip.mov").read_bytes(), "path": None}
+    _, _, parsed, _ = _parse_row({"videos": [embedded], "messages": turns}, tmp_path, check_images=True)
+    assert (parsed[0].num_frames, parsed[0].fps) == (2, 2.0) and "embedded" in repr(parsed[0])
+    assert [f.getpixel((0, 0)) for f in videos.read_frames(parsed[0], [0, 1, 1])] == [COLOURS[0], *COLOURS[1:2] * 2]
+    with pytest.raises(BadRecord, match=r"embedded video 0 cannot be read as a video"):
+        _parse_row({"videos": [b"junk"], "messages": turns}, tmp_path, check_images=True)
+    monkeypatch.setattr(videos, "have_video_reader", lambda: False)
+    with pytest.raises(DataError, match=r"record 0 video 0 is a video file \(clip.mov\) and reading video files "
+                                        r"needs PyAV: pip install \"vlm_finetune\[video\]\""):
+        load_conversations(tmp_path / "train.json", tmp_path)

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import compose_cfg
 from vlm_finetune.data.datamodule import EpochRandomSampler
-from vlm_finetune.data.grouping import LengthGroupedSampler
+from vlm_finetune.data.grouping import GROUP_MICRO_BATCHES, LengthGroupedSampler
 
 LENGTHS = [random.Random(7).choice([5, 8, 40, 300, 900]) + i % 3 for i in range(1000)]
 
@@ -25,6 +25,30 @@ def test_grouped_batches_waste_far_less_on_padding_and_hold_every_sample_once():
     assert _spread(batches) < 0.1 * _spread(random_batches)
     assert sorted(i for b in batches for i in b) == list(range(1000))  # 1000 = 125 x 8: none dropped
     assert list(grouped) == [i for b in batches for i in b]  # micro-batch after micro-batch
+
+
+def _reference_batches(lengths: list[int], size: int, seed: int, epoch: int, rank: int, world: int):
+    """The grouped order as the sampler's docstring states it, in plain Python (the sampler computes it with
+    numpy arrays): runs checkpointed before that change resume into the same order."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    batches = []
+    for start in range(0, len(order), size * GROUP_MICRO_BATCHES):
+        members = sorted(order[start:start + size * GROUP_MICRO_BATCHES], key=lambda i: -lengths[i])
+        batches += [members[k:k + size] for k in range(0, len(members), size)]
+    batches = [b for b in batches if len(b) == size]
+    shuffled = [batches[k] for k in torch.randperm(len(batches), generator=generator).tolist()]
+    return shuffled[:len(lengths) // size // world * world][rank::world]
+
+
+def test_the_order_is_the_reference_order_with_an_incomplete_last_group():
+    lengths = LENGTHS[:1000 - 3]  # 997: groups of 512, the last micro-batch incomplete (dropped)
+    for rank, world, epoch in ((0, 1, 0), (1, 3, 2)):
+        grouped = LengthGroupedSampler(lengths, 8, seed=5, rank=rank, world_size=world)
+        grouped.set_epoch(epoch)
+        assert grouped.micro_batches() == _reference_batches(lengths, 8, 5, epoch, rank, world)
 
 
 def test_the_order_depends_on_seed_and_epoch_only_and_ranks_share_disjointly():

@@ -12,8 +12,9 @@ from test_accumulation import COMMON, _adapter, _losses
 
 from conftest import compose_cfg
 from vlm_finetune.config import data_settings
+from vlm_finetune.data.arrow_rows import StreamRows
 from vlm_finetune.data.datamodule import build_datasets
-from vlm_finetune.data.sources import TableConversations, is_table, load_table
+from vlm_finetune.data.sources import DatasetRows, TableConversations, is_table, load_table
 from vlm_finetune.errors import DataError
 from vlm_finetune.settings import DataSettings
 
@@ -76,6 +77,7 @@ def test_tables_give_the_json_samples_and_split(forms, monkeypatch):
     for name in ("train.parquet", "saved"):
         train, val, stats = build_datasets(_settings(forms / name), seed=3)
         assert isinstance(train, TableConversations) and stats["skipped_bad_records"] == 0
+        assert isinstance(train.table, StreamRows)  # rows read from their record batch (datasets' files)
         for ours, theirs in ((train, json_train), (val, json_val)):
             assert len(ours) == len(theirs) and list(ours.lengths()) == list(theirs.lengths())
             for i in range(len(ours)):
@@ -88,7 +90,10 @@ def test_tables_give_the_json_samples_and_split(forms, monkeypatch):
 
     shipped = pickle.dumps(train)
     assert pickle.loads(shipped)[3].messages == train[3].messages
-    assert len(shipped) < 20_000  # 9 records: four small arrays, the table's path and schema; no image bytes
+    assert len(shipped) < 20_000  # 9 records: small arrays and the files' names; no image bytes
+    # a table whose rows are not plain batches of its files is read through datasets' own Dataset: the same rows
+    through_datasets = pickle.loads(pickle.dumps(DatasetRows(str(forms / "saved"))))
+    assert all(through_datasets.row(i) == train.table.row(i) for i in (0, 5, 11))
 
 
 def test_a_corrupt_embedded_image_is_named_before_weights_load_and_skip_counts_it(forms, tmp_path, monkeypatch):
@@ -173,3 +178,50 @@ def test_one_image_families_refuse_two_image_records_before_weights_load(forms, 
     with pytest.raises(DataError, match=rf"train.json: {name} takes at most 1 image\(s\) per conversation; "
                                         r"3 record\(s\) hold more \(record 3, 6, 9\).*on_bad_record=skip"):
         train_module.train(cfg)
+
+
+def _resident_kib(path: str) -> int:
+    """Resident KiB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, current = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            current = len(fields) > 5 and fields[5] == path
+        elif current and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="reads /proc/self/smaps (Linux)")
+def test_a_row_is_read_from_its_own_record_batch_without_the_rest_of_the_file(tmp_path):
+    """datasets writes its Arrow files in small record batches; opening one with datasets reads every batch's
+    header, which (with the kernel's fault-around) maps the whole file into the process. StreamRows reads the
+    batch that holds the row and nothing else."""
+    import gc
+    import pickle
+
+    import pyarrow as pa
+
+    from vlm_finetune.data.arrow_rows import index_stream, stream_files
+
+    rows = [{"images": [{"bytes": bytes([i % 251]) * 1500, "path": None}], "messages": [{"role": "user",
+             "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]} for i in range(3000)]
+    table = pa.Table.from_pylist(rows, schema=FEATURES.arrow_schema)
+    path = str(tmp_path / "rows.arrow")
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=20):  # 150 batches of ~30 KiB
+            writer.write_batch(batch)
+    dataset = datasets.Dataset.from_file(path).with_format("arrow")
+    assert stream_files(dataset) == [path]
+    assert stream_files(datasets.Dataset.from_list(rows[:3])) is None  # held in memory: no file to read
+    assert stream_files(dataset.select([2, 0])) is None  # an indices mapping: rows are not the file's order
+    expected = {i: dataset[i].to_pylist()[0] for i in (0, 1234, 2999)}
+    index = index_stream([path], len(dataset))
+    del dataset
+    gc.collect()  # datasets' mapping goes
+    assert len(index.offset) == 150 and index.start[-1] == 3000 and _resident_kib(path) == 0
+    size_kib = Path(path).stat().st_size // 1024
+    reader = pickle.loads(pickle.dumps(StreamRows(index)))  # what a data worker gets
+    for i, row in expected.items():
+        assert reader.row(i) == row == rows[i]
+    assert 0 < _resident_kib(path) < 0.1 * size_kib, (_resident_kib(path), size_kib)

@@ -3,7 +3,8 @@
 LLaVA/MGM: `{"image": "a.jpg" | ["a.jpg", ...],
             "conversations": [{"from": "human"|"gpt"|"system", "value": "<image>\\n..."}]}`
 messages:  `{"images": ["a.jpg", ...], "messages": [{"role": "user"|"assistant"|"system", "content": "<image>..."}]}`
-(`content` may also be a list of `{"type": "text", "text": ...}` / `{"type": "image"}` parts).
+(`content` may also be a list of `{"type": "text", "text": ...}` / `{"type": "image"}` parts); videos as in
+data/videos.py.
 
 Every record is checked when the file is read, before any weight loads: a bad record raises a
 DataError naming the file and the record index, or with `on_bad_record="skip"` is counted and left out.
@@ -16,13 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from vlm_finetune.data.grouping import IMAGE_WEIGHT, visual_items
 from vlm_finetune.data.images import load_rgb, open_checked
 from vlm_finetune.data.rules import generation_problem, placeholder_problem
-from vlm_finetune.data.sample import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Message, Sample, Video
-from vlm_finetune.data.videos import BadVideo, parse_videos
+from vlm_finetune.data.sample import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Message, Sample, Video, VideoFile
+from vlm_finetune.data.videos import BadVideo, is_video_file, parse_videos, probe_video
 from vlm_finetune.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ class ConversationRecord:
     messages: list[Message]
     image_paths: list[Path]
     index: int  # position in the source file, for error messages
-    video_frames: list[list[Path]] = field(default_factory=list)  # each video's frame files
+    video_frames: list[list[Path] | VideoFile] = field(default_factory=list)  # each video's frame files, or its file
     video_fps: float = 2.0
 
 
@@ -107,11 +108,21 @@ def parse_record(raw: dict, index: int, image_root: Path) -> ConversationRecord:
         videos, fps = parse_videos(raw, messages)
     except BadVideo as err:
         raise BadRecord(str(err)) from None
-    if any(not isinstance(frame, str) for video in videos for frame in video):
-        raise BadRecord("video frames must be image paths")
-    frames = [[image_root / frame for frame in video] for video in videos]
+    frames: list[list[Path] | VideoFile] = []
+    for position, video in enumerate(videos):
+        if is_video_file(video):
+            if not isinstance(video, str):
+                raise BadRecord(f"video {position} must be a path to a video file or a list of frame paths")
+            try:
+                frames.append(probe_video(image_root / video, f"video {position}"))
+            except BadVideo as err:
+                raise BadRecord(str(err)) from None
+        elif any(not isinstance(frame, str) for frame in video):
+            raise BadRecord("video frames must be image paths")
+        else:
+            frames.append([image_root / frame for frame in video])
     paths = [image_root / str(p) for p in images]
-    for p in paths + [f for video in frames for f in video]:
+    for p in paths + [f for video in frames if isinstance(video, list) for f in video]:
         if not p.is_file():
             raise BadRecord(f"image {p} does not exist (paths are relative to data.image_root={image_root})")
         try:
@@ -226,20 +237,19 @@ class ConversationDataset(torch.utils.data.Dataset):
         return [sum(len(m.content) for m in r.messages)
                 + IMAGE_WEIGHT * visual_items(len(r.image_paths), r.video_frames) for r in self.records]
 
+    def _load(self, record: ConversationRecord, path: Path) -> Image.Image:
+        try:
+            return load_rgb(path)
+        except (OSError, SyntaxError, DataError) as err:  # changed or removed since the up-front check
+            raise DataError(f"{self.source}: record {record.index}: image {path} cannot be read ({err})") from None
+
     def __getitem__(self, i: int) -> Sample:
         record = self.records[i]
-        images, videos = [], []
-        for p in record.image_paths + [f for video in record.video_frames for f in video]:
-            try:
-                images.append(load_rgb(p))
-            except (OSError, SyntaxError, DataError) as err:  # changed or removed since the up-front check
-                raise DataError(f"{self.source}: record {record.index}: image {p} cannot be read ({err})") from None
-        start = len(record.image_paths)
-        for video in record.video_frames:
-            videos.append(Video(images[start:start + len(video)], record.video_fps))
-            start += len(video)
-        return Sample(messages=record.messages, images=images[:len(record.image_paths)], meta={"record": record.index},
-                      videos=videos)
+        images = [self._load(record, p) for p in record.image_paths]
+        # a video file is read by the family's processor, which decodes only the frames its sampling keeps
+        videos = [video if isinstance(video, VideoFile) else
+                  Video([self._load(record, p) for p in video], record.video_fps) for video in record.video_frames]
+        return Sample(messages=record.messages, images=images, meta={"record": record.index}, videos=videos)
 
 
 def build_conversation_datasets(path, val_path, image_root, on_bad_record: str, val_fraction: float, seed: int

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
+
+from vlm_finetune.data.sample import Video, VideoFile
 
 # an image counts as this many characters in the length proxy (its tokens dwarf a short question)
 IMAGE_WEIGHT = 256
@@ -15,33 +18,45 @@ IMAGE_WEIGHT = 256
 GROUP_MICRO_BATCHES = 64
 
 
+# a video file counts its frames at GLM's sampling rate (2 per second, at most 300 s: the released processor's)
+FILE_FRAMES_PER_SECOND, FILE_MAX_SECONDS = 2, 300
+
+
+def _frames(video) -> int:
+    if isinstance(video, VideoFile):
+        return max(1, int(min(video.duration, FILE_MAX_SECONDS) * FILE_FRAMES_PER_SECOND))
+    return len(video.frames if isinstance(video, Video) else video)
+
+
 def visual_items(images: int, videos: list) -> int:
-    """Images in the length proxy: each image, and each video's frames two at a time (a temporal patch)."""
-    return images + sum(-(-len(video) // 2) for video in videos)
+    """Images in the length proxy: each image, and each video's frames two at a time (a temporal patch); a video
+    is its list of frames, a Video or a VideoFile."""
+    return images + sum(-(-_frames(video) // 2) for video in videos)
 
 
-def sample_lengths(samples: Dataset) -> list[int]:
-    """A length proxy per sample, without encoding it: the dataset's own `lengths()` when it has one (records
-    read from files), else characters of the messages plus IMAGE_WEIGHT per image."""
+def sample_lengths(samples: Dataset) -> np.ndarray:
+    """A length proxy per sample (int64), without encoding it: the dataset's own `lengths()` when it has one
+    (records read from files), else characters of the messages plus IMAGE_WEIGHT per image."""
     lengths = getattr(samples, "lengths", None)
     if callable(lengths):
-        return [int(n) for n in lengths()]
-    out = []
+        return np.asarray(lengths(), dtype=np.int64)
+    out = np.empty(len(samples), dtype=np.int64)
     for index in range(len(samples)):
         sample = samples[index]
-        out.append(sum(len(m.content) for m in sample.messages)
-                   + IMAGE_WEIGHT * visual_items(len(sample.images), [v.frames for v in sample.videos]))
+        out[index] = (sum(len(m.content) for m in sample.messages)
+                      + IMAGE_WEIGHT * visual_items(len(sample.images), sample.videos))
     return out
 
 
 class LengthGroupedSampler(Sampler[int]):
     """Each epoch: a random permutation (seed + epoch) cut into groups of GROUP_MICRO_BATCHES micro-batches,
-    each group sorted by length and cut into micro-batches, the micro-batches then shuffled; with several
-    ranks, rank r takes micro-batches r, r + W, ... (each rank's micro-batches stay length-homogeneous). The
-    indices come out micro-batch after micro-batch, for a BatchSampler of the same size."""
+    each group sorted by length (longest first, ties in permutation order) and cut into micro-batches, the
+    micro-batches then shuffled; with several ranks, rank r takes micro-batches r, r + W, ... (each rank's
+    micro-batches stay length-homogeneous). The indices come out micro-batch after micro-batch, for a
+    BatchSampler of the same size. Held as numpy arrays: a million samples are not a million Python ints."""
 
-    def __init__(self, lengths: list[int], micro_batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.lengths = list(lengths)
+    def __init__(self, lengths, micro_batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.lengths = np.asarray(lengths, dtype=np.int64)
         self.micro_batch_size = int(micro_batch_size)
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.epoch = 0
@@ -55,19 +70,24 @@ class LengthGroupedSampler(Sampler[int]):
     def __len__(self) -> int:
         return self._batches_per_rank() * self.micro_batch_size
 
-    def micro_batches(self) -> list[list[int]]:
+    def _batches(self) -> np.ndarray:
+        """This rank's micro-batches of the epoch, (count, micro_batch_size)."""
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        order = torch.randperm(len(self.lengths), generator=generator).numpy()
         group = self.micro_batch_size * GROUP_MICRO_BATCHES
-        batches = []
         for start in range(0, len(order), group):
-            members = sorted(order[start:start + group], key=lambda i: -self.lengths[i])
-            batches += [members[k:k + self.micro_batch_size] for k in range(0, len(members), self.micro_batch_size)]
-        batches = [b for b in batches if len(b) == self.micro_batch_size]
-        shuffled = [batches[k] for k in torch.randperm(len(batches), generator=generator).tolist()]
+            members = order[start:start + group]
+            order[start:start + group] = members[np.argsort(-self.lengths[members], kind="stable")]
+        # a group holds whole micro-batches, so the one incomplete micro-batch (if any) is the last group's tail
+        full = len(order) // self.micro_batch_size
+        batches = order[:full * self.micro_batch_size].reshape(full, self.micro_batch_size)
+        shuffled = batches[torch.randperm(full, generator=generator).numpy()]
         kept = shuffled[:self._batches_per_rank() * self.world_size]
         return kept[self.rank::self.world_size]
 
+    def micro_batches(self) -> list[list[int]]:
+        return self._batches().tolist()
+
     def __iter__(self) -> Iterator[int]:
-        for batch in self.micro_batches():
-            yield from batch
+        for index in self._batches().reshape(-1):
+            yield int(index)

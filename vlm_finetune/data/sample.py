@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -26,6 +27,26 @@ class Video:
     fps: float
 
 
+@dataclass(frozen=True)
+class VideoFile:
+    """A video file a record names (a path, or bytes embedded in a table), with what its header says: the frame
+    count and average rate of its video stream. The family's processor chooses the frames by its own sampling
+    rule and decodes only those (data/videos.read_frames)."""
+
+    source: Path | bytes
+    num_frames: int
+    fps: float
+
+    @property
+    def duration(self) -> float:
+        """Seconds, as transformers' PyAV reader states it (frames / average rate)."""
+        return self.num_frames / self.fps
+
+    def __repr__(self) -> str:  # not the bytes
+        where = self.source if isinstance(self.source, Path) else f"<{len(self.source)} embedded bytes>"
+        return f"VideoFile({where}, {self.num_frames} frames at {self.fps:g} fps)"
+
+
 @dataclass
 class Sample:
     """One conversation with its images (RGB, loaded). Loss is taken on assistant messages only."""
@@ -34,7 +55,7 @@ class Sample:
     images: list[Image.Image] = field(default_factory=list)
     meta: dict = field(default_factory=dict)  # e.g. {"question_type": "color"}; never fed to the model
     # in the order of the VIDEO_PLACEHOLDERs; only GLM-4.1V/4.5V take them
-    videos: list[Video] = field(default_factory=list)
+    videos: list[Video | VideoFile] = field(default_factory=list)
 
     @property
     def num_image_placeholders(self) -> int:

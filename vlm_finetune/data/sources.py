@@ -5,9 +5,11 @@ images as paths (relative to data.image_root) or embedded bytes (the `datasets.I
 
 Every record is checked when the data is opened, before any weight loads, exactly as JSON records are (the
 same errors, naming the file and record index, or with data.on_bad_record=skip counted and left out). What the
-check keeps is two integer arrays (the usable rows and their length proxies): the records stay in the
-memory-mapped Arrow table and are parsed again when a sample is drawn, so a million records never become a
-million Python objects in the parent or in a data worker (a worker unpickles the table by its file names).
+check keeps is integer arrays (the usable rows, their length proxies, image and video counts, where each record
+batch of the Arrow files lies): the records stay in the memory-mapped Arrow files and are parsed again when a
+sample is drawn, reading only the record batch that holds it (data/arrow_rows.py), so a million records never
+become a million Python objects, nor the whole file resident, in the parent or in a data worker (a worker
+unpickles the arrays and the files' names).
 """
 from __future__ import annotations
 
@@ -24,11 +26,12 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from vlm_finetune.data.arrow_rows import BatchIndex, StreamRows, index_stream, stream_files
 from vlm_finetune.data.conversations import BadRecord, ConversationDataset, load_conversations, messages_and_images
 from vlm_finetune.data.grouping import IMAGE_WEIGHT, visual_items
 from vlm_finetune.data.images import load_rgb
 from vlm_finetune.data.sample import Sample, Video
-from vlm_finetune.data.videos import BadVideo, parse_videos
+from vlm_finetune.data.videos import BadVideo, is_video_file, parse_videos, probe_video
 from vlm_finetune.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -107,19 +110,22 @@ def _check_image(image: bytes | Path, label: str) -> None:
 
 
 def _parse_row(raw: dict, image_root: Path, check_images: bool):
-    """(messages, images, videos' frames, video fps) of a row; images and frames as bytes or paths."""
+    """(messages, images, videos, video fps) of a row; images and frames as bytes or paths, a video file as its
+    VideoFile (its header read, as it is whether or not `check_images`)."""
     messages, entries = messages_and_images(raw, image_entry=(str, dict, bytes))
     images = [_image_bytes_or_path(entry, image_root) for entry in entries]
     try:
         video_entries, fps = parse_videos(raw, messages)
+        videos = [probe_video(_image_bytes_or_path(video, image_root), f"video {position}")
+                  if is_video_file(video) else [_image_bytes_or_path(frame, image_root) for frame in video]
+                  for position, video in enumerate(video_entries)]
     except BadVideo as err:
         raise BadRecord(str(err)) from None
-    videos = [[_image_bytes_or_path(frame, image_root) for frame in video] for video in video_entries]
     if check_images:
         for position, image in enumerate(images):
             _check_image(image, f"image {position}")
         for position, video in enumerate(videos):
-            for number, frame in enumerate(video):
+            for number, frame in enumerate(video if isinstance(video, list) else []):
                 _check_image(frame, f"frame {number} of video {position}")
     return messages, images, videos, fps
 
@@ -128,11 +134,31 @@ def _decode(image: bytes | Path):
     return load_rgb(image if isinstance(image, Path) else io.BytesIO(image))
 
 
-class TableConversations(torch.utils.data.Dataset):
-    """Checked records of a memory-mapped table: row numbers and length proxies are all that is held."""
+class DatasetRows:
+    """Row `i` of the table through datasets' own `Dataset` (opened when first read), for tables whose rows are
+    not plain record batches of their files (data/arrow_rows.stream_files): opening it reads every batch header."""
 
-    def __init__(self, table, rows: np.ndarray, lengths: np.ndarray, images: np.ndarray, videos: np.ndarray,
-                 source: str, image_root: Path):
+    def __init__(self, path: str):
+        self.path = path
+        self._table = None
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.path, self._table = state["path"], None
+
+    def row(self, i: int) -> dict:
+        if self._table is None:
+            self._table = open_table(self.path)
+        return self._table[i].to_pylist()[0]
+
+
+class TableConversations(torch.utils.data.Dataset):
+    """Checked records of a memory-mapped table: row numbers, length proxies and counts are all that is held."""
+
+    def __init__(self, table: StreamRows | DatasetRows, rows: np.ndarray, lengths: np.ndarray, images: np.ndarray,
+                 videos: np.ndarray, source: str, image_root: Path):
         self.table = table
         self.rows = rows
         self._lengths = lengths
@@ -165,11 +191,12 @@ class TableConversations(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> Sample:
         index = int(self.rows[i])
-        raw = self.table[index].to_pylist()[0]
+        raw = self.table.row(index)
         try:
             messages, images, videos, fps = _parse_row(raw, self.image_root, check_images=False)
             decoded = [_decode(image) for image in images]
-            clips = [Video([_decode(frame) for frame in video], fps) for video in videos]
+            clips = [Video([_decode(frame) for frame in video], fps) if isinstance(video, list) else video
+                     for video in videos]  # a VideoFile is read by the family's processor
         except (BadRecord, OSError, SyntaxError) as err:
             raise DataError(f"{self.source}: record {index}: {err}") from None
         return Sample(messages=messages, images=decoded, meta={"record": index}, videos=clips)
@@ -182,7 +209,7 @@ def load_table(path: str | Path, image_root: str | Path | None, on_bad_record: s
     The check runs in a short-lived process of its own (as does Parquet's one-time conversion into the datasets
     cache, which it starts): reading every record touches every page of the mapped file and leaves what the
     Arrow and Python allocators freed in the process that read (measured by `python -m vlm_finetune.bench
-    tables`). This process gets the four integer arrays and maps the table."""
+    tables`). This process gets the integer arrays and maps the table's files, reading none of them yet."""
     if on_bad_record not in ("error", "skip"):
         raise DataError(f"data.on_bad_record={on_bad_record!r}: use 'error' or 'skip'")
     path = Path(path)
@@ -202,7 +229,9 @@ def load_table(path: str | Path, image_root: str | Path | None, on_bad_record: s
         with np.load(out) as checked:
             arrays = [checked[name] for name in ("rows", "lengths", "images", "videos")]
             skipped = int(checked["skipped"])
-    return TableConversations(open_table(path), *arrays, str(path), root), skipped
+            batches = BatchIndex.from_arrays(checked)
+    table = StreamRows(batches) if batches is not None else DatasetRows(str(path))
+    return TableConversations(table, *arrays, str(path), root), skipped
 
 
 CHILD_ERROR = "vlm_finetune.DataError: "
@@ -217,17 +246,20 @@ def _check_child() -> None:
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
     path, root, on_bad_record, out = sys.argv[1:5]
     try:
-        arrays, skipped = check_table(Path(path), Path(root), on_bad_record)
+        table = open_table(Path(path))
+        arrays, skipped = check_table(table, Path(path), Path(root), on_bad_record)
     except DataError as err:
         print(CHILD_ERROR + str(err).replace("\n", NEWLINE), file=sys.stderr, flush=True)
         sys.exit(3)
-    np.savez(out, skipped=skipped, **dict(zip(("rows", "lengths", "images", "videos"), arrays)))
+    files = stream_files(table)
+    batches = index_stream(files, len(table)) if files else None
+    np.savez(out, skipped=skipped, **dict(zip(("rows", "lengths", "images", "videos"), arrays)),
+             **(batches.arrays() if batches is not None else {}))
 
 
-def check_table(path: Path, root: Path, on_bad_record: str) -> tuple[list[np.ndarray], int]:
-    """Every record of the table at `path` checked: (rows, lengths, images, videos) of the usable ones, and the
-    number skipped."""
-    table = open_table(path)
+def check_table(table, path: Path, root: Path, on_bad_record: str) -> tuple[list[np.ndarray], int]:
+    """Every record of `table` (open_table of `path`) checked: (rows, lengths, images, videos) of the usable ones,
+    and the number skipped."""
     rows, lengths, images_per_row, videos_per_row = array("q"), array("q"), array("q"), array("q")  # machine ints
     skipped = 0
     for start in range(0, len(table), CHECK_BATCH):

@@ -1,9 +1,12 @@
 """GLM-4.1V / GLM-4.5V video inputs, as the released processor (transformers' `Glm4vVideoProcessor` and
 `Glm4vProcessor`) makes them, from a video given as its frames (a list of images taken at `fps` frames per
-second).
+second) or as a video file (data/sample.VideoFile: its header's frame count and average rate, as transformers'
+PyAV reader states them; only the sampled frames are decoded, data/videos.read_frames).
 
 - frame sampling: the released `sample_frames` rule (2 frames per second of the video, at most 300 s; indices
-  `ceil(i * fps / 2)`, duplicates dropped, an odd count made even by repeating the last frame);
+  `ceil(i * fps / 2)`, duplicates dropped, an odd count made even by repeating the last frame); the video lasts
+  `round((frames - 1) / fps) + 1` s when given as frames (no duration known, the released rule's fallback), and
+  `frames / fps` s when read from a file (the duration transformers' `read_video_pyav` puts in its metadata);
 - timestamps: each sampled frame's index / fps, one per temporal patch of 2 frames (`timestamps[::2]`), written
   as an integer number of seconds after each frame's image span;
 - pixels: the frames resized together by the video `smart_resize` (sides multiples of 28 within the pixel
@@ -11,9 +14,7 @@ second).
   and normalised with the CLIP mean and std, then cut into patches of 2 frames x 14 x 14 in the merge order of
   the released `patchify` (`pixel_values_videos`, `video_grid_thw` = (frames / 2, H / 14, W / 14)).
 
-Video files are not decoded: no video reader (PyAV, decord, torchvision's) is a dependency of this project, so a
-record gives a video as the list of its frames. The settings are the released class defaults, overridden by a
-checkpoint folder's `video_preprocessor_config.json`.
+The settings are the released class defaults, overridden by a checkpoint folder's `video_preprocessor_config.json`.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlm_finetune.data.sample import Video
+from vlm_finetune.data.sample import Video, VideoFile
+from vlm_finetune.data.videos import read_frames
 from vlm_finetune.errors import DataError
 
 VIDEO_CONFIG = "video_preprocessor_config.json"
@@ -65,10 +67,11 @@ class VideoSettings:
         return replace(settings, **changes)
 
 
-def sample_frames(total_frames: int, fps: float, settings: VideoSettings) -> list[int]:
-    """Indices of the frames the released processor keeps from a video of `total_frames` frames at `fps`."""
+def sample_frames(total_frames: int, fps: float, settings: VideoSettings, duration: float | None = None) -> list[int]:
+    """Indices of the frames the released processor keeps from a video of `total_frames` frames at `fps` lasting
+    `duration` seconds (None: unknown, the released rule's fallback)."""
     last = total_frames - 1
-    duration = round(last / fps) + 1
+    duration = duration or round(last / fps) + 1
     if duration <= settings.max_duration:
         count = max(int(math.floor(duration * settings.fps)), 1)
         indices = [min(last, int(math.ceil(i * fps / settings.fps))) for i in range(count)]
@@ -108,12 +111,17 @@ def smart_resize(frames: int, height: int, width: int, settings: VideoSettings) 
     return h_bar, w_bar
 
 
-def video_inputs(video: Video, settings: VideoSettings) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+def video_inputs(video: Video | VideoFile, settings: VideoSettings) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """(pixel_values_videos, video_grid_thw of shape (1, 3), one integer timestamp per temporal patch)."""
-    if len({frame.size for frame in video.frames}) > 1:
-        raise DataError(f"the frames of a video differ in size ({sorted({f.size for f in video.frames})})")
-    indices = sample_frames(len(video.frames), video.fps, settings)
-    frames = torch.from_numpy(np.stack([np.asarray(video.frames[i].convert("RGB")) for i in indices]))
+    if isinstance(video, VideoFile):
+        indices = sample_frames(video.num_frames, video.fps, settings, duration=video.duration)
+        chosen = read_frames(video, indices)
+    else:
+        indices = sample_frames(len(video.frames), video.fps, settings)
+        chosen = [video.frames[i] for i in indices]
+    if len({frame.size for frame in chosen}) > 1:
+        raise DataError(f"the frames of a video differ in size ({sorted({f.size for f in chosen})})")
+    frames = torch.from_numpy(np.stack([np.asarray(frame.convert("RGB")) for frame in chosen]))
     frames = frames.permute(0, 3, 1, 2)  # (T, C, H, W), uint8
     height, width = smart_resize(len(indices), frames.shape[2], frames.shape[3], settings)
     resized = torch.nn.functional.interpolate(frames.float(), size=(height, width), mode="bicubic",
