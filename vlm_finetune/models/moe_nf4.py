@@ -42,6 +42,10 @@ class _ExpertView:
     def __len__(self) -> int:
         return self.shape[0]
 
+    @property
+    def device(self) -> torch.device:  # PEFT's LoRA wrapper places its adapter by it (moe_lora.nf4_targets_for_peft)
+        return getattr(self.module, f"{self.name}_nf4").device
+
     def __getitem__(self, expert) -> torch.Tensor:
         import bitsandbytes.functional as bnbf
 
