@@ -280,6 +280,11 @@ def activation_rows(inputs: PlanInputs, tokens: int, micro_batch: int, images: i
         held = kept_moe + (1 if checkpointed_layers > dense_layers else 0)
         rows.append(Row("activations", f"ZeRO-3: frozen experts' gathered weights saved by {held} MoE layer(s)",
                         int(held * stack)))
+    if inputs.precision == "nf4" and moe_layers and inputs.count.expert_numel:
+        # 4-bit experts: one expert's matrix at a time dequantised, for its tokens and again in backward for the
+        # input's gradient (models/moe_lora.py, _Nf4ExpertLinear); none is kept for backward
+        rows.append(Row("activations", "nf4 experts: one expert's gate_up matrix dequantised",
+                        2 * int(dims["moe_intermediate"]) * int(hidden) * act_bytes))
     image_tokens = int(dims["image_tokens_per_image"])
     rows.append(Row("activations", f"image tokens ({image_tokens * images * micro_batch} into the LLM)",
                     int(image_tokens * images * micro_batch * hidden * act_bytes)))
