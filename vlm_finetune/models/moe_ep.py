@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from vlm_finetune.models.moe_lora import _factors, _param_wrapper_class, _wrapper_chain, frozen_expert_linear
+from vlm_finetune.models.moe_loop import frozen_expert_linear
+from vlm_finetune.models.moe_lora import _factors, _param_wrapper_class, _wrapper_chain
 from vlm_finetune.models.moe_nf4 import EXPERT_TENSORS, expert_modules
 
 # the process group of each rank's expert-parallel group, made once the default group exists (init_groups)

@@ -2,7 +2,7 @@
 parameters (experts x out x in), which bitsandbytes' Linear4bit replacement never sees. Here each expert's matrix is
 quantised on its own with bitsandbytes' nf4 (`quantize_4bit`, blocks of 64, one float32 absmax per block) and held as
 packed codes; `self.gate_up_proj[e]` dequantises expert e alone (`dequantize_4bit`). The module runs the eager
-expert loop of transformers through moe_lora.expert_loop, whose 4-bit linear dequantises expert e for its tokens
+expert loop of transformers through moe_loop.expert_loop, whose 4-bit linear dequantises expert e for its tokens
 and again in backward (nothing saved), so no step holds more than one expert's matrix in 16 bits: transformers' own
 loop would keep every dequantised matrix it used for the input's gradient, a layer's whole stack in 16 bits."""
 from __future__ import annotations
@@ -12,6 +12,8 @@ from types import SimpleNamespace
 
 import torch
 from torch import nn
+
+from vlm_finetune.models.moe_loop import expert_loop
 
 EXPERT_TENSORS = ("gate_up_proj", "down_proj")
 BLOCKSIZE = 64
@@ -68,8 +70,6 @@ _CLASSES: dict[type, type] = {}
 
 def _nf4_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                  top_k_weights: torch.Tensor) -> torch.Tensor:
-    from vlm_finetune.models.moe_lora import expert_loop  # it imports this module
-
     return expert_loop(self, {}, hidden_states, top_k_index, top_k_weights)
 
 
