@@ -14,8 +14,11 @@ collectives of real runs on CPU ranks.
 - ZeRO-3: every parameter all-gathered for the forward and again for the backward of each micro-batch (a
   frozen vision tower, run under no_grad, only for the forward; the recompute of a checkpointed layer runs
   inside its backward, on the same gather), and a reduce-scatter of the trainable gradients per micro-batch.
-- FSDP (computed, not yet measured here): the same gathers as ZeRO-3 (resharded after the forward) and a
-  reduce-scatter of the gradients of the trainable parameters, float32, per micro-batch.
+- FSDP2 (trainer=fsdp): per micro-batch every parameter all-gathered for the forward in the compute dtype; for the
+  backward again each unit (decoder layer, vision block) that runs one, resharded after its forward; the root
+  unit (embeddings, head, projector, what of the towers is in no block) stays gathered from its forward to its
+  backward (FSDP2 never reshards the root after forward), and a frozen vision tower (no_grad) has no backward;
+  a reduce-scatter of the gradients of the trainable parameters, float32.
 - Expert parallel (trainer=ddp trainer.expert_parallel=N): DDP's all-reduce, plus, per micro-batch and MoE
   layer, each of its T x top-k (token, expert) rows that belongs to another rank of the group ((N-1)/N of them
   under balanced routing) sent there and its output sent back, in the forward, again in the backward (the
@@ -61,10 +64,15 @@ def trainable_bytes(inputs: PlanInputs) -> int:
 def gathered_bytes(inputs: PlanInputs, backward: bool) -> int:
     """What ZeRO-3 / FSDP gathers for one pass over the model: every parameter for the forward (counted on CPU
     ranks, ZeRO-3 gathers the small persistent ones at each use as well); for the backward, all but a frozen
-    vision tower (it runs under torch.no_grad(), so it has no backward)."""
-    skip = {"vision"} if backward and inputs.modes[Part.VISION] is Mode.FROZEN else set()
+    vision tower (it runs under torch.no_grad(), so it has no backward), and under FSDP2 only the units (the root
+    is still gathered from its forward)."""
+    frozen_vision = inputs.modes[Part.VISION] is Mode.FROZEN
+    skip = {"vision"} if backward and frozen_vision else set()
     if inputs.strategy == "fsdp":
-        return sum(g.numel for g in inputs.count.groups if g.part not in skip) * inputs.act_bytes
+        if backward:
+            count = inputs.count
+            return (sum(count.unit_numels) - (count.vision_unit_numel if frozen_vision else 0)) * inputs.act_bytes
+        return sum(g.numel for g in inputs.count.groups) * inputs.act_bytes
     return sum(g.numel * _module_size(inputs, g) for g in inputs.count.groups if g.part not in skip)
 
 
@@ -91,7 +99,7 @@ def communication_rows(inputs: PlanInputs, tokens: int, accumulate: int, checkpo
                             int(micro * 2 * ring(world) * grads)))
         rows.append(CommRow("ZeRO-2 all-gather of the updated trainable parameters", int(ring(world) * grads)))
     elif inputs.strategy in ("deepspeed", "fsdp"):
-        name = "ZeRO-3" if inputs.strategy == "deepspeed" else "FSDP"
+        name = "ZeRO-3" if inputs.strategy == "deepspeed" else "FSDP2"
         passes = gathered_bytes(inputs, backward=False) + gathered_bytes(inputs, backward=True)
         rows.append(CommRow(f"{name} parameter all-gathers (forward and backward), {micro} micro-batch(es)",
                             int(micro * ring(world) * passes)))
