@@ -35,12 +35,11 @@ def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 @pytest.mark.parametrize("model,precision,scope", [
     ("tiny_mgm_moe", "32-true", "all"),  # LoRA on attention, and on every expert (per expert, replicated)
-    # LoRA on 4-bit experts (each dequantised alone on the rank that holds it), computed in float32 so that the
-    # comparison is exact: under nf4's bf16 autocast an expert's LoRA gradient is one bf16 product over both ranks'
-    # tokens with EP and two summed in float32 with DDP (the second step's loss then differs by 1.3e-4)
-    ("tiny_mgm_moe", "nf4-fp32", "all"),
-    # sigmoid router with its correction bias, a shared expert; LoRA on its 4-bit experts. The other crossings
-    # (glm45v float32, nf4 with LoRA on attention only) passed when written; CI time keeps three
+    # sigmoid router with its correction bias, a shared expert; LoRA on its 4-bit experts (each dequantised alone on
+    # the rank that holds it), computed in float32 so that the comparison is exact: under nf4's bf16 autocast an
+    # expert's LoRA gradient is one bf16 product over both ranks' tokens with EP and two summed in float32 with DDP
+    # (the second step's loss then differs by 1.3e-4). The other crossings (mgm_moe nf4-fp32 with LoRA on the
+    # experts, glm45v float32, nf4 with LoRA on attention only) passed when written; CI time keeps two
     ("tiny_glm45v", "nf4-fp32", "all"),
 ])
 def test_expert_parallel_on_two_ranks_equals_ddp(model, precision, scope, tmp_path):
