@@ -13,7 +13,8 @@ collectives of real runs on CPU ranks.
   module's dtype).
 - ZeRO-3: every parameter all-gathered for the forward and again for the backward of each micro-batch (a
   frozen vision tower, run under no_grad, only for the forward; the recompute of a checkpointed layer runs
-  inside its backward, on the same gather), and a reduce-scatter of the trainable gradients per micro-batch.
+  inside its backward, on the same gather), less the last MoE block, kept from its forward to its backward by
+  the reuse distance (`zero3_reused_bytes`), and a reduce-scatter of the trainable gradients per micro-batch.
 - FSDP2 (trainer=fsdp): per micro-batch every parameter all-gathered for the forward in the compute dtype; for the
   backward again each unit (decoder layer, vision block) that runs one, resharded after its forward; the root
   unit (embeddings, head, projector, what of the towers is in no block) stays gathered from its forward to its
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vlm_finetune.memory.count import ParamGroup
 from vlm_finetune.memory.inputs import PlanInputs
 from vlm_finetune.memory.report import Row
 from vlm_finetune.memory.state_rows import held_dtype
@@ -80,6 +82,19 @@ def gathered_bytes(inputs: PlanInputs, backward: bool) -> int:
     return sum(g.numel * _module_size(inputs, g) for g in inputs.count.groups if g.part not in skip)
 
 
+def zero3_reused_bytes(inputs: PlanInputs) -> int:
+    """ZeRO-3, once DeepSpeed knows the step's trace (every step after the first): a parameter met again within
+    `stage3_max_reuse_distance` elements of its release stays gathered. The last decoder layer's MoE block (a ZeRO-3
+    leaf, the last module of the forward) is next used by its own backward with only the final norm in between, so
+    its backward gathers nothing (tests/test_comm.py; scripts/comm_bench.py: 3 of 8 block gathers per step
+    fewer there, the other two kept by the prefetcher's look-ahead, which this does not model)."""
+    if inputs.strategy != "deepspeed" or inputs.stage != 3 or not inputs.dims.get("moe_layers") \
+            or inputs.max_reuse_distance <= 0 or not inputs.count.expert_numel:
+        return 0
+    group = ParamGroup("llm", "frozen", inputs.count.expert_dtype or inputs.count.groups[0].dtype, 0)
+    return inputs.count.largest_fetch_numel * _module_size(inputs, group)
+
+
 def expert_rows_per_layer(inputs: PlanInputs, tokens: int) -> float:
     """(token, expert) rows one rank sends to the other ranks of its group, per MoE layer and micro-batch."""
     size = inputs.expert_parallel
@@ -105,8 +120,10 @@ def communication_rows(inputs: PlanInputs, tokens: int, accumulate: int, checkpo
     elif inputs.strategy in ("deepspeed", "fsdp"):
         name = "ZeRO-3" if inputs.strategy == "deepspeed" else "FSDP2"
         passes = gathered_bytes(inputs, backward=False) + gathered_bytes(inputs, backward=True)
-        rows.append(CommRow(f"{name} parameter all-gathers (forward and backward), {micro} micro-batch(es)",
-                            int(micro * ring(world) * passes)))
+        kept = zero3_reused_bytes(inputs)
+        rows.append(CommRow(f"{name} parameter all-gathers (forward and backward"
+                            + ("; the last MoE block kept for its backward" if kept else "")
+                            + f"), {micro} micro-batch(es)", int(micro * ring(world) * (passes - kept))))
         reduced = grads if inputs.strategy == "deepspeed" else sum(
             g.numel for g in inputs.count.groups if g.kind != "frozen") * 4
         rows.append(CommRow(f"{name} reduce-scatter of the gradients, {micro} micro-batch(es)",
