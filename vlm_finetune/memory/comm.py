@@ -121,9 +121,9 @@ def communication_rows(inputs: PlanInputs, tokens: int, accumulate: int, checkpo
         name = "ZeRO-3" if inputs.strategy == "deepspeed" else "FSDP2"
         passes = gathered_bytes(inputs, backward=False) + gathered_bytes(inputs, backward=True)
         kept = zero3_reused_bytes(inputs)
-        rows.append(CommRow(f"{name} parameter all-gathers (forward and backward"
-                            + ("; the last MoE block kept for its backward" if kept else "")
-                            + f"), {micro} micro-batch(es)", int(micro * ring(world) * (passes - kept))))
+        what = ("all-gathers, fwd + bwd (last MoE block reused)" if kept
+                else "parameter all-gathers (forward and backward)")
+        rows.append(CommRow(f"{name} {what}, {micro} micro-batch(es)", int(micro * ring(world) * (passes - kept))))
         reduced = grads if inputs.strategy == "deepspeed" else sum(
             g.numel for g in inputs.count.groups if g.kind != "frozen") * 4
         rows.append(CommRow(f"{name} reduce-scatter of the gradients, {micro} micro-batch(es)",
