@@ -31,6 +31,7 @@ def _world(kwargs) -> int:
 def _cost(name: str, args, kwargs) -> float:
     names = {"all_reduce": ("tensor",), "all_gather_into_tensor": ("output_tensor", "input_tensor"),
              "_all_gather_base": ("output_tensor", "input_tensor"), "all_gather": ("tensor_list", "tensor"),
+             "all_gather_single": ("output_tensor", "input_tensor"), "reduce_scatter_single": ("output", "input"),
              "reduce_scatter_tensor": ("output", "input"), "_reduce_scatter_base": ("output", "input"),
              "reduce_scatter": ("output", "input_list"), "all_to_all_single": ("output", "input"),
              "broadcast": ("tensor",), "reduce": ("tensor",)}[name]
@@ -40,11 +41,11 @@ def _cost(name: str, args, kwargs) -> float:
     share = (n - 1) / n
     if name == "all_reduce":
         return 2 * share * _nbytes(values["tensor"])
-    if name in ("all_gather_into_tensor", "_all_gather_base"):
+    if name in ("all_gather_into_tensor", "_all_gather_base", "all_gather_single"):
         return share * _nbytes(values.get("output_tensor", next(iter(values.values()))))
     if name == "all_gather":
         return share * _nbytes(values["tensor_list"])
-    if name in ("reduce_scatter_tensor", "_reduce_scatter_base"):
+    if name in ("reduce_scatter_tensor", "_reduce_scatter_base", "reduce_scatter_single"):
         return share * _nbytes(values.get("input", values.get("input_tensor")))
     if name == "reduce_scatter":
         return share * _nbytes(values["input_list"])
@@ -58,12 +59,16 @@ def _cost(name: str, args, kwargs) -> float:
 
 
 class Count(L.Callback):
-    WRAPPED = ("all_reduce", "all_gather_into_tensor", "_all_gather_base", "all_gather", "reduce_scatter_tensor",
-               "_reduce_scatter_base", "reduce_scatter", "all_to_all_single", "broadcast", "reduce")
+    # FSDP2 (torch 2.13) calls all_gather_single / reduce_scatter_single, which the older names now call in turn:
+    # a collective called from inside a counted one is not counted again
+    WRAPPED = ("all_reduce", "all_gather_into_tensor", "_all_gather_base", "all_gather", "all_gather_single",
+               "reduce_scatter_tensor", "_reduce_scatter_base", "reduce_scatter", "reduce_scatter_single",
+               "all_to_all_single", "broadcast", "reduce")
 
     def __init__(self, path: str):
         self.path = path
         self.on = False
+        self.depth = 0  # counted collectives in progress (one may call another)
         self.bytes: dict[str, float] = defaultdict(float)
         self.moe_tokens: list[int] = []
         self.seconds: list[float] = []  # each training batch's wall time (forward, backward, step)
@@ -77,10 +82,14 @@ class Count(L.Callback):
     def _wrap(self, name, original):
         @functools.wraps(original)
         def counted(*args, **kwargs):
-            if self.on:
+            if self.on and not self.depth:
                 self.bytes[name] += _cost(name, args, kwargs)
                 self.calls.append((name, round(_cost(name, args, kwargs))))
-            return original(*args, **kwargs)
+            self.depth += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.depth -= 1
         counted._counted = True
         return counted
 

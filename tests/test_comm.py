@@ -1,6 +1,6 @@
 """The planner's `communication per optimizer step` equals the bytes counted by wrapping the collectives of real
-runs (comm_probe.py) during 2 steps on two CPU ranks, within 10%, for DDP, ZeRO-2, ZeRO-3 and expert parallel
-(tiny_mgm_moe). FSDP's row is computed on paper (FSDP1 does not run on CPU processes here)."""
+runs (comm_probe.py) during 2 steps on two CPU ranks, within 10%, for DDP, ZeRO-2, ZeRO-3, FSDP2 and expert
+parallel (tiny_mgm_moe)."""
 from __future__ import annotations
 
 import json
@@ -24,6 +24,7 @@ CASES = {
     "ddp": ["trainer=ddp"],
     "zero2": ["trainer=zero2"],
     "zero3": ["trainer=zero3"],
+    "fsdp": ["trainer=fsdp"],
     "ep": ["trainer=ddp", "trainer.expert_parallel=2"],
 }
 

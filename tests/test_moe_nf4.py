@@ -92,10 +92,93 @@ def test_nf4_moe_trains_like_bf16_and_the_adapter_reloads(model_name, tmp_path):
     assert names and all(".self_attn." in n for n in names)
 
 
-@pytest.mark.parametrize("scope", ["all", "experts"])
-def test_lora_on_4_bit_experts_is_a_clear_error(scope, tmp_path):
+def _experts(quantise: bool, weights: dict) -> torch.nn.Module:
+    """Mixtral experts (hidden 16, width 12, 4 experts) in float32 under a holder module; `quantise`: the tensors
+    become nf4 codes (float32 compute: dequantised to float32)."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    holder = torch.nn.Module()
+    holder.experts = MixtralExperts(MixtralConfig(hidden_size=16, intermediate_size=12, num_local_experts=4))
+    for name, value in weights.items():
+        getattr(holder.experts, name).data.copy_(value)
+    if quantise:
+        assert moe_nf4.quantize_experts_nf4(holder) == 1
+    return holder
+
+
+def _with_lora(holder: torch.nn.Module, factors: dict | None):
+    """PEFT's LoRA (rank 2) on both fused tensors; `factors`: values for its A and B (B starts at zero)."""
+    from peft import LoraConfig, get_peft_model
+
+    from vlm_finetune.models.moe_lora import nf4_targets_for_peft
+
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=["experts.gate_up_proj",
+                                                                                 "experts.down_proj"])
+    with nf4_targets_for_peft(holder):
+        model = get_peft_model(holder, config)
+    for name, param in model.named_parameters():
+        if factors is not None and name in factors:
+            param.data.copy_(factors[name])
+    return model
+
+
+def test_lora_on_4_bit_experts_equals_peft_on_the_dequantised_experts_and_keeps_no_expert_for_backward(tmp_path):
+    """LoRA per expert on nf4 experts (one process, float32 compute): the output and every gradient equal PEFT's
+    own forward over a 16-bit copy of the dequantised experts; nothing of an expert's matrix is saved for
+    backward; the adapter has PEFT's keys and shapes for 16-bit experts and reloads with PEFT onto them."""
+    from peft import PeftModel
+
+    from vlm_finetune.models.moe_lora import apply_per_expert_lora
+
+    torch.manual_seed(0)
+    weights = {"gate_up_proj": 0.3 * torch.randn(4, 24, 16), "down_proj": 0.3 * torch.randn(4, 16, 12)}
+    four_bit = _with_lora(_experts(True, weights), None)
+    factors = {n: torch.randn_like(p) for n, p in four_bit.named_parameters() if "lora_" in n}
+    four_bit = _with_lora(_experts(True, weights), factors)
+    assert apply_per_expert_lora(four_bit) == 1
+    experts = four_bit.base_model.model.experts.base_layer.base_layer
+    assert type(experts).__name__ == "Nf4MixtralExperts" and "gate_up_proj" not in experts._parameters
+    dequantised = {name: torch.stack([getattr(experts, name)[e] for e in range(4)]) for name in weights}
+    assert dequantised["gate_up_proj"].dtype == torch.float32
+    reference = _with_lora(_experts(False, dequantised), factors)  # PEFT's own forward (W + delta per layer)
+    assert sorted(four_bit.state_dict().keys() - {k for k in four_bit.state_dict() if "_nf4" in k or "_absmax" in k
+                                                  or "_code" in k}) == \
+        sorted(k for k in reference.state_dict() if not k.endswith(("base_layer.gate_up_proj", "base_layer.down_proj")))
+
+    hidden = torch.randn(10, 16)
+    index = torch.stack([torch.randperm(4)[:2] for _ in range(10)])
+    route = torch.rand(10, 2)
+    outputs, gradients = [], []
+    for model in (four_bit, reference):
+        x, w = hidden.clone().requires_grad_(True), route.clone().requires_grad_(True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            out = model.base_model.model.experts(x, index, w)
+        leaves = [x, w] + [p for n, p in sorted(model.named_parameters()) if p.requires_grad]
+        gradients.append(torch.autograd.grad(out.square().sum(), leaves))
+        outputs.append(out)
+        if model is four_bit:  # neither a whole stack nor one expert's matrix (24 x 16, 16 x 12) is kept
+            assert saved and not any(s[-2:] in ((24, 16), (16, 12)) or len(s) == 3 for s in saved), saved
+    # (W + s B A) x against W x + s B (A x): float32 sums in another order, within 1e-5 of the tensor's largest
+    close = lambda got, want: (got - want).abs().max() <= 1e-5 * want.abs().max()  # noqa: E731
+    assert close(outputs[0], outputs[1]) and outputs[1].abs().max() > 0
+    assert len(gradients[0]) == len(gradients[1]) == 2 + 4
+    for got, want in zip(*gradients):
+        assert close(got, want) and want.abs().max() > 0
+
+    four_bit.save_pretrained(tmp_path / "adapter")  # PEFT's layout: reloads onto 16-bit experts
+    reloaded = PeftModel.from_pretrained(_experts(False, dequantised), tmp_path / "adapter")
+    with torch.no_grad():
+        assert close(reloaded.base_model.model.experts(hidden, index, route), outputs[1].detach())
+
+
+def test_lora_on_4_bit_experts_is_planned_and_peft_forward_refused(tmp_path):
     from vlm_finetune.plan import plan_memory
 
-    overrides = ["model=tiny_mgm_moe", "precision=nf4", f"lora.llm_modules={scope}"]
-    with pytest.raises(ConfigError, match="lora.llm_modules=attention"):
-        plan_memory(overrides)
+    overrides = ["model=tiny_mgm_moe", "precision=nf4", "lora.llm_modules=all"]
+    plan = plan_memory(overrides)
+    assert any(r.item.startswith("llm frozen experts nf4") for r in plan.rows)
+    assert plan.trainable_parameters > plan_memory([*overrides[:2], "lora.llm_modules=attention"]).trainable_parameters
+    with pytest.raises(ConfigError, match="lora.expert_forward=per_expert"):
+        plan_memory([*overrides, "lora.expert_forward=peft"])

@@ -84,8 +84,8 @@ def test_mgm_nf4_quantises_the_decoder_linears_and_trains_like_bf16(model, tmp_p
     cfg = compose_cfg([f"model={model}"], tmp_path)
     plain = family.build_model(model_settings(cfg.model))
     expected = sum(1 for m in plain.model.layers.modules() if type(m) is nn.Linear)
-    # LoRA on attention only for the MoE: its experts are 4-bit too (tests/test_moe_nf4.py), and take no LoRA there
-    # (with LoRA on attention alone it needs more steps to halve its loss: 45 instead of 30)
+    # LoRA on attention only for the MoE: this test counts the 4-bit linear layers (its 4-bit experts, with or without
+    # LoRA, are tests/test_moe_nf4.py's); with LoRA on attention alone it needs 45 steps to halve its loss, not 30
     run = RUN + [f"model={model}"] + (["lora.llm_modules=attention", "trainer.max_steps=45"]
                                       if model == "tiny_mgm_moe" else [])
     metrics, objects = train(compose_cfg(run + ["precision=nf4"], tmp_path / "nf4"))

@@ -17,8 +17,12 @@ PRECISIONS = {
     "bf16-true": ("bf16-true", torch.bfloat16),
     "fp16-mixed": ("16-mixed", torch.float16),
     "nf4": ("bf16-mixed", torch.bfloat16),  # 4-bit frozen base (bitsandbytes), bf16 compute
+    # the same 4-bit base computed in float32 (the MoE experts dequantised to float32; bitsandbytes' 4-bit linear
+    # layers compute in bf16 inside): CPU rehearsals whose comparisons must be exact (tests/test_expert_parallel.py)
+    "nf4-fp32": ("32-true", torch.float32),
 }
 MIXED = ("bf16-mixed", "fp16-mixed", "nf4")
+NF4 = ("nf4", "nf4-fp32")  # the precisions that hold the LLM's frozen base in 4 bits
 
 
 @dataclass(frozen=True)
@@ -58,5 +62,5 @@ def weights_policy(precision: str, strategy: str = "single") -> WeightsPolicy:
     lightning, dtype = PRECISIONS[precision]
     mixed = precision in MIXED
     keep_fp32 = mixed
-    return WeightsPolicy(lightning, dtype, keep_fp32, "nf4" if precision == "nf4" else None, mixed,
+    return WeightsPolicy(lightning, dtype, keep_fp32, "nf4" if precision in NF4 else None, mixed,
                          precision != "32-true")

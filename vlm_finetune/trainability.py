@@ -13,7 +13,7 @@ from vlm_finetune.errors import ConfigError
 from vlm_finetune.models._partitioned import initialised_whole, is_partitioned, partitioning_active, unpartitioned
 from vlm_finetune.models.base import Family, Mode, Part
 from vlm_finetune.models.lora_targets import check_lora_matches
-from vlm_finetune.models.moe_lora import apply_per_expert_lora
+from vlm_finetune.models.moe_lora import apply_per_expert_lora, nf4_targets_for_peft
 from vlm_finetune.precision import WeightsPolicy
 from vlm_finetune.settings import LoraSettings, ModelSettings, is_auto
 
@@ -77,7 +77,8 @@ def apply_trainability(model: nn.Module, plan: TrainablePlan, lora: LoraSettings
             target_parameters=list(plan.lora_parameters) or None,
             modules_to_save=list(plan.full_modules) or None, bias="none", init_lora_weights=True,
         )
-        model = get_peft_model(model, config)
+        with nf4_targets_for_peft(model):  # 4-bit experts: PEFT finds them by their 16-bit names
+            model = get_peft_model(model, config)
         if plan.lora_parameters and lora.expert_forward == "per_expert":
             apply_per_expert_lora(model)  # each expert's LoRA on its own tokens, no whole W + delta per layer
     else:
@@ -267,10 +268,10 @@ def build_trainable_model(family: Family, spec: ModelSettings, modes: dict[Part,
                           "the planner loads no weights")
     apply_activation_checkpointing(model, family, checkpointed_layers, checkpoint_scope)
     plan = plan_trainability(family, model, modes, spec, lora)
-    if policy.quantization and plan.lora_parameters:
-        raise ConfigError(f"lora.llm_modules={lora.llm_modules} puts LoRA on the MoE experts "
-                          f"({', '.join(plan.lora_parameters)}), which precision={policy.quantization} holds in 4-bit "
-                          "(dequantised one expert at a time, no LoRA on them); set lora.llm_modules=attention")
+    if policy.quantization and plan.lora_parameters and lora.expert_forward != "per_expert":
+        raise ConfigError(f"lora.expert_forward={lora.expert_forward} with precision={policy.quantization}: PEFT's own "
+                          "forward adds LoRA to the whole expert tensor, which is held in 4-bit here; set "
+                          "lora.expert_forward=per_expert (each expert dequantised alone, its LoRA on its tokens)")
     with torch.device("meta") if device == "meta" else unpartitioned():
         model = apply_trainability(model, plan, lora)
         if partitioned and policy.mixed and policy.load_dtype != torch.float32:

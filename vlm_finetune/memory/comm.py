@@ -13,9 +13,13 @@ collectives of real runs on CPU ranks.
   module's dtype).
 - ZeRO-3: every parameter all-gathered for the forward and again for the backward of each micro-batch (a
   frozen vision tower, run under no_grad, only for the forward; the recompute of a checkpointed layer runs
-  inside its backward, on the same gather), and a reduce-scatter of the trainable gradients per micro-batch.
-- FSDP (computed, not yet measured here): the same gathers as ZeRO-3 (resharded after the forward) and a
-  reduce-scatter of the gradients of the trainable parameters, float32, per micro-batch.
+  inside its backward, on the same gather), less the last MoE block, kept from its forward to its backward by
+  the reuse distance (`zero3_reused_bytes`), and a reduce-scatter of the trainable gradients per micro-batch.
+- FSDP2 (trainer=fsdp): per micro-batch every parameter all-gathered for the forward in the compute dtype; for the
+  backward again each unit (decoder layer, vision block) that runs one, resharded after its forward; the root
+  unit (embeddings, head, projector, what of the towers is in no block) stays gathered from its forward to its
+  backward (FSDP2 never reshards the root after forward), and a frozen vision tower (no_grad) has no backward;
+  a reduce-scatter of the gradients of the trainable parameters, float32.
 - Expert parallel (trainer=ddp trainer.expert_parallel=N): DDP's all-reduce, plus, per micro-batch and MoE
   layer, each of its T x top-k (token, expert) rows that belongs to another rank of the group ((N-1)/N of them
   under balanced routing) sent there and its output sent back, in the forward, again in the backward (the
@@ -24,10 +28,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vlm_finetune.memory.count import ParamGroup
 from vlm_finetune.memory.inputs import PlanInputs
 from vlm_finetune.memory.report import Row
 from vlm_finetune.memory.state_rows import held_dtype
 from vlm_finetune.models.base import Mode, Part
+from vlm_finetune.precision import NF4
 
 INDEX_BYTES = 8  # the int64 expert index each dispatched row carries (models/moe_ep.py)
 
@@ -61,11 +67,32 @@ def trainable_bytes(inputs: PlanInputs) -> int:
 def gathered_bytes(inputs: PlanInputs, backward: bool) -> int:
     """What ZeRO-3 / FSDP gathers for one pass over the model: every parameter for the forward (counted on CPU
     ranks, ZeRO-3 gathers the small persistent ones at each use as well); for the backward, all but a frozen
-    vision tower (it runs under torch.no_grad(), so it has no backward)."""
-    skip = {"vision"} if backward and inputs.modes[Part.VISION] is Mode.FROZEN else set()
+    vision tower (it runs under torch.no_grad(), so it has no backward), and under FSDP2 only the units (the root
+    is still gathered from its forward)."""
+    frozen_vision = inputs.modes[Part.VISION] is Mode.FROZEN
+    skip = {"vision"} if backward and frozen_vision else set()
     if inputs.strategy == "fsdp":
-        return sum(g.numel for g in inputs.count.groups if g.part not in skip) * inputs.act_bytes
+        count = inputs.count
+        numel = (sum(count.unit_numels) - (count.vision_unit_numel if frozen_vision else 0) if backward
+                 else sum(g.numel for g in count.groups))
+        # nf4: the decoder layers' 4-bit codes travel as they are stored (two per byte, viewed as bf16), their
+        # statistics not at all (whole on every rank); not measured here yet
+        four_bit = count.quantizable_numel + count.expert_numel if inputs.precision in NF4 else 0
+        return (numel - four_bit) * inputs.act_bytes + four_bit // 2
     return sum(g.numel * _module_size(inputs, g) for g in inputs.count.groups if g.part not in skip)
+
+
+def zero3_reused_bytes(inputs: PlanInputs) -> int:
+    """ZeRO-3, once DeepSpeed knows the step's trace (every step after the first): a parameter met again within
+    `stage3_max_reuse_distance` elements of its release stays gathered. The last decoder layer's MoE block (a ZeRO-3
+    leaf, the last module of the forward) is next used by its own backward with only the final norm in between, so
+    its backward gathers nothing (tests/test_comm.py; scripts/comm_bench.py: 3 of 8 block gathers per step
+    fewer there, the other two kept by the prefetcher's look-ahead, which this does not model)."""
+    if inputs.strategy != "deepspeed" or inputs.stage != 3 or not inputs.dims.get("moe_layers") \
+            or inputs.max_reuse_distance <= 0 or not inputs.count.expert_numel:
+        return 0
+    group = ParamGroup("llm", "frozen", inputs.count.expert_dtype or inputs.count.groups[0].dtype, 0)
+    return inputs.count.largest_fetch_numel * _module_size(inputs, group)
 
 
 def expert_rows_per_layer(inputs: PlanInputs, tokens: int) -> float:
@@ -91,10 +118,12 @@ def communication_rows(inputs: PlanInputs, tokens: int, accumulate: int, checkpo
                             int(micro * 2 * ring(world) * grads)))
         rows.append(CommRow("ZeRO-2 all-gather of the updated trainable parameters", int(ring(world) * grads)))
     elif inputs.strategy in ("deepspeed", "fsdp"):
-        name = "ZeRO-3" if inputs.strategy == "deepspeed" else "FSDP"
+        name = "ZeRO-3" if inputs.strategy == "deepspeed" else "FSDP2"
         passes = gathered_bytes(inputs, backward=False) + gathered_bytes(inputs, backward=True)
-        rows.append(CommRow(f"{name} parameter all-gathers (forward and backward), {micro} micro-batch(es)",
-                            int(micro * ring(world) * passes)))
+        kept = zero3_reused_bytes(inputs)
+        what = ("all-gathers, fwd + bwd (last MoE block reused)" if kept
+                else "parameter all-gathers (forward and backward)")
+        rows.append(CommRow(f"{name} {what}, {micro} micro-batch(es)", int(micro * ring(world) * (passes - kept))))
         reduced = grads if inputs.strategy == "deepspeed" else sum(
             g.numel for g in inputs.count.groups if g.kind != "frozen") * 4
         rows.append(CommRow(f"{name} reduce-scatter of the gradients, {micro} micro-batch(es)",

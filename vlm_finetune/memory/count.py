@@ -39,6 +39,7 @@ class ModelCount:
     vision_lora_linears: tuple[str, ...] = ()  # LoRA-adapted linears in one vision block (their names in it)
     largest_tensor_bytes: int = 0  # the largest parameter: what a partitioned load holds whole at once
     decoder_layer_bytes: tuple[int, ...] = ()  # each decoder layer's parameters, at the dtypes they are built in
+    vision_unit_numel: int = 0  # elements of the vision blocks among unit_numels (no backward when frozen)
 
 
 def count_model(spec: ModelSettings, modes: dict[Part, Mode], lora: LoraSettings, family: Family,
@@ -94,7 +95,7 @@ def _count(model: torch.nn.Module, plan: TrainablePlan, family: Family, persiste
 
     unit_classes = tuple(family.decoder_layer_classes) + tuple(family.vision_block_classes)
     leaf_classes = tuple(family.zero3_leaf_classes)
-    units, trainable_units, fetch, layer_bytes = [], [], 0, []
+    units, trainable_units, fetch, layer_bytes, vision_units = [], [], 0, [], 0
     quantizable, quantizable_dtype = 0, None
     for name, module in model.named_modules():
         if isinstance(module, unit_classes):
@@ -104,6 +105,8 @@ def _count(model: torch.nn.Module, plan: TrainablePlan, family: Family, persiste
                 trainable_units.append(sum(param.numel() for param in params if param.requires_grad))
             if isinstance(module, tuple(family.decoder_layer_classes)):
                 layer_bytes.append(sum(param.numel() * param.element_size() for param in params))
+            else:
+                vision_units += units[-1]
         if leaf_classes and isinstance(module, leaf_classes):
             fetch = max(fetch, sum(param.numel() for param in module.parameters()))
         else:
@@ -129,4 +132,4 @@ def _count(model: torch.nn.Module, plan: TrainablePlan, family: Family, persiste
                       sum(w.numel() for w in experts), sum(moe_nf4.nf4_bytes(*w.shape) for w in experts),
                       experts[0].dtype if experts else None, tuple(vision_lora),
                       max((p.numel() * p.element_size() for p in model.parameters()), default=0),
-                      tuple(layer_bytes))
+                      tuple(layer_bytes), vision_units)

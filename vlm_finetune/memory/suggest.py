@@ -90,8 +90,6 @@ def _candidates(overrides: list[str], plan: MemoryPlan, settings: RunSettings, s
             unsharded = "zero2" if plan.world_size > 1 else "single"
             tries = [_replace(_replace(overrides, "precision", "nf4"), "trainer", trainer)
                      for trainer in (("fsdp",) if plan.world_size > 1 else ()) + (unsharded,)]
-        # 4-bit MoE experts take no LoRA: where the plan refuses that, LoRA on attention only
-        tries += [_replace(t, "lora.llm_modules", "attention") for t in tries]
         out.append(("nf4", "4-bit base (QLoRA)", tries))
     bigger = []
     for name in _hardware_profiles():

@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from vlm_finetune.models.moe_lora import _factors, _FrozenExpertLinear, _param_wrapper_class, _wrapper_chain
+from vlm_finetune.models.moe_loop import frozen_expert_linear
+from vlm_finetune.models.moe_lora import _factors, _param_wrapper_class, _wrapper_chain
 from vlm_finetune.models.moe_nf4 import EXPERT_TENSORS, expert_modules
 
 # the process group of each rank's expert-parallel group, made once the default group exists (init_groups)
@@ -100,18 +101,8 @@ def _exchange_counts(send: torch.Tensor, group) -> torch.Tensor:
     return receive
 
 
-def _expert_weight(experts: nn.Module, name: str, expert: int) -> torch.Tensor:
-    """Local expert `expert`'s matrix: nf4 codes dequantised (moe_nf4's view), else a row of the fused tensor."""
-    if hasattr(experts, "_nf4_shapes"):
-        return getattr(experts, name)[expert]
-    return experts._parameters[name]
-
-
 def _local_linear(x: torch.Tensor, experts: nn.Module, name: str, local: int, factor, global_expert: int):
-    if hasattr(experts, "_nf4_shapes"):
-        out = nn.functional.linear(x, _expert_weight(experts, name, local))  # dequantised: one expert, frozen
-    else:
-        out = _FrozenExpertLinear.apply(x, experts._parameters[name], local)
+    out = frozen_expert_linear(x, experts, name, local)  # 16-bit, or nf4 dequantised one expert at a time
     if factor is None:
         return out
     lhs, rhs, scaling = factor  # the adapter keeps every expert's factors: index by the global expert

@@ -14,14 +14,22 @@ with expert e's LoRA applied to its own tokens only through its low-rank factors
 so no tensor larger than one token block and the rank-r factors is made, and autograd keeps x_e and the factors,
 not a whole expert stack. The factors are PEFT's own (`ParamWrapper.get_delta_factors`): the adapter, its saving,
 merging and reloading are PEFT's unchanged. With adapters disabled or merged, or more than one adapter active, the
-wrapper's own forward runs."""
+wrapper's own forward runs.
+
+With precision=nf4 the experts are 4-bit (moe_nf4.py): expert e's matrix is dequantised alone for its tokens, and
+again in backward for the input's gradient (`_Nf4ExpertLinear`), so no dequantised matrix is kept for backward and
+no whole 16-bit stack ever exists. PEFT finds its targets among a module's parameters, which the 4-bit codes are
+not (`gate_up_proj_nf4`): `nf4_targets_for_peft` shows it a storage-free placeholder of the logical shape while it
+injects, so the adapter has the keys, shapes and config it has on 16-bit experts and reloads onto them."""
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch
 from torch import nn
 
+from vlm_finetune.models.moe_loop import expert_loop, is_nf4
 from vlm_finetune.models.moe_nf4 import EXPERT_TENSORS, expert_modules
 
 
@@ -52,57 +60,6 @@ def _factors(chain: list[nn.Module]) -> dict[str, tuple[torch.Tensor, torch.Tens
     return out
 
 
-class _FrozenExpertLinear(torch.autograd.Function):
-    """x @ weight[e].T for a frozen fused expert tensor, saving the parameter itself for backward, never a slice
-    of it. A slice (what `linear(x, weight[e])` saves) keeps the whole stack's storage alive until backward: under
-    ZeRO-3 that is the layer's gathered experts, held from the forward to the backward of every MoE layer. The
-    parameter's own data is what DeepSpeed gathers again for the layer's backward (its leaf module), as its own
-    linear saves `weight`; in one process it is the weight, which is held anyway."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, expert: int) -> torch.Tensor:
-        ctx.save_for_backward(weight)
-        ctx.expert, ctx.x_dtype = expert, x.dtype
-        return nn.functional.linear(x, weight[expert])
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (weight,) = ctx.saved_tensors
-        return (grad.to(weight.dtype) @ weight[ctx.expert]).to(ctx.x_dtype), None, None
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, factors, expert: torch.Tensor) -> torch.Tensor:
-    if weight.requires_grad:  # experts trained fully: autograd's own linear (it needs x for the weight's gradient)
-        out = nn.functional.linear(x, weight[expert])
-    else:
-        out = _FrozenExpertLinear.apply(x, weight, int(expert))
-    if factors is None:
-        return out
-    lhs, rhs, scaling = factors  # delta_e = scaling * lhs[e] @ rhs[e], shaped like weight[e] (out x in)
-    return out + scaling * nn.functional.linear(nn.functional.linear(x, rhs[expert]), lhs[expert])
-
-
-def expert_loop(experts: nn.Module, factors: dict, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                top_k_weights: torch.Tensor) -> torch.Tensor:
-    """transformers' eager expert loop (Mixtral, GLM-4.5V: the same), each expert's LoRA on its tokens only."""
-    weights = {name: experts._parameters[name] for name in EXPERT_TENSORS}  # the raw tensors, no parametrization
-    final = torch.zeros_like(hidden_states)
-    with torch.no_grad():
-        mask = nn.functional.one_hot(top_k_index, num_classes=experts.num_experts + 1).permute(2, 1, 0)
-        hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
-    for expert in hit:
-        expert = expert[0]
-        if expert == experts.num_experts:
-            continue
-        top_k_pos, token_idx = torch.where(mask[expert])
-        state = hidden_states[token_idx]
-        gate, up = _linear(state, weights["gate_up_proj"], factors.get("gate_up_proj"), expert).chunk(2, dim=-1)
-        state = _linear(experts.act_fn(gate) * up, weights["down_proj"], factors.get("down_proj"), expert)
-        state = state * top_k_weights[token_idx, top_k_pos, None]
-        final.index_add_(0, token_idx, state.to(final.dtype))
-    return final
-
-
 def _per_expert_forward(self, hidden_states, *args, **kwargs):
     chain = _wrapper_chain(self)
     factors = _factors(chain)
@@ -115,7 +72,7 @@ def apply_per_expert_lora(model: nn.Module) -> int:
     """Give each outermost PEFT ParamWrapper around a fused experts module the per-expert forward. Returns how many
     experts modules now run it."""
     cls = _param_wrapper_class()
-    experts = {id(m) for _, m in expert_modules(model)}
+    experts = {id(m) for _, m in expert_modules(model)} | {id(m) for m in model.modules() if is_nf4(m)}
     count = 0
     for parent in model.modules():
         if isinstance(parent, cls):
@@ -126,3 +83,26 @@ def apply_per_expert_lora(model: nn.Module) -> int:
                 child.forward = types.MethodType(_per_expert_forward, child)
                 count += 1
     return count
+
+
+@contextlib.contextmanager
+def nf4_targets_for_peft(model: nn.Module):
+    """While PEFT injects LoRA (`target_parameters`): each 4-bit experts module under `model` holds, beside its codes,
+    a placeholder parameter per expert tensor with the tensor's logical shape and dtype and no storage (one element
+    expanded), which PEFT's search by parameter name finds. PEFT's wrapper then reads the tensor's shape, dtype and
+    device through the module's attribute, the dequantising view (moe_nf4), never the placeholder, which is removed
+    again on exit."""
+    added = []
+    for module in model.modules():
+        if is_nf4(module):
+            for name in EXPERT_TENSORS:
+                codes = module._parameters[f"{name}_nf4"]
+                placeholder = torch.empty((), dtype=module._nf4_dtype, device=codes.device)
+                module._parameters[name] = nn.Parameter(placeholder.expand(module._nf4_shapes[name]),
+                                                        requires_grad=False)
+                added.append((module, name))
+    try:
+        yield
+    finally:
+        for module, name in added:
+            module._parameters.pop(name, None)

@@ -1,8 +1,10 @@
 """4-bit MoE experts (precision=nf4): transformers 5 stores the routed experts of Mixtral and GLM-4.5V as fused 3-D
 parameters (experts x out x in), which bitsandbytes' Linear4bit replacement never sees. Here each expert's matrix is
 quantised on its own with bitsandbytes' nf4 (`quantize_4bit`, blocks of 64, one float32 absmax per block) and held as
-packed codes; the eager expert loop of transformers reads `self.gate_up_proj[e]`, and that now dequantises expert e
-alone (`dequantize_4bit`), so no step ever holds more than one expert's weight in 16 bits."""
+packed codes; `self.gate_up_proj[e]` dequantises expert e alone (`dequantize_4bit`). The module runs the eager
+expert loop of transformers through moe_loop.expert_loop, whose 4-bit linear dequantises expert e for its tokens
+and again in backward (nothing saved), so no step holds more than one expert's matrix in 16 bits: transformers' own
+loop would keep every dequantised matrix it used for the input's gradient, a layer's whole stack in 16 bits."""
 from __future__ import annotations
 
 import math
@@ -10,6 +12,8 @@ from types import SimpleNamespace
 
 import torch
 from torch import nn
+
+from vlm_finetune.models.moe_loop import expert_loop
 
 EXPERT_TENSORS = ("gate_up_proj", "down_proj")
 BLOCKSIZE = 64
@@ -42,6 +46,10 @@ class _ExpertView:
     def __len__(self) -> int:
         return self.shape[0]
 
+    @property
+    def device(self) -> torch.device:  # PEFT's LoRA wrapper places its adapter by it (moe_lora.nf4_targets_for_peft)
+        return getattr(self.module, f"{self.name}_nf4").device
+
     def __getitem__(self, expert) -> torch.Tensor:
         import bitsandbytes.functional as bnbf
 
@@ -60,13 +68,18 @@ def _view_property(name: str) -> property:
 _CLASSES: dict[type, type] = {}
 
 
+def _nf4_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                 top_k_weights: torch.Tensor) -> torch.Tensor:
+    return expert_loop(self, {}, hidden_states, top_k_index, top_k_weights)
+
+
 def _quantized_class(cls: type) -> type:
     """A subclass of the experts class (ZeRO-3 leaf checks and isinstance still hold) whose weights are views and
-    whose forward is transformers' eager expert loop (other kernels would read the fused tensors whole)."""
+    whose forward is the eager expert loop, one expert dequantised at a time (other kernels would read the fused
+    tensors whole)."""
     if cls not in _CLASSES:
-        eager = getattr(cls.forward, "__wrapped__", cls.forward)
         body = {t: _view_property(t) for t in EXPERT_TENSORS}
-        body["forward"] = lambda self, *args, **kwargs: eager(self, *args, **kwargs)
+        body["forward"] = _nf4_forward
         body["__doc__"] = f"{cls.__name__} with nf4 expert weights (vlm_finetune.models.moe_nf4)."
         _CLASSES[cls] = type(f"Nf4{cls.__name__}", (cls,), body)
     return _CLASSES[cls]
