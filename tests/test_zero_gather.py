@@ -1,6 +1,7 @@
 """ZeRO-3's gather in the plan and the run (issue 35): DeepSpeed's coalesced all-gather holds a gathered module
 twice for a moment (its flat buffer, and each parameter's copy made from it); `trainer.stage3_allgather_sequential`
-gathers each parameter into its own buffer (held once, no prefetch). Its `auto` is true only where the plan fits
+gathers each parameter into its own buffer (held once; DeepSpeed's prefetch bucket is then 1 element, so one
+parameter is prefetched). Its `auto` is true only where the plan fits
 with it and not without. The bytes themselves are checked against a census on CPU ranks in test_phase_peaks.py."""
 from __future__ import annotations
 
@@ -30,8 +31,28 @@ def test_the_coalesced_gather_holds_the_module_twice_and_in_place_once(tmp_path)
     twice = _gathered(coalesced)["ZeRO-3 gathered module (flat buffer + per-parameter copies)"]
     once = _gathered(in_place)["ZeRO-3 gathered module (straight into the parameters' buffers)"]
     assert twice == 2 * once and once > 2.5 * GiB  # one Mixtral layer's experts in bf16: 2.63 GiB
-    assert not any(item.startswith("ZeRO-3 prefetch") for item in _gathered(in_place))
+    # DeepSpeed prefetches only below stage3_max_live_parameters (auto: capped at 1e9), which one Mixtral layer's
+    # experts (1.4e9) already pass: nothing is prefetched here
+    assert not any(size for item, size in _gathered(in_place).items() if item.startswith("ZeRO-3 prefetch"))
     assert coalesced.fits is False and in_place.fits is True
+
+
+def test_the_sequential_gather_prefetches_one_parameter(tmp_path):
+    """engine.py sets the prefetch bucket to 1 element under stage3_allgather_sequential, and the prefetch loop
+    gathers whole parameters until the bucket is reached: the next one of the trace (the census at the issue's
+    width saw a third expert stack in flight). The row holds one of the largest parameters."""
+    from vlm_finetune.config import model_settings
+    from vlm_finetune.models.registry import get_family
+
+    cfg = compose_cfg(["model=tiny_mgm_moe", "trainer=zero3", "hardware=cpu", "hardware.devices=2",
+                       "precision=32-true", f"{KEY}=true"], tmp_path)
+    plan = plan_run(read_settings(cfg), [])
+    model = get_family(cfg.model.family).build_model(model_settings(cfg.model), device="meta")
+    model = model[0] if isinstance(model, tuple) else model
+    largest = max(p.numel() for p in model.parameters())
+    rows = _gathered(plan)
+    assert rows["ZeRO-3 prefetch of the next parameter (sequential gather: bucket 1)"] == largest * 4  # float32
+    assert "ZeRO-3 prefetch of the next module" not in rows
 
 
 def test_auto_gathers_in_place_only_where_that_is_what_fits(tmp_path, capsys):

@@ -40,6 +40,7 @@ class ModelCount:
     largest_tensor_bytes: int = 0  # the largest parameter: what a partitioned load holds whole at once
     decoder_layer_bytes: tuple[int, ...] = ()  # each decoder layer's parameters, at the dtypes they are built in
     vision_unit_numel: int = 0  # elements of the vision blocks among unit_numels (no backward when frozen)
+    largest_param_numel: int = 0  # the largest single parameter (ZeRO-3's sequential gather prefetches one)
 
 
 def count_model(spec: ModelSettings, modes: dict[Part, Mode], lora: LoraSettings, family: Family,
@@ -132,4 +133,4 @@ def _count(model: torch.nn.Module, plan: TrainablePlan, family: Family, persiste
                       sum(w.numel() for w in experts), sum(moe_nf4.nf4_bytes(*w.shape) for w in experts),
                       experts[0].dtype if experts else None, tuple(vision_lora),
                       max((p.numel() * p.element_size() for p in model.parameters()), default=0),
-                      tuple(layer_bytes), vision_units)
+                      tuple(layer_bytes), vision_units, max((p.numel() for p in model.parameters()), default=0))

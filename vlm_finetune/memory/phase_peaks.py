@@ -54,12 +54,14 @@ class LiveBytes(TorchDispatchMode):
         super().__init__()
         self.sizes = WeakIdKeyDictionary()  # storage -> its bytes as last counted
         self.counted: dict[int, int] = {}  # id(storage) -> bytes, for the finalizer once the storage is gone
+        self.made_by: dict[int, str] = {}  # id(storage) -> the operation and shape that made it (diagnosis only)
+        self.detail = int(os.environ.get("VLM_FINETUNE_PEAK_DETAIL", "0"))  # a diagnosis: sizes at the peak
+        self._func = "census"
         self.current = 0
         for tensor in tensors:
             self._see(tensor)
         self.peak = self.current
         self._resize = None
-        self.detail = int(os.environ.get("VLM_FINETUNE_PEAK_DETAIL", "0"))  # a diagnosis: sizes at the peak
         self.at_peak: list = []
 
     def _see(self, tensor: torch.Tensor) -> None:
@@ -69,6 +71,8 @@ class LiveBytes(TorchDispatchMode):
             storage = tensor.untyped_storage()
         except Exception:  # noqa: BLE001 - wrapper subclasses (DTensor) are counted through their local tensors
             return
+        if self.detail and id(storage) not in self.counted:
+            self._func = f"{self._op} {tuple(tensor.shape)}"
         self._count(storage)
 
     def _count(self, storage) -> None:
@@ -77,6 +81,8 @@ class LiveBytes(TorchDispatchMode):
         if known is None:
             self.sizes[storage] = size
             self.counted[id(storage)] = size
+            if self.detail:
+                self.made_by[id(storage)] = self._func
             weakref.finalize(storage, self._freed, id(storage))
             self.current += size
         elif known != size:
@@ -86,6 +92,7 @@ class LiveBytes(TorchDispatchMode):
 
     def _freed(self, key: int) -> None:
         self.current -= self.counted.pop(key, 0)
+        self.made_by.pop(key, None)
 
     def __enter__(self):
         original, mode = torch.UntypedStorage.resize_, self
@@ -103,14 +110,18 @@ class LiveBytes(TorchDispatchMode):
         torch.UntypedStorage.resize_ = self._resize
         return super().__exit__(*args)
 
+    _op = "census"
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self._op = str(func)
         result = func(*args, **(kwargs or {}))
         tree_map_only(torch.Tensor, self._see, result)
         tree_map_only(torch.Tensor, self._see, args)  # in-place ops and out= arguments may have grown
         if self.current > self.peak:
             self.peak = self.current
             if self.detail:  # the largest storages alive at the peak and the operation that reached it
-                self.at_peak = [str(func), sorted(self.counted.values(), reverse=True)[:self.detail]]
+                largest = sorted(self.counted.items(), key=lambda kv: -kv[1])[:self.detail]
+                self.at_peak = [str(func), [f"{size} {self.made_by.get(key, '?')}" for key, size in largest]]
         return result
 
 

@@ -128,7 +128,15 @@ def strategy_rows(inputs: PlanInputs) -> list[Row]:
                 # peak in scripts/phase_peaks.py is that cat
                 rows.append(Row("strategy", "ZeRO-3 gathered module (flat buffer + per-parameter copies)",
                                 2 * fetch * gathered_size, in_flight="gather"))
-            if inputs.prefetches:
+            if inputs.prefetches and inputs.prefetches_one_parameter:
+                # stage3_allgather_sequential: DeepSpeed sets the prefetch bucket to 1 element (engine.py), and its
+                # prefetch loop gathers whole parameters until the bucket is reached: the next parameter of the
+                # trace, one of the largest (census at the width: a third 64 MiB expert stack in flight)
+                one = min(count.largest_param_numel or fetch, fetch)
+                live = min(fetch + one, max(inputs.max_live_parameters, fetch))
+                rows.append(Row("strategy", "ZeRO-3 prefetch of the next parameter (sequential gather: bucket 1)",
+                                (live - fetch) * gathered_size, in_flight="trace"))
+            elif inputs.prefetches:
                 live = min(fetch + min(inputs.prefetch_bucket, fetch), max(inputs.max_live_parameters, fetch))
                 rows.append(Row("strategy", "ZeRO-3 prefetch of the next module", (live - fetch) * gathered_size,
                                 in_flight="trace"))
