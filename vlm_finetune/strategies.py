@@ -19,6 +19,7 @@ from vlm_finetune.hardware import Hardware
 from vlm_finetune.models._partitioned import unpartitioned
 from vlm_finetune.models.base import Family
 from vlm_finetune.settings import StrategySettings, is_auto
+from vlm_finetune.precision import is_nf4
 
 SHARDED = ("fsdp", "deepspeed")
 
@@ -32,7 +33,7 @@ def check_combination(settings: StrategySettings, hardware: Hardware, precision:
         raise ConfigError(f"trainer=single runs one process, but hardware={hardware.name} has {hardware.world_size} "
                           "devices; use trainer=ddp (model fits on one GPU) or trainer=zero3 / trainer=fsdp "
                           "(it does not)")
-    if precision == "nf4" and settings.is_zero3:
+    if is_nf4(precision) and settings.is_zero3:
         raise ConfigError(f"precision=nf4 cannot be combined with trainer={settings.name}: "
                           "ZeRO-3 does not shard 4-bit base weights here. Use trainer=fsdp with precision=nf4 (each "
                           "rank holds 1/N of the 4-bit bytes), trainer=ddp or trainer=zero2 with precision=nf4 (each "
@@ -194,7 +195,7 @@ def build_strategy(settings: StrategySettings, precision: str, micro_batch_size:
                            timeout=timeout)
     if settings.strategy == "fsdp":
         backend = "nccl" if hardware.accelerator == "gpu" else "gloo"
-        return build_fsdp_strategy(settings, family, hardware.world_size, precision == "nf4", backend, timeout)
+        return build_fsdp_strategy(settings, family, hardware.world_size, is_nf4(precision), backend, timeout)
     on_gpu = hardware.accelerator == "gpu"
     config = deepspeed_config(settings, precision, micro_batch_size, on_gpu, sizes)
     if on_gpu:

@@ -48,7 +48,7 @@ from vlm_finetune.models.nf4_load import quantised_on_host
 from vlm_finetune.models.registry import get_family, parse_trainability
 from vlm_finetune.module import VLMModule
 from vlm_finetune.plots import plot_training_curves
-from vlm_finetune.precision import WeightsPolicy, check_precision, weights_policy
+from vlm_finetune.precision import WeightsPolicy, check_precision, is_nf4, weights_policy
 from vlm_finetune.quiet import quiet_run
 from vlm_finetune.resume import open_resume_checkpoint, restore_csv_rows, resume_parts
 from vlm_finetune.rundir import RunFolderLock, finished_metrics, sweep_checkpoint_leftovers
@@ -88,7 +88,7 @@ def check_config(cfg: DictConfig) -> tuple[RunSettings, dict, Hardware]:
                               modes[Part.LLM] == Mode.LORA and settings.lora.llm_modules in ("mlp", "experts", "all"),
                               settings.lora.expert_forward)
     preflight(hardware, settings.precision)
-    if settings.precision == "nf4" and importlib.util.find_spec("bitsandbytes") is None:
+    if is_nf4(settings.precision) and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("precision=nf4 (QLoRA) loads the base in 4-bit with bitsandbytes, which is not installed: "
                           "pip install 'vlm_finetune[qlora]' (CUDA GPUs, and CPUs for rehearsal with tiny models)")
     check_auto_options(settings, hardware)

@@ -10,11 +10,12 @@ import math
 
 from vlm_finetune.memory.inputs import NF4_BYTES_PER_PARAM, PlanInputs
 from vlm_finetune.memory.report import Row
+from vlm_finetune.precision import is_nf4
 
 
 def _quantised_per_unit(inputs: PlanInputs) -> float:
     """Elements of one decoder layer held in 4 bits (nf4: its linear weights and experts), on average."""
-    if inputs.precision != "nf4":
+    if not is_nf4(inputs.precision):
         return 0.0
     count = inputs.count
     return (count.quantizable_numel + count.expert_numel) / max(inputs.num_layers, 1)

@@ -42,7 +42,7 @@ from vlm_finetune.memory.state_rows import optimizer_rows, parameter_rows, strat
 from vlm_finetune.memory.validation import plan_validation
 from vlm_finetune.models.base import Mode, Part, parse_trainability
 from vlm_finetune.models.registry import get_family
-from vlm_finetune.precision import check_precision, weights_policy
+from vlm_finetune.precision import check_precision, is_nf4, weights_policy
 from vlm_finetune.settings import RunSettings, is_auto
 from vlm_finetune.strategies import check_combination
 from vlm_finetune.trainability import CHECKPOINT_SCOPES, builds_partitioned, checkpointed_layer_count
@@ -157,9 +157,9 @@ def plan_run(settings: RunSettings, overrides: list[str], seq: int | None = None
     partitioned = builds_partitioned(family, settings.model, stage == 3, modes, policy,
                                      searched_with_real_steps(settings, hardware.accelerator))
     on_host = hardware.accelerator != "gpu" or settings.strategy.offload_parameters
-    streamed = precision == "nf4" and family.quantises_while_loading(settings.model)
+    streamed = is_nf4(precision) and family.quantises_while_loading(settings.model)
     four_bit = sum(r.bytes for r in result.rows if r.four_bit)
-    if strategy == "fsdp" and precision == "nf4":  # quantised whole in host memory, then sharded onto the GPUs
+    if strategy == "fsdp" and is_nf4(precision):  # quantised whole in host memory, then sharded onto the GPUs
         on_host = True
         four_bit = int(count.quantizable_numel * NF4_BYTES_PER_PARAM) + count.expert_nf4_bytes
     result.load = plan_load(count, hardware.devices, hardware.host_memory_gib, hardware.world_size, partitioned,
@@ -167,7 +167,7 @@ def plan_run(settings: RunSettings, overrides: list[str], seq: int | None = None
     if result.fits is not None:  # GPUs: one GPU at the load, against the step's budget
         sliced = partitioned and family.checkpoint_folder(settings.model) is not None
         result.load.gpu_bytes_per_rank, result.load.gpu_what = gpu_at_load(
-            result.total("parameters"), count, inputs.shards_parameters, precision == "nf4", inputs.offload_parameters,
+            result.total("parameters"), count, inputs.shards_parameters, is_nf4(precision), inputs.offload_parameters,
             sliced)
         result.load.gpu_budget_bytes = result.budget_bytes
     return result

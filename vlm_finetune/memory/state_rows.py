@@ -10,6 +10,7 @@ from vlm_finetune.memory import fsdp_rows
 from vlm_finetune.memory.count import ParamGroup
 from vlm_finetune.memory.inputs import NF4_BYTES_PER_PARAM, PlanInputs
 from vlm_finetune.memory.report import Row
+from vlm_finetune.precision import is_nf4
 
 PART_ORDER = ("vision", "projector", "llm", "other")  # the order of the parameter rows
 
@@ -35,7 +36,7 @@ def parameter_rows(inputs: PlanInputs) -> list[Row]:
         numel = group.numel
         label = f"{group.part} {group.kind} {str(dtype).removeprefix('torch.')}"
         count = inputs.count
-        if inputs.precision == "nf4" and group.part == "llm" and group.kind == "frozen":
+        if is_nf4(inputs.precision) and group.part == "llm" and group.kind == "frozen":
             quantized = min(count.quantizable_numel, numel) if group.dtype == count.quantizable_dtype else 0
             experts = count.expert_numel if group.dtype == count.expert_dtype else 0  # fused MoE experts
             if inputs.strategy == "fsdp":  # each rank holds 1/N of the packed codes, the statistics whole

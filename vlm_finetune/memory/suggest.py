@@ -13,6 +13,7 @@ from vlm_finetune.memory.planner import plan_run, sample_geometry
 from vlm_finetune.memory.report import MemoryPlan, Suggestion
 from vlm_finetune.models.registry import get_family
 from vlm_finetune.settings import RunSettings
+from vlm_finetune.precision import is_nf4
 
 SUGGESTION_ORDER = ("expert_parallel", "shard", "micro_batch", "checkpointing", "half_precision", "gather_in_place",
                     "offload", "nf4", "more_gpus")
@@ -84,7 +85,7 @@ def _candidates(overrides: list[str], plan: MemoryPlan, settings: RunSettings, s
         if strategy == "fsdp":  # FSDP2's CPU offload first: the same engine
             tries.insert(0, _replace(overrides, "trainer", "fsdp_offload"))
         out.append(("offload", "offload to CPU memory", tries))
-    if settings.precision != "nf4" and settings.model.path:
+    if not is_nf4(settings.precision) and settings.model.path:
         tries = [_replace(overrides, "precision", "nf4")]
         if shards_parameters:  # 4-bit weights sharded by FSDP2 (not by ZeRO-3), or whole on each rank
             unsharded = "zero2" if plan.world_size > 1 else "single"
