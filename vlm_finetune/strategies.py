@@ -18,6 +18,7 @@ from vlm_finetune.fsdp import build_fsdp_strategy, full_tensor, is_fsdp2
 from vlm_finetune.hardware import Hardware
 from vlm_finetune.models._partitioned import unpartitioned
 from vlm_finetune.models.base import Family
+from vlm_finetune.models.four_bit_storage import check_4bit_storage, store_4bit_as
 from vlm_finetune.settings import StrategySettings, is_auto
 from vlm_finetune.precision import is_nf4
 
@@ -33,11 +34,6 @@ def check_combination(settings: StrategySettings, hardware: Hardware, precision:
         raise ConfigError(f"trainer=single runs one process, but hardware={hardware.name} has {hardware.world_size} "
                           "devices; use trainer=ddp (model fits on one GPU) or trainer=zero3 / trainer=fsdp "
                           "(it does not)")
-    if is_nf4(precision) and settings.is_zero3:
-        raise ConfigError(f"precision=nf4 cannot be combined with trainer={settings.name}: "
-                          "ZeRO-3 does not shard 4-bit base weights here. Use trainer=fsdp with precision=nf4 (each "
-                          "rank holds 1/N of the 4-bit bytes), trainer=ddp or trainer=zero2 with precision=nf4 (each "
-                          "GPU holds the 4-bit base), or keep ZeRO-3 with precision=bf16-mixed")
     if precision == "fp16-mixed" and hardware.accelerator != "gpu":
         raise ConfigError("precision=fp16-mixed needs a GPU (loss scaling is CUDA-only); "
                           "on the CPU use 32-true or bf16-mixed")
@@ -300,6 +296,31 @@ def set_zero3_leaves(model: nn.Module, family: Family, settings: StrategySetting
         with unpartitioned():
             set_z3_leaf_modules(model, leaves)
     return leaves
+
+
+def zero3_4bit_storage(precision: str) -> torch.dtype:
+    """The storage of the 4-bit codes under ZeRO-3: the dtype of the engine's parameters (bf16 under
+    precision=nf4, whose engine casts the module with `module.bfloat16()`; float32 under nf4-fp32, which casts
+    nothing), as PEFT's ZeRO-3 + QLoRA recipe sets bitsandbytes' quant_storage to the model's dtype."""
+    return torch.bfloat16 if zero3_engine_dtype(precision) == torch.bfloat16 else torch.float32
+
+
+def zero3_engine_dtype(precision: str) -> torch.dtype | None:
+    """The dtype DeepSpeed's engine casts every floating parameter to at its start (None: no cast)."""
+    return {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "nf4": torch.bfloat16,
+            "fp16-mixed": torch.float16}.get(precision)
+
+
+def shard_4bit_under_zero3(model: nn.Module, settings: StrategySettings, precision: str) -> int:
+    """precision=nf4 under ZeRO-3: view the 4-bit codes in the engine's floating dtype, so that the engine
+    partitions them like any other parameter (each rank holds 1/N of the bytes) and gathers them untouched; then
+    refuse any 4-bit storage the engine would cast or cannot gather. Returns how many 4-bit tensors there are."""
+    if not (settings.is_zero3 and is_nf4(precision)):
+        return 0
+    count = store_4bit_as(model, zero3_4bit_storage(precision))
+    check_4bit_storage(model, zero3_engine_dtype(precision) or zero3_4bit_storage(precision),
+                       f"trainer={settings.name}", "DeepSpeed ZeRO-3")
+    return count
 
 
 # -- the running strategy ----------------------------------------------------------------------------------

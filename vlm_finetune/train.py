@@ -59,6 +59,7 @@ from vlm_finetune.strategies import (
     check_combination,
     check_expert_parallel,
     set_zero3_leaves,
+    shard_4bit_under_zero3,
 )
 from vlm_finetune.trainability import (
     build_trainable_model,
@@ -265,6 +266,7 @@ def _model_builder(settings: RunSettings, release: str, family, modes: dict, pol
             if settings.speed.compile:
                 compile_regions(model, family)
             set_zero3_leaves(model, family, settings.strategy)
+            shard_4bit_under_zero3(model, settings.strategy, settings.precision)  # nf4: codes in the engine's dtype
             if release != "off":
                 release_freed()  # what building and loading freed
         return model, plan
