@@ -19,8 +19,8 @@ from vlm_finetune.hardware import Hardware
 from vlm_finetune.models._partitioned import unpartitioned
 from vlm_finetune.models.base import Family
 from vlm_finetune.models.four_bit_storage import check_4bit_storage, store_4bit_as
-from vlm_finetune.settings import StrategySettings, is_auto
 from vlm_finetune.precision import is_nf4
+from vlm_finetune.settings import StrategySettings, is_auto
 
 SHARDED = ("fsdp", "deepspeed")
 

@@ -109,8 +109,9 @@ def _count(model: torch.nn.Module, plan: TrainablePlan, family: Family, persiste
             if isinstance(module, tuple(family.decoder_layer_classes)):
                 layer_bytes.append(sum(param.numel() * param.element_size() for param in params))
         if leaf_classes and isinstance(module, leaf_classes):
-            fetch = max(fetch, sum(param.numel() for param in module.parameters()))
-            fetches.append((sum(param.numel() for param in module.parameters()), _four_bit_numel(module, name, True, part_for)))
+            whole = sum(param.numel() for param in module.parameters())
+            fetch = max(fetch, whole)
+            fetches.append((whole, _four_bit_numel(module, name, True, part_for)))
         else:
             own = sum(param.numel() for param in module.parameters(recurse=False))
             fetch = max(fetch, own)

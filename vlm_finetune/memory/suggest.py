@@ -12,8 +12,8 @@ from vlm_finetune.hardware import resolve
 from vlm_finetune.memory.planner import plan_run, sample_geometry
 from vlm_finetune.memory.report import MemoryPlan, Suggestion
 from vlm_finetune.models.registry import get_family
-from vlm_finetune.settings import RunSettings
 from vlm_finetune.precision import is_nf4
+from vlm_finetune.settings import RunSettings
 
 SUGGESTION_ORDER = ("expert_parallel", "shard", "micro_batch", "checkpointing", "half_precision", "gather_in_place",
                     "offload", "nf4", "more_gpus")
