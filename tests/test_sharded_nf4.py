@@ -97,7 +97,8 @@ def test_two_rank_nf4_holds_half_the_4bit_codes_per_rank_and_trains_the_adapter_
                                                                                               tmp_path):
     """tiny MGM-MoE in nf4 (linear layers and experts 4-bit, LoRA on attention), 2 ranks x micro-batch 4 against one
     process 8 x 1, 3 steps: each rank holds half of the packed 4-bit codes, equal to the planner's rows; losses
-    within rtol 1e-5, the adapter within 1e-4 of each tensor's largest value (and LoRA B moved off zero)."""
+    within rtol 1e-5, the adapter within 1e-4 of each tensor's largest value (and LoRA B moved off zero); the
+    largest differences are printed."""
     from safetensors.torch import load_file
     from test_accumulation import _losses
 
@@ -132,6 +133,8 @@ def test_two_rank_nf4_holds_half_the_4bit_codes_per_rank_and_trains_the_adapter_
     torch.testing.assert_close(torch.tensor(ranks), torch.tensor(one), rtol=1e-5, atol=0)
     a, b = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (one_process, run_dir))
     assert a.keys() == b.keys() and any("lora_B" in k for k in a)
-    for key in a:
-        assert float((a[key] - b[key]).abs().max()) <= 1e-4 * float(a[key].abs().max()), key
+    for key in a:  # (+1e-7: a projector bias that stays at 1e-12 differs by float32 noise)
+        assert float((a[key] - b[key]).abs().max()) <= 1e-4 * float(a[key].abs().max()) + 1e-7, key
     assert min(float(a[k].abs().max()) for k in a if "lora_B" in k) > 1e-3  # trained: B starts at zero
+    lora_b = max(float((a[k] - b[k]).abs().max()) / float(a[k].abs().max()) for k in a if "lora_B" in k)
+    print(f"{trainer} nf4-fp32: losses {ranks} vs {one}; LoRA B differs by {lora_b:.2e} of its largest value")
