@@ -16,8 +16,8 @@ def _bytes(t: torch.Tensor) -> int:
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
-    if hasattr(p, "ds_tensor"):  # ZeRO-3: the rank's partition
-        return p.ds_tensor
+    if hasattr(p, "ds_tensor"):  # ZeRO-3: the rank's partition, and the whole of a parameter it keeps gathered
+        return torch.cat([p.ds_tensor.reshape(-1), p.data.reshape(-1)]) if p.data.numel() else p.ds_tensor
     return p.to_local() if hasattr(p, "to_local") else p
 
 
@@ -37,7 +37,7 @@ class Probe(L.Callback):
         codes = whole_codes = stats = params = 0
         for module in pl_module.modules():
             for name, p in module.named_parameters(recurse=False):
-                local = _bytes(_local(p if hasattr(p, "ds_tensor") else p.data))
+                local = _bytes(_local(p if hasattr(p, "ds_tensor") else p.data))  # (ds_tensor is no .data)
                 params += local
                 four_bit = name.endswith("_nf4") or (name == "weight" and hasattr(module, "quant_state")
                                                      and type(module).__name__ == "Linear4bit")

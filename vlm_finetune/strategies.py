@@ -18,9 +18,9 @@ from vlm_finetune.fsdp import build_fsdp_strategy, full_tensor, is_fsdp2
 from vlm_finetune.hardware import Hardware
 from vlm_finetune.models._partitioned import unpartitioned
 from vlm_finetune.models.base import Family
-from vlm_finetune.models.four_bit_storage import check_4bit_storage, store_4bit_as
 from vlm_finetune.precision import is_nf4
 from vlm_finetune.settings import StrategySettings, is_auto
+from vlm_finetune.zero3_nf4 import partitioning_first
 
 SHARDED = ("fsdp", "deepspeed")
 
@@ -194,12 +194,15 @@ def build_strategy(settings: StrategySettings, precision: str, micro_batch_size:
         return build_fsdp_strategy(settings, family, hardware.world_size, is_nf4(precision), backend, timeout)
     on_gpu = hardware.accelerator == "gpu"
     config = deepspeed_config(settings, precision, micro_batch_size, on_gpu, sizes)
+    # nf4 under ZeRO-3: the 4-bit model, quantised whole on the host, is partitioned before the engine starts
+    first = (lambda cls: partitioning_first(cls, config, precision)) if settings.is_zero3 and is_nf4(precision) \
+        else (lambda cls: cls)
     if on_gpu:
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
         # checkpoints hold the trained weights and their optimizer partitions; the frozen base comes from the model
-        return DeepSpeedStrategy(config=config, exclude_frozen_parameters=True, timeout=timeout)
-    return cpu_deepspeed_strategy(config, timeout)
+        return first(DeepSpeedStrategy)(config=config, exclude_frozen_parameters=True, timeout=timeout)
+    return cpu_deepspeed_strategy(config, timeout, first)
 
 
 def expert_parallel_strategy(size: int, backend: str, timeout: timedelta | None):
@@ -227,7 +230,7 @@ def expert_parallel_strategy(size: int, backend: str, timeout: timedelta | None)
                                      gradient_as_bucket_view=True, timeout=timeout)
 
 
-def cpu_deepspeed_strategy(config: dict, timeout: timedelta | None = None):
+def cpu_deepspeed_strategy(config: dict, timeout: timedelta | None = None, wrap=lambda cls: cls):
     """DeepSpeed ZeRO on CPU processes (DeepSpeed's CPU accelerator, gloo): the same partitioning, gathers,
     leaf modules and adapter consolidation as on GPUs, so a sharded configuration can be rehearsed with a
     tiny model on a laptop or in CI. Lightning allows DeepSpeed on CUDA only; this subclass lifts that check."""
@@ -257,8 +260,8 @@ def cpu_deepspeed_strategy(config: dict, timeout: timedelta | None = None):
             # Lightning hands DeepSpeed the device index as its device rank; give CPU devices the local rank
             return torch.device("cpu", self.local_rank)
 
-    return CPUDeepSpeedStrategy(config=config, process_group_backend="gloo", exclude_frozen_parameters=True,
-                                timeout=timeout or timedelta(minutes=10))
+    return wrap(CPUDeepSpeedStrategy)(config=config, process_group_backend="gloo", exclude_frozen_parameters=True,
+                                      timeout=timeout or timedelta(minutes=10))
 
 
 @contextlib.contextmanager
@@ -296,31 +299,6 @@ def set_zero3_leaves(model: nn.Module, family: Family, settings: StrategySetting
         with unpartitioned():
             set_z3_leaf_modules(model, leaves)
     return leaves
-
-
-def zero3_4bit_storage(precision: str) -> torch.dtype:
-    """The storage of the 4-bit codes under ZeRO-3: the dtype of the engine's parameters (bf16 under
-    precision=nf4, whose engine casts the module with `module.bfloat16()`; float32 under nf4-fp32, which casts
-    nothing), as PEFT's ZeRO-3 + QLoRA recipe sets bitsandbytes' quant_storage to the model's dtype."""
-    return torch.bfloat16 if zero3_engine_dtype(precision) == torch.bfloat16 else torch.float32
-
-
-def zero3_engine_dtype(precision: str) -> torch.dtype | None:
-    """The dtype DeepSpeed's engine casts every floating parameter to at its start (None: no cast)."""
-    return {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "nf4": torch.bfloat16,
-            "fp16-mixed": torch.float16}.get(precision)
-
-
-def shard_4bit_under_zero3(model: nn.Module, settings: StrategySettings, precision: str) -> int:
-    """precision=nf4 under ZeRO-3: view the 4-bit codes in the engine's floating dtype, so that the engine
-    partitions them like any other parameter (each rank holds 1/N of the bytes) and gathers them untouched; then
-    refuse any 4-bit storage the engine would cast or cannot gather. Returns how many 4-bit tensors there are."""
-    if not (settings.is_zero3 and is_nf4(precision)):
-        return 0
-    count = store_4bit_as(model, zero3_4bit_storage(precision))
-    check_4bit_storage(model, zero3_engine_dtype(precision) or zero3_4bit_storage(precision),
-                       f"trainer={settings.name}", "DeepSpeed ZeRO-3")
-    return count
 
 
 # -- the running strategy ----------------------------------------------------------------------------------

@@ -59,7 +59,6 @@ from vlm_finetune.strategies import (
     check_combination,
     check_expert_parallel,
     set_zero3_leaves,
-    shard_4bit_under_zero3,
 )
 from vlm_finetune.trainability import (
     build_trainable_model,
@@ -69,6 +68,7 @@ from vlm_finetune.trainability import (
     partition_counts,
 )
 from vlm_finetune.watchdog import RunHung, RunWatchdog, hung_message, is_collective_failure
+from vlm_finetune.zero3_nf4 import shard_4bit_under_zero3
 
 log = logging.getLogger(__name__)
 
@@ -243,8 +243,9 @@ def _model_builder(settings: RunSettings, release: str, family, modes: dict, pol
     """`build(device=None, expected_plan=None) -> (model, plan)`: the model with its trainability plan, compiled
     regions and ZeRO-3 leaf modules, as configured; `device="meta"`: the structure only."""
     def build(device: str | None = None, expected_plan=None):
-        # FSDP: nf4 layers quantised in host memory; each GPU then receives only its shard of the 4-bit bytes
-        where = quantised_on_host() if settings.strategy.strategy == "fsdp" else contextlib.nullcontext()
+        # FSDP, ZeRO-3: nf4 layers quantised in host memory; each GPU then receives only its shard of the 4-bit bytes
+        sharded = settings.strategy.strategy == "fsdp" or settings.strategy.is_zero3
+        where = quantised_on_host() if sharded else contextlib.nullcontext()
         with where:
             model, plan = build_trainable_model(family, settings.model, modes, settings.lora, policy,
                                                 checkpointed_layers=settings.model.activation_checkpointing,

@@ -159,14 +159,11 @@ def plan_run(settings: RunSettings, overrides: list[str], seq: int | None = None
     on_host = hardware.accelerator != "gpu" or settings.strategy.offload_parameters
     streamed = is_nf4(precision) and family.quantises_while_loading(settings.model)
     four_bit = sum(r.bytes for r in result.rows if r.four_bit)
-    # nf4 under FSDP or ZeRO-3: each rank quantises the whole model (bitsandbytes quantises whole tensors) before
-    # the engine shards the codes
-    whole_four_bit = int(count.quantizable_numel * NF4_BYTES_PER_PARAM) + count.expert_nf4_bytes
-    if strategy == "fsdp" and is_nf4(precision):  # quantised whole in host memory, then sharded onto the GPUs
+    if inputs.shards_parameters and is_nf4(precision):
+        # FSDP, ZeRO-3: each rank quantises the whole model in host memory (bitsandbytes quantises whole tensors),
+        # then the engine shards the codes onto the GPUs (ZeRO-3: zero3_nf4.partition_first, a tensor at a time)
         on_host = True
-        four_bit = whole_four_bit
-    elif stage == 3 and is_nf4(precision):
-        four_bit = whole_four_bit
+        four_bit = int(count.quantizable_numel * NF4_BYTES_PER_PARAM) + count.expert_nf4_bytes
     result.load = plan_load(count, hardware.devices, hardware.host_memory_gib, hardware.world_size, partitioned,
                             on_host, streamed, four_bit if on_host else 0)
     if result.fits is not None:  # GPUs: one GPU at the load, against the step's budget
@@ -174,13 +171,6 @@ def plan_run(settings: RunSettings, overrides: list[str], seq: int | None = None
         result.load.gpu_bytes_per_rank, result.load.gpu_what = gpu_at_load(
             result.total("parameters"), count, inputs.shards_parameters, is_nf4(precision), inputs.offload_parameters,
             sliced)
-        if stage == 3 and is_nf4(precision) and not inputs.offload_parameters:
-            # DeepSpeed's engine moves a model not built partitioned onto the GPU whole before it partitions it
-            # (engine._configure_distributed_model): the whole 4-bit model and the rest in the compute dtype
-            rest = sum(group.numel for group in count.groups) - count.quantizable_numel - count.expert_numel
-            result.load.gpu_bytes_per_rank = whole_four_bit + rest * inputs.act_bytes + count.largest_tensor_bytes
-            result.load.gpu_what = ("the whole model: the engine moves it onto the GPU before it partitions it, and "
-                                    "the largest tensor in 16 bits while it is quantised")
         result.load.gpu_budget_bytes = result.budget_bytes
     return result
 
