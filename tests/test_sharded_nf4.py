@@ -140,3 +140,31 @@ def test_two_rank_nf4_holds_half_the_4bit_codes_per_rank_and_trains_the_adapter_
     assert min(float(a[k].abs().max()) for k in a if "lora_B" in k) > 1e-3  # trained: B starts at zero
     lora_b = max(float((a[k] - b[k]).abs().max()) / float(a[k].abs().max()) for k in a if "lora_B" in k)
     print(f"{trainer} nf4-fp32: losses {ranks} vs {one}; LoRA B differs by {lora_b:.2e} of its largest value")
+
+
+def test_plans_of_nf4_under_fsdp_and_zero3_fit_four_4090s_and_bf16_fsdp_suggests_fsdp_offload():
+    """The issue's plans: MGM-8x7B (LoRA on attention: its 4-bit experts take none) in nf4 under FSDP and under ZeRO-3,
+    and MGM-34B in nf4 under FSDP, on four 24 GB cards fit the step with at least 25 % of the GPU free, the codes
+    sharded 1/4; under ZeRO-3 the gathered MoE block is its 4-bit codes (a quarter of its bf16 size) and the load
+    fits each GPU (partitioned a tensor at a time). bf16 FSDP of MGM-8x7B does not fit, and the cheapest change
+    offered is FSDP2's own CPU offload."""
+    from vlm_finetune.plan import plan_memory, plan_with_suggestions
+
+    step = ["hardware=4x4090", "precision=nf4", "data.micro_batch_size=1"]
+    attention = ["model=mgm_8x7b", "lora.llm_modules=attention"]
+    for model, trainer in ((attention, "fsdp"), (["model=mgm_34b"], "fsdp"), (attention, "zero3")):
+        plan = plan_memory([*model, *step, f"trainer={trainer}"])
+        assert plan.fits and plan.peak_bytes <= 0.75 * plan.budget_bytes, (model, trainer, plan.peak_bytes / 2**30)
+        items = [r.item for r in plan.rows]
+        assert any("nf4 codes" in i and "sharded 1/4" in i for i in items)
+        if trainer == "fsdp":
+            assert any("unit in flight" in i for i in items) and any("prefetched" in i for i in items)
+            continue
+        bf16 = plan_memory([*attention, *step, "trainer=zero3", "precision=bf16-mixed"])
+        gathered = [sum(r.bytes for r in p.rows if "ZeRO-3 gathered module" in r.item) for p in (plan, bf16)]
+        assert 0 < gathered[0] <= 0.26 * gathered[1], gathered
+        assert plan.load.gpu_bytes_per_rank <= plan.budget_bytes
+    bf16 = plan_with_suggestions(["model=mgm_8x7b", "hardware=4x4090", "trainer=fsdp", "precision=bf16-mixed",
+                                  "data.micro_batch_size=1"])
+    assert bf16.fits is False
+    assert bf16.suggestions and "trainer=fsdp_offload" in bf16.suggestions[0].overrides
