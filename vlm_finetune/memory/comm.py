@@ -14,6 +14,7 @@ collectives of real runs on CPU ranks.
 - ZeRO-3: every parameter all-gathered for the forward and again for the backward of each micro-batch (a
   frozen vision tower, run under no_grad, only for the forward; the recompute of a checkpointed layer runs
   inside its backward, on the same gather), and a reduce-scatter of the trainable gradients per micro-batch.
+- nf4 under ZeRO-3 or FSDP: the 4-bit weights are gathered as their packed codes (half a byte per weight).
 - FSDP (computed, not yet measured here): the same gathers as ZeRO-3 (resharded after the forward) and a
   reduce-scatter of the gradients of the trainable parameters, float32, per micro-batch.
 - Expert parallel (trainer=ddp trainer.expert_parallel=N): DDP's all-reduce, plus, per micro-batch and MoE
@@ -28,6 +29,7 @@ from vlm_finetune.memory.inputs import PlanInputs
 from vlm_finetune.memory.report import Row
 from vlm_finetune.memory.state_rows import held_dtype
 from vlm_finetune.models.base import Mode, Part
+from vlm_finetune.precision import is_nf4
 
 INDEX_BYTES = 8  # the int64 expert index each dispatched row carries (models/moe_ep.py)
 
@@ -63,9 +65,17 @@ def gathered_bytes(inputs: PlanInputs, backward: bool) -> int:
     ranks, ZeRO-3 gathers the small persistent ones at each use as well); for the backward, all but a frozen
     vision tower (it runs under torch.no_grad(), so it has no backward)."""
     skip = {"vision"} if backward and inputs.modes[Part.VISION] is Mode.FROZEN else set()
-    if inputs.strategy == "fsdp":
-        return sum(g.numel for g in inputs.count.groups if g.part not in skip) * inputs.act_bytes
-    return sum(g.numel * _module_size(inputs, g) for g in inputs.count.groups if g.part not in skip)
+    # nf4: the 4-bit weights travel as their packed codes, half a byte each (the statistics are whole on each rank)
+    four_bit = inputs.count.quantizable_numel + inputs.count.expert_numel if is_nf4(inputs.precision) else 0
+    total = 0.0
+    for group in inputs.count.groups:
+        if group.part in skip:
+            continue
+        size = inputs.act_bytes if inputs.strategy == "fsdp" else _module_size(inputs, group)
+        packed = min(four_bit, group.numel) if group.part == "llm" and group.kind == "frozen" else 0
+        four_bit -= packed
+        total += (group.numel - packed) * size + packed / 2
+    return int(total)
 
 
 def expert_rows_per_layer(inputs: PlanInputs, tokens: int) -> float:
