@@ -87,10 +87,9 @@ def _candidates(overrides: list[str], plan: MemoryPlan, settings: RunSettings, s
         out.append(("offload", "offload to CPU memory", tries))
     if not is_nf4(settings.precision) and settings.model.path:
         tries = [_replace(overrides, "precision", "nf4")]
-        if shards_parameters:  # 4-bit weights sharded by FSDP2 (not by ZeRO-3), or whole on each rank
+        if shards_parameters:  # 4-bit codes sharded by this trainer (FSDP2 and ZeRO-3 alike), or whole on each rank
             unsharded = "zero2" if plan.world_size > 1 else "single"
-            tries = [_replace(_replace(overrides, "precision", "nf4"), "trainer", trainer)
-                     for trainer in (("fsdp",) if plan.world_size > 1 else ()) + (unsharded,)]
+            tries += [_replace(_replace(overrides, "precision", "nf4"), "trainer", unsharded)]
         # 4-bit MoE experts take no LoRA: where the plan refuses that, LoRA on attention only
         tries += [_replace(t, "lora.llm_modules", "attention") for t in tries]
         out.append(("nf4", "4-bit base (QLoRA)", tries))
