@@ -65,6 +65,11 @@ def quantize_linear_nf4(root: nn.Module) -> int:
                                              compress_statistics=True, quant_type="nf4")
             if child.bias is not None:
                 layer.bias = nn.Parameter(child.bias.data.to(dtype), requires_grad=False)
+            # bitsandbytes repacks a 4-bit weight for its CPU inference kernel at the first eval forward without
+            # gradients (on CPUs with AVX512-BF16) and keeps it repacked: its later training forwards then compute
+            # in another kernel and pass no gradient to the layer's input (gemv_4bit has no autograd). Training here
+            # validates between steps, so the layers keep the training kernel.
+            layer.support_avx512bf16_for_cpu = False
             setattr(module, name, layer.to(device))  # the move quantises
             count += 1
     return count
