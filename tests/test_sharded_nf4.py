@@ -97,8 +97,8 @@ def test_two_rank_nf4_holds_half_the_4bit_codes_per_rank_and_trains_the_adapter_
                                                                                               tmp_path):
     """tiny MGM-MoE in nf4 (linear layers and experts 4-bit, LoRA on attention), 2 ranks x micro-batch 4 against one
     process 8 x 1, 3 steps: each rank holds half of the packed 4-bit codes, equal to the planner's rows; losses
-    within rtol 1e-5, the adapter within 1e-4 of each tensor's largest value (and LoRA B moved off zero); the
-    largest differences are printed."""
+    and the final validation loss within rtol 1e-5, the adapter within 1e-4 of each tensor's largest value (and LoRA B
+    moved off zero); the largest differences are printed."""
     from safetensors.torch import load_file
     from test_accumulation import _losses
 
@@ -133,6 +133,9 @@ def test_two_rank_nf4_holds_half_the_4bit_codes_per_rank_and_trains_the_adapter_
     one, ranks = _losses(one_process), _losses(run_dir)
     assert len(ranks) == 3
     torch.testing.assert_close(torch.tensor(ranks), torch.tensor(one), rtol=1e-5, atol=0)
+    # the final validation too (each rank half of the samples; the 4-bit layers in the training kernel throughout)
+    val = [json.loads((d / "metrics.json").read_text())["val_loss"] for d in (one_process, run_dir)]
+    assert val[1] == pytest.approx(val[0], rel=1e-5), val
     a, b = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (one_process, run_dir))
     assert a.keys() == b.keys() and any("lora_B" in k for k in a)
     for key in a:  # (+1e-7: a projector bias that stays at 1e-12 differs by float32 noise)
