@@ -1,4 +1,4 @@
-"""Host memory per rank of FSDP2, FSDP2 + nf4 and ZeRO-3 on two CPU ranks (gloo), measured as
+"""Host memory per rank of FSDP2, FSDP2 + nf4, ZeRO-3 and ZeRO-3 + nf4 on two CPU ranks (gloo), measured as
 scripts/load_memory.py measures it (its rank runner: resident size before the run, peak when training starts, peak
 at the end) on the same widened tiny_mgm_moe read from its released-layout folder, with the planner's load row and
 parameter rows beside each. CPU ranks hold their "GPU" state in host memory too, so the run growth is the sum of both.
@@ -18,9 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import load_memory  # noqa: E402  (the rank runner and the model of scripts/load_memory.py)
 
 NOTE = ("FSDP2 here builds (or reads and quantises) the whole model on every rank before `fully_shard` splits it, so "
-        "its load peak is the whole model per rank (as the planner's load row says), where ZeRO-3 builds partitioned; "
-        "after the shard the step holds 1/N of the parameters. nf4 holds about a quarter of fp32's bytes.")
-SECTION = "## FSDP2, FSDP2 + nf4 and ZeRO-3 per rank on the CPU (scripts/fsdp_memory.py)"
+        "its load peak is the whole model per rank (as the planner's load row says), where ZeRO-3 in 32 bits builds "
+        "partitioned; ZeRO-3 + nf4 too reads and quantises the whole 4-bit model on each rank (bitsandbytes "
+        "quantises whole tensors), then partitions it before the engine starts. After the shard the step holds 1/N "
+        "of the parameters; nf4 holds about a quarter of fp32's bytes.")
+SECTION = "## FSDP2, FSDP2 + nf4, ZeRO-3 and ZeRO-3 + nf4 per rank on the CPU (scripts/fsdp_memory.py)"
 
 
 def main() -> None:
@@ -40,7 +42,8 @@ def main() -> None:
     model_bytes = json.loads((folder / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
     runs = {"zero3 32-true": [*base, "trainer=zero3", "trainer.stage3_param_persistence_threshold=0"],
             "fsdp 32-true": [*base, "trainer=fsdp"],
-            "fsdp nf4": [*base, "trainer=fsdp", "precision=nf4"]}
+            "fsdp nf4": [*base, "trainer=fsdp", "precision=nf4"],
+            "zero3 nf4": [*base, "trainer=zero3", "trainer.stage3_param_persistence_threshold=0", "precision=nf4"]}
     mib = 2**20
     lines = [SECTION, "", f"- command: `python scripts/fsdp_memory.py {' '.join(sys.argv[1:])}`",
              f"- hardware: CPU ({os.cpu_count()} cores, shared with other jobs), two gloo ranks; date "

@@ -2,7 +2,7 @@
 sharded per decoder layer and vision block with the root as its own unit, and the loss through the root's forward
 method, its gradients and the gathered trainable weights equal the unsharded model's; 4-bit codes in uint8 storage
 are refused, in bf16 storage they keep their bytes and the 4-bit model's loss and gradients. Two CPU ranks (slow): every family trains the adapter and logs the losses of one process on mixed text-only / image
-micro-batches; nf4 holds half the 4-bit codes on each rank, as the planner's rows say."""
+micro-batches (nf4 on two ranks: tests/test_sharded_nf4.py)."""
 from __future__ import annotations
 
 import copy
@@ -212,71 +212,3 @@ def test_uint8_4bit_storage_is_refused_and_bf16_storage_keeps_the_bytes_and_the_
     grads = {n: full_tensor(p.grad) for n, p in sharded.named_parameters() if p.grad is not None and "lora_" in n}
     assert grads.keys() == want.keys() and want
     assert all(torch.equal(grads[n], want[n]) for n in want)
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_two_rank_fsdp_nf4_holds_half_the_4bit_bytes_per_rank_and_trains_like_one_process(tmp_path):
-    """tiny MGM-MoE in nf4 (linear layers and experts 4-bit, LoRA on attention) on two FSDP ranks: each rank holds
-    half of the packed 4-bit codes (measured by tests/fsdp_probe.py), as the planner's sharded rows say; the losses
-    and the adapter are those of one nf4 process within what bf16 compute allows (DDP differs as much)."""
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-    from test_accumulation import _losses
-
-    from vlm_finetune.plan import plan_memory
-    from vlm_finetune.train import train
-
-    tests = Path(__file__).resolve().parent
-    overrides = ["model=tiny_mgm_moe", "precision=nf4", "lora.llm_modules=attention", "hardware=cpu"]
-    common = overrides + ["trainer.max_steps=3", "data.num_train=96", "data.num_val=4", "eval.generate=false",
-                          "trainer.val_every_n_steps=null", "lora.dropout=0.0", "optimizer=sgd", "optimizer.lr=0.2",
-                          "scheduler=constant", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
-    train(compose_cfg(common + ["trainer=single", "data.micro_batch_size=8"], tmp_path / "one"))
-    probe = tmp_path / "probe"
-    args = common + ["trainer=fsdp", "hardware.devices=2", "data.micro_batch_size=4",
-                     "+callbacks.probe._target_=fsdp_probe.Probe", f"+callbacks.probe.path={probe}",
-                     f"hydra.run.dir={tmp_path / 'fsdp'}"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")]))
-    result = run_cli(args, timeout=600, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    held = [json.loads((tmp_path / f"probe.{rank}.json").read_text()) for rank in (0, 1)]
-    whole = held[0]["whole_codes"]
-    assert whole > 100_000 and held[0]["codes"] + held[1]["codes"] == whole
-    for rank in held:  # half each (FSDP pads a row count that does not divide)
-        assert abs(rank["codes"] - whole / 2) <= 0.01 * whole, rank
-    plan = plan_memory(overrides + ["trainer=fsdp", "hardware.devices=2"])
-    code_rows = sum(r.bytes for r in plan.rows if "nf4 codes" in r.item)
-    for rank in held:
-        assert abs(code_rows - rank["codes"]) <= 0.01 * rank["codes"], (code_rows, rank)
-    expert_stats = [r.bytes for r in plan.rows if "statistics, MoE experts" in r.item]
-    linear_stats = [r.bytes for r in plan.rows if "statistics, linear layers" in r.item]
-    assert expert_stats and linear_stats
-    # statistics are whole on each rank: the experts' row is exact; the linear layers' leaves out the code books
-    assert expert_stats[0] <= held[0]["statistics"] <= expert_stats[0] + linear_stats[0] + 64 * 1088, held[0]
-    one, ranks = _losses(tmp_path / "one"), _losses(tmp_path / "fsdp")
-    assert len(ranks) == 3 and ranks[0] == pytest.approx(one[0], rel=1e-6)
-    torch.testing.assert_close(torch.tensor(ranks), torch.tensor(one), rtol=2e-3, atol=0)
-    a, b = (load_file(str(tmp_path / d / "adapter" / "adapter_model.safetensors")) for d in ("one", "fsdp"))
-    assert a.keys() == b.keys()
-    lora = [k for k in a if "lora_B" in k]
-    assert lora and all(float((a[k] - b[k]).abs().max()) <= 0.05 * float(a[k].abs().max()) for k in lora)
-
-
-def test_plan_fsdp_nf4_fits_four_4090s_and_suggests_fsdp_offload():
-    """The issue's plans: MGM-8x7B (LoRA on attention: its 4-bit experts take none) and MGM-34B in nf4 under FSDP on
-    four 24 GB cards fit the step with at least 25 % of the GPU free; bf16 FSDP of MGM-8x7B does not, and the
-    cheapest change offered is FSDP2's own CPU offload."""
-    from vlm_finetune.plan import plan_memory, plan_with_suggestions
-
-    for model in (["model=mgm_8x7b", "lora.llm_modules=attention"], ["model=mgm_34b"]):
-        plan = plan_memory([*model, "hardware=4x4090", "trainer=fsdp", "precision=nf4", "data.micro_batch_size=1"])
-        assert plan.fits and plan.peak_bytes <= 0.75 * plan.budget_bytes, (model, plan.peak_bytes / 2**30)
-        items = [r.item for r in plan.rows]
-        assert any("nf4 codes" in i and "sharded 1/4" in i for i in items)
-        assert any("unit in flight" in i for i in items) and any("prefetched" in i for i in items)
-    bf16 = plan_with_suggestions(["model=mgm_8x7b", "hardware=4x4090", "trainer=fsdp", "precision=bf16-mixed",
-                        "data.micro_batch_size=1"])
-    assert bf16.fits is False
-    assert bf16.suggestions and "trainer=fsdp_offload" in bf16.suggestions[0].overrides

@@ -99,3 +99,31 @@ def test_mgm_nf4_quantises_the_decoder_linears_and_trains_like_bf16(model, tmp_p
     assert abs(metrics["val_loss"] - reference["val_loss"]) < 0.25 * reference["val_loss"], (metrics, reference)
     reloaded = PeftModel.from_pretrained(family.build_model(model_settings(cfg.model)), tmp_path / "nf4" / "adapter")
     assert any("lora_A" in n for n, _ in reloaded.named_parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_4bit_layer_keeps_its_training_kernel_and_gradients_after_a_validation_forward(dtype):
+    """bitsandbytes repacks a 4-bit weight for its CPU inference kernel at the first eval forward without gradients
+    (CPUs with AVX512-BF16) and keeps it repacked, after which a training forward computes in that kernel (here 9e-3
+    off) and passes no gradient to its input. quantize_linear_nf4 keeps the training kernel: after a validation
+    forward the output and the input's gradient are bit-identical to those before it."""
+    from vlm_finetune.models.nf4_load import quantize_linear_nf4
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 128, bias=False)).to(dtype)
+    assert quantize_linear_nf4(model) == 1 and type(model[0]).__name__ == "Linear4bit"
+    assert model[0].compute_dtype == dtype  # computes in the dtype the model was loaded in (nf4-fp32: float32)
+    x = torch.randn(4, 256, dtype=dtype, requires_grad=True)
+
+    def output_and_gradient():
+        y = model(x)
+        return y.detach(), torch.autograd.grad(y.float().sum(), x)[0]
+
+    before = output_and_gradient()
+    model.eval()
+    with torch.no_grad():
+        model(x.detach())
+    model.train()
+    after = output_and_gradient()
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    assert float(before[1].abs().max()) > 0

@@ -21,16 +21,15 @@ from vlm_finetune.strategies import ZeroSizes, build_strategy, deepspeed_config
 ROOT = Path(__file__).resolve().parent.parent
 TRAINERS = sorted(p.stem for p in (Path(CONF_DIR) / "trainer").glob("*.yaml"))
 HARDWARE = sorted(p.stem for p in (Path(CONF_DIR) / "hardware").glob("*.yaml"))
-# auto resolves to one of the others from the hardware (tests/test_auto_choice.py)
-PRECISIONS = sorted(p.stem for p in (Path(CONF_DIR) / "precision").glob("*.yaml") if p.stem != "auto")
+# auto resolves to one of the others from the hardware (tests/test_auto_choice.py); nf4-fp32 follows nf4's rules
+# with a float32 engine (test_nf4_fp32_under_zero3_is_a_float32_engine_that_partitions_first)
+PRECISIONS = sorted(p.stem for p in (Path(CONF_DIR) / "precision").glob("*.yaml") if p.stem not in ("auto", "nf4-fp32"))
 
 
 def _expected_rejection(trainer: str, hw: Hardware, precision: str) -> str | None:
     """The rule each combination must follow, written independently of strategies.check_combination."""
     if trainer == "single" and hw.world_size > 1:
         return "trainer=single runs one process"
-    if precision == "nf4" and trainer.startswith("zero3"):  # FSDP2 shards 4-bit codes; ZeRO-3 does not here
-        return "ZeRO-3 does not shard 4-bit base weights"
     if precision == "fp16-mixed" and hw.accelerator != "gpu":
         return "fp16-mixed needs a GPU"
     return None
@@ -41,6 +40,7 @@ def test_profiles_exist():
     assert {"cpu", "1xa6000", "4x4090", "6x4090", "8xa100_40g", "8xa100_80g", "1xh100", "8xh100", "2x8xa100_80g",
             "auto"} <= set(HARDWARE)
     assert {"32-true", "bf16-mixed", "bf16-true", "fp16-mixed", "nf4"} <= set(PRECISIONS)
+    assert (Path(CONF_DIR) / "precision" / "nf4-fp32.yaml").exists()
 
 
 @pytest.mark.parametrize("trainer", TRAINERS)
@@ -71,12 +71,24 @@ def test_combination_builds_or_is_rejected(trainer, hardware, precision, tmp_pat
         assert ("offload_optimizer" in zero) == trainer.endswith("offload")
         assert ("offload_param" in zero) == (trainer == "zero3_offload")
         assert ("bf16" in strategy.config) == (precision in ("bf16-mixed", "bf16-true", "nf4"))
+        # nf4 under ZeRO-3: the 4-bit model is partitioned before the engine starts (vlm_finetune/zero3_nf4.py)
+        first = type(strategy).__name__.endswith("PartitionFirst")
+        assert first == (precision == "nf4" and trainer.startswith("zero3"))
         for offloaded in ("offload_optimizer", "offload_param"):  # pinned host memory only serves GPU copies
             if offloaded in zero:
                 assert zero[offloaded]["pin_memory"] == (hw.accelerator == "gpu")
     if kind is ModelParallelStrategy:  # FSDP2: data parallel over every rank, no tensor parallelism
         assert strategy._data_parallel_size == hw.world_size and strategy._tensor_parallel_size == 1
         assert strategy.process_group_backend == ("nccl" if hw.accelerator == "gpu" else "gloo")
+
+
+@pytest.mark.parametrize("trainer", ["zero3", "zero3_offload"])
+def test_nf4_fp32_under_zero3_is_a_float32_engine_that_partitions_first(trainer, tmp_path):
+    cfg = compose_cfg([f"trainer={trainer}", "hardware=cpu", "hardware.devices=2", "precision=nf4-fp32"], tmp_path)
+    strategy = build_strategy(strategy_settings(cfg.trainer), cfg.precision.name, 4, get_family("mgm"),
+                              resolve(hardware_settings(cfg.hardware)), ZeroSizes(1000, 1000))
+    assert isinstance(strategy, DeepSpeedStrategy) and type(strategy).__name__.endswith("PartitionFirst")
+    assert "bf16" not in strategy.config and "fp16" not in strategy.config
 
 
 def test_deepspeed_config_values(tmp_path):

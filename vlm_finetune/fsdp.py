@@ -18,6 +18,12 @@ from torch import nn
 
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.models.base import Family
+from vlm_finetune.models.four_bit_storage import (  # noqa: F401  (FOUR_BIT_STORAGE, _four_bit_tensors: tests)
+    FOUR_BIT_STORAGE,
+    _four_bit_tensors,
+    check_4bit_storage,
+    store_4bit_as,
+)
 from vlm_finetune.settings import StrategySettings
 from vlm_finetune.trainability import unwrap
 
@@ -36,9 +42,6 @@ def reshard_after_forward(settings: StrategySettings) -> bool:
     return RESHARD_AFTER_FORWARD[name]
 
 
-# 4-bit codes travel as bytes viewed in the dtype of the 16-bit base they replace
-FOUR_BIT_STORAGE = torch.bfloat16
-
 
 def mixed_precision(param_dtype: torch.dtype | None = None):
     """Gradients reduced in float32. Parameters gathered as stored (param_dtype None): the precision policy already
@@ -56,76 +59,13 @@ def fsdp_units(model: nn.Module, family: Family) -> list[nn.Module]:
     return [m for m in unwrap(model).modules() if isinstance(m, blocks)]
 
 
-# -- 4-bit weights ----------------------------------------------------------------------------------------------
-# FSDP shards and all-gathers a parameter as a tensor of its dtype, and casts it to the mixed-precision policy's
-# param_dtype before the gather. 4-bit codes packed in uint8 are cast as numbers (corrupt) or refused; so, as in
-# FSDP-QLoRA (bitsandbytes' quant_storage), the packed bytes are viewed as bf16 (FOUR_BIT_STORAGE): FSDP moves them
-# untouched and each rank stores 1/N of them. The quantisation statistics (absmax, code book) stay whole on every rank.
-def _four_bit_tensors(model: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter]]:
-    """(module, name, parameter) of every packed 4-bit weight: bitsandbytes' Linear4bit weights and the nf4 MoE
-    experts' codes (models/moe_nf4.py)."""
-    found = []
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if type(param).__name__ == "Params4bit" or (name.endswith("_nf4") and hasattr(param, "quant_state")):
-                found.append((module, name, param))
-    return found
-
-
-def store_4bit_as(model: nn.Module, dtype: torch.dtype) -> int:
-    """View every packed 4-bit weight of `model` as `dtype` (a floating dtype FSDP shards), the bytes unchanged;
-    returns how many. bitsandbytes reads any storage dtype back as its bytes."""
-    count = 0
-    for module, name, param in _four_bit_tensors(model):
-        if getattr(param, "quant_state", None) is not None and hasattr(module, "quant_state"):
-            # FSDP re-wraps the weight as a plain parameter: bitsandbytes restores the state from the module
-            module.quant_state = param.quant_state
-        if param.dtype == dtype:
-            continue
-        data = param.data
-        experts = data.dim() == 2 and data.shape[1] != 1  # MoE codes: one row of bytes per expert, sharded by row
-        row_bytes = data.shape[1] if experts else data.numel()
-        if row_bytes * data.element_size() % torch.empty((), dtype=dtype).element_size():
-            raise ConfigError(f"{name} of a {type(module).__name__} holds {row_bytes} bytes of 4-bit codes per row, "
-                              f"which cannot be viewed as {dtype}; use trainer=ddp or trainer=zero2 with precision=nf4")
-        param.data = data.contiguous().view(dtype) if experts else data.reshape(-1).view(dtype).reshape(-1, 1)
-        if hasattr(param, "quant_storage"):
-            param.quant_storage = dtype
-        if hasattr(module, "quant_storage"):
-            module.quant_storage = dtype
-        # bitsandbytes repacks weights for its CPU kernel in eval (AVX512-BF16): never on bytes FSDP all-gathers
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-        count += 1
-    return count
-
-
-def check_4bit_storage(model: nn.Module, gather_dtype: torch.dtype | None) -> None:
-    """Refuse a model whose sharded parameters FSDP would corrupt: integer storage (4-bit codes in uint8) or 4-bit
-    bytes stored in another dtype than the one FSDP casts to before its gather (`gather_dtype`; None: no cast)."""
-    cast = "" if gather_dtype is None else f" cast to {gather_dtype}"
-    for module, name, param in _four_bit_tensors(model):
-        if not param.dtype.is_floating_point or (gather_dtype is not None and param.dtype != gather_dtype):
-            raise ConfigError(
-                f"trainer=fsdp: {name} of a {type(module).__name__} holds 4-bit codes in {param.dtype} storage, but "
-                f"FSDP gathers floating-point parameters{cast}: "
-                "it would refuse or cast the packed codes as numbers and train on garbage. Store them as "
-                f"{gather_dtype or FOUR_BIT_STORAGE} (bitsandbytes' quant_storage; fsdp.store_4bit_as does it for "
-                "precision=nf4), or use trainer=ddp / trainer=zero2 with precision=nf4")
-    for name, param in model.named_parameters():
-        if not param.dtype.is_floating_point:
-            raise ConfigError(f"trainer=fsdp cannot shard {name} ({param.dtype}): FSDP all-gathers floating-point "
-                              "tensors only. Store it in a floating dtype (bitsandbytes' quant_storage), or use "
-                              "trainer=ddp / trainer=zero2")
-
-
 def shard_model(model: nn.Module, family: Family, mesh, reshard: bool, offload: bool,
                 loss_fn: Callable[[nn.Module, dict], Any], param_dtype: torch.dtype | None = None) -> nn.Module:
     """Shard `model` in place over `mesh` (one dimension: every rank holds 1/N of every parameter). `loss_fn(base,
     batch)` becomes the root's forward method `ROOT_LOSS`. Returns the root unit (the model under PEFT)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard, register_fsdp_forward_method
 
-    check_4bit_storage(model, param_dtype)
+    check_4bit_storage(model, param_dtype, "trainer=fsdp", "FSDP")
     options = {"mesh": mesh, "mp_policy": mixed_precision(param_dtype)}
     if offload:
         options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())

@@ -17,12 +17,17 @@ PRECISIONS = {
     "bf16-true": ("bf16-true", torch.bfloat16),
     "fp16-mixed": ("16-mixed", torch.float16),
     "nf4": ("bf16-mixed", torch.bfloat16),  # 4-bit frozen base (bitsandbytes), bf16 compute
-    # the same 4-bit base computed in float32 (the MoE experts dequantised to float32; bitsandbytes' 4-bit linear
-    # layers compute in bf16 inside): CPU rehearsals whose comparisons must be exact (tests/test_expert_parallel.py)
+    # 4-bit frozen base, the rest and the compute in float32 (bitsandbytes' compute dtype float32: each 4-bit weight
+    # dequantised to float32): what a CPU has no fast bf16 for, and what an exact comparison of runs needs
     "nf4-fp32": ("32-true", torch.float32),
 }
 MIXED = ("bf16-mixed", "fp16-mixed", "nf4")
-NF4 = ("nf4", "nf4-fp32")  # the precisions that hold the LLM's frozen base in 4 bits
+NF4 = ("nf4", "nf4-fp32")  # the profiles whose frozen LLM base is 4-bit (QLoRA)
+
+
+def is_nf4(precision: str) -> bool:
+    """Whether `precision` holds the LLM's frozen linear layers (and MoE experts) in 4 bits."""
+    return precision in NF4
 
 
 @dataclass(frozen=True)
@@ -30,7 +35,7 @@ class WeightsPolicy:
     lightning: str  # Lightning's `precision=` value
     load_dtype: torch.dtype  # the dtype the model is built or loaded in
     keep_trainables_fp32: bool  # trainable weights cast back to float32 master weights after the build
-    quantization: str | None  # "nf4": the LLM's frozen linear layers in 4-bit
+    quantization: str | None  # "nf4": the LLM's frozen linear layers in 4-bit, computing in load_dtype
     mixed: bool  # compute under autocast
     half: bool  # activations in 16 bits
 
@@ -62,5 +67,5 @@ def weights_policy(precision: str, strategy: str = "single") -> WeightsPolicy:
     lightning, dtype = PRECISIONS[precision]
     mixed = precision in MIXED
     keep_fp32 = mixed
-    return WeightsPolicy(lightning, dtype, keep_fp32, "nf4" if precision in NF4 else None, mixed,
-                         precision != "32-true")
+    return WeightsPolicy(lightning, dtype, keep_fp32, "nf4" if is_nf4(precision) else None, mixed,
+                         dtype != torch.float32)

@@ -18,8 +18,9 @@ from vlm_finetune.fsdp import build_fsdp_strategy, full_tensor, is_fsdp2
 from vlm_finetune.hardware import Hardware
 from vlm_finetune.models._partitioned import unpartitioned
 from vlm_finetune.models.base import Family
-from vlm_finetune.precision import NF4
+from vlm_finetune.precision import is_nf4
 from vlm_finetune.settings import StrategySettings, is_auto
+from vlm_finetune.zero3_nf4 import partitioning_first
 
 SHARDED = ("fsdp", "deepspeed")
 
@@ -33,11 +34,6 @@ def check_combination(settings: StrategySettings, hardware: Hardware, precision:
         raise ConfigError(f"trainer=single runs one process, but hardware={hardware.name} has {hardware.world_size} "
                           "devices; use trainer=ddp (model fits on one GPU) or trainer=zero3 / trainer=fsdp "
                           "(it does not)")
-    if precision in NF4 and settings.is_zero3:
-        raise ConfigError(f"precision={precision} cannot be combined with trainer={settings.name}: "
-                          "ZeRO-3 does not shard 4-bit base weights here. Use trainer=fsdp with precision=nf4 (each "
-                          "rank holds 1/N of the 4-bit bytes), trainer=ddp or trainer=zero2 with precision=nf4 (each "
-                          "GPU holds the 4-bit base), or keep ZeRO-3 with precision=bf16-mixed")
     if precision == "fp16-mixed" and hardware.accelerator != "gpu":
         raise ConfigError("precision=fp16-mixed needs a GPU (loss scaling is CUDA-only); "
                           "on the CPU use 32-true or bf16-mixed")
@@ -195,15 +191,18 @@ def build_strategy(settings: StrategySettings, precision: str, micro_batch_size:
                            timeout=timeout)
     if settings.strategy == "fsdp":
         backend = "nccl" if hardware.accelerator == "gpu" else "gloo"
-        return build_fsdp_strategy(settings, family, hardware.world_size, precision in NF4, backend, timeout)
+        return build_fsdp_strategy(settings, family, hardware.world_size, is_nf4(precision), backend, timeout)
     on_gpu = hardware.accelerator == "gpu"
     config = deepspeed_config(settings, precision, micro_batch_size, on_gpu, sizes)
+    # nf4 under ZeRO-3: the 4-bit model, quantised whole on the host, is partitioned before the engine starts
+    first = (lambda cls: partitioning_first(cls, config, precision)) if settings.is_zero3 and is_nf4(precision) \
+        else (lambda cls: cls)
     if on_gpu:
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
         # checkpoints hold the trained weights and their optimizer partitions; the frozen base comes from the model
-        return DeepSpeedStrategy(config=config, exclude_frozen_parameters=True, timeout=timeout)
-    return cpu_deepspeed_strategy(config, timeout)
+        return first(DeepSpeedStrategy)(config=config, exclude_frozen_parameters=True, timeout=timeout)
+    return cpu_deepspeed_strategy(config, timeout, first)
 
 
 def expert_parallel_strategy(size: int, backend: str, timeout: timedelta | None):
@@ -231,7 +230,7 @@ def expert_parallel_strategy(size: int, backend: str, timeout: timedelta | None)
                                      gradient_as_bucket_view=True, timeout=timeout)
 
 
-def cpu_deepspeed_strategy(config: dict, timeout: timedelta | None = None):
+def cpu_deepspeed_strategy(config: dict, timeout: timedelta | None = None, wrap=lambda cls: cls):
     """DeepSpeed ZeRO on CPU processes (DeepSpeed's CPU accelerator, gloo): the same partitioning, gathers,
     leaf modules and adapter consolidation as on GPUs, so a sharded configuration can be rehearsed with a
     tiny model on a laptop or in CI. Lightning allows DeepSpeed on CUDA only; this subclass lifts that check."""
@@ -261,8 +260,8 @@ def cpu_deepspeed_strategy(config: dict, timeout: timedelta | None = None):
             # Lightning hands DeepSpeed the device index as its device rank; give CPU devices the local rank
             return torch.device("cpu", self.local_rank)
 
-    return CPUDeepSpeedStrategy(config=config, process_group_backend="gloo", exclude_frozen_parameters=True,
-                                timeout=timeout or timedelta(minutes=10))
+    return wrap(CPUDeepSpeedStrategy)(config=config, process_group_backend="gloo", exclude_frozen_parameters=True,
+                                      timeout=timeout or timedelta(minutes=10))
 
 
 @contextlib.contextmanager

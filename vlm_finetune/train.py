@@ -48,7 +48,7 @@ from vlm_finetune.models.nf4_load import quantised_on_host
 from vlm_finetune.models.registry import get_family, parse_trainability
 from vlm_finetune.module import VLMModule
 from vlm_finetune.plots import plot_training_curves
-from vlm_finetune.precision import NF4, WeightsPolicy, check_precision, weights_policy
+from vlm_finetune.precision import WeightsPolicy, check_precision, is_nf4, weights_policy
 from vlm_finetune.quiet import quiet_run
 from vlm_finetune.resume import open_resume_checkpoint, restore_csv_rows, resume_parts
 from vlm_finetune.rundir import RunFolderLock, finished_metrics, sweep_checkpoint_leftovers
@@ -68,6 +68,7 @@ from vlm_finetune.trainability import (
     partition_counts,
 )
 from vlm_finetune.watchdog import RunHung, RunWatchdog, hung_message, is_collective_failure
+from vlm_finetune.zero3_nf4 import shard_4bit_under_zero3
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def check_config(cfg: DictConfig) -> tuple[RunSettings, dict, Hardware]:
                               modes[Part.LLM] == Mode.LORA and settings.lora.llm_modules in ("mlp", "experts", "all"),
                               settings.lora.expert_forward)
     preflight(hardware, settings.precision)
-    if settings.precision in NF4 and importlib.util.find_spec("bitsandbytes") is None:
+    if is_nf4(settings.precision) and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("precision=nf4 (QLoRA) loads the base in 4-bit with bitsandbytes, which is not installed: "
                           "pip install 'vlm_finetune[qlora]' (CUDA GPUs, and CPUs for rehearsal with tiny models)")
     check_auto_options(settings, hardware)
@@ -242,8 +243,9 @@ def _model_builder(settings: RunSettings, release: str, family, modes: dict, pol
     """`build(device=None, expected_plan=None) -> (model, plan)`: the model with its trainability plan, compiled
     regions and ZeRO-3 leaf modules, as configured; `device="meta"`: the structure only."""
     def build(device: str | None = None, expected_plan=None):
-        # FSDP: nf4 layers quantised in host memory; each GPU then receives only its shard of the 4-bit bytes
-        where = quantised_on_host() if settings.strategy.strategy == "fsdp" else contextlib.nullcontext()
+        # FSDP, ZeRO-3: nf4 layers quantised in host memory; each GPU then receives only its shard of the 4-bit bytes
+        sharded = settings.strategy.strategy == "fsdp" or settings.strategy.is_zero3
+        where = quantised_on_host() if sharded else contextlib.nullcontext()
         with where:
             model, plan = build_trainable_model(family, settings.model, modes, settings.lora, policy,
                                                 checkpointed_layers=settings.model.activation_checkpointing,
@@ -265,6 +267,7 @@ def _model_builder(settings: RunSettings, release: str, family, modes: dict, pol
             if settings.speed.compile:
                 compile_regions(model, family)
             set_zero3_leaves(model, family, settings.strategy)
+            shard_4bit_under_zero3(model, settings.strategy, settings.precision)  # nf4: codes in the engine's dtype
             if release != "off":
                 release_freed()  # what building and loading freed
         return model, plan

@@ -121,11 +121,13 @@ def partition_counts(model: nn.Module) -> tuple[int, int]:
 def _logical_numel(param: torch.Tensor) -> int:
     """Elements of the weight a parameter stands for: a 4-bit (bitsandbytes) weight packs two per byte; a
     ZeRO-3-partitioned one holds none of them on this rank."""
-    if hasattr(param, "ds_numel"):
-        return int(param.ds_numel)
     quant_state = getattr(param, "quant_state", None)
     shape = getattr(quant_state, "shape", None)
-    return int(torch.Size(shape).numel()) if shape is not None else param.numel()
+    if shape is not None:  # before ZeRO-3's count: a partitioned 4-bit weight's ds_numel counts its storage
+        return int(torch.Size(shape).numel())
+    if hasattr(param, "ds_numel"):
+        return int(param.ds_numel)
+    return param.numel()
 
 
 def keep_trainables_fp32(model: nn.Module) -> None:
@@ -245,8 +247,10 @@ def builds_partitioned(family: Family, spec: ModelSettings, zero3: bool, modes: 
                        auto_micro_batch: bool) -> bool:
     """Whether the run builds the model inside DeepSpeed's zero.Init (VLMModule.configure_model): under ZeRO-3,
     for a family and model that can (`Family.can_build_partitioned`), unless the micro-batch is searched with
-    real steps on a whole model. `policy` and `modes` do not change it (`trainables_in_compute_dtype`)."""
-    return zero3 and family.can_build_partitioned(spec) and not auto_micro_batch
+    real steps on a whole model, or for precision=nf4. `modes` do not change it (`trainables_in_compute_dtype`)."""
+    # 4-bit weights are quantised whole on each rank (bitsandbytes quantises whole tensors), then partitioned by
+    # the engine at its start
+    return zero3 and family.can_build_partitioned(spec) and not auto_micro_batch and not policy.quantization
 
 
 def build_trainable_model(family: Family, spec: ModelSettings, modes: dict[Part, Mode], lora: LoraSettings,

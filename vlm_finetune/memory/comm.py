@@ -20,6 +20,7 @@ collectives of real runs on CPU ranks.
   unit (embeddings, head, projector, what of the towers is in no block) stays gathered from its forward to its
   backward (FSDP2 never reshards the root after forward), and a frozen vision tower (no_grad) has no backward;
   a reduce-scatter of the gradients of the trainable parameters, float32.
+- nf4 under ZeRO-3 or FSDP: the 4-bit weights are gathered as their packed codes (half a byte per weight).
 - Expert parallel (trainer=ddp trainer.expert_parallel=N): DDP's all-reduce, plus, per micro-batch and MoE
   layer, each of its T x top-k (token, expert) rows that belongs to another rank of the group ((N-1)/N of them
   under balanced routing) sent there and its output sent back, in the forward, again in the backward (the
@@ -33,7 +34,7 @@ from vlm_finetune.memory.inputs import PlanInputs
 from vlm_finetune.memory.report import Row
 from vlm_finetune.memory.state_rows import held_dtype
 from vlm_finetune.models.base import Mode, Part
-from vlm_finetune.precision import NF4
+from vlm_finetune.precision import is_nf4
 
 INDEX_BYTES = 8  # the int64 expert index each dispatched row carries (models/moe_ep.py)
 
@@ -71,15 +72,22 @@ def gathered_bytes(inputs: PlanInputs, backward: bool) -> int:
     is still gathered from its forward)."""
     frozen_vision = inputs.modes[Part.VISION] is Mode.FROZEN
     skip = {"vision"} if backward and frozen_vision else set()
+    # nf4: the 4-bit weights travel as their packed codes, half a byte each (the statistics are whole on each rank)
+    four_bit = inputs.count.quantizable_numel + inputs.count.expert_numel if is_nf4(inputs.precision) else 0
     if inputs.strategy == "fsdp":
         count = inputs.count
         numel = (sum(count.unit_numels) - (count.vision_unit_numel if frozen_vision else 0) if backward
                  else sum(g.numel for g in count.groups))
-        # nf4: the decoder layers' 4-bit codes travel as they are stored (two per byte, viewed as bf16), their
-        # statistics not at all (whole on every rank); not measured here yet
-        four_bit = count.quantizable_numel + count.expert_numel if inputs.precision in NF4 else 0
         return (numel - four_bit) * inputs.act_bytes + four_bit // 2
-    return sum(g.numel * _module_size(inputs, g) for g in inputs.count.groups if g.part not in skip)
+    total = 0.0
+    for group in inputs.count.groups:
+        if group.part in skip:
+            continue
+        size = _module_size(inputs, group)
+        packed = min(four_bit, group.numel) if group.part == "llm" and group.kind == "frozen" else 0
+        four_bit -= packed
+        total += (group.numel - packed) * size + packed / 2
+    return int(total)
 
 
 def zero3_reused_bytes(inputs: PlanInputs) -> int:

@@ -41,6 +41,9 @@ class ModelCount:
     decoder_layer_bytes: tuple[int, ...] = ()  # each decoder layer's parameters, at the dtypes they are built in
     vision_unit_numel: int = 0  # elements of the vision blocks among unit_numels (no backward when frozen)
     largest_param_numel: int = 0  # the largest single parameter (ZeRO-3's sequential gather prefetches one)
+    # ZeRO-3 under nf4: (elements, of them held in 4 bits) of the modules gathered at once that are largest in bytes
+    # with 16- and with 32-bit compute (the largest fetch by elements may not be the largest in bytes)
+    nf4_fetches: tuple[tuple[int, int], ...] = ()
 
 
 def count_model(spec: ModelSettings, modes: dict[Part, Mode], lora: LoraSettings, family: Family,
@@ -97,6 +100,7 @@ def _count(model: torch.nn.Module, plan: TrainablePlan, family: Family, persiste
     unit_classes = tuple(family.decoder_layer_classes) + tuple(family.vision_block_classes)
     leaf_classes = tuple(family.zero3_leaf_classes)
     units, trainable_units, fetch, layer_bytes, vision_units = [], [], 0, [], 0
+    fetches: list[tuple[int, int]] = []
     quantizable, quantizable_dtype = 0, None
     for name, module in model.named_modules():
         if isinstance(module, unit_classes):
@@ -109,10 +113,13 @@ def _count(model: torch.nn.Module, plan: TrainablePlan, family: Family, persiste
             else:
                 vision_units += units[-1]
         if leaf_classes and isinstance(module, leaf_classes):
-            fetch = max(fetch, sum(param.numel() for param in module.parameters()))
+            whole = sum(param.numel() for param in module.parameters())
+            fetch = max(fetch, whole)
+            fetches.append((whole, _four_bit_numel(module, name, True, part_for)))
         else:
             own = sum(param.numel() for param in module.parameters(recurse=False))
             fetch = max(fetch, own)
+            fetches.append((own, _four_bit_numel(module, name, False, part_for)))
         if isinstance(module, torch.nn.Linear) and "lora_" not in name:
             clean = _clean_name(name)
             if part_for(clean) == "llm" and "lm_head" not in clean and not module.weight.requires_grad:
@@ -133,4 +140,23 @@ def _count(model: torch.nn.Module, plan: TrainablePlan, family: Family, persiste
                       sum(w.numel() for w in experts), sum(moe_nf4.nf4_bytes(*w.shape) for w in experts),
                       experts[0].dtype if experts else None, tuple(vision_lora),
                       max((p.numel() * p.element_size() for p in model.parameters()), default=0),
-                      tuple(layer_bytes), vision_units, max((p.numel() for p in model.parameters()), default=0))
+                      tuple(layer_bytes), vision_units, max((p.numel() for p in model.parameters()), default=0),
+                      tuple({max(fetches, key=lambda f: (f[0] - f[1]) * size + f[1] / 2, default=(0, 0))
+                             for size in (2, 4)}))
+
+
+def _four_bit_numel(module: torch.nn.Module, name: str, recurse: bool, part_for) -> int:
+    """Elements of `module`'s parameters (its own, or all with `recurse`) that nf4 holds in 4 bits: the frozen
+    weights of the LLM's linear layers (not lm_head, not LoRA) and its frozen fused experts."""
+    total = 0
+    for sub_name, sub in (module.named_modules(prefix=name) if recurse else [(name, module)]):
+        clean = _clean_name(sub_name)
+        if part_for(clean) != "llm" or "lora_" in sub_name:
+            continue
+        if isinstance(sub, torch.nn.Linear) and "lm_head" not in clean and not sub.weight.requires_grad:
+            total += sub.weight.numel()
+        for tensor in moe_nf4.EXPERT_TENSORS:
+            weight = sub._parameters.get(tensor)
+            if isinstance(weight, torch.Tensor) and weight.dim() == 3 and not weight.requires_grad:
+                total += weight.numel()
+    return total

@@ -10,12 +10,12 @@ import math
 
 from vlm_finetune.memory.inputs import NF4_BYTES_PER_PARAM, PlanInputs
 from vlm_finetune.memory.report import Row
-from vlm_finetune.precision import NF4
+from vlm_finetune.precision import is_nf4
 
 
 def _quantised_per_unit(inputs: PlanInputs) -> float:
     """Elements of one decoder layer held in 4 bits (nf4: its linear weights and experts), on average."""
-    if inputs.precision not in NF4:
+    if not is_nf4(inputs.precision):
         return 0.0
     count = inputs.count
     return (count.quantizable_numel + count.expert_numel) / max(inputs.num_layers, 1)
@@ -29,19 +29,21 @@ def gathered_unit_bytes(inputs: PlanInputs) -> int:
 
 
 def four_bit_rows(inputs: PlanInputs, linear_numel: int, with_experts: bool) -> list[Row]:
-    """nf4 under FSDP: the packed codes (two per byte) sharded 1/N, the quantisation statistics (absmax, nested
-    absmax, code books) whole on every rank (they are no parameters: FSDP leaves them alone)."""
+    """nf4 under FSDP or ZeRO-3: the packed codes (two per byte) sharded 1/N (in host memory under parameter
+    offload), the quantisation statistics (absmax, nested absmax, code books) whole on every rank (they are no
+    parameters: neither engine shards them)."""
     world, count = inputs.world, inputs.count
+    where, offloaded = ("cpu", ", offloaded") if inputs.offload_parameters else ("gpu", "")
     rows = []
     if linear_numel:
-        rows += [Row("parameters", f"llm frozen nf4 codes, linear layers (sharded 1/{world})",
-                     math.ceil(linear_numel / 2 / world), four_bit=True),
+        rows += [Row("parameters", f"llm frozen nf4 codes, linear layers (sharded 1/{world}{offloaded})",
+                     math.ceil(linear_numel / 2 / world), where, four_bit=True),
                  Row("parameters", "llm frozen nf4 statistics, linear layers (whole on each rank)",
                      int(linear_numel * (NF4_BYTES_PER_PARAM - 0.5)), four_bit=True)]
     if with_experts and count.expert_numel:
         codes = math.ceil(count.expert_numel / 2)
-        rows += [Row("parameters", f"llm frozen nf4 codes, MoE experts (sharded 1/{world})",
-                     math.ceil(codes / world), four_bit=True),
+        rows += [Row("parameters", f"llm frozen nf4 codes, MoE experts (sharded 1/{world}{offloaded})",
+                     math.ceil(codes / world), where, four_bit=True),
                  Row("parameters", "llm frozen nf4 statistics, MoE experts (whole on each rank)",
                      count.expert_nf4_bytes - codes, four_bit=True)]
     return rows

@@ -42,7 +42,7 @@ from vlm_finetune.memory.state_rows import optimizer_rows, parameter_rows, strat
 from vlm_finetune.memory.validation import plan_validation
 from vlm_finetune.models.base import Mode, Part, parse_trainability
 from vlm_finetune.models.registry import get_family
-from vlm_finetune.precision import NF4, check_precision, weights_policy
+from vlm_finetune.precision import check_precision, is_nf4, weights_policy
 from vlm_finetune.settings import RunSettings, is_auto
 from vlm_finetune.strategies import check_combination
 from vlm_finetune.trainability import CHECKPOINT_SCOPES, builds_partitioned, checkpointed_layer_count
@@ -158,9 +158,11 @@ def plan_run(settings: RunSettings, overrides: list[str], seq: int | None = None
     partitioned = builds_partitioned(family, settings.model, stage == 3, modes, policy,
                                      searched_with_real_steps(settings, hardware.accelerator))
     on_host = hardware.accelerator != "gpu" or settings.strategy.offload_parameters
-    streamed = precision in NF4 and family.quantises_while_loading(settings.model)
+    streamed = is_nf4(precision) and family.quantises_while_loading(settings.model)
     four_bit = sum(r.bytes for r in result.rows if r.four_bit)
-    if strategy == "fsdp" and precision in NF4:  # quantised whole in host memory, then sharded onto the GPUs
+    if inputs.shards_parameters and is_nf4(precision):
+        # FSDP, ZeRO-3: each rank quantises the whole model in host memory (bitsandbytes quantises whole tensors),
+        # then the engine shards the codes onto the GPUs (ZeRO-3: zero3_nf4.partition_first, a tensor at a time)
         on_host = True
         four_bit = int(count.quantizable_numel * NF4_BYTES_PER_PARAM) + count.expert_nf4_bytes
     result.load = plan_load(count, hardware.devices, hardware.host_memory_gib, hardware.world_size, partitioned,
@@ -168,7 +170,7 @@ def plan_run(settings: RunSettings, overrides: list[str], seq: int | None = None
     if result.fits is not None:  # GPUs: one GPU at the load, against the step's budget
         sliced = partitioned and family.checkpoint_folder(settings.model) is not None
         result.load.gpu_bytes_per_rank, result.load.gpu_what = gpu_at_load(
-            result.total("parameters"), count, inputs.shards_parameters, precision in NF4, inputs.offload_parameters,
+            result.total("parameters"), count, inputs.shards_parameters, is_nf4(precision), inputs.offload_parameters,
             sliced)
         result.load.gpu_budget_bytes = result.budget_bytes
     return result
@@ -281,7 +283,7 @@ def activation_rows(inputs: PlanInputs, tokens: int, micro_batch: int, images: i
         held = kept_moe + (1 if checkpointed_layers > dense_layers else 0)
         rows.append(Row("activations", f"ZeRO-3: frozen experts' gathered weights saved by {held} MoE layer(s)",
                         int(held * stack)))
-    if inputs.precision in NF4 and moe_layers and inputs.count.expert_numel:
+    if is_nf4(inputs.precision) and moe_layers and inputs.count.expert_numel:
         # 4-bit experts: one expert's matrix at a time dequantised, for its tokens and again in backward for the
         # input's gradient (models/moe_lora.py, _Nf4ExpertLinear); none is kept for backward
         rows.append(Row("activations", "nf4 experts: one expert's gate_up matrix dequantised",

@@ -10,7 +10,7 @@ from vlm_finetune.memory import fsdp_rows
 from vlm_finetune.memory.count import ParamGroup
 from vlm_finetune.memory.inputs import NF4_BYTES_PER_PARAM, PlanInputs
 from vlm_finetune.memory.report import Row
-from vlm_finetune.precision import NF4
+from vlm_finetune.precision import is_nf4
 
 PART_ORDER = ("vision", "projector", "llm", "other")  # the order of the parameter rows
 
@@ -36,10 +36,10 @@ def parameter_rows(inputs: PlanInputs) -> list[Row]:
         numel = group.numel
         label = f"{group.part} {group.kind} {str(dtype).removeprefix('torch.')}"
         count = inputs.count
-        if inputs.precision in NF4 and group.part == "llm" and group.kind == "frozen":
+        if is_nf4(inputs.precision) and group.part == "llm" and group.kind == "frozen":
             quantized = min(count.quantizable_numel, numel) if group.dtype == count.quantizable_dtype else 0
             experts = count.expert_numel if group.dtype == count.expert_dtype else 0  # fused MoE experts
-            if inputs.strategy == "fsdp":  # each rank holds 1/N of the packed codes, the statistics whole
+            if inputs.shards_parameters:  # FSDP, ZeRO-3: each rank holds 1/N of the packed codes, statistics whole
                 rows += fsdp_rows.four_bit_rows(inputs, quantized, bool(experts))
             else:
                 if quantized:
@@ -66,6 +66,15 @@ def parameter_rows(inputs: PlanInputs) -> list[Row]:
         else:
             rows.append(Row("parameters", label, numel * size))
     return rows
+
+
+def gathered_module_bytes(inputs: PlanInputs) -> int:
+    """Bytes of the largest module ZeRO-3 gathers at once: its parameters in the compute dtype, and under nf4 its
+    4-bit weights as their packed codes (half a byte each; the statistics are whole on every rank already)."""
+    count = inputs.count
+    if not is_nf4(inputs.precision) or not count.nf4_fetches:
+        return count.largest_fetch_numel * inputs.act_bytes
+    return int(max((numel - four_bit) * inputs.act_bytes + four_bit / 2 for numel, four_bit in count.nf4_fetches))
 
 
 def _expert_share(inputs: PlanInputs) -> str:
@@ -116,18 +125,19 @@ def strategy_rows(inputs: PlanInputs) -> list[Row]:
             rows = [Row("strategy", f"ZeRO-3 reduce bucket ({inputs.reduce_bucket:.2g} elements, allocated whole)",
                         inputs.reduce_bucket * gathered_size)]
             fetch = count.largest_fetch_numel
+            module_bytes = gathered_module_bytes(inputs)
             if inputs.gathers_in_place:
                 # stage3_allgather_sequential (each parameter into its own buffer) or the all-reduce fetch (into the
                 # parameters' final buffers): the module held once
                 rows.append(Row("strategy", "ZeRO-3 gathered module (straight into the parameters' buffers)",
-                                fetch * gathered_size, in_flight="gather"))
+                                module_bytes, in_flight="gather"))
             else:
                 # a gathered module is materialised twice for a moment: DeepSpeed's coalesced all-gather lands in
                 # one flat buffer, and its wait gives each parameter its own copy (torch.cat of the ranks' slices)
                 # while the flat buffer is alive (partition_parameters.py, AllGatherCoalescedHandle.wait); the step's
                 # peak in scripts/phase_peaks.py is that cat
                 rows.append(Row("strategy", "ZeRO-3 gathered module (flat buffer + per-parameter copies)",
-                                2 * fetch * gathered_size, in_flight="gather"))
+                                2 * module_bytes, in_flight="gather"))
             if inputs.prefetches and inputs.prefetches_one_parameter:
                 # stage3_allgather_sequential: DeepSpeed sets the prefetch bucket to 1 element (engine.py), and its
                 # prefetch loop gathers whole parameters until the bucket is reached: the next parameter of the
@@ -135,11 +145,11 @@ def strategy_rows(inputs: PlanInputs) -> list[Row]:
                 one = min(count.largest_param_numel or fetch, fetch)
                 live = min(fetch + one, max(inputs.max_live_parameters, fetch))
                 rows.append(Row("strategy", "ZeRO-3 prefetch of the next parameter (sequential gather: bucket 1)",
-                                (live - fetch) * gathered_size, in_flight="trace"))
+                                int((live - fetch) * module_bytes / max(fetch, 1)), in_flight="trace"))
             elif inputs.prefetches:
                 live = min(fetch + min(inputs.prefetch_bucket, fetch), max(inputs.max_live_parameters, fetch))
-                rows.append(Row("strategy", "ZeRO-3 prefetch of the next module", (live - fetch) * gathered_size,
-                                in_flight="trace"))
+                rows.append(Row("strategy", "ZeRO-3 prefetch of the next module",
+                                int((live - fetch) * module_bytes / max(fetch, 1)), in_flight="trace"))
             # after the first step a parameter used again within max_reuse_distance elements stays gathered: what
             # the forward leaves gathered for the backward, at most the model (census: every parameter when the
             # distance exceeds the model)

@@ -12,6 +12,7 @@ from vlm_finetune.hardware import resolve
 from vlm_finetune.memory.planner import plan_run, sample_geometry
 from vlm_finetune.memory.report import MemoryPlan, Suggestion
 from vlm_finetune.models.registry import get_family
+from vlm_finetune.precision import is_nf4
 from vlm_finetune.settings import RunSettings
 
 SUGGESTION_ORDER = ("expert_parallel", "shard", "micro_batch", "checkpointing", "half_precision", "gather_in_place",
@@ -84,12 +85,11 @@ def _candidates(overrides: list[str], plan: MemoryPlan, settings: RunSettings, s
         if strategy == "fsdp":  # FSDP2's CPU offload first: the same engine
             tries.insert(0, _replace(overrides, "trainer", "fsdp_offload"))
         out.append(("offload", "offload to CPU memory", tries))
-    if settings.precision != "nf4" and settings.model.path:
+    if not is_nf4(settings.precision) and settings.model.path:
         tries = [_replace(overrides, "precision", "nf4")]
-        if shards_parameters:  # 4-bit weights sharded by FSDP2 (not by ZeRO-3), or whole on each rank
+        if shards_parameters:  # 4-bit codes sharded by this trainer (FSDP2 and ZeRO-3 alike), or whole on each rank
             unsharded = "zero2" if plan.world_size > 1 else "single"
-            tries = [_replace(_replace(overrides, "precision", "nf4"), "trainer", trainer)
-                     for trainer in (("fsdp",) if plan.world_size > 1 else ()) + (unsharded,)]
+            tries += [_replace(_replace(overrides, "precision", "nf4"), "trainer", unsharded)]
         out.append(("nf4", "4-bit base (QLoRA)", tries))
     bigger = []
     for name in _hardware_profiles():

@@ -23,6 +23,8 @@ from vlm_finetune.models._sharded import ShardReader, stream_into
 from vlm_finetune.models.moe_nf4 import quantize_experts_nf4
 
 _ON_HOST = [False]
+# what a 4-bit layer computes in: the dtype its model was loaded in (bf16 for precision=nf4, float32 for nf4-fp32)
+COMPUTE_DTYPES = (torch.bfloat16, torch.float32)
 
 
 @contextmanager
@@ -45,7 +47,8 @@ def quantization_device() -> torch.device:
 
 def quantize_linear_nf4(root: nn.Module) -> int:
     """Every nn.Linear under `root` (decoder layers) becomes a bitsandbytes 4-bit layer (nf4, double-quantised
-    statistics, bf16 compute), quantised on `quantization_device()`. Returns how many layers were quantised."""
+    statistics), quantised on `quantization_device()` from its weight as loaded and computing in that weight's
+    dtype (bf16 under precision=nf4, float32 under nf4-fp32). Returns how many layers were quantised."""
     import bitsandbytes as bnb
 
     device = quantization_device()
@@ -54,13 +57,19 @@ def quantize_linear_nf4(root: nn.Module) -> int:
         for name, child in list(module.named_children()):
             if type(child) is not nn.Linear:
                 continue
+            dtype = child.weight.dtype if child.weight.dtype in COMPUTE_DTYPES else torch.bfloat16
             layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
+                                      compute_dtype=dtype, compress_statistics=True, quant_type="nf4",
                                       device="meta")
-            layer.weight = bnb.nn.Params4bit(child.weight.data.to("cpu", torch.bfloat16), requires_grad=False,
+            layer.weight = bnb.nn.Params4bit(child.weight.data.to("cpu", dtype), requires_grad=False,
                                              compress_statistics=True, quant_type="nf4")
             if child.bias is not None:
-                layer.bias = nn.Parameter(child.bias.data.to(torch.bfloat16), requires_grad=False)
+                layer.bias = nn.Parameter(child.bias.data.to(dtype), requires_grad=False)
+            # bitsandbytes repacks a 4-bit weight for its CPU inference kernel at the first eval forward without
+            # gradients (on CPUs with AVX512-BF16) and keeps it repacked: its later training forwards then compute
+            # in another kernel and pass no gradient to the layer's input (gemv_4bit has no autograd). Training here
+            # validates between steps, so the layers keep the training kernel.
+            layer.support_avx512bf16_for_cpu = False
             setattr(module, name, layer.to(device))  # the move quantises
             count += 1
     return count
