@@ -5,10 +5,8 @@ ZeRO-2 and ZeRO-3 (the MoE block a ZeRO-3 leaf) train the adapter the single pro
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -140,24 +138,6 @@ def test_two_cpu_ranks_under_zero_train_the_single_process_adapter(single_runs, 
         resolution = 4 * torch.finfo(torch.float32).eps * float(want[key].abs().max())
         assert float((delta - reference).abs().max()) <= 1e-5 * scale + resolution, key
     assert moved >= len(got) // 2
-
-
-@pytest.mark.slow
-def test_tiny_glm45v_default_recipe_learns_within_five_minutes(tmp_path):
-    import subprocess
-    import sys
-
-    run_dir = tmp_path / "tiny_glm45v"
-    env = dict(os.environ, VLM_FINETUNE_CACHE=str(tmp_path / "fresh_cache"), PYTHONUNBUFFERED="1")
-    started = time.time()
-    result = subprocess.run([sys.executable, "-m", "vlm_finetune", "model=tiny_glm45v", f"hydra.run.dir={run_dir}"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    elapsed = time.time() - started
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["val_accuracy"] >= 0.9, metrics  # chance is 0.25
-    assert metrics["global_step"] == 1500
-    assert elapsed < 420, elapsed  # 5 minutes on 2 cores is the bound; slack for a loaded CI machine
 
 
 @pytest.mark.distributed

@@ -182,24 +182,6 @@ def test_merged_export_is_a_released_folder_that_reloads_equal(tmp_path):
         tiny.ids["[gMASK]"]
 
 
-@pytest.mark.slow
-def test_tiny_glm4v_default_recipe_learns_within_five_minutes(tmp_path):
-    import os
-    import time
-
-    from conftest import run_cli
-
-    run_dir = tmp_path / "tiny_glm4v"
-    env = dict(os.environ, VLM_FINETUNE_CACHE=str(tmp_path / "fresh_cache"), PYTHONUNBUFFERED="1")
-    started = time.time()
-    result = run_cli(["model=tiny_glm4v", f"hydra.run.dir={run_dir}"], timeout=900, env=env)
-    elapsed = time.time() - started
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["val_accuracy"] >= 0.9, metrics  # chance is 0.25
-    assert elapsed < 420, elapsed  # 5 minutes on 2 cores is the bound; slack for a loaded CI machine
-
-
 def _released_bpe(ranks: dict[bytes, int], text: str) -> list[int]:
     """The released tokenizer's `_tokenize` (tiktoken with no special tokens), written here from its rules: the
     cl100k-style pattern splits the text, and each piece's bytes merge pairwise, lowest rank first."""

@@ -491,29 +491,6 @@ def test_openclip_convnext_trunk_weights_load_into_the_aux_tower():
         checkpoint.load_openclip_convnext(ConvNeXtAuxTower([8, 16, 32, 64], [1, 2, 1, 1]), state)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["tiny_mgm", "tiny_mgm_moe"])
-def test_tiny_mgm_default_recipe_learns_within_five_minutes(name, tmp_path):
-    import os
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
-    run_dir = tmp_path / name
-    env = dict(os.environ, VLM_FINETUNE_CACHE=str(tmp_path / "fresh_cache"), PYTHONUNBUFFERED="1")
-    started = time.time()
-    result = subprocess.run([sys.executable, "-m", "vlm_finetune", f"model={name}", f"hydra.run.dir={run_dir}"],
-                            cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True,
-                            timeout=900)
-    elapsed = time.time() - started
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["val_accuracy"] >= 0.9, metrics  # chance is 0.25
-    assert metrics["global_step"] == 1500
-    assert elapsed < 420, elapsed  # 5 minutes on 2 cores is the bound; slack for a loaded CI machine
-
-
 @pytest.mark.parametrize("name,llm_billions,template", [
     ("mgm_2b", 2.506, "gemma"), ("mgm_7b", 6.738, "vicuna_v1"), ("mgm_13b", 13.016, "vicuna_v1"),
     ("mgm_34b", 34.389, "chatml_direct"), ("mgm_8x7b", 46.703, "mistral_instruct")])

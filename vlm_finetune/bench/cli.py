@@ -2,7 +2,8 @@
 (`python -m vlm_finetune.bench suite` runs every GPU check instead: vlm_finetune/bench/suite.py; `... bench data`
 compares padded, length-grouped and packed micro-batches on the CPU: vlm_finetune/bench/data.py; `... bench load`
 measures the load's host and GPU memory beside the planner's load rows: vlm_finetune/bench/load_compare.py; `... bench
-tables` the host memory of the same records as JSON and as Parquet: vlm_finetune/bench/table_memory.py).
+tables` the host memory of the same records as JSON and as Parquet: vlm_finetune/bench/table_memory.py; `... bench
+recipes` times each tiny family's default recipe on the CPU: vlm_finetune/bench/recipes.py).
 
     python -m vlm_finetune.bench model=glm41v_9b --seq 8192 --image 672 --baseline-liger 1 [hydra overrides]
 
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from vlm_finetune.bench import data, suite, table_memory
+from vlm_finetune.bench import data, recipes, suite, table_memory
 from vlm_finetune.bench.measure import DEFAULT_BASELINE, ROOT, append_report, bench_ours, make_batch, run_baseline
 
 __all__ = ["DEFAULT_BASELINE", "bench_ours", "main", "make_batch", "render", "run_baseline"]
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> tuple[dict, dict] | int:
         return suite.load_main(argv[1:])
     if argv[:1] == ["tables"]:  # host memory of JSON and Parquet records (vlm_finetune/bench/table_memory.py)
         return table_memory.main(argv[1:])
+    if argv[:1] == ["recipes"]:  # each tiny family's default recipe, timed (vlm_finetune/bench/recipes.py)
+        return recipes.main(argv[1:])
     if argv[:1] == ["data"]:  # padded, length-grouped and packed micro-batches on the CPU (vlm_finetune/bench/data.py)
         return data.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m vlm_finetune.bench", description=__doc__,
