@@ -297,6 +297,10 @@ def test_a_warning_that_arrives_while_a_finished_run_exits_is_not_fatal(tmp_path
                  id="zero3-partitioned-build"),
     # FSDP2 (fully_shard on CPU ranks): one file, the trained weights and their optimizer state gathered on rank 0
     pytest.param(["trainer=fsdp"], id="fsdp"),
+    # expert parallel at the same N: each rank holds 2 of the 4 experts; the LoRA factors are replicated (DDP), so
+    # rank 0's checkpoint holds every expert's, and the resumed ranks cut the experts again from the base
+    pytest.param(["trainer=ddp", "model=tiny_mgm_moe", "lora.llm_modules=all", "trainer.expert_parallel=2"],
+                 id="expert-parallel"),
 ])
 def test_multi_rank_run_stopped_and_resumed_equals_uninterrupted(tmp_path, _asset_cache, trainer):
     """Two CPU ranks (gloo; DeepSpeed's CPU backend for zero*): a run that ends at step 3 and is resumed with
