@@ -242,7 +242,7 @@ def test_checkpointing_recomputes_decoder_and_vit_layers_with_the_same_gradients
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     plain = grads()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     assert all(layer.gradient_checkpointing for layer in [*model.vision.transformer.layers, *model.model.layers])
     recomputed = grads()
     assert plain.keys() == recomputed.keys() and "vision.transformer.layers.0.mlp.fc1.weight" in plain

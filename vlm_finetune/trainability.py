@@ -199,10 +199,10 @@ def apply_activation_checkpointing(model: nn.Module, family: Family, value: Any,
             checkpoint_forward(_mlp_of(layer, family))
         return count
     if count:
-        if not hasattr(model, "gradient_checkpointing_enable"):
+        if not hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name (the old one warns)
             raise ConfigError(f"model.activation_checkpointing={value!r}: the {family.name} model "
-                              f"({type(model).__name__}) has no gradient_checkpointing_enable(); set it to false")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                              f"({type(model).__name__}) has no activation_checkpointing_enable(); set it to false")
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     for index, layer in enumerate(layers):
         # transformers' GradientCheckpointingLayer reads its own flag at every call
         layer.gradient_checkpointing = index < count

@@ -352,13 +352,13 @@ class Glm4vOrigForCausalLM(nn.Module):
                      synced_gpus)
         return torch.cat([input_ids, new], dim=1)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None) -> None:
         """The decoder layers (transformers' flag) and the ViT layers (recomputed when the tower trains)."""
         import functools
 
         from torch.utils.checkpoint import checkpoint
 
-        kwargs = dict(gradient_checkpointing_kwargs or {"use_reentrant": False})
+        kwargs = dict(activation_checkpointing_kwargs or {"use_reentrant": False})
         self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         for layer in self.vision.transformer.layers:
             layer.gradient_checkpointing = True
