@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,12 @@ def test_two_rank_nf4_holds_half_the_4bit_codes_per_rank_and_trains_the_adapter_
     assert result.returncode == 0, result.stderr[-3000:]
     if trainer == "zero3":  # partitioned one parameter at a time before the engine, which would move it whole
         assert "the 4-bit model partitioned before the engine starts" in result.stdout
+    # FSDP2: the two ranks of the node build, quantise and shard one after the other, rank 0 first
+    turns = {int(rank): (float(start), float(end)) for rank, start, end in re.findall(
+        r"one rank of the node at a time: rank (\d) .*\[([\d.]+) -> ([\d.]+)\]", result.stdout)}
+    assert sorted(turns) == ([0, 1] if trainer == "fsdp" else []), result.stdout[-3000:]
+    if turns:
+        assert turns[0][1] <= turns[1][0], turns
 
     held = [json.loads((tmp_path / f"probe.{rank}.json").read_text()) for rank in (0, 1)]
     whole = held[0]["whole_codes"]
@@ -134,8 +141,10 @@ def test_two_rank_nf4_holds_half_the_4bit_codes_per_rank_and_trains_the_adapter_
     assert len(ranks) == 3
     torch.testing.assert_close(torch.tensor(ranks), torch.tensor(one), rtol=1e-5, atol=0)
     # the final validation too (each rank half of the samples; the 4-bit layers in the training kernel throughout)
-    val = [json.loads((d / "metrics.json").read_text())["val_loss"] for d in (one_process, run_dir)]
-    assert val[1] == pytest.approx(val[0], rel=1e-5), val
+    metrics = [json.loads((d / "metrics.json").read_text()) for d in (one_process, run_dir)]
+    assert metrics[1]["val_loss"] == pytest.approx(metrics[0]["val_loss"], rel=1e-5), metrics
+    for count in ("trainable_parameters", "total_parameters"):  # FSDP2 counts its model's structure, built on meta
+        assert metrics[1][count] == metrics[0][count], count
     a, b = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (one_process, run_dir))
     assert a.keys() == b.keys() and any("lora_B" in k for k in a)
     for key in a:  # (+1e-7: a projector bias that stays at 1e-12 differs by float32 noise)
