@@ -32,6 +32,9 @@ from vlm_finetune.trainability import unwrap
 
 # the root unit's method that computes a micro-batch's (loss sum, token count): a forward method for FSDP
 ROOT_LOSS = "vlm_loss_sum"
+# how long a rank of the node waits for another rank's turn of an nf4 load in turns (the whole model built and
+# quantised on the host: minutes for MGM-8x7B, longer than trainer.collective_timeout_s may be)
+LOAD_TURN_TIMEOUT = timedelta(minutes=30)
 # FSDP1's names, kept by the trainer profiles: what is resharded after each unit's forward
 RESHARD_AFTER_FORWARD = {"FULL_SHARD": True, "SHARD_GRAD_OP": False}
 
@@ -169,8 +172,15 @@ def build_fsdp_strategy(settings: StrategySettings, family: Family, world_size: 
             module = self.lightning_module
             build, self.build_in_turns = self.build_in_turns, None
             if build is not None:
-                one_rank_at_a_time(self.local_rank, self.num_processes, lambda: self.barrier("nf4 load in turns"),
-                                   lambda: self._build_and_shard(module, build))
+                import torch.distributed as dist
+
+                # the barriers wait for another rank's whole build: a CPU group of their own with a timeout for it
+                group = dist.new_group(backend="gloo", timeout=LOAD_TURN_TIMEOUT)
+                try:
+                    one_rank_at_a_time(self.local_rank, self.num_processes, lambda: dist.barrier(group=group),
+                                       lambda: self._build_and_shard(module, build))
+                finally:
+                    dist.destroy_process_group(group)
             elif not is_sharded(module.model):
                 self._shard(module)
             super().setup(trainer)
