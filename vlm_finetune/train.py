@@ -327,8 +327,9 @@ def _train(cfg: DictConfig, settings: RunSettings, callbacks: list | None, modes
         print(f"vlm_finetune: ZeRO-3: {settings.model.name} is built whole on every rank before DeepSpeed partitions "
               f"it{why}; the plan's load rows count that", flush=True)
     # FSDP2 + nf4, several ranks per node: each rank builds, quantises and shards in its turn (FSDP2Strategy.setup)
-    in_turns = loads_in_turns(settings.strategy.strategy, settings.precision, hardware.devices,
-                              searched_with_real_steps(settings, hardware.accelerator))
+    in_turns = family.supports_nf4 and loads_in_turns(  # (a family without nf4 refuses it in its build, here)
+        settings.strategy.strategy, settings.precision, hardware.devices,
+        searched_with_real_steps(settings, hardware.accelerator))
     model, plan = build(device="meta") if partitioned or in_turns else build()
     settings = _resolve_auto(cfg, settings, family, model, processor, hardware)  # micro-batch auto -> real steps
     trainable, total = count_parameters(model)
