@@ -224,3 +224,8 @@ def test_fsdp_nf4_with_several_ranks_per_node_loads_one_rank_at_a_time_and_mgm_8
     assert mgm.load.host_bytes == mgm.load.bytes_per_rank + 3 * shards
     assert 4 * mgm.load.bytes_per_rank > mgm.load.budget_bytes  # every rank's whole copy at once would not fit
     assert mgm.load.host_fits and mgm.overall.startswith("FITS"), mgm.load.render()
+    # ZeRO-3 partitions with a broadcast from rank 0 (every rank holds the whole model at once): its advice names FSDP
+    zero3 = plan_memory(["model=mgm_8x7b", "hardware=4x4090", "trainer=zero3", "precision=nf4",
+                         "data.micro_batch_size=1"]).load
+    assert zero3.host_fits is False and "trainer=fsdp (with nf4 the ranks of a node load one at a time)" in "\n".join(
+        zero3.render())

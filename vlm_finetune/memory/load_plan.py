@@ -38,6 +38,7 @@ class LoadPlan:
     gpu_what: str = ""
     # FSDP2 + nf4 (fsdp.loads_in_turns): the ranks of a node build one at a time; what each keeps once its turn is over
     in_turns_kept_bytes: int | None = None
+    alternative: str = ""  # another way to load that the advice names first (the planner's, for this run)
 
     @property
     def in_turns(self) -> bool:
@@ -88,7 +89,8 @@ class LoadPlan:
             lines.append(f"load (GPU memory per rank): {self.gpu_bytes_per_rank / GiB:.2f} GiB ({self.gpu_what}) of "
                          f"{self.gpu_budget_bytes / GiB:.2f} GiB: {'FITS' if self.gpu_fits else 'DOES NOT FIT'}")
         if self.host_fits is False:
-            lines.append("  the load is what does not fit: run fewer ranks per node (hardware.devices), use nodes "
+            lines.append("  the load is what does not fit: " + (f"{self.alternative}, or " if self.alternative else "")
+                         + "run fewer ranks per node (hardware.devices), use nodes "
                          "with more host memory (hardware.host_memory_gib), or a smaller load dtype "
                          "(precision=bf16-mixed)" + ("" if self.partitioned else
                                                      ", or trainer=zero3 (built partitioned, where the family can)"))

@@ -172,6 +172,8 @@ def plan_run(settings: RunSettings, overrides: list[str], seq: int | None = None
                               searched_with_real_steps(settings, hardware.accelerator)) else None)
     result.load = plan_load(count, hardware.devices, hardware.host_memory_gib, hardware.world_size, partitioned,
                             on_host, streamed, four_bit if on_host else 0, kept)
+    if stage == 3 and is_nf4(precision) and loads_in_turns("fsdp", precision, hardware.devices):
+        result.load.alternative = "trainer=fsdp (with nf4 the ranks of a node load one at a time)"
     if result.fits is not None:  # GPUs: one GPU at the load, against the step's budget
         sliced = partitioned and family.checkpoint_folder(settings.model) is not None
         result.load.gpu_bytes_per_rank, result.load.gpu_what = gpu_at_load(
