@@ -98,8 +98,9 @@ def test_two_rank_nf4_holds_half_the_4bit_codes_per_rank_and_trains_the_adapter_
                                                                                               tmp_path):
     """tiny MGM-MoE in nf4 (linear layers and experts 4-bit, LoRA on attention), 2 ranks x micro-batch 4 against one
     process 8 x 1, 3 steps: each rank holds half of the packed 4-bit codes, equal to the planner's rows; under FSDP2
-    the two ranks build, quantise and shard one after the other (rank 1 starts when rank 0 has ended) and each keeps
-    the parameter bytes the planner's load row says (within 1%); losses
+    the two ranks build, quantise and shard one after the other (rank 1 starts when rank 0 has ended, none of the
+    parameters a rank built whole outlives its turn) and each keeps the parameter bytes the planner's load row says
+    (within 1%); losses
     and the final validation loss within rtol 1e-5, the adapter within 1e-4 of each tensor's largest value (and LoRA B
     moved off zero); the largest differences are printed."""
     from safetensors.torch import load_file
@@ -118,11 +119,15 @@ def test_two_rank_nf4_holds_half_the_4bit_codes_per_rank_and_trains_the_adapter_
     if trainer == "zero3":  # partitioned one parameter at a time before the engine, which would move it whole
         assert "the 4-bit model partitioned before the engine starts" in result.stdout
     # FSDP2: the two ranks of the node build, quantise and shard one after the other, rank 0 first
-    turns = {int(rank): (float(start), float(end)) for rank, start, end in re.findall(
-        r"one rank of the node at a time: rank (\d) .*\[([\d.]+) -> ([\d.]+)\]", result.stdout)}
+    found = re.findall(r"one rank of the node at a time: rank (\d) .* (\d+) of its (\d+) whole parameters still "
+                       r"held \[([\d.]+) -> ([\d.]+)\]", result.stdout)
+    turns = {int(rank): (float(start), float(end)) for rank, _, _, start, end in found}
+    print("whole parameters still held after the turn / built:", [(int(a), int(n)) for _, a, n, _, _ in found])
     assert sorted(turns) == ([0, 1] if trainer == "fsdp" else []), result.stdout[-3000:]
     if turns:
         assert turns[0][1] <= turns[1][0], turns
+        # and drops its whole copy in its turn: none of the parameters it built survives the sharding
+        assert all(int(alive) == 0 and int(built) > 100 for _, alive, built, _, _ in found), found
 
     held = [json.loads((tmp_path / f"probe.{rank}.json").read_text()) for rank in (0, 1)]
     whole = held[0]["whole_codes"]

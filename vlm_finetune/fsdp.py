@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import time
+import weakref
 from datetime import timedelta
 from typing import Any, Callable
 
@@ -185,21 +186,24 @@ def build_fsdp_strategy(settings: StrategySettings, family: Family, world_size: 
                 self._shard(module)
             super().setup(trainer)
 
-        def _shard(self, module) -> None:
+        def _shard(self, module, whole: list | None = None) -> None:
             if four_bit:  # precision=nf4: the 4-bit bytes travel as floating-point storage
                 store_4bit_as(module.model, FOUR_BIT_STORAGE)
+            if whole is not None:
+                whole.extend(weakref.ref(p) for p in module.model.parameters())
             shard_model(module.model, family, self.device_mesh["data_parallel"], reshard, offload,
                         module.loss_sum_of)
 
         def _build_and_shard(self, module, build: Callable[[], nn.Module]) -> None:
-            started = time.time()
+            started, whole = time.time(), []
             module.model = build()
-            self._shard(module)  # the whole 4-bit copy goes: this rank keeps its shards
+            self._shard(module, whole)  # the whole 4-bit copy goes: this rank keeps its shards
             gc.collect()
             release_freed()  # before the next rank of the node builds its copy
+            alive = sum(ref() is not None for ref in whole)
             print(f"vlm_finetune: nf4 load, one rank of the node at a time: rank {self.global_rank} (local rank "
-                  f"{self.local_rank} of {self.num_processes}) built, quantised and sharded its model "
-                  f"[{started:.6f} -> {time.time():.6f}]", flush=True)
+                  f"{self.local_rank} of {self.num_processes}) built, quantised and sharded its model, {alive} of "
+                  f"its {len(whole)} whole parameters still held [{started:.6f} -> {time.time():.6f}]", flush=True)
 
         def lightning_module_state_dict(self) -> dict[str, Any]:
             # the trained weights only, whole on rank 0 (Lightning would gather the whole model)
