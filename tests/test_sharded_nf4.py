@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -96,7 +97,10 @@ def one_process(tmp_path_factory) -> Path:
 def test_two_rank_nf4_holds_half_the_4bit_codes_per_rank_and_trains_the_adapter_of_one_process(trainer, one_process,
                                                                                               tmp_path):
     """tiny MGM-MoE in nf4 (linear layers and experts 4-bit, LoRA on attention), 2 ranks x micro-batch 4 against one
-    process 8 x 1, 3 steps: each rank holds half of the packed 4-bit codes, equal to the planner's rows; losses
+    process 8 x 1, 3 steps: each rank holds half of the packed 4-bit codes, equal to the planner's rows; under FSDP2
+    the two ranks build, quantise and shard one after the other (rank 1 starts when rank 0 has ended, none of the
+    parameters a rank built whole outlives its turn) and each keeps the parameter bytes the planner's load row says
+    (within 1%); losses
     and the final validation loss within rtol 1e-5, the adapter within 1e-4 of each tensor's largest value (and LoRA B
     moved off zero); the largest differences are printed."""
     from safetensors.torch import load_file
@@ -114,6 +118,16 @@ def test_two_rank_nf4_holds_half_the_4bit_codes_per_rank_and_trains_the_adapter_
     assert result.returncode == 0, result.stderr[-3000:]
     if trainer == "zero3":  # partitioned one parameter at a time before the engine, which would move it whole
         assert "the 4-bit model partitioned before the engine starts" in result.stdout
+    # FSDP2: the two ranks of the node build, quantise and shard one after the other, rank 0 first
+    found = re.findall(r"one rank of the node at a time: rank (\d) .* (\d+) of its (\d+) whole parameters still "
+                       r"held \[([\d.]+) -> ([\d.]+)\]", result.stdout)
+    turns = {int(rank): (float(start), float(end)) for rank, _, _, start, end in found}
+    print("whole parameters still held after the turn / built:", [(int(a), int(n)) for _, a, n, _, _ in found])
+    assert sorted(turns) == ([0, 1] if trainer == "fsdp" else []), result.stdout[-3000:]
+    if turns:
+        assert turns[0][1] <= turns[1][0], turns
+        # and drops its whole copy in its turn: none of the parameters it built survives the sharding
+        assert all(int(alive) == 0 and int(built) > 100 for _, alive, built, _, _ in found), found
 
     held = [json.loads((tmp_path / f"probe.{rank}.json").read_text()) for rank in (0, 1)]
     whole = held[0]["whole_codes"]
@@ -124,6 +138,11 @@ def test_two_rank_nf4_holds_half_the_4bit_codes_per_rank_and_trains_the_adapter_
     code_rows = sum(r.bytes for r in plan.rows if "nf4 codes" in r.item)
     for rank in held:
         assert abs(code_rows - rank["codes"]) <= 0.01 * rank["codes"], (code_rows, rank)
+    if trainer == "fsdp":  # the load row: what each rank keeps once its turn is over, its parameters as measured
+        kept = [rank["parameters"] + rank["statistics"] for rank in held]
+        print(f"fsdp nf4 load: each rank keeps {kept} bytes, planned {plan.load.in_turns_kept_bytes}")
+        for measured in kept:
+            assert abs(plan.load.in_turns_kept_bytes - measured) <= 0.01 * measured, (plan.load.in_turns_kept_bytes, kept)
     expert_stats = [r.bytes for r in plan.rows if "statistics, MoE experts" in r.item]
     linear_stats = [r.bytes for r in plan.rows if "statistics, linear layers" in r.item]
     assert expert_stats and linear_stats
@@ -134,15 +153,18 @@ def test_two_rank_nf4_holds_half_the_4bit_codes_per_rank_and_trains_the_adapter_
     assert len(ranks) == 3
     torch.testing.assert_close(torch.tensor(ranks), torch.tensor(one), rtol=1e-5, atol=0)
     # the final validation too (each rank half of the samples; the 4-bit layers in the training kernel throughout)
-    val = [json.loads((d / "metrics.json").read_text())["val_loss"] for d in (one_process, run_dir)]
-    assert val[1] == pytest.approx(val[0], rel=1e-5), val
+    metrics = [json.loads((d / "metrics.json").read_text()) for d in (one_process, run_dir)]
+    assert metrics[1]["val_loss"] == pytest.approx(metrics[0]["val_loss"], rel=1e-5), metrics
+    for count in ("trainable_parameters", "total_parameters"):  # FSDP2 counts its model's structure, built on meta
+        assert metrics[1][count] == metrics[0][count], count
     a, b = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (one_process, run_dir))
     assert a.keys() == b.keys() and any("lora_B" in k for k in a)
     for key in a:  # (+1e-7: a projector bias that stays at 1e-12 differs by float32 noise)
         assert float((a[key] - b[key]).abs().max()) <= 1e-4 * float(a[key].abs().max()) + 1e-7, key
     assert min(float(a[k].abs().max()) for k in a if "lora_B" in k) > 1e-3  # trained: B starts at zero
     lora_b = max(float((a[k] - b[k]).abs().max()) / float(a[k].abs().max()) for k in a if "lora_B" in k)
-    print(f"{trainer} nf4-fp32: losses {ranks} vs {one}; LoRA B differs by {lora_b:.2e} of its largest value")
+    print(f"{trainer} nf4-fp32: losses {ranks} vs {one}; LoRA B differs by {lora_b:.2e} of its largest value; "
+          f"load turns (start, end) by rank: {turns}")
 
 
 def test_plans_of_nf4_under_fsdp_and_zero3_fit_four_4090s_and_bf16_fsdp_suggests_fsdp_offload():

@@ -33,6 +33,7 @@ from vlm_finetune.data.checks import (
 from vlm_finetune.data.datamodule import VLMDataModule, build_datasets
 from vlm_finetune.data.packing import pack_length
 from vlm_finetune.errors import ConfigError
+from vlm_finetune.fsdp import loads_in_turns
 from vlm_finetune.hardware import Hardware, env_global_rank, preflight, resolve
 from vlm_finetune.io import write_atomic
 from vlm_finetune.memory.auto_batch import searched_with_real_steps
@@ -250,12 +251,12 @@ def _model_builder(settings: RunSettings, release: str, family, modes: dict, pol
             model, plan = build_trainable_model(family, settings.model, modes, settings.lora, policy,
                                                 checkpointed_layers=settings.model.activation_checkpointing,
                                                 checkpoint_scope=settings.speed.checkpoint_scope, device=device)
-        if expected_plan is not None:  # built inside zero.Init (VLMModule.configure_model)
+        if expected_plan is not None:  # built inside zero.Init (VLMModule.configure_model) or in FSDP2's turns
             if plan != expected_plan:
-                raise RuntimeError(f"the model built under ZeRO-3 has another trainability plan than its "
-                                   f"structure: {plan} != {expected_plan}")
+                raise RuntimeError(f"the model built at the strategy's set-up has another trainability plan than "
+                                   f"its structure: {plan} != {expected_plan}")
             held, whole = partition_counts(model)
-            if env_global_rank() == 0:
+            if env_global_rank() == 0 and whole:
                 print(f"vlm_finetune: ZeRO-3: built partitioned; this rank holds {held:,} of the base's {whole:,} "
                       "parameters", flush=True)
         if device != "meta":
@@ -325,7 +326,11 @@ def _train(cfg: DictConfig, settings: RunSettings, callbacks: list | None, modes
                else "")
         print(f"vlm_finetune: ZeRO-3: {settings.model.name} is built whole on every rank before DeepSpeed partitions "
               f"it{why}; the plan's load rows count that", flush=True)
-    model, plan = build(device="meta") if partitioned else build()
+    # FSDP2 + nf4, several ranks per node: each rank builds, quantises and shards in its turn (FSDP2Strategy.setup)
+    in_turns = family.supports_nf4 and loads_in_turns(  # (a family without nf4 refuses it in its build, here)
+        settings.strategy.strategy, settings.precision, hardware.devices,
+        searched_with_real_steps(settings, hardware.accelerator))
+    model, plan = build(device="meta") if partitioned or in_turns else build()
     settings = _resolve_auto(cfg, settings, family, model, processor, hardware)  # micro-batch auto -> real steps
     trainable, total = count_parameters(model)
 
@@ -350,6 +355,8 @@ def _train(cfg: DictConfig, settings: RunSettings, callbacks: list | None, modes
     configured = [hydra.utils.instantiate(c) for c in (cfg.callbacks or {}).values() if c]
     strategy = build_strategy(settings.strategy, settings.precision, int(settings.data.micro_batch_size), family,
                               hardware, ZeroSizes.of(model, family))
+    if in_turns:
+        strategy.build_in_turns = lambda: build(expected_plan=plan)[0]
     resumer, ckpt_path, plugins, earlier_rows = resume_parts(settings, run_dir, module, hardware.world_size,
                                                              resume_path, resume_checkpoint)
     # a run stopped by a signal writes no adapter: what it trained so far is in the checkpoint

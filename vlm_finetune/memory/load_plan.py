@@ -6,7 +6,9 @@ cards before training started: six copies of 94 GB). Under ZeRO-3, a family that
 zero.Init (`Family.builds_partitioned`) is built partitioned and its folder streamed one tensor at a time: each
 rank holds its partition (the model / world size) and, while a tensor is read, that tensor whole once (each rank
 reads it and copies its own slice into its partition: nothing is gathered). The rows say so before launch, with
-their own verdict against the profile's host memory per node (`hardware.host_memory_gib`).
+their own verdict against the profile's host memory per node (`hardware.host_memory_gib`). Under FSDP2 with nf4 and
+several ranks per node the ranks of a node load one at a time (fsdp.loads_in_turns): the node holds one rank's whole
+load and what each other rank keeps once it has sharded (its parameter shards, the 4-bit statistics whole).
 
 On each GPU the load ends with the parameters the step keeps there (the whole model, or under ZeRO-3 and FSDP its
 partition; nothing with parameter offload) and, while it runs, one tensor more: the tensor gathered whole while
@@ -34,9 +36,18 @@ class LoadPlan:
     gpu_bytes_per_rank: int = 0  # one GPU at the load: the parameters it keeps and the tensor in flight
     gpu_budget_bytes: int = 0  # the step's GPU budget (0: no GPU)
     gpu_what: str = ""
+    # FSDP2 + nf4 (fsdp.loads_in_turns): the ranks of a node build one at a time; what each keeps once its turn is over
+    in_turns_kept_bytes: int | None = None
+    alternative: str = ""  # another way to load that the advice names first (the planner's, for this run)
+
+    @property
+    def in_turns(self) -> bool:
+        return self.in_turns_kept_bytes is not None
 
     @property
     def host_bytes(self) -> int:
+        if self.in_turns:  # the rank in its turn, and the shards of the ranks before it
+            return self.bytes_per_rank + (self.ranks_per_node - 1) * self.in_turns_kept_bytes
         return self.ranks_per_node * self.bytes_per_rank
 
     @property
@@ -67,14 +78,19 @@ class LoadPlan:
         what = ("its partition, one tensor whole at a time" if self.partitioned
                 else "all but the decoder layers, and one decoder layer in 16 bits while it is quantised"
                 if self.quantised_streamed else "each builds or reads the whole model")
-        lines = [f"load (host memory per node): {self.ranks_per_node} rank(s) x "
-                 f"{self.bytes_per_rank / GiB:.2f} GiB ({what}) = "
+        ranks = f"{self.ranks_per_node} rank(s) x {self.bytes_per_rank / GiB:.2f} GiB ({what})"
+        if self.in_turns:
+            ranks = (f"{self.ranks_per_node} ranks one rank at a time: {self.bytes_per_rank / GiB:.2f} GiB ({what}) + "
+                     f"{self.ranks_per_node - 1} x {self.in_turns_kept_bytes / GiB:.2f} GiB (what each other rank "
+                     "keeps once it has sharded: its parameter shards, the 4-bit statistics whole)")
+        lines = [f"load (host memory per node): {ranks} = "
                  f"{self.host_bytes / GiB:.2f} GiB of {self.budget_bytes / GiB:.2f} GiB usable: {self.verdict}"]
         if self.gpu_budget_bytes > 0:
             lines.append(f"load (GPU memory per rank): {self.gpu_bytes_per_rank / GiB:.2f} GiB ({self.gpu_what}) of "
                          f"{self.gpu_budget_bytes / GiB:.2f} GiB: {'FITS' if self.gpu_fits else 'DOES NOT FIT'}")
         if self.host_fits is False:
-            lines.append("  the load is what does not fit: run fewer ranks per node (hardware.devices), use nodes "
+            lines.append("  the load is what does not fit: " + (f"{self.alternative}, or " if self.alternative else "")
+                         + "run fewer ranks per node (hardware.devices), use nodes "
                          "with more host memory (hardware.host_memory_gib), or a smaller load dtype "
                          "(precision=bf16-mixed)" + ("" if self.partitioned else
                                                      ", or trainer=zero3 (built partitioned, where the family can)"))
@@ -83,14 +99,16 @@ class LoadPlan:
 
 def plan_load(count: ModelCount, ranks_per_node: int, host_memory_gib: float, world_size: int = 1,
               partitioned: bool = False, partitions_on_host: bool = True, quantised_streamed: bool = False,
-              quantised_on_host_bytes: int = 0) -> LoadPlan:
+              quantised_on_host_bytes: int = 0, in_turns_kept_bytes: int | None = None) -> LoadPlan:
     """Host memory of the load: every rank on a node holds the whole model (as counted on the meta device, at
     the dtypes it is built in), or, `partitioned` (ZeRO-3 construction), the largest tensor once (read, and
     its own slice copied into the partition) and, `partitions_on_host` (CPU ranks, parameter offload), its
     1/world_size share of the model (on GPUs without offload the partitions are made on the GPU), or,
     `quantised_streamed` (nf4 from a folder), everything outside the decoder layers, the largest decoder layer
     in 16 bits while it is filled (and its largest tensor once more, as it is joined from the checkpoint's) and
-    `quantised_on_host_bytes` (the 4-bit layers, when they stay on the host: CPU ranks)."""
+    `quantised_on_host_bytes` (the 4-bit layers, when they stay on the host: CPU ranks). `in_turns_kept_bytes`
+    (FSDP2 + nf4: the ranks of a node build one at a time): what each rank keeps once its turn is over, so the node
+    holds one rank's load and the others' shards."""
     import torch
 
     whole = sum(group.numel * torch.empty((), dtype=group.dtype).element_size() for group in count.groups)
@@ -103,7 +121,8 @@ def plan_load(count: ModelCount, ranks_per_node: int, host_memory_gib: float, wo
     else:
         per_rank = whole
     return LoadPlan(int(ranks_per_node), int(per_rank), float(host_memory_gib), partitioned,
-                    quantised_streamed and bool(count.decoder_layer_bytes) and not partitioned)
+                    quantised_streamed and bool(count.decoder_layer_bytes) and not partitioned,
+                    in_turns_kept_bytes=None if in_turns_kept_bytes is None else int(in_turns_kept_bytes))
 
 
 def gpu_at_load(kept_bytes: int, count: ModelCount, sharded: bool, quantised: bool, offloaded: bool = False,
@@ -138,10 +157,12 @@ def check_host_load(load: LoadPlan, available_gib: float, command: list[str]) ->
     what = ("its partition and one tensor whole" if load.partitioned else
             "all but the decoder layers and one decoder layer in 16 bits" if load.quantised_streamed
             else "the whole model")
+    ranks = (f"one rank at a time: {load.bytes_per_rank / GiB:.2f} GiB ({what}) + {load.ranks_per_node - 1} x "
+             f"{load.in_turns_kept_bytes / GiB:.2f} GiB (each other rank's shards)" if load.in_turns else
+             f"{load.ranks_per_node} rank(s) x {load.bytes_per_rank / GiB:.2f} GiB ({what})")
     plan = " ".join(["python -m vlm_finetune.plan", *command])
     raise ConfigError(
-        f"the model's load does not fit in host memory: planned {load.ranks_per_node} rank(s) x "
-        f"{load.bytes_per_rank / GiB:.2f} GiB ({what}) = {need / GiB:.2f} GiB, against "
+        f"the model's load does not fit in host memory: planned {ranks} = {need / GiB:.2f} GiB, against "
         + " and ".join(limits) + ". Stopped before any weight loads. What shrinks the load: a smaller load dtype "
         "(precision=bf16-mixed), a 4-bit base (precision=nf4), a smaller model, fewer ranks per node "
         "(hardware.devices), or trainer=zero3 across more ranks (built partitioned, where the family can); "
