@@ -54,6 +54,7 @@ def test_trains_on_a_conversation_file(tmp_path, _asset_cache):
     assert "val_accuracy" in result.stdout
 
 
+@pytest.mark.slow  # whole CLI runs: the quick suite stays within 5 minutes
 def test_corrupt_image_fails_fast_with_file_and_record(tmp_path, _asset_cache):
     data = _make_dataset(tmp_path / "data", 6)
     (tmp_path / "data" / "images" / "3.png").write_bytes(b"not a png at all")

@@ -33,6 +33,7 @@ def _logits(model, batch):
         return model(**{k: batch[k] for k in KEYS}).logits
 
 
+@pytest.mark.slow  # whole CLI runs: the quick suite stays within 5 minutes
 def test_merged_export_matches_base_plus_adapter(shared_run, tmp_path, _asset_cache):
     cfg, _, objects = shared_run
     run_dir = objects["run_dir"]

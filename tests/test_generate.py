@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from vlm_finetune.data.datamodule import Collator, EncodedDataset
@@ -15,6 +16,7 @@ from vlm_finetune.generate import answer
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # whole CLI runs: the quick suite stays within 5 minutes
 def test_answer_is_what_validation_generates(shared_run, tmp_path, _asset_cache):
     """The command's answer for a validation image equals the answer the trained module generates for it
     in validation, and a command-line call prints the same."""

@@ -131,6 +131,7 @@ def test_kill_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path):
     assert metrics["global_step"] == 6
 
 
+@pytest.mark.slow  # whole CLI runs: the quick suite stays within 5 minutes
 def test_kill_at_any_moment_of_a_save_loop(tmp_path):
     """A process saving ever larger checkpoints is killed at several arbitrary moments; every time the
     file on disk loads and is self-consistent."""
@@ -223,6 +224,7 @@ def test_resume_from_a_missing_path_is_an_error(tmp_path):
         train(cfg)
 
 
+@pytest.mark.slow  # whole CLI runs: the quick suite stays within 5 minutes
 def test_cli_exits_2_on_a_corrupt_checkpoint(tmp_path, _asset_cache):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)

@@ -193,6 +193,7 @@ TERM_RUN = FAST + ["trainer.max_steps=8", "eval.generate=false", "trainer.val_ev
                    "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=10"]
 
 
+@pytest.mark.slow  # whole CLI runs: the quick suite stays within 5 minutes
 def test_sigterm_and_ctrl_c_save_write_no_adapter_and_the_rerun_resumes_exactly(tmp_path, capsys):
     full_metrics, full = train(compose_cfg(TERM_RUN, tmp_path / "full"))
     expected = {n: p for n, p in full["module"].named_parameters() if p.requires_grad}
