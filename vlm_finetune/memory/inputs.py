@@ -43,7 +43,6 @@ class PlanInputs:
     expert_lora_stacks: bool = False  # LoRA on fused MoE experts through PEFT's parametrization (W + delta per layer)
     expert_lora: bool = False  # LoRA on the fused MoE experts (either path)
     gathers_in_place: bool = False  # ZeRO-3 gathers straight into each parameter's buffer (no flat buffer to copy)
-    prefetches: bool = True  # ZeRO-3 prefetches along the trace (one parameter with stage3_allgather_sequential)
     prefetches_one_parameter: bool = False  # stage3_allgather_sequential: DeepSpeed sets the prefetch bucket to 1
     expert_parallel: int = 1  # ranks that split each MoE layer's experts (trainer.expert_parallel)
 
@@ -96,6 +95,5 @@ def plan_inputs(settings: RunSettings, dims: dict, count: ModelCount, modes: dic
         expert_lora_stacks=expert_lora and settings.lora.expert_forward == "peft", expert_lora=expert_lora,
         gathers_in_place=stage == 3 and (trainer.gathers_sequentially
                                          or bool(trainer.deepspeed["stage3_use_all_reduce_for_fetch_params"])),
-        prefetches=stage == 3,
         prefetches_one_parameter=stage == 3 and trainer.gathers_sequentially,
         expert_parallel=trainer.expert_parallel)

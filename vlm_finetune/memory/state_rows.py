@@ -138,7 +138,7 @@ def strategy_rows(inputs: PlanInputs) -> list[Row]:
                 # peak in scripts/phase_peaks.py is that cat
                 rows.append(Row("strategy", "ZeRO-3 gathered module (flat buffer + per-parameter copies)",
                                 2 * module_bytes, in_flight="gather"))
-            if inputs.prefetches and inputs.prefetches_one_parameter:
+            if inputs.prefetches_one_parameter:
                 # stage3_allgather_sequential: DeepSpeed sets the prefetch bucket to 1 element (engine.py), and its
                 # prefetch loop gathers whole parameters until the bucket is reached: the next parameter of the
                 # trace, one of the largest (census at the width: a third 64 MiB expert stack in flight)
@@ -146,7 +146,7 @@ def strategy_rows(inputs: PlanInputs) -> list[Row]:
                 live = min(fetch + one, max(inputs.max_live_parameters, fetch))
                 rows.append(Row("strategy", "ZeRO-3 prefetch of the next parameter (sequential gather: bucket 1)",
                                 int((live - fetch) * module_bytes / max(fetch, 1)), in_flight="trace"))
-            elif inputs.prefetches:
+            else:  # the prefetch bucket's worth of the trace, within stage3_max_live_parameters
                 live = min(fetch + min(inputs.prefetch_bucket, fetch), max(inputs.max_live_parameters, fetch))
                 rows.append(Row("strategy", "ZeRO-3 prefetch of the next module",
                                 int((live - fetch) * module_bytes / max(fetch, 1)), in_flight="trace"))
