@@ -18,6 +18,7 @@ LAYERS = [
              "vlm_finetune.autotune", "vlm_finetune.memory.planner", "vlm_finetune.memory.load_plan",
              "vlm_finetune.memory.suggest", "vlm_finetune.memory.oom")),
     ("training", ("vlm_finetune.module", "vlm_finetune.strategies", "vlm_finetune.fsdp", "vlm_finetune.zero3_nf4",
+                  "vlm_finetune.load_turns",
                   "vlm_finetune.checkpointing",
                   "vlm_finetune.resume",
                   "vlm_finetune.adapters", "vlm_finetune.callbacks", "vlm_finetune.memory", "vlm_finetune.trainability",

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from vlm_finetune.errors import ConfigError
+from vlm_finetune.load_turns import fingerprint, load_in_turns
 from vlm_finetune.memory.host import release_freed
 from vlm_finetune.models.base import Family
 from vlm_finetune.models.four_bit_storage import (  # noqa: F401  (FOUR_BIT_STORAGE, _four_bit_tensors: tests)
@@ -33,9 +34,6 @@ from vlm_finetune.trainability import unwrap
 
 # the root unit's method that computes a micro-batch's (loss sum, token count): a forward method for FSDP
 ROOT_LOSS = "vlm_loss_sum"
-# how long a rank of the node waits for another rank's turn of an nf4 load in turns (the whole model built and
-# quantised on the host: minutes for MGM-8x7B, longer than trainer.collective_timeout_s may be)
-LOAD_TURN_TIMEOUT = timedelta(minutes=30)
 # FSDP1's names, kept by the trainer profiles: what is resharded after each unit's forward
 RESHARD_AFTER_FORWARD = {"FULL_SHARD": True, "SHARD_GRAD_OP": False}
 
@@ -131,25 +129,6 @@ def full_trainable_state(module: nn.Module, rank_zero_only: bool = True) -> dict
     return state
 
 
-def loads_in_turns(strategy: str, precision: str, ranks_per_node: int, auto_micro_batch: bool = False) -> bool:
-    """Whether the ranks of a node build the model one after another (`FSDP2Strategy.build_in_turns`): FSDP2 with
-    precision=nf4 and several ranks per node, unless the micro-batch is searched with real steps on a whole model."""
-    from vlm_finetune.precision import is_nf4
-
-    return strategy == "fsdp" and is_nf4(precision) and ranks_per_node > 1 and not auto_micro_batch
-
-
-def one_rank_at_a_time(local_rank: int, ranks_per_node: int, barrier: Callable[[], None],
-                       work: Callable[[], None]) -> None:
-    """`work()` on each rank of a node in turn, local rank 0 first: rank r runs it after the barriers that follow
-    the turns of ranks 0..r-1 (collective: every rank of every node calls it; node n's rank r shares its turn
-    with the other nodes' rank r)."""
-    for turn in range(ranks_per_node):
-        if turn == local_rank:
-            work()
-        barrier()
-
-
 def build_fsdp_strategy(settings: StrategySettings, family: Family, world_size: int, four_bit: bool, backend: str,
                         timeout: timedelta):
     """Lightning's ModelParallelStrategy (data parallel over every rank, no tensor parallelism) that shards the
@@ -173,15 +152,7 @@ def build_fsdp_strategy(settings: StrategySettings, family: Family, world_size: 
             module = self.lightning_module
             build, self.build_in_turns = self.build_in_turns, None
             if build is not None:
-                import torch.distributed as dist
-
-                # the barriers wait for another rank's whole build: a CPU group of their own with a timeout for it
-                group = dist.new_group(backend="gloo", timeout=LOAD_TURN_TIMEOUT)
-                try:
-                    one_rank_at_a_time(self.local_rank, self.num_processes, lambda: dist.barrier(group=group),
-                                       lambda: self._build_and_shard(module, build))
-                finally:
-                    dist.destroy_process_group(group)
+                load_in_turns(self.local_rank, self.num_processes, lambda: self._build_and_shard(module, build))
             elif not is_sharded(module.model):
                 self._shard(module)
             super().setup(trainer)
@@ -194,9 +165,10 @@ def build_fsdp_strategy(settings: StrategySettings, family: Family, world_size: 
             shard_model(module.model, family, self.device_mesh["data_parallel"], reshard, offload,
                         module.loss_sum_of)
 
-        def _build_and_shard(self, module, build: Callable[[], nn.Module]) -> None:
+        def _build_and_shard(self, module, build: Callable[[], nn.Module]) -> list[tuple[str, int]]:
             started, whole = time.time(), []
             module.model = build()
+            built = fingerprint(module.model)
             self._shard(module, whole)  # the whole 4-bit copy goes: this rank keeps its shards
             gc.collect()
             release_freed()  # before the next rank of the node builds its copy
@@ -204,6 +176,7 @@ def build_fsdp_strategy(settings: StrategySettings, family: Family, world_size: 
             print(f"vlm_finetune: nf4 load, one rank of the node at a time: rank {self.global_rank} (local rank "
                   f"{self.local_rank} of {self.num_processes}) built, quantised and sharded its model, {alive} of "
                   f"its {len(whole)} whole parameters still held [{started:.6f} -> {time.time():.6f}]", flush=True)
+            return built
 
         def lightning_module_state_dict(self) -> dict[str, Any]:
             # the trained weights only, whole on rank 0 (Lightning would gather the whole model)

@@ -33,9 +33,9 @@ from vlm_finetune.data.checks import (
 from vlm_finetune.data.datamodule import VLMDataModule, build_datasets
 from vlm_finetune.data.packing import pack_length
 from vlm_finetune.errors import ConfigError
-from vlm_finetune.fsdp import loads_in_turns
 from vlm_finetune.hardware import Hardware, env_global_rank, preflight, resolve
 from vlm_finetune.io import write_atomic
+from vlm_finetune.load_turns import loads_in_turns
 from vlm_finetune.memory.auto_batch import searched_with_real_steps
 from vlm_finetune.memory.host import HostMemoryRelease, release_freed, reuse_heap, steady_heap
 from vlm_finetune.memory.load_measured import LoadMemory
@@ -326,9 +326,10 @@ def _train(cfg: DictConfig, settings: RunSettings, callbacks: list | None, modes
                else "")
         print(f"vlm_finetune: ZeRO-3: {settings.model.name} is built whole on every rank before DeepSpeed partitions "
               f"it{why}; the plan's load rows count that", flush=True)
-    # FSDP2 + nf4, several ranks per node: each rank builds, quantises and shards in its turn (FSDP2Strategy.setup)
+    # FSDP2 or ZeRO-3 + nf4, several ranks per node: each rank builds, quantises and shards in its turn (the
+    # strategy's set-up: FSDP2Strategy, zero3_nf4.PartitionFirst)
     in_turns = family.supports_nf4 and loads_in_turns(  # (a family without nf4 refuses it in its build, here)
-        settings.strategy.strategy, settings.precision, hardware.devices,
+        settings.strategy.strategy, settings.strategy.zero_stage, settings.precision, hardware.devices,
         searched_with_real_steps(settings, hardware.accelerator))
     model, plan = build(device="meta") if partitioned or in_turns else build()
     settings = _resolve_auto(cfg, settings, family, model, processor, hardware)  # micro-batch auto -> real steps

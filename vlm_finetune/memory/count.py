@@ -22,6 +22,10 @@ class ParamGroup:
     numel: int
     persistent_numel: int = 0  # parameters small enough for ZeRO-3 to keep whole on every rank
 
+# per bitsandbytes 4-bit layer: its nf4 code book (16 float32), the nested statistics' code book (256 float32, a copy
+# per layer) and their offset (one float32)
+NF4_CODE_BOOKS_PER_LAYER = 16 * 4 + 256 * 4 + 4
+
 
 @dataclass
 class ModelCount:
@@ -44,6 +48,9 @@ class ModelCount:
     # ZeRO-3 under nf4: (elements, of them held in 4 bits) of the modules gathered at once that are largest in bytes
     # with 16- and with 32-bit compute (the largest fetch by elements may not be the largest in bytes)
     nf4_fetches: tuple[tuple[int, int], ...] = ()
+    # what nf4's statistics of those linear weights hold (per layer: absmax per 64-block, nested absmax per 256 of
+    # those, code books; bitsandbytes' rounding up of partial blocks included)
+    quantizable_stats_bytes: int = 0
 
 
 def count_model(spec: ModelSettings, modes: dict[Part, Mode], lora: LoraSettings, family: Family,
@@ -101,7 +108,7 @@ def _count(model: torch.nn.Module, plan: TrainablePlan, family: Family, persiste
     leaf_classes = tuple(family.zero3_leaf_classes)
     units, trainable_units, fetch, layer_bytes, vision_units = [], [], 0, [], 0
     fetches: list[tuple[int, int]] = []
-    quantizable, quantizable_dtype = 0, None
+    quantizable, quantizable_dtype, quantizable_stats = 0, None, 0
     for name, module in model.named_modules():
         if isinstance(module, unit_classes):
             params = list(module.parameters())
@@ -124,6 +131,7 @@ def _count(model: torch.nn.Module, plan: TrainablePlan, family: Family, persiste
             clean = _clean_name(name)
             if part_for(clean) == "llm" and "lm_head" not in clean and not module.weight.requires_grad:
                 quantizable += module.weight.numel()
+                quantizable_stats += nf4_linear_stats_bytes(module.weight.numel())
                 quantizable_dtype = module.weight.dtype
     experts = [weight for name, module in moe_nf4.expert_modules(model) if part_for(_clean_name(name)) == "llm"
                for weight in (module._parameters[t] for t in moe_nf4.EXPERT_TENSORS) if not weight.requires_grad]
@@ -142,7 +150,15 @@ def _count(model: torch.nn.Module, plan: TrainablePlan, family: Family, persiste
                       max((p.numel() * p.element_size() for p in model.parameters()), default=0),
                       tuple(layer_bytes), vision_units, max((p.numel() for p in model.parameters()), default=0),
                       tuple({max(fetches, key=lambda f: (f[0] - f[1]) * size + f[1] / 2, default=(0, 0))
-                             for size in (2, 4)}))
+                             for size in (2, 4)}), quantizable_stats)
+
+
+def nf4_linear_stats_bytes(numel: int) -> int:
+    """What bitsandbytes keeps beside one linear weight's nf4 codes (compress_statistics): one absmax byte per
+    64-element block, one float32 per 256 of those blocks with its offset, and the two code books (16 and 256
+    float32)."""
+    blocks = -(-numel // 64)
+    return blocks + 4 * -(-blocks // 256) + NF4_CODE_BOOKS_PER_LAYER
 
 
 def _four_bit_numel(module: torch.nn.Module, name: str, recurse: bool, part_for) -> int:

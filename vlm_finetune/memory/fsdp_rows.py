@@ -36,10 +36,12 @@ def four_bit_rows(inputs: PlanInputs, linear_numel: int, with_experts: bool) -> 
     where, offloaded = ("cpu", ", offloaded") if inputs.offload_parameters else ("gpu", "")
     rows = []
     if linear_numel:
+        # these elements' statistics (all the layers', or this group's share of them)
+        stats = round(count.quantizable_stats_bytes * min(1.0, linear_numel / max(count.quantizable_numel, 1)))
         rows += [Row("parameters", f"llm frozen nf4 codes, linear layers (sharded 1/{world}{offloaded})",
                      math.ceil(linear_numel / 2 / world), where, four_bit=True),
                  Row("parameters", "llm frozen nf4 statistics, linear layers (whole on each rank)",
-                     int(linear_numel * (NF4_BYTES_PER_PARAM - 0.5)), four_bit=True)]
+                     stats or int(linear_numel * (NF4_BYTES_PER_PARAM - 0.5)), four_bit=True)]
     if with_experts and count.expert_numel:
         codes = math.ceil(count.expert_numel / 2)
         rows += [Row("parameters", f"llm frozen nf4 codes, MoE experts (sharded 1/{world}{offloaded})",

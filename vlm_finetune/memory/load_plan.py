@@ -6,9 +6,10 @@ cards before training started: six copies of 94 GB). Under ZeRO-3, a family that
 zero.Init (`Family.builds_partitioned`) is built partitioned and its folder streamed one tensor at a time: each
 rank holds its partition (the model / world size) and, while a tensor is read, that tensor whole once (each rank
 reads it and copies its own slice into its partition: nothing is gathered). The rows say so before launch, with
-their own verdict against the profile's host memory per node (`hardware.host_memory_gib`). Under FSDP2 with nf4 and
-several ranks per node the ranks of a node load one at a time (fsdp.loads_in_turns): the node holds one rank's whole
-load and what each other rank keeps once it has sharded (its parameter shards, the 4-bit statistics whole).
+their own verdict against the profile's host memory per node (`hardware.host_memory_gib`). Under FSDP2 or ZeRO-3
+with nf4 and several ranks per node the ranks of a node load one at a time (load_turns.loads_in_turns): the node
+holds one rank's whole load and what each other rank keeps once it has sharded (its parameter shards, the 4-bit
+statistics whole).
 
 On each GPU the load ends with the parameters the step keeps there (the whole model, or under ZeRO-3 and FSDP its
 partition; nothing with parameter offload) and, while it runs, one tensor more: the tensor gathered whole while
@@ -33,12 +34,13 @@ class LoadPlan:
     host_memory_gib: float  # per node, from the hardware profile (0: unknown)
     partitioned: bool = False  # ZeRO-3 construction inside zero.Init: no rank holds the whole model
     quantised_streamed: bool = False  # nf4 quantised decoder layer by decoder layer as the folder is read
+    quantised_on_host: bool = False  # and the 4-bit layers kept in host memory (sharded runs, CPU ranks)
     gpu_bytes_per_rank: int = 0  # one GPU at the load: the parameters it keeps and the tensor in flight
     gpu_budget_bytes: int = 0  # the step's GPU budget (0: no GPU)
     gpu_what: str = ""
-    # FSDP2 + nf4 (fsdp.loads_in_turns): the ranks of a node build one at a time; what each keeps once its turn is over
+    # FSDP2 / ZeRO-3 + nf4 (load_turns.loads_in_turns): the ranks of a node build one at a time; what each keeps
+    # once its turn is over
     in_turns_kept_bytes: int | None = None
-    alternative: str = ""  # another way to load that the advice names first (the planner's, for this run)
 
     @property
     def in_turns(self) -> bool:
@@ -77,6 +79,7 @@ class LoadPlan:
     def render(self) -> list[str]:
         what = ("its partition, one tensor whole at a time" if self.partitioned
                 else "all but the decoder layers, and one decoder layer in 16 bits while it is quantised"
+                + (", with the 4-bit layers" if self.quantised_on_host else "")
                 if self.quantised_streamed else "each builds or reads the whole model")
         ranks = f"{self.ranks_per_node} rank(s) x {self.bytes_per_rank / GiB:.2f} GiB ({what})"
         if self.in_turns:
@@ -89,8 +92,7 @@ class LoadPlan:
             lines.append(f"load (GPU memory per rank): {self.gpu_bytes_per_rank / GiB:.2f} GiB ({self.gpu_what}) of "
                          f"{self.gpu_budget_bytes / GiB:.2f} GiB: {'FITS' if self.gpu_fits else 'DOES NOT FIT'}")
         if self.host_fits is False:
-            lines.append("  the load is what does not fit: " + (f"{self.alternative}, or " if self.alternative else "")
-                         + "run fewer ranks per node (hardware.devices), use nodes "
+            lines.append("  the load is what does not fit: run fewer ranks per node (hardware.devices), use nodes "
                          "with more host memory (hardware.host_memory_gib), or a smaller load dtype "
                          "(precision=bf16-mixed)" + ("" if self.partitioned else
                                                      ", or trainer=zero3 (built partitioned, where the family can)"))
@@ -122,6 +124,7 @@ def plan_load(count: ModelCount, ranks_per_node: int, host_memory_gib: float, wo
         per_rank = whole
     return LoadPlan(int(ranks_per_node), int(per_rank), float(host_memory_gib), partitioned,
                     quantised_streamed and bool(count.decoder_layer_bytes) and not partitioned,
+                    quantised_on_host=quantised_on_host_bytes > 0,
                     in_turns_kept_bytes=None if in_turns_kept_bytes is None else int(in_turns_kept_bytes))
 
 

@@ -23,8 +23,8 @@ import logging
 from typing import Any
 
 from vlm_finetune.errors import ConfigError
-from vlm_finetune.fsdp import loads_in_turns
 from vlm_finetune.hardware import available_host_memory_gib, resolve
+from vlm_finetune.load_turns import loads_in_turns
 from vlm_finetune.memory.activations import (
     decoder_layer_bytes_per_token,
     eager_attention_matrix_bytes,
@@ -166,14 +166,13 @@ def plan_run(settings: RunSettings, overrides: list[str], seq: int | None = None
         # then the engine shards the codes onto the GPUs (ZeRO-3: zero3_nf4.partition_first, a tensor at a time)
         on_host = True
         four_bit = int(count.quantizable_numel * NF4_BYTES_PER_PARAM) + count.expert_nf4_bytes
-    # FSDP2 + nf4: the ranks of a node build one at a time, each keeping its parameter shards once its turn is over
+    # FSDP2 / ZeRO-3 + nf4: the ranks of a node build one at a time, each keeping its parameter shards once its
+    # turn is over
     kept = (sum(r.bytes for r in result.rows if r.category == "parameters")
-            if loads_in_turns(settings.strategy.strategy, precision, hardware.devices,
+            if loads_in_turns(settings.strategy.strategy, stage, precision, hardware.devices,
                               searched_with_real_steps(settings, hardware.accelerator)) else None)
     result.load = plan_load(count, hardware.devices, hardware.host_memory_gib, hardware.world_size, partitioned,
                             on_host, streamed, four_bit if on_host else 0, kept)
-    if stage == 3 and is_nf4(precision) and loads_in_turns("fsdp", precision, hardware.devices):
-        result.load.alternative = "trainer=fsdp (with nf4 the ranks of a node load one at a time)"
     if result.fits is not None:  # GPUs: one GPU at the load, against the step's budget
         sliced = partitioned and family.checkpoint_folder(settings.model) is not None
         result.load.gpu_bytes_per_rank, result.load.gpu_what = gpu_at_load(
