@@ -5,7 +5,7 @@ checkpointing, and in one process with the same global batch. Each rank's reside
 (VmHWM at the end minus VmRSS before the run, scripts/load_memory.py's rank probe) is compared with the model's
 bytes, and the adapters with each other.
 
-    python scripts/zero3_memory.py [--out /tmp/zero3_memory] [--val-batch 2] [extra overrides ...]
+    python scripts/zero3_memory.py [--out /tmp/zero3_memory] [--val-batch 2] [--layers 16] [extra overrides ...]
 
 About 10 minutes and 12 GB on two cores. Prints one JSON summary; exits non-zero when a check fails (growth
 <= 0.8 x the model without checkpointing, <= 0.7 x with it, adapters equal to 1e-4)."""
@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/zero3_memory"))
     parser.add_argument("--val-batch", type=int, default=2, help="data.val_batch_size (validation at batch 100, the "
                         "shapes default, is not sized like training yet: issue 35)")
+    parser.add_argument("--layers", type=int, default=16, help="decoder layers of the widened model (16: 1.65 GB; "
+                        "more to see how the growth over the model changes with its size)")
     parser.add_argument("extra", nargs="*", help="overrides added to the zero3 runs (to try DeepSpeed settings)")
     args = parser.parse_args()
     import load_memory
@@ -40,7 +42,8 @@ def main() -> None:
     from vlm_finetune.models.registry import get_family
 
     load_memory.__file__ = __file__  # the ranks run this script's own `--rank` entry
-    common = [*WIDE, "precision=32-true", "trainer.max_steps=2", "data.num_train=32", "data.num_val=4",
+    wide = [o for o in WIDE if not o.startswith("model.llm.num_hidden_layers=")]
+    common = [*wide, f"model.llm.num_hidden_layers={args.layers}", "precision=32-true", "trainer.max_steps=2", "data.num_train=32", "data.num_val=4",
               f"data.val_batch_size={args.val_batch}", "eval.generate=false", "lora.dropout=0.0", "optimizer=sgd",
               "optimizer.lr=0.2", "scheduler=constant", "trainer.enable_progress_bar=false", "memory.monitor=false"]
     cfg = compose(common)
