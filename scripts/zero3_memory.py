@@ -61,8 +61,10 @@ def main() -> None:
                          "run_growth_over_model": [round(g / model_bytes, 3) for g in growth]}
     adapters = {n: load_file(str(args.out / n / "run" / "adapter" / "adapter_model.safetensors")) for n in runs}
     for name in ("zero3", "zero3_checkpointing"):
+        # relative to each tensor's largest value, with a floor of 1e-6 for a tensor that stays near zero (the
+        # projector's unused bias: 4e-12, whose float32 noise would read as 4e-4)
         summary[name]["adapter_max_rel_diff"] = max(
-            float((adapters[name][k] - v).abs().max()) / max(float(v.abs().max()), 1e-8)
+            float((adapters[name][k] - v).abs().max()) / max(float(v.abs().max()), 1e-6)
             for k, v in adapters["single"].items())
     checks = {"zero3 growth <= 0.8 x model": max(summary["zero3"]["run_growth_over_model"]) <= 0.8,
               "zero3 + checkpointing growth <= 0.7 x model":
