@@ -10,7 +10,8 @@ from vlm_finetune.settings import RunSettings
 from vlm_finetune.strategies import ZeroSizes, zero_knobs
 
 ADAM_STATES = 2
-NF4_BYTES_PER_PARAM = 0.5 + 0.5 / 64 + 4 / (64 * 256)  # 4-bit codes + fp8 absmax per 64 + fp32 per 256 blocks
+# 4-bit codes, an 8-bit absmax per 64-element block and a float32 per 256 blocks (bitsandbytes' nested statistics)
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 
 
 @dataclass(frozen=True)
