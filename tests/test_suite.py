@@ -33,6 +33,11 @@ def test_dry_run_gives_every_row_and_writes_the_report(tmp_path):
     assert all(r["status"] == "ok" and r["figures"]["host_gib"] > 0 and "plan_host_gib" in r["figures"]
                for r in load.values())
     assert (tmp_path / "work" / "load" / "folder" / "model.safetensors.index.json").is_file()
+    # FSDP2 at world size 1 in bf16 and nf4 (on a GPU: GLM-4.1V-9B cut to 4 layers, its peak beside the plan's)
+    fsdp = {r["case"]: r for r in rows if r["check"] == "fsdp"}
+    assert set(fsdp) == {"tiny_glm41v fsdp ws1 bf16-mixed", "tiny_glm41v fsdp ws1 nf4"}
+    assert all(r["status"] == "ok" and r["figures"]["seq"] > 0 and r["figures"]["plan_gib"] >= 0
+               and r["figures"]["measured_gib"] is None for r in fsdp.values())
     assert status == 0
 
 

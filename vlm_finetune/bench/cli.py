@@ -3,7 +3,8 @@
 compares padded, length-grouped and packed micro-batches on the CPU: vlm_finetune/bench/data.py; `... bench load`
 measures the load's host and GPU memory beside the planner's load rows: vlm_finetune/bench/load_compare.py; `... bench
 tables` the host memory of the same records as JSON and as Parquet: vlm_finetune/bench/table_memory.py; `... bench
-recipes` times each tiny family's default recipe on the CPU: vlm_finetune/bench/recipes.py).
+recipes` times each tiny family's default recipe on the CPU: vlm_finetune/bench/recipes.py; `... bench fsdp` FSDP2 on
+one GPU in bf16 and nf4 beside the plan: vlm_finetune/bench/fsdp_check.py).
 
     python -m vlm_finetune.bench model=glm41v_9b --seq 8192 --image 672 --baseline-liger 1 [hydra overrides]
 
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> tuple[dict, dict] | int:
         return suite.main(argv[1:])
     if argv[:1] == ["load"]:  # the load's memory beside the planner's load rows (vlm_finetune/bench/load_compare.py)
         return suite.load_main(argv[1:])
+    if argv[:1] == ["fsdp"]:  # FSDP2 on one GPU beside the plan, bf16 and nf4 (vlm_finetune/bench/fsdp_check.py)
+        return suite.fsdp_main(argv[1:])
     if argv[:1] == ["tables"]:  # host memory of JSON and Parquet records (vlm_finetune/bench/table_memory.py)
         return table_memory.main(argv[1:])
     if argv[:1] == ["recipes"]:  # each tiny family's default recipe, timed (vlm_finetune/bench/recipes.py)

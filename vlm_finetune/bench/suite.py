@@ -9,7 +9,9 @@ in one command, for the rare minutes a GPU is at hand.
 - the memory monitor's CSV and PNG of one run;
 - the load: MGM-8x7B cut to two layers, read from a released-layout folder under ZeRO-3 at world size 1 and in
   nf4, host and GPU memory at the load beside the planner's load rows (vlm_finetune/bench/load_compare.py; alone:
-  `python -m vlm_finetune.bench load`).
+  `python -m vlm_finetune.bench load`);
+- FSDP2 on one GPU: GLM-4.1V-9B cut to four layers under trainer=fsdp in bf16 and in nf4, the steps' peak beside
+  the plan's (vlm_finetune/bench/fsdp_check.py; alone: `python -m vlm_finetune.bench fsdp`).
 
 Each check runs in its own process with its own time limit; a failure is a row, and the suite goes on. It
 appends one dated table to the report, writes the rows as JSON beside it and prints a one-screen summary.
@@ -27,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlm_finetune.bench import load_compare
+from vlm_finetune.bench import fsdp_check, load_compare
 from vlm_finetune.bench.measure import DEFAULT_BASELINE, append_report, result_line, run_baseline, run_python
 from vlm_finetune.io import write_atomic
 from vlm_finetune.plan import plan_memory
@@ -232,11 +234,17 @@ def run_suite(dry_run: bool, report: Path, work_dir: Path, budget_s: float) -> l
     else:
         rows.append(Row("load", "MGM-8x7B cut to 2 layers", "skipped",
                         note="too little of the suite's budget left: python -m vlm_finetune.bench load"))
+    if dry_run or budget_s - (time.time() - started) >= FSDP_CHECK_S:
+        rows += [Row(**row) for row in fsdp_check.check(dry_run, work_dir / "fsdp", remaining(FSDP_CHECK_S))]
+    else:
+        rows.append(Row("fsdp", "GLM-4.1V-9B cut to 4 layers", "skipped",
+                        note="too little of the suite's budget left: python -m vlm_finetune.bench fsdp"))
     write_rows(rows, report, "python -m vlm_finetune.bench suite" + (" --dry-run" if dry_run else ""), device,
                dry_run)
     return rows
 
 
+FSDP_CHECK_S = 240.0  # the FSDP2 check (vlm_finetune/bench/fsdp_check.py): two short runs of a 3 B model
 LOAD_CHECK_S = 240.0  # the load check (vlm_finetune/bench/load_compare.py): a 7 GB folder written, two one-step runs
 
 
@@ -261,15 +269,28 @@ def write_rows(rows: list[Row], report: Path, command: str, device: str, dry_run
 def load_main(argv: list[str]) -> int:
     """`python -m vlm_finetune.bench load [--dry-run]`: the suite's load check alone
     (vlm_finetune/bench/load_compare.py)."""
+    return _check_main("load", load_compare, "the tiny MoE on the CPU", "Load memory beside the planner",
+                       "each of its three processes", argv)
+
+
+def fsdp_main(argv: list[str]) -> int:
+    """`python -m vlm_finetune.bench fsdp [--dry-run]`: the suite's FSDP2 check alone
+    (vlm_finetune/bench/fsdp_check.py)."""
+    return _check_main("fsdp", fsdp_check, "tiny_glm41v on the CPU", "FSDP2 on one GPU beside the planner",
+                       "each of its two runs", argv)
+
+
+def _check_main(command: str, module, dry_run_help: str, title: str, processes: str, argv: list[str]) -> int:
+    """One check of the suite alone (`module.check(dry_run, work_dir, timeout)`), its table appended to the report."""
     import torch
 
-    parser = _parser("load", load_compare.__doc__, "the tiny MoE on the CPU", "/tmp/vlm_finetune_load")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds for each of its three processes")
+    parser = _parser(command, module.__doc__, dry_run_help, f"/tmp/vlm_finetune_{command}")
+    parser.add_argument("--timeout", type=float, default=300.0, help=f"seconds for {processes}")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
-    rows = load_rows(args.dry_run, args.work_dir, args.timeout)
-    write_rows(rows, args.report, "python -m vlm_finetune.bench load" + (" --dry-run" if args.dry_run else ""),
-               device, args.dry_run, "Load memory beside the planner")
+    rows = [Row(**row) for row in module.check(args.dry_run, args.work_dir, args.timeout)]
+    write_rows(rows, args.report, f"python -m vlm_finetune.bench {command}" + (" --dry-run" if args.dry_run else ""),
+               device, args.dry_run, title)
     return _finish(rows)
 
 
