@@ -1,6 +1,7 @@
 """nf4 under sharding, several ranks per node: the ranks build in turns and each keeps its shard of its own build,
 so the builds are compared (vlm_finetune/load_turns.py). Two gloo processes here: equal builds pass, a build that
-differs in one tensor stops both ranks naming that tensor; and the turns run one rank after another."""
+differs in one tensor stops both ranks naming that tensor, a build that fails stops both at once; and the turns run
+one rank after another."""
 from __future__ import annotations
 
 import os
@@ -12,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from vlm_finetune.load_turns import check_same_builds, fingerprint, loads_in_turns, one_rank_at_a_time
+from vlm_finetune.load_turns import fingerprint, load_in_turns, loads_in_turns
 
 
 def _model(seed: int) -> nn.Module:
@@ -38,7 +39,8 @@ def test_loads_in_turns_for_sharded_nf4_with_several_ranks_per_node_only():
     assert not loads_in_turns("fsdp", 0, "nf4", 4, auto_micro_batch=True)  # real steps on a whole model first
 
 
-def _rank(rank: int, port: int, seeds: tuple[int, int], out: dict) -> None:
+def _rank(rank: int, port: int, seeds: tuple[int | None, int | None], out: dict) -> None:
+    """A rank of the load in turns; a seed of None: this rank's build fails."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
@@ -46,15 +48,17 @@ def _rank(rank: int, port: int, seeds: tuple[int, int], out: dict) -> None:
 
         def work():
             start = time.time()
-            spans["model"] = _model(seeds[rank])
+            if seeds[rank] is None:
+                raise OSError("no space left on device")
+            model = _model(seeds[rank])
             time.sleep(0.2)
             spans["span"] = (start, time.time())
+            return fingerprint(model)
 
-        one_rank_at_a_time(rank, 2, dist.barrier, work)
         try:
-            check_same_builds(fingerprint(spans["model"]), None)
+            load_in_turns(rank, 2, work)
             out[rank] = ("ok", spans["span"])
-        except RuntimeError as error:
+        except (RuntimeError, OSError) as error:
             out[rank] = ("error", str(error))
     finally:
         dist.destroy_process_group()
@@ -73,7 +77,7 @@ def _run(seeds: tuple[int, int]) -> dict:
 
 
 @pytest.mark.distributed
-def test_two_ranks_take_turns_and_a_build_that_differs_stops_both_naming_the_tensor():
+def test_two_ranks_take_turns_and_a_build_that_differs_or_fails_stops_both():
     same = _run((0, 0))
     assert [same[r][0] for r in (0, 1)] == ["ok", "ok"]
     assert same[0][1][1] <= same[1][1][0]  # rank 1 built after rank 0 had finished
@@ -82,3 +86,8 @@ def test_two_ranks_take_turns_and_a_build_that_differs_stops_both_naming_the_ten
         kind, message = different[rank]
         assert kind == "error" and "rank 1 built other weights than rank 0 (0.weight differs)" in message
         assert "same seed on every rank" in message
+    started = time.time()
+    failed = _run((None, 0))  # rank 0's build fails: rank 1 does not wait out the turn's timeout
+    assert failed[0] == ("error", "no space left on device")
+    assert failed[1][0] == "error" and "rank 0's build failed (OSError: no space left on device)" in failed[1][1]
+    assert time.time() - started < 60

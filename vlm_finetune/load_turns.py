@@ -43,15 +43,32 @@ def one_rank_at_a_time(local_rank: int, ranks_per_node: int, barrier: Callable[[
 
 def load_in_turns(local_rank: int, ranks_per_node: int, work: Callable[[], list[tuple[str, int]]]) -> None:
     """`work()` (build the whole model, keep this rank's shard of it, return the build's `fingerprint`) on one rank
-    of the node at a time, then the ranks' builds compared (`check_same_builds`). Collective."""
+    of the node at a time, then the ranks' builds compared (`check_same_builds`). A rank whose build fails still
+    takes part in the other turns' barriers, so every rank stops at once with its error instead of waiting out
+    the turn's timeout. Collective."""
     import torch.distributed as dist
 
     # the barriers wait for another rank's whole build: a CPU group of their own with a timeout for it
     group = dist.new_group(backend="gloo", timeout=LOAD_TURN_TIMEOUT)
     built: list[tuple[str, int]] = []
+    failed: list[BaseException] = []
+
+    def turn() -> None:
+        try:
+            built.extend(work())
+        except Exception as error:  # raised below, once every rank knows
+            failed.append(error)
+
     try:
-        one_rank_at_a_time(local_rank, ranks_per_node, lambda: dist.barrier(group=group),
-                           lambda: built.extend(work()))
+        one_rank_at_a_time(local_rank, ranks_per_node, lambda: dist.barrier(group=group), turn)
+        every: list = [None] * dist.get_world_size(group=group)
+        dist.all_gather_object(every, f"{type(failed[0]).__name__}: {failed[0]}" if failed else None, group=group)
+        if failed:
+            raise failed[0]
+        for rank, error in enumerate(every):
+            if error is not None:
+                raise RuntimeError(f"precision=nf4 load in turns: rank {rank}'s build failed ({error}); see its "
+                                   "log")
         check_same_builds(built, group)
     finally:
         dist.destroy_process_group(group)
