@@ -117,8 +117,7 @@ def partitioning_first(strategy_class: type, config: dict, precision: str) -> ty
             module = self.lightning_module
             build, self.build_in_turns = self.build_in_turns, None
             if build is not None:
-                load_in_turns(self.local_rank, self.num_processes,
-                               lambda: self._build_and_partition(module, build))
+                load_in_turns(self.local_rank, self.num_processes, lambda: self._build_and_partition(module, build))
             elif not any(is_partitioned(p) for p in module.model.parameters()):
                 count = partition_first(module.model, config, precision, self.root_device)
                 if self.global_rank == 0:

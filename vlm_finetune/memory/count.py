@@ -22,6 +22,7 @@ class ParamGroup:
     numel: int
     persistent_numel: int = 0  # parameters small enough for ZeRO-3 to keep whole on every rank
 
+
 # per bitsandbytes 4-bit layer: its nf4 code book (16 float32), the nested statistics' code book (256 float32, a copy
 # per layer) and their offset (one float32)
 NF4_CODE_BOOKS_PER_LAYER = 16 * 4 + 256 * 4 + 4
