@@ -14,7 +14,8 @@ MAX_LINES = 450
 LAYERS = [
     ("entry", ("vlm_finetune.__main__", "vlm_finetune.plan", "vlm_finetune.export", "vlm_finetune.generate",
                "vlm_finetune.bench")),
-    ("run", ("vlm_finetune.train", "vlm_finetune.config", "vlm_finetune.rundir", "vlm_finetune.bench.measure",
+    ("run", ("vlm_finetune.train", "vlm_finetune.config", "vlm_finetune.config_checks", "vlm_finetune.rundir",
+             "vlm_finetune.bench.measure",
              "vlm_finetune.autotune", "vlm_finetune.memory.planner", "vlm_finetune.memory.load_plan",
              "vlm_finetune.memory.suggest", "vlm_finetune.memory.oom")),
     ("training", ("vlm_finetune.module", "vlm_finetune.strategies", "vlm_finetune.fsdp", "vlm_finetune.zero3_nf4",
@@ -191,12 +192,12 @@ def test_the_code_passes_ruff():
 # -- settings, not config nodes, below the edge ---------------------------------------------------------
 CONFIG_LIBRARIES = ("omegaconf", "hydra")
 # where the composed config is read: the recipe and the Hydra edge (the entry points above them)
-CONFIG_EDGE = ("vlm_finetune.train", "vlm_finetune.config")
+CONFIG_EDGE = ("vlm_finetune.train", "vlm_finetune.config", "vlm_finetune.config_checks")
 
 
 def _below_run(name: str) -> bool:
-    """Below the edge: every module but the entry points, the recipe and config.py (the planner, autotune,
-    suggestions and the run folder included)."""
+    """Below the edge: every module but the entry points, the recipe, config.py and config_checks.py (the planner,
+    autotune, suggestions and the run folder included)."""
     return layer_of(name) != "entry" and name not in CONFIG_EDGE
 
 

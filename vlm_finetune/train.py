@@ -4,7 +4,6 @@ imports it."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import math
@@ -19,10 +18,11 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vlm_finetune.adapters import AdapterSaver
-from vlm_finetune.autotune import check_auto_options, resolve_before_build, search_micro_batch
+from vlm_finetune.autotune import resolve_before_build, search_micro_batch
 from vlm_finetune.callbacks import StepProgressBar
 from vlm_finetune.checkpointing import CHECKPOINT_DIR
-from vlm_finetune.config import hydra_overrides, read_settings, settings_for
+from vlm_finetune.config import hydra_overrides, settings_for
+from vlm_finetune.config_checks import check_config
 from vlm_finetune.data.checks import (
     check_generation_takes_the_mix,
     check_image_counts,
@@ -31,9 +31,8 @@ from vlm_finetune.data.checks import (
     check_samples_fit,
 )
 from vlm_finetune.data.datamodule import VLMDataModule, build_datasets
-from vlm_finetune.data.packing import pack_length
 from vlm_finetune.errors import ConfigError
-from vlm_finetune.hardware import Hardware, env_global_rank, preflight, resolve
+from vlm_finetune.hardware import Hardware, env_global_rank
 from vlm_finetune.io import write_atomic
 from vlm_finetune.load_turns import loads_in_turns
 from vlm_finetune.memory.auto_batch import searched_with_real_steps
@@ -43,13 +42,12 @@ from vlm_finetune.memory.monitor import MemoryMonitor
 from vlm_finetune.memory.oom import handle_oom
 from vlm_finetune.memory.planner import check_host_memory
 from vlm_finetune.models._sharded import check_model_folder
-from vlm_finetune.models.base import Mode, Part
 from vlm_finetune.models.moe_ep import expert_bytes, shard_experts
 from vlm_finetune.models.nf4_load import quantised_on_host
-from vlm_finetune.models.registry import get_family, parse_trainability
+from vlm_finetune.models.registry import get_family
 from vlm_finetune.module import VLMModule
 from vlm_finetune.plots import plot_training_curves
-from vlm_finetune.precision import WeightsPolicy, check_precision, is_nf4, weights_policy
+from vlm_finetune.precision import WeightsPolicy, weights_policy
 from vlm_finetune.quiet import quiet_run
 from vlm_finetune.resume import open_resume_checkpoint, restore_csv_rows, resume_parts
 from vlm_finetune.rundir import RunFolderLock, finished_metrics, sweep_checkpoint_leftovers
@@ -57,8 +55,6 @@ from vlm_finetune.settings import RunSettings, is_auto
 from vlm_finetune.strategies import (
     ZeroSizes,
     build_strategy,
-    check_combination,
-    check_expert_parallel,
     set_zero3_leaves,
 )
 from vlm_finetune.trainability import (
@@ -72,62 +68,6 @@ from vlm_finetune.watchdog import RunHung, RunWatchdog, hung_message, is_collect
 from vlm_finetune.zero3_nf4 import shard_4bit_under_zero3
 
 log = logging.getLogger(__name__)
-
-
-def check_config(cfg: DictConfig) -> tuple[RunSettings, dict, Hardware]:
-    """Every check that needs no weights: fails in seconds with the option and the fix. Returns the settings
-    read from the config (what everything below the run takes), the trainability modes and the resolved
-    hardware profile."""
-    settings = read_settings(cfg)  # values checked as they are read (settings.py)
-    modes = parse_trainability(settings.trainability)
-    check_precision(settings.precision)
-    hardware = resolve(settings.hardware)
-    check_combination(settings.strategy, hardware, settings.precision)
-    if settings.strategy.expert_parallel > 1:  # the model's experts from its config, no weights
-        spec = settings.model
-        experts = get_family(spec.family).memory_dims(spec, spec.image_size).get("experts")
-        check_expert_parallel(settings.strategy, spec.name, experts, modes[Part.LLM] == Mode.FULL,
-                              modes[Part.LLM] == Mode.LORA and settings.lora.llm_modules in ("mlp", "experts", "all"),
-                              settings.lora.expert_forward)
-    preflight(hardware, settings.precision)
-    if is_nf4(settings.precision) and importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError("precision=nf4 (QLoRA) loads the base in 4-bit with bitsandbytes, which is not installed: "
-                          "pip install 'vlm_finetune[qlora]' (CUDA GPUs, and CPUs for rehearsal with tiny models)")
-    check_auto_options(settings, hardware)
-    acc = settings.accumulate_grad_batches
-    if isinstance(acc, bool) or not isinstance(acc, int) or acc < 1:
-        raise ConfigError(f"trainer.accumulate_grad_batches={acc!r} must be a positive integer")
-    _check_values(settings)
-    attn = settings.model.attn_implementation
-    if attn.startswith("flash_attention"):  # transformers would refuse it only as the model loads
-        package = "flash_attn" if attn == "flash_attention_2" else "flash_attn_interface"
-        if hardware.accelerator != "gpu" or importlib.util.find_spec(package) is None:
-            raise ConfigError(f"model.attn_implementation={attn} needs a CUDA GPU and the {package} package "
-                              f"({'none present' if hardware.accelerator != 'gpu' else 'not installed'}); use sdpa")
-    if settings.loss.impl == "liger":
-        if hardware.accelerator != "gpu":
-            raise ConfigError("loss.impl=liger needs a CUDA GPU (Triton kernels); use loss.impl=chunked")
-        if importlib.util.find_spec("liger_kernel") is None:
-            raise ConfigError("loss.impl=liger needs liger-kernel: pip install 'vlm_finetune[gpu]'")
-    return settings, modes, hardware
-
-
-# `+key=value` overrides that add keys something reads (everything else a `+` adds would be ignored)
-ADDABLE_KEYS = ("callbacks.", "data.global_batch_size", "model.llm.", "model.vision.", "model.text.",
-                "model.config_overrides", "model.tokenizer_kind", "model.tokenizer_legacy", "hydra.")
-
-
-def _check_values(settings: RunSettings) -> None:
-    """Values that would otherwise fail only once the model is built (or never)."""
-    steps = settings.max_steps
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ConfigError(f"trainer.max_steps={steps!r} must be 0 or a positive number of optimizer steps")
-    pack_length(settings.data)  # data.packing's row length fits every sample
-    added = [o for o in (hydra_overrides() or []) if o.startswith("+") and not o.startswith("++")]
-    unread = [o for o in added if not o.lstrip("+").split("=", 1)[0].startswith(ADDABLE_KEYS)]
-    if unread:
-        raise ConfigError(f"{unread[0]} adds a key that nothing reads (a misspelling?); drop the '+' to override an "
-                          f"existing key (an unknown one is then named), or use one of: {', '.join(ADDABLE_KEYS)}")
 
 
 def _build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, strategy, hardware: Hardware,
