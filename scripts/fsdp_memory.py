@@ -20,8 +20,10 @@ import load_memory  # noqa: E402  (the rank runner and the model of scripts/load
 NOTE = ("FSDP2 here builds (or reads and quantises) the whole model on every rank before `fully_shard` splits it, so "
         "its load peak is the whole model per rank (as the planner's load row says), where ZeRO-3 in 32 bits builds "
         "partitioned; ZeRO-3 + nf4 too reads and quantises the whole 4-bit model on each rank (bitsandbytes "
-        "quantises whole tensors), then partitions it before the engine starts. After the shard the step holds 1/N "
-        "of the parameters; nf4 holds about a quarter of fp32's bytes.")
+        "quantises whole tensors), then partitions it before the engine starts. With nf4 the two ranks of the node "
+        "do it one after the other (vlm_finetune/load_turns.py), so each rank's load peak below is its own turn's and "
+        "the node never holds both whole 4-bit copies at once. After the shard the step holds 1/N of the "
+        "parameters; nf4 holds about a quarter of fp32's bytes.")
 SECTION = "## FSDP2, FSDP2 + nf4, ZeRO-3 and ZeRO-3 + nf4 per rank on the CPU (scripts/fsdp_memory.py)"
 
 
@@ -60,7 +62,7 @@ def main() -> None:
     for name, overrides in runs.items():
         ranks = load_memory._run(args.out / name.replace(" ", "_"), overrides)
         plan = plan_memory(overrides)
-        load_row = plan.load.host_bytes / 2
+        load_row = plan.load.bytes_per_rank  # one rank's load (with nf4 the ranks take turns: its turn's peak)
         for r in ranks:
             load, run = r["peak_at_load"] - r["rss_before"], r["peak"] - r["rss_before"]
             lines.append(f"| {name} | {r['rank']} | {load / mib:,.0f} | {run / mib:,.0f} | {load_row / mib:,.0f} | "

@@ -74,6 +74,28 @@ def test_zero3_views_the_4bit_codes_in_the_engine_dtype_and_refuses_a_storage_it
             check_4bit_storage(model, torch.bfloat16, "trainer=zero3", "DeepSpeed ZeRO-3")
 
 
+@pytest.mark.parametrize("precision", ["nf4", "nf4-fp32"])
+def test_zero3_knobs_of_a_model_loaded_in_turns_count_its_4bit_layers_as_stored(precision, tmp_path):
+    """ZeRO-3 + nf4 loading in turns sizes its auto knobs from the structure on the meta device (not quantised yet):
+    each layer's elements as ZeRO-3 will store them (4-bit codes in the engine's dtype) equal those of the model
+    built and quantised whole (within 1%), not its unquantised elements (4-8 times as many)."""
+    from vlm_finetune.memory.count import stored_unit_numels
+    from vlm_finetune.strategies import ZeroSizes
+    from vlm_finetune.zero3_nf4 import four_bit_storage, shard_4bit_under_zero3
+
+    settings, family, model = _nf4_model(tmp_path, precision)
+    shard_4bit_under_zero3(model, settings.strategy, precision)
+    real = ZeroSizes.of(model, family).largest_unit_numel
+    meta, plan = build_trainable_model(family, settings.model, parse_trainability(compose_cfg([], tmp_path).train),
+                                       settings.lora, weights_policy(precision), checkpointed_layers=False,
+                                       checkpoint_scope="layer", device="meta")
+    stored = max(stored_unit_numels(meta, plan, family, four_bit_storage(precision).itemsize))
+    unquantised = ZeroSizes.of(meta, family).largest_unit_numel
+    print(f"{precision}: stored {stored:,} (from the meta structure), built and quantised {real:,}, unquantised {unquantised:,}")
+    assert abs(stored - real) <= 0.01 * real, (stored, real)
+    assert unquantised >= 3 * real, (unquantised, real)
+
+
 # -- slow: two CPU ranks --------------------------------------------------------------------------------------------
 COMMON = [*TINY_NF4, "precision=nf4-fp32", "hardware=cpu", "trainer.max_steps=3", "data.num_train=96",
           "data.num_val=4", "eval.generate=false", "trainer.val_every_n_steps=null", "optimizer=sgd",

@@ -36,6 +36,7 @@ from vlm_finetune.hardware import Hardware, env_global_rank
 from vlm_finetune.io import write_atomic
 from vlm_finetune.load_turns import loads_in_turns
 from vlm_finetune.memory.auto_batch import searched_with_real_steps
+from vlm_finetune.memory.count import stored_unit_numels
 from vlm_finetune.memory.host import HostMemoryRelease, release_freed, reuse_heap, steady_heap
 from vlm_finetune.memory.load_measured import LoadMemory
 from vlm_finetune.memory.monitor import MemoryMonitor
@@ -65,7 +66,7 @@ from vlm_finetune.trainability import (
     partition_counts,
 )
 from vlm_finetune.watchdog import RunHung, RunWatchdog, hung_message, is_collective_failure
-from vlm_finetune.zero3_nf4 import shard_4bit_under_zero3
+from vlm_finetune.zero3_nf4 import four_bit_storage, shard_4bit_under_zero3
 
 log = logging.getLogger(__name__)
 
@@ -294,8 +295,13 @@ def _train(cfg: DictConfig, settings: RunSettings, callbacks: list | None, modes
                        build_model=(lambda: build(expected_plan=plan)[0]) if partitioned else None)
 
     configured = [hydra.utils.instantiate(c) for c in (cfg.callbacks or {}).values() if c]
+    sizes = ZeroSizes.of(model, family)
+    if in_turns and settings.strategy.is_zero3:  # ZeRO-3's auto knobs from the 4-bit layers' stored elements, as
+        # a model built whole and quantised gives them (the structure on the meta device is not quantised yet)
+        sizes = ZeroSizes(sizes.trainable_numel, max(stored_unit_numels(
+            model, plan, family, four_bit_storage(settings.precision).itemsize) or [0]))
     strategy = build_strategy(settings.strategy, settings.precision, int(settings.data.micro_batch_size), family,
-                              hardware, ZeroSizes.of(model, family))
+                              hardware, sizes)
     if in_turns:
         strategy.build_in_turns = lambda: build(expected_plan=plan)[0]
     resumer, ckpt_path, plugins, earlier_rows = resume_parts(settings, run_dir, module, hardware.world_size,

@@ -162,6 +162,27 @@ def nf4_linear_stats_bytes(numel: int) -> int:
     return blocks + 4 * -(-blocks // 256) + NF4_CODE_BOOKS_PER_LAYER
 
 
+def stored_unit_numels(model: torch.nn.Module, plan: TrainablePlan, family: Family, code_element_bytes: int
+                       ) -> list[int]:
+    """Each decoder layer's and vision block's elements as ZeRO-3 stores them once nf4 has quantised it, read from
+    its structure (on the meta device, not quantised yet): a 4-bit weight of n elements holds n / 2 bytes of codes,
+    stored as elements of `code_element_bytes` (zero3_nf4.four_bit_storage); every other parameter as it is."""
+    part_of = sorted(((name, part.value) for part, names in plan.part_modules.items() for name in names),
+                     key=lambda item: -len(item[0]))
+
+    def part_for(clean: str) -> str:
+        return next((part for prefix, part in part_of if clean == prefix or clean.startswith(prefix + ".")), "other")
+
+    units = tuple(family.decoder_layer_classes) + tuple(family.vision_block_classes)
+    stored = []
+    for name, module in model.named_modules():
+        if isinstance(module, units):
+            whole = sum(p.numel() for p in module.parameters())
+            four_bit = _four_bit_numel(module, name, True, part_for)
+            stored.append(whole - four_bit + -(-four_bit // (2 * code_element_bytes)))
+    return stored
+
+
 def _four_bit_numel(module: torch.nn.Module, name: str, recurse: bool, part_for) -> int:
     """Elements of `module`'s parameters (its own, or all with `recurse`) that nf4 holds in 4 bits: the frozen
     weights of the LLM's linear layers (not lm_head, not LoRA) and its frozen fused experts."""
