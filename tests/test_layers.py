@@ -192,12 +192,12 @@ def test_the_code_passes_ruff():
 # -- settings, not config nodes, below the edge ---------------------------------------------------------
 CONFIG_LIBRARIES = ("omegaconf", "hydra")
 # where the composed config is read: the recipe and the Hydra edge (the entry points above them)
-CONFIG_EDGE = ("vlm_finetune.train", "vlm_finetune.config", "vlm_finetune.config_checks")
+CONFIG_EDGE = ("vlm_finetune.train", "vlm_finetune.config")
 
 
 def _below_run(name: str) -> bool:
-    """Below the edge: every module but the entry points, the recipe, config.py and config_checks.py (the planner,
-    autotune, suggestions and the run folder included)."""
+    """Below the edge: every module but the entry points, the recipe and config.py (the planner, autotune,
+    suggestions and the run folder included)."""
     return layer_of(name) != "entry" and name not in CONFIG_EDGE
 
 

@@ -1,4 +1,5 @@
-"""Every check of a run's config that needs no weights (`check_config`): the settings read and checked, the
+"""Every check of a run's settings that needs no weights (`check_settings`, on the settings config.read_settings
+read): the settings read and checked, the
 trainability modes, the hardware profile resolved and checked against the strategy and precision, the packages an
 option needs, and `+key=value` overrides that nothing would read. It fails in seconds, before any weight loads,
 naming the option and the fix."""
@@ -6,10 +7,8 @@ from __future__ import annotations
 
 import importlib.util
 
-from omegaconf import DictConfig
-
 from vlm_finetune.autotune import check_auto_options
-from vlm_finetune.config import hydra_overrides, read_settings
+from vlm_finetune.config import hydra_overrides
 from vlm_finetune.data.packing import pack_length
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.hardware import Hardware, preflight, resolve
@@ -20,11 +19,9 @@ from vlm_finetune.settings import RunSettings
 from vlm_finetune.strategies import check_combination, check_expert_parallel
 
 
-def check_config(cfg: DictConfig) -> tuple[RunSettings, dict, Hardware]:
-    """Every check that needs no weights: fails in seconds with the option and the fix. Returns the settings
-    read from the config (what everything below the run takes), the trainability modes and the resolved
-    hardware profile."""
-    settings = read_settings(cfg)  # values checked as they are read (settings.py)
+def check_settings(settings: RunSettings) -> tuple[dict, Hardware]:
+    """Every check that needs no weights: fails in seconds with the option and the fix. Returns the trainability
+    modes and the resolved hardware profile."""
     modes = parse_trainability(settings.trainability)
     check_precision(settings.precision)
     hardware = resolve(settings.hardware)
@@ -55,7 +52,7 @@ def check_config(cfg: DictConfig) -> tuple[RunSettings, dict, Hardware]:
             raise ConfigError("loss.impl=liger needs a CUDA GPU (Triton kernels); use loss.impl=chunked")
         if importlib.util.find_spec("liger_kernel") is None:
             raise ConfigError("loss.impl=liger needs liger-kernel: pip install 'vlm_finetune[gpu]'")
-    return settings, modes, hardware
+    return modes, hardware
 
 
 # `+key=value` overrides that add keys something reads (everything else a `+` adds would be ignored)

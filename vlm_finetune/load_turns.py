@@ -4,9 +4,9 @@ every rank at once, a node holds one whole 4-bit model per rank (MGM-8x7B on fou
 one rank of the node after another, it holds one whole model and the other ranks' shards.
 
 Each rank keeps its own shard of its own build (no rank sends its weights to another), so the builds must be equal:
-`check_same_builds` compares a fingerprint of each rank's whole model after the turns and stops the run, naming the
-first tensor that differs, where they are not (a build that draws different random numbers per rank, or nodes
-reading different model folders)."""
+`check_same_builds` compares the fingerprints of the ranks' whole models, gathered after the turns, and stops the
+run, naming the first tensor that differs, where they are not (a build that draws different random numbers per
+rank, or nodes reading different model folders)."""
 from __future__ import annotations
 
 from datetime import timedelta
@@ -61,15 +61,17 @@ def load_in_turns(local_rank: int, ranks_per_node: int, work: Callable[[], list[
 
     try:
         one_rank_at_a_time(local_rank, ranks_per_node, lambda: dist.barrier(group=group), turn)
+        # one gather: each rank's error (or None) and its build's fingerprint
         every: list = [None] * dist.get_world_size(group=group)
-        dist.all_gather_object(every, f"{type(failed[0]).__name__}: {failed[0]}" if failed else None, group=group)
+        dist.all_gather_object(every, (f"{type(failed[0]).__name__}: {failed[0]}" if failed else None, built),
+                               group=group)
         if failed:
             raise failed[0]
-        for rank, error in enumerate(every):
+        for rank, (error, _) in enumerate(every):
             if error is not None:
                 raise RuntimeError(f"precision=nf4 load in turns: rank {rank}'s build failed ({error}); see its "
                                    "log")
-        check_same_builds(built, group)
+        check_same_builds([fingerprints for _, fingerprints in every])
     finally:
         dist.destroy_process_group(group)
 
@@ -90,13 +92,9 @@ def fingerprint(model: nn.Module) -> list[tuple[str, int]]:
     return found
 
 
-def check_same_builds(mine: list[tuple[str, int]], group) -> None:
-    """Stop the run where the ranks' builds differ (collective over `group`): each rank then trained its shard of
-    another model."""
-    import torch.distributed as dist
-
-    every: list = [None] * dist.get_world_size(group=group)
-    dist.all_gather_object(every, mine, group=group)
+def check_same_builds(every: list[list[tuple[str, int]]]) -> None:
+    """Stop the run where the ranks' builds differ (`every`: each rank's fingerprint, by rank): each rank would train
+    its shard of another model."""
     for rank, theirs in enumerate(every):
         if theirs == every[0]:
             continue

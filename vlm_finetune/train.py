@@ -21,8 +21,8 @@ from vlm_finetune.adapters import AdapterSaver
 from vlm_finetune.autotune import resolve_before_build, search_micro_batch
 from vlm_finetune.callbacks import StepProgressBar
 from vlm_finetune.checkpointing import CHECKPOINT_DIR
-from vlm_finetune.config import hydra_overrides, settings_for
-from vlm_finetune.config_checks import check_config
+from vlm_finetune.config import hydra_overrides, read_settings, settings_for
+from vlm_finetune.config_checks import check_settings
 from vlm_finetune.data.checks import (
     check_generation_takes_the_mix,
     check_image_counts,
@@ -151,6 +151,13 @@ def _host_release(cfg: DictConfig) -> str:
     if setting is False:
         return "off"
     return "step" if setting is True else "load"
+
+
+def check_config(cfg: DictConfig) -> tuple[RunSettings, dict, Hardware]:
+    """Every check that needs no weights (config_checks.check_settings) on the settings read from the config (values
+    checked as they are read, settings.py): the settings, the trainability modes and the resolved hardware."""
+    settings = read_settings(cfg)
+    return (settings, *check_settings(settings))
 
 
 def train(cfg: DictConfig, callbacks: list | None = None) -> tuple[dict, dict]:

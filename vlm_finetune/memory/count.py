@@ -82,16 +82,20 @@ def _clean_name(name: str) -> str:
     return name
 
 
-def _count(model: torch.nn.Module, plan: TrainablePlan, family: Family, persistence_threshold: int) -> ModelCount:
-    part_of = [(name, part.value) for part, names in plan.part_modules.items() for name in names]
-    part_of.sort(key=lambda item: -len(item[0]))
+def _part_lookup(plan: TrainablePlan):
+    """`part_for(clean_name) -> "vision" | "projector" | "llm" | "other"`: the part whose module prefix (the longest
+    that matches) holds the name."""
+    part_of = sorted(((name, part.value) for part, names in plan.part_modules.items() for name in names),
+                     key=lambda item: -len(item[0]))
 
     def part_for(clean: str) -> str:
-        for prefix, part in part_of:
-            if clean == prefix or clean.startswith(prefix + "."):
-                return part
-        return "other"
+        return next((part for prefix, part in part_of if clean == prefix or clean.startswith(prefix + ".")), "other")
 
+    return part_for
+
+
+def _count(model: torch.nn.Module, plan: TrainablePlan, family: Family, persistence_threshold: int) -> ModelCount:
+    part_for = _part_lookup(plan)
     groups: dict[tuple, ParamGroup] = {}
     seen: set[int] = set()
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -167,12 +171,7 @@ def stored_unit_numels(model: torch.nn.Module, plan: TrainablePlan, family: Fami
     """Each decoder layer's and vision block's elements as ZeRO-3 stores them once nf4 has quantised it, read from
     its structure (on the meta device, not quantised yet): a 4-bit weight of n elements holds n / 2 bytes of codes,
     stored as elements of `code_element_bytes` (zero3_nf4.four_bit_storage); every other parameter as it is."""
-    part_of = sorted(((name, part.value) for part, names in plan.part_modules.items() for name in names),
-                     key=lambda item: -len(item[0]))
-
-    def part_for(clean: str) -> str:
-        return next((part for prefix, part in part_of if clean == prefix or clean.startswith(prefix + ".")), "other")
-
+    part_for = _part_lookup(plan)
     units = tuple(family.decoder_layer_classes) + tuple(family.vision_block_classes)
     stored = []
     for name, module in model.named_modules():
