@@ -43,7 +43,8 @@ def main() -> None:
 
     load_memory.__file__ = __file__  # the ranks run this script's own `--rank` entry
     wide = [o for o in WIDE if not o.startswith("model.llm.num_hidden_layers=")]
-    common = [*wide, f"model.llm.num_hidden_layers={args.layers}", "precision=32-true", "trainer.max_steps=2", "data.num_train=32", "data.num_val=4",
+    common = [*wide, f"model.llm.num_hidden_layers={args.layers}", "precision=32-true", "trainer.max_steps=2",
+              "data.num_train=32", "data.num_val=4",
               f"data.val_batch_size={args.val_batch}", "eval.generate=false", "lora.dropout=0.0", "optimizer=sgd",
               "optimizer.lr=0.2", "scheduler=constant", "trainer.enable_progress_bar=false", "memory.monitor=false"]
     cfg = compose(common)

@@ -65,7 +65,7 @@ def test_a_zero3_partitioned_frozen_head_is_gathered_for_the_loss(monkeypatch):
 
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus  # the real enum, imported first
 
-    from vlm_finetune.strategies import head_weight
+    from vlm_finetune.running_strategy import head_weight
 
     full = torch.randn(7, 4)
     head = torch.nn.Linear(4, 7, bias=False)

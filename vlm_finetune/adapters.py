@@ -14,7 +14,7 @@ from torch import nn
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.fsdp import full_trainable_state
 from vlm_finetune.io import atomic_folder
-from vlm_finetune.strategies import full_trainable_parameters, is_fsdp
+from vlm_finetune.running_strategy import full_trainable_parameters, is_fsdp
 from vlm_finetune.trainability import TrainablePlan
 
 ADAPTER_CONFIG = "adapter_config.json"

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 
 from vlm_finetune.data.sample import IGNORE_INDEX
 from vlm_finetune.io import atomic_path
-from vlm_finetune.strategies import full_gradients, is_accumulation_boundary
+from vlm_finetune.running_strategy import full_gradients, is_accumulation_boundary
 
 
 class GradientSnapshot(L.Callback):

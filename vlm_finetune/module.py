@@ -17,14 +17,14 @@ from vlm_finetune.data.sample import IMAGE_PLACEHOLDER, Message, Sample
 from vlm_finetune.fsdp import root_loss
 from vlm_finetune.loss import token_loss_sum
 from vlm_finetune.models.base import Family, Part
-from vlm_finetune.settings import EvalSettings, LossSettings, OptimizerSettings
-from vlm_finetune.strategies import (
+from vlm_finetune.running_strategy import (
     clip_gradients,
     head_weight,
     loss_rescale,
     needs_synced_generation,
     runs_vision_every_step,
 )
+from vlm_finetune.settings import EvalSettings, LossSettings, OptimizerSettings
 from vlm_finetune.trainability import TrainablePlan, count_parameters, set_frozen_eval, unwrap
 
 log = logging.getLogger(__name__)

@@ -35,9 +35,9 @@ from vlm_finetune.checkpointing import (
 from vlm_finetune.errors import ConfigError
 from vlm_finetune.hardware import env_global_rank
 from vlm_finetune.io import fsync_dir, fsync_tree, out_of_space, replace_folder
+from vlm_finetune.running_strategy import is_deepspeed
 from vlm_finetune.settings import RunSettings, is_auto
 from vlm_finetune.signals import received
-from vlm_finetune.strategies import is_deepspeed
 
 log = logging.getLogger(__name__)
 
