@@ -1,7 +1,7 @@
 """ZeRO-3's gather in the plan and the run (issue 35): DeepSpeed's coalesced all-gather holds a gathered module
 twice for a moment (its flat buffer, and each parameter's copy made from it); `trainer.stage3_allgather_sequential`
-gathers each parameter into its own buffer (held once; DeepSpeed's prefetch bucket is then 1 element, so one
-parameter is prefetched). Its `auto` is true only where the plan fits
+gathers each parameter into its own buffer (held once; DeepSpeed's prefetch bucket is then 1 element: one
+parameter prefetched per module fetch, up to stage3_max_live_parameters). Its `auto` is true only where the plan fits
 with it and not without. The bytes themselves are checked against a census on CPU ranks in test_phase_peaks.py."""
 from __future__ import annotations
 
@@ -37,22 +37,33 @@ def test_the_coalesced_gather_holds_the_module_twice_and_in_place_once(tmp_path)
     assert coalesced.fits is False and in_place.fits is True
 
 
-def test_the_sequential_gather_prefetches_one_parameter(tmp_path):
-    """engine.py sets the prefetch bucket to 1 element under stage3_allgather_sequential, and the prefetch loop
-    gathers whole parameters until the bucket is reached: the next one of the trace (the census at the issue's
-    width saw a third expert stack in flight). The row holds one of the largest parameters."""
+def test_the_sequential_gather_prefetches_up_to_the_live_limit(tmp_path):
+    """engine.py sets the prefetch bucket to 1 element under stage3_allgather_sequential, so each module's fetch
+    prefetches one whole parameter of the trace; every module fetches, so the prefetch walks ahead while fewer than
+    stage3_max_live_parameters elements are gathered, the last parameter overshooting by up to its size (a traced
+    step on two CPU ranks; the census at the issue's width saw max_live plus one expert stack). A module at or
+    above the limit leaves nothing to prefetch."""
     from vlm_finetune.config import model_settings
     from vlm_finetune.models.registry import get_family
 
-    cfg = compose_cfg(["model=tiny_mgm_moe", "trainer=zero3", "hardware=cpu", "hardware.devices=2",
-                       "precision=32-true", f"{KEY}=true"], tmp_path)
-    plan = plan_run(read_settings(cfg), [])
+    def rows(live: int) -> dict[str, int]:
+        cfg = compose_cfg(["model=tiny_mgm_moe", "trainer=zero3", "hardware=cpu", "hardware.devices=2",
+                           "precision=32-true", f"{KEY}=true", f"trainer.stage3_max_live_parameters={live}"], tmp_path)
+        return _gathered(plan_run(read_settings(cfg), []))
+
+    cfg = compose_cfg(["model=tiny_mgm_moe"], tmp_path)
     model = get_family(cfg.model.family).build_model(model_settings(cfg.model), device="meta")
     model = model[0] if isinstance(model, tuple) else model
     largest = max(p.numel() for p in model.parameters())
-    rows = _gathered(plan)
-    assert rows["ZeRO-3 prefetch of the next parameter (sequential gather: bucket 1)"] == largest * 4  # float32
-    assert "ZeRO-3 prefetch of the next module" not in rows
+    row = "ZeRO-3 prefetch along the trace (sequential gather: a parameter per module fetch, up to " \
+          "stage3_max_live_parameters)"
+    low, high, higher = rows(1), rows(10**8), rows(2 * 10**8)
+    fetch = high["ZeRO-3 gathered module (straight into the parameters' buffers)"] // 4  # float32 elements
+    assert 0 < fetch < 10**8
+    assert low[row] == 0  # the module alone passes the limit
+    assert high[row] == (10**8 + min(largest, fetch) - fetch) * 4
+    assert higher[row] - high[row] == 10**8 * 4  # the prefetch fills what the limit leaves
+    assert not any(item.startswith("ZeRO-3 prefetch of the next module") for item in high)
 
 
 def test_auto_gathers_in_place_only_where_that_is_what_fits(tmp_path, capsys):

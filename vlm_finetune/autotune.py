@@ -91,7 +91,8 @@ def resolve_gather_in_place(settings: RunSettings, plan: Any) -> bool | None:
     chosen = bool(plan.choices.get("trainer.stage3_allgather_sequential", False))
     if chosen:
         print("vlm_finetune: trainer.stage3_allgather_sequential auto: true (each parameter gathered into its own "
-              f"buffer, a prefetch of one parameter: the plan fits only so, {plan.peak_bytes / 2**30:.1f} GiB)",
+              "buffer, a parameter prefetched per module fetch: the plan fits only so, "
+              f"{plan.peak_bytes / 2**30:.1f} GiB)",
               flush=True)
     return chosen
 

@@ -45,7 +45,7 @@ class ModelCount:
     largest_tensor_bytes: int = 0  # the largest parameter: what a partitioned load holds whole at once
     decoder_layer_bytes: tuple[int, ...] = ()  # each decoder layer's parameters, at the dtypes they are built in
     vision_unit_numel: int = 0  # elements of the vision blocks among unit_numels (no backward when frozen)
-    largest_param_numel: int = 0  # the largest single parameter (ZeRO-3's sequential gather prefetches one)
+    largest_param_numel: int = 0  # the largest single parameter (the sequential gather's prefetch overshoots by one)
     # ZeRO-3 under nf4: (elements, of them held in 4 bits) of the modules gathered at once that are largest in bytes
     # with 16- and with 32-bit compute (the largest fetch by elements may not be the largest in bytes)
     nf4_fetches: tuple[tuple[int, int], ...] = ()

@@ -152,8 +152,8 @@ def plan_run(settings: RunSettings, overrides: list[str], seq: int | None = None
             if alternative.fits:
                 alternative.choices["trainer.stage3_allgather_sequential"] = True
                 alternative.notes.append("trainer.stage3_allgather_sequential=auto: true: with each parameter "
-                                         "gathered into its own buffer (no flat-buffer copy, a prefetch of one "
-                                         "parameter) the step fits; it does not otherwise "
+                                         "gathered into its own buffer (no flat-buffer copy, a parameter "
+                                         "prefetched per module fetch) the step fits; it does not otherwise "
                                          f"({result.peak_bytes / GiB:.2f} GiB)")
                 return alternative
     partitioned = builds_partitioned(family, settings.model, stage == 3, modes, policy,

@@ -139,12 +139,17 @@ def strategy_rows(inputs: PlanInputs) -> list[Row]:
                 rows.append(Row("strategy", "ZeRO-3 gathered module (flat buffer + per-parameter copies)",
                                 2 * module_bytes, in_flight="gather"))
             if inputs.prefetches_one_parameter:
-                # stage3_allgather_sequential: DeepSpeed sets the prefetch bucket to 1 element (engine.py), and its
-                # prefetch loop gathers whole parameters until the bucket is reached: the next parameter of the
-                # trace, one of the largest (census at the issue's width: a third 64 MiB expert stack in flight)
+                # stage3_allgather_sequential: DeepSpeed sets the prefetch bucket to 1 element (engine.py), so each
+                # module's fetch prefetches one whole parameter of the trace, but every module fetches, the small
+                # ones too: the prefetch walks ahead while fewer than stage3_max_live_parameters elements are
+                # gathered, the last parameter overshooting by up to its size (a traced step on two CPU ranks: the
+                # vision tower's small modules alone had the first decoder layers' expert stacks gathered, and the
+                # census at the issue's width saw 2.7 layers' stacks, max_live plus one stack). A module at or above
+                # max_live leaves nothing to prefetch beside it (Mixtral's experts under the 1e9 cap).
                 one = min(count.largest_param_numel or fetch, fetch)
-                live = min(fetch + one, max(inputs.max_live_parameters, fetch))
-                rows.append(Row("strategy", "ZeRO-3 prefetch of the next parameter (sequential gather: bucket 1)",
+                live = inputs.max_live_parameters + one if inputs.max_live_parameters > fetch else fetch
+                rows.append(Row("strategy", "ZeRO-3 prefetch along the trace (sequential gather: a parameter per "
+                                            "module fetch, up to stage3_max_live_parameters)",
                                 int((live - fetch) * module_bytes / max(fetch, 1)), in_flight="trace"))
             else:  # the prefetch bucket's worth of the trace, within stage3_max_live_parameters
                 live = min(fetch + min(inputs.prefetch_bucket, fetch), max(inputs.max_live_parameters, fetch))

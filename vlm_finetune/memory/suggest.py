@@ -77,7 +77,7 @@ def _candidates(overrides: list[str], plan: MemoryPlan, settings: RunSettings, s
                     [_replace(overrides, "precision", half)]))
     if stage == 3 and not settings.strategy.gathers_sequentially:
         out.append(("gather_in_place", "ZeRO-3 gathers each parameter into its own buffer (no flat-buffer copy, "
-                                       "a prefetch of one parameter: less overlap)",
+                                       "a parameter prefetched per module fetch: less overlap)",
                     [_replace(overrides, "trainer.stage3_allgather_sequential", "true")]))
     if not settings.strategy.offload_optimizer and not settings.strategy.offload_parameters:
         target = "zero3_offload" if shards_parameters else "zero2_offload"
