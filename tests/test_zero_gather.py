@@ -46,10 +46,12 @@ def test_the_sequential_gather_prefetches_up_to_the_live_limit(tmp_path):
     from vlm_finetune.config import model_settings
     from vlm_finetune.models.registry import get_family
 
-    def rows(live: int) -> dict[str, int]:
+    def rows(live: int, reuse: int = 0) -> dict[str, int]:
         cfg = compose_cfg(["model=tiny_mgm_moe", "trainer=zero3", "hardware=cpu", "hardware.devices=2",
-                           "precision=32-true", f"{KEY}=true", f"trainer.stage3_max_live_parameters={live}"], tmp_path)
-        return _gathered(plan_run(read_settings(cfg), []))
+                           "precision=32-true", f"{KEY}=true", f"trainer.stage3_max_live_parameters={live}",
+                           f"trainer.stage3_max_reuse_distance={reuse}"], tmp_path)
+        plan = plan_run(read_settings(cfg), [])
+        return {row.item: row.bytes for row in plan.rows if row.item.startswith("ZeRO-3")}
 
     cfg = compose_cfg(["model=tiny_mgm_moe"], tmp_path)
     model = get_family(cfg.model.family).build_model(model_settings(cfg.model), device="meta")
@@ -64,6 +66,11 @@ def test_the_sequential_gather_prefetches_up_to_the_live_limit(tmp_path):
     assert high[row] == (10**8 + min(largest, fetch) - fetch) * 4
     assert higher[row] - high[row] == 10**8 * 4  # the prefetch fills what the limit leaves
     assert not any(item.startswith("ZeRO-3 prefetch of the next module") for item in high)
+    # the limit counts the parameters kept gathered for reuse too: what they hold is not prefetched
+    kept_rows = rows(10**8, reuse=4 * fetch)
+    kept = next(size for item, size in kept_rows.items() if item.startswith("ZeRO-3 parameters kept")) // 4
+    assert kept > fetch
+    assert kept_rows[row] == (10**8 + min(largest, fetch) - fetch - kept) * 4
 
 
 def test_auto_gathers_in_place_only_where_that_is_what_fits(tmp_path, capsys):

@@ -138,6 +138,12 @@ def strategy_rows(inputs: PlanInputs) -> list[Row]:
                 # peak in scripts/phase_peaks.py is that cat
                 rows.append(Row("strategy", "ZeRO-3 gathered module (flat buffer + per-parameter copies)",
                                 2 * module_bytes, in_flight="gather"))
+            # after the first step a parameter used again within max_reuse_distance elements stays gathered: what
+            # the forward leaves gathered for the backward, at most the model (census: every parameter when the
+            # distance exceeds the model)
+            # a distance within one gathered module keeps only the module in use (the row above)
+            whole = sum(group.numel - group.persistent_numel for group in count.groups)
+            kept = min(inputs.max_reuse_distance, whole) if inputs.max_reuse_distance > fetch else 0
             if inputs.prefetches_one_parameter:
                 # stage3_allgather_sequential: DeepSpeed sets the prefetch bucket to 1 element (engine.py), so each
                 # module's fetch prefetches one whole parameter of the trace, but every module fetches, the small
@@ -146,21 +152,18 @@ def strategy_rows(inputs: PlanInputs) -> list[Row]:
                 # vision tower's small modules alone had the first decoder layers' expert stacks gathered, and the
                 # census at the issue's width saw 2.7 layers' stacks, max_live plus one stack). A module at or above
                 # max_live leaves nothing to prefetch beside it (Mixtral's experts under the 1e9 cap).
+                # The limit counts every gathered parameter, those kept for reuse too (partitioned_param_coordinator:
+                # __n_available_params).
                 one = min(count.largest_param_numel or fetch, fetch)
-                live = inputs.max_live_parameters + one if inputs.max_live_parameters > fetch else fetch
+                room = inputs.max_live_parameters - fetch - kept
+                prefetched = room + one if room > 0 else 0
                 rows.append(Row("strategy", "ZeRO-3 prefetch along the trace (sequential gather: a parameter per "
                                             "module fetch, up to stage3_max_live_parameters)",
-                                int((live - fetch) * module_bytes / max(fetch, 1)), in_flight="trace"))
+                                int(prefetched * module_bytes / max(fetch, 1)), in_flight="trace"))
             else:  # the prefetch bucket's worth of the trace, within stage3_max_live_parameters
                 live = min(fetch + min(inputs.prefetch_bucket, fetch), max(inputs.max_live_parameters, fetch))
                 rows.append(Row("strategy", "ZeRO-3 prefetch of the next module",
                                 int((live - fetch) * module_bytes / max(fetch, 1)), in_flight="trace"))
-            # after the first step a parameter used again within max_reuse_distance elements stays gathered: what
-            # the forward leaves gathered for the backward, at most the model (census: every parameter when the
-            # distance exceeds the model)
-            # a distance within one gathered module keeps only the module in use (the row above)
-            whole = sum(group.numel - group.persistent_numel for group in count.groups)
-            kept = min(inputs.max_reuse_distance, whole) if inputs.max_reuse_distance > fetch else 0
             rows.append(Row("strategy", f"ZeRO-3 parameters kept gathered for reuse (stage3_max_reuse_distance "
                                         f"{inputs.max_reuse_distance:.2g})", kept * gathered_size, in_flight="trace"))
         else:
