@@ -2,6 +2,7 @@
 last hidden state, finished rows padded, stop ids, and ranks kept in step under ZeRO-3."""
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -37,6 +38,12 @@ def decode(last: torch.Tensor, lm_head: torch.nn.Module, step: Callable[[torch.T
             break
         last = step(token)
     return torch.stack(new, dim=1)
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The keyword a transformers decoder takes and returns its KV cache by: `cache` in the transformers releases
+    that renamed it (5.2x; `past_key_values` warns there and goes in 5.40), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def cached_step(model: torch.nn.Module, cache, mask: torch.Tensor, position: torch.Tensor,

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlm_finetune.models._decode import cached_step, decode, stop_ids
+from vlm_finetune.models._decode import cache_argument, cached_step, decode, stop_ids
 from vlm_finetune.models._partitioned import whole_for_init
 
 IMAGE_TOKEN_INDEX = -200
@@ -384,7 +384,8 @@ class MgmForCausalLM(nn.Module):
         mask = attention_mask.clone()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
-        step = cached_step(self.model, out.past_key_values, mask, positions[:, -1:], "past_key_values")
+        arg = cache_argument(self.model)
+        step = cached_step(self.model, getattr(out, arg), mask, positions[:, -1:], arg)
         new = decode(out.last_hidden_state[:, -1], self.lm_head, step, max_new_tokens,
                      stop_ids(eos_token_id, input_ids.device), pad_token_id, do_sample, temperature, generator,
                      synced_gpus)
