@@ -2,6 +2,7 @@
 CLIP + ConvNeXt towers and patch info mining."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -134,7 +135,9 @@ class MgmFamily(Family):
         level = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # AutoTokenizer reads config.json and warns that `mgm_*` is not its type
         try:
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+            with warnings.catch_warnings():  # ... and, reading MGM's released `"rope_scaling": null`, that the field
+                warnings.filterwarnings("ignore", message=".*rope_scaling.*deprecated", category=FutureWarning)
+                tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)  # is transformers 4's
         except (OSError, ValueError) as err:
             raise ConfigError(f"no tokenizer could be loaded from {tokenizer_folder} ({err})") from err
         finally:
