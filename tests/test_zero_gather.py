@@ -21,8 +21,8 @@ KEY = "trainer.stage3_allgather_sequential"
 
 
 def _gathered(plan) -> dict[str, int]:
-    return {row.item: row.bytes for row in plan.rows if row.item.startswith("ZeRO-3 gathered module")
-            or row.item.startswith("ZeRO-3 prefetch")}
+    """The plan's ZeRO-3 rows (gathered module, prefetch, kept for reuse, bucket): item -> bytes."""
+    return {row.item: row.bytes for row in plan.rows if row.item.startswith("ZeRO-3")}
 
 
 def test_the_coalesced_gather_holds_the_module_twice_and_in_place_once(tmp_path):
@@ -50,8 +50,7 @@ def test_the_sequential_gather_prefetches_up_to_the_live_limit(tmp_path):
         cfg = compose_cfg(["model=tiny_mgm_moe", "trainer=zero3", "hardware=cpu", "hardware.devices=2",
                            "precision=32-true", f"{KEY}=true", f"trainer.stage3_max_live_parameters={live}",
                            f"trainer.stage3_max_reuse_distance={reuse}"], tmp_path)
-        plan = plan_run(read_settings(cfg), [])
-        return {row.item: row.bytes for row in plan.rows if row.item.startswith("ZeRO-3")}
+        return _gathered(plan_run(read_settings(cfg), []))
 
     cfg = compose_cfg(["model=tiny_mgm_moe"], tmp_path)
     model = get_family(cfg.model.family).build_model(model_settings(cfg.model), device="meta")

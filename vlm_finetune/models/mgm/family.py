@@ -135,9 +135,11 @@ class MgmFamily(Family):
         level = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # AutoTokenizer reads config.json and warns that `mgm_*` is not its type
         try:
-            with warnings.catch_warnings():  # ... and, reading MGM's released `"rope_scaling": null`, that the field
+            # it also builds a config from MGM's released `"rope_scaling": null` (transformers 4's field), which
+            # transformers 5 flags as deprecated: the folder is in the released format on purpose
+            with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*rope_scaling.*deprecated", category=FutureWarning)
-                tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)  # is transformers 4's
+                tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
         except (OSError, ValueError) as err:
             raise ConfigError(f"no tokenizer could be loaded from {tokenizer_folder} ({err})") from err
         finally:
